@@ -1,0 +1,59 @@
+"""Helpers every node module uses: input specs with tooltips and ranges, and the call wrapper.
+
+Node modules import only the standard library at import time; torch and the library load on first use.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+ROOT_CATEGORY = "finetune"
+MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def INT(default: int, min: int, max: int, tooltip: str, step: int = 1, **extra) -> tuple:
+    return ("INT", {"default": default, "min": min, "max": max, "step": step, "tooltip": tooltip, **extra})
+
+
+def FLOAT(default: float, min: float, max: float, tooltip: str, step: float = 0.01, **extra) -> tuple:
+    return ("FLOAT", {"default": default, "min": min, "max": max, "step": step, "tooltip": tooltip, **extra})
+
+
+def STRING(default: str, tooltip: str, multiline: bool = False, **extra) -> tuple:
+    return ("STRING", {"default": default, "multiline": multiline, "tooltip": tooltip, **extra})
+
+
+def BOOLEAN(default: bool, tooltip: str, **extra) -> tuple:
+    return ("BOOLEAN", {"default": default, "tooltip": tooltip, **extra})
+
+
+def COMBO(options: list[str], tooltip: str, default: str | None = None) -> tuple:
+    opts = list(options)
+    return (opts, {"default": default if default is not None else (opts[0] if opts else ""), "tooltip": tooltip})
+
+
+def LINK(type_name: str, tooltip: str, **extra) -> tuple:
+    return (type_name, {"tooltip": tooltip, **extra})
+
+
+def SEED(tooltip: str = "Random seed: the same seed gives the same result.") -> tuple:
+    return INT(0, 0, MAX_SEED, tooltip, control_after_generate=True)
+
+
+def torch_call(fn: Callable) -> Callable:
+    """Run a node function outside ComfyUI's inference mode, so models loaded or trained in it stay trainable,
+    and with the unique node id registered for progress events."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args: Any, unique_id: str | None = None, **kwargs: Any):
+        import torch
+
+        from . import host
+
+        with torch.inference_mode(False), host.executing_node(unique_id):
+            return fn(self, *args, **kwargs)
+
+    return wrapper
+
+
+HIDDEN = {"unique_id": "UNIQUE_ID"}

@@ -1,0 +1,103 @@
+"""Start a real ComfyUI on loopback with this pack linked into its custom_nodes (for the integration tests)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+PACK = Path(__file__).resolve().parent.parent
+
+
+def comfyui_path() -> Path | None:
+    p = os.environ.get("COMFYUI_PATH")
+    return Path(p) if p and (Path(p) / "main.py").is_file() else None
+
+
+def skip_reason() -> str:
+    p = os.environ.get("COMFYUI_PATH")
+    if not p:
+        return "COMFYUI_PATH is not set: point it at a ComfyUI checkout to run the integration tests"
+    return f"COMFYUI_PATH={p} has no main.py: it is not a ComfyUI checkout"
+
+
+class ComfyServer:
+    def __init__(self, base: Path):
+        self.base = base
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = base / "comfyui.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180) -> "ComfyServer":
+        root = comfyui_path()
+        (self.base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+        link = self.base / "custom_nodes" / "comfyui-finetune"
+        if not link.exists():
+            link.symlink_to(PACK, target_is_directory=True)
+        python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+        cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(self.base)]
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=root, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            try:
+                self.get("/system_stats")
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(1)
+        raise TimeoutError(f"ComfyUI did not answer in {timeout}s:\n{self.log()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: dict):
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"POST {path} -> {e.code}: {e.read().decode(errors='replace')}") from None
+
+    def run_prompt(self, prompt: dict, timeout: float = 600) -> dict:
+        """Queue an API-format graph and wait for its history entry."""
+        pid = self.post("/prompt", {"prompt": prompt, "client_id": "ft-tests"})["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            hist = self.get(f"/history/{pid}")
+            if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
+                entry = hist[pid]
+                if entry["status"].get("status_str") in ("success", "error"):
+                    return entry
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt {pid} did not finish in {timeout}s:\n{self.log()[-3000:]}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def toy():
+    """The shipped toy model, loaded once per test session (tests must not change it: clone first)."""
+    import torch
+
+    from comfyui_finetune.trainers.toy.loader import load_toy_model
+
+    with torch.inference_mode(False):
+        return load_toy_model()
+
+
+@pytest.fixture(scope="session")
+def judge():
+    from comfyui_finetune.trainers.toy.loader import load_toy_judge
+
+    return load_toy_judge()
+
+
+@pytest.fixture
+def folders(tmp_path, monkeypatch):
+    """Fresh input/output/models folders for the fallback host (as the runner's flags would set them)."""
+    from comfyui_finetune.nodes import host
+
+    saved = dict(host._fallback)
+    dirs = {k: tmp_path / k for k in ("input", "output", "models")}
+    for d in dirs.values():
+        d.mkdir()
+    host.set_folders(**dirs)
+    yield dirs
+    host._fallback.update(saved)

@@ -1,0 +1,111 @@
+"""FT_LoadBaseModel and FT_Sample: determinism, samplers, errors, and the diffusers layout of the toy."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from comfyui_finetune.nodes import host
+from comfyui_finetune.nodes.models import FT_LoadBaseModel
+from comfyui_finetune.nodes.sample import SAMPLER_NAMES, FT_Sample
+from comfyui_finetune.trainers.toy.loader import WEIGHTS
+
+
+def run_sample(model, **kw):
+    args = dict(prompt="a red circle", negative_prompt="", seed=0, steps=8, cfg=4.0, sampler="ddim", width=0,
+                height=0, batch_size=1)
+    args.update(kw)
+    return FT_Sample().execute(model, **args)[0]
+
+
+def test_load_toy_node():
+    (model,) = FT_LoadBaseModel().execute("toy (built-in)", "cpu", "auto")
+    assert model.family == "toy" and model.native_size == 32
+    assert not any(p.is_inference() for p in model.unet.parameters())
+
+
+def test_same_seed_same_image_and_batch_matches_single(toy):
+    a = run_sample(toy, seed=7, batch_size=3)
+    b = run_sample(toy, seed=7, batch_size=3)
+    assert a.shape == (3, 32, 32, 3) and a.dtype == torch.float32
+    assert torch.equal(a, b)
+    single = run_sample(toy, seed=8)
+    assert torch.allclose(a[1], single[0], atol=1e-4)
+    assert (a[0] - a[1]).abs().max() > 0.05
+
+
+def test_runs_under_comfyui_inference_mode(toy):
+    with torch.inference_mode():
+        img = run_sample(toy, seed=1)
+    assert img.shape == (1, 32, 32, 3)
+
+
+@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
+def test_every_sampler_draws_the_prompt(toy, judge, sampler):
+    img = run_sample(toy, sampler=sampler, steps=20, seed=3, batch_size=4, prompt="a blue square")
+    assert img.min() >= 0 and img.max() <= 1 and torch.isfinite(img).all()
+    res = judge.judge(img)
+    assert sum(r["color"] == "blue" for r in res) >= 3, (sampler, res)
+
+
+def test_other_sizes(toy):
+    img = run_sample(toy, width=48, height=32)
+    assert img.shape == (1, 32, 48, 3)
+    with pytest.raises(ValueError, match="width 30 is not a multiple of 4"):
+        run_sample(toy, width=30)
+
+
+def test_empty_prompt_is_an_error(toy):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        run_sample(toy, prompt="  ")
+
+
+def test_cancel_stops_sampling(toy):
+    host.request_interrupt()
+    with pytest.raises(host.Interrupted):
+        run_sample(toy, steps=20)
+    assert not host.interrupted()  # the flag is consumed, the next run goes through
+    assert run_sample(toy, steps=2).shape == (1, 32, 32, 3)
+
+
+def test_stock_diffusers_pipeline_loads_the_toy_folder(judge):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(WEIGHTS / "pipeline"), local_files_only=True)
+    out = pipe(["a green circle"] * 4, num_inference_steps=20, guidance_scale=4.0, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (4, 32, 32, 3)
+    assert sum(r["color"] == "green" for r in judge.judge(torch.from_numpy(out.images))) >= 3
+
+
+def test_diffusers_folder_from_models_dir(folders, toy):
+    shutil.copytree(WEIGHTS / "pipeline", folders["models"] / "diffusers" / "my-toy")
+    choices = FT_LoadBaseModel.INPUT_TYPES()["required"]["model_name"][0]
+    assert "diffusers/my-toy" in choices
+    (model,) = FT_LoadBaseModel().execute("diffusers/my-toy", "cpu", "fp32")
+    assert model.family == "toy"
+    assert torch.equal(run_sample(model, seed=5), run_sample(toy, seed=5))
+
+
+def test_load_errors_name_the_file(folders):
+    node = FT_LoadBaseModel()
+    with pytest.raises(FileNotFoundError, match="diffusers model 'nope' was not found"):
+        node.execute("diffusers/nope", "cpu", "auto")
+    with pytest.raises(ValueError, match="without '..'"):
+        node.execute("checkpoints/../../etc/passwd", "cpu", "auto")
+    ckpt = folders["models"] / "checkpoints"
+    ckpt.mkdir()
+    (ckpt / "old.ckpt").write_bytes(b"not really")
+    with pytest.raises(ValueError, match="only .safetensors checkpoints are loaded"):
+        node.execute("checkpoints/old.ckpt", "cpu", "auto")
+    from safetensors.torch import save_file
+
+    save_file({"foo": torch.zeros(2)}, str(ckpt / "random.safetensors"))
+    with pytest.raises(ValueError, match="random.safetensors: not a Stable Diffusion 1.x/2.x checkpoint"):
+        node.execute("checkpoints/random.safetensors", "cpu", "auto")
+    assert "checkpoints/random.safetensors" in FT_LoadBaseModel.INPUT_TYPES()["required"]["model_name"][0]
+    (folders["models"] / "diffusers" / "broken").mkdir(parents=True)
+    (folders["models"] / "diffusers" / "broken" / "model_index.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="has no .safetensors weights"):
+        node.execute("diffusers/broken", "cpu", "auto")

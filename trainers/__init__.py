@@ -1,0 +1,1 @@
+"""The pack's library: pure torch / diffusers / transformers / peft / kornia. Never imports ComfyUI or nodes/."""

@@ -1,0 +1,61 @@
+"""Model families: what differs between the toy, SD 1.x and SD 2.x lives here and nowhere else.
+
+Adding a family (SDXL next) is one new :class:`Family` entry plus its shipped config folder and tests; the
+trainers and nodes ask this registry instead of branching on a family's name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    label: str
+    #: folder under the pack's configs/ holding a diffusers layout without weights (None: not single-file)
+    config: str | None
+    native_size: int
+    #: text-encoder width = the UNet's cross_attention_dim, used to recognise a model
+    context_dim: int
+    #: dtype for sampling and frozen weights on a GPU
+    gpu_dtype: str = "fp16"
+
+    @property
+    def config_dir(self) -> Path | None:
+        return CONFIGS / self.config if self.config else None
+
+
+FAMILIES: dict[str, Family] = {
+    "toy": Family("toy", "built-in toy model (32x32 shapes)", None, 32, 64, gpu_dtype="fp32"),
+    "sd15": Family("sd15", "Stable Diffusion 1.x", "sd15", 512, 768),
+    "sd2": Family("sd2", "Stable Diffusion 2.x (768, v-prediction)", "sd2", 768, 1024),
+}
+
+
+def family_for_unet(unet_config) -> Family:
+    """Recognise the family of a diffusers UNet config."""
+    ctx = unet_config.get("cross_attention_dim") if isinstance(unet_config, dict) else unet_config.cross_attention_dim
+    for fam in FAMILIES.values():
+        if fam.context_dim == ctx:
+            return fam
+    known = ", ".join(f"{f.label} ({f.context_dim})" for f in FAMILIES.values())
+    raise ValueError(f"unrecognised model: its UNet's cross_attention_dim is {ctx}; the pack knows {known}. "
+                     "SDXL and other families are not supported yet")
+
+
+def family_for_checkpoint(keys_and_shapes: dict[str, tuple[int, ...]]) -> Family:
+    """Recognise an original-layout (LDM) single-file checkpoint from its key names and shapes."""
+    k = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    if k not in keys_and_shapes:
+        if any(x.startswith("conditioner.embedders.1") for x in keys_and_shapes):
+            raise ValueError("this looks like an SDXL checkpoint; SDXL is not supported yet (SD 1.x and 2.x are)")
+        raise ValueError("not a Stable Diffusion 1.x/2.x checkpoint: it has no "
+                         "'model.diffusion_model.input_blocks...' UNet weights in the original layout")
+    ctx = keys_and_shapes[k][1]
+    for fam in FAMILIES.values():
+        if fam.config and fam.context_dim == ctx:
+            return fam
+    raise ValueError(f"unrecognised checkpoint: cross-attention width {ctx} (SD 1.x is 768, SD 2.x is 1024)")

@@ -1,0 +1,106 @@
+"""Load base models from local files only: the toy, a diffusers folder, or a single-file SD 1.x/2.x checkpoint.
+
+Nothing here reaches the network: diffusers and transformers are called with local paths and
+``local_files_only=True``, single files are converted with the configs shipped in the pack's ``configs/``, and
+only safetensors are read (a pickled ``.ckpt`` can run code, so it is refused).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .families import FAMILIES, family_for_checkpoint, family_for_unet
+from .model import FTModel
+
+log = logging.getLogger(__name__)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was chosen but torch sees no CUDA GPU; choose 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device, family: str) -> torch.dtype:
+    if dtype == "auto":
+        return DTYPES[FAMILIES[family].gpu_dtype] if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    if device.type == "cpu" and dtype == "fp16":
+        raise ValueError("fp16 on the CPU is slow and unsupported for some ops; use fp32 or bf16 there")
+    return DTYPES[dtype]
+
+
+def load_diffusers_folder(folder: str | Path, device: str = "auto", dtype: str = "auto") -> FTModel:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a diffusers model folder: it has no model_index.json "
+                                "(expected unet/, vae/, text_encoder/, tokenizer/ and scheduler/ inside)")
+    for sub in ("unet", "vae", "text_encoder"):
+        if not list((folder / sub).glob("*.safetensors")):
+            has_bin = bool(list((folder / sub).glob("*.bin")))
+            raise FileNotFoundError(
+                f"{folder / sub} has no .safetensors weights" + (
+                    " (only a pickled .bin, which the pack refuses to load because it can run code: convert it "
+                    "to safetensors first)" if has_bin else ""))
+    with torch.inference_mode(False):
+        unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), use_safetensors=True, local_files_only=True)
+        fam = family_for_unet(unet.config)
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev, fam.name)
+        vae = AutoencoderKL.from_pretrained(str(folder / "vae"), use_safetensors=True, local_files_only=True)
+        te = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), use_safetensors=True, local_files_only=True)
+    tok = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    model = FTModel(fam.name, folder.name, unet.eval(), vae.eval(), te.eval(), tok, sched)
+    return model.to(dev, dt)
+
+
+def read_checkpoint_header(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def load_single_file(path: str | Path, tokenizer_dir: str | Path | None, device: str = "auto",
+                     dtype: str = "auto") -> FTModel:
+    """Load an original-layout SD 1.x/2.x checkpoint with diffusers' ``from_single_file`` and shipped configs."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"{path.name}: only .safetensors checkpoints are loaded; a {path.suffix} file is a pickle "
+                         "that can run code when opened. Convert it to safetensors first")
+    try:
+        fam = family_for_checkpoint(read_checkpoint_header(path))
+    except ValueError as e:
+        raise ValueError(f"{path.name}: {e}") from None
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir else fam.config_dir / "tokenizer"
+    if not (tok_dir / "vocab.json").is_file():
+        raise FileNotFoundError(
+            f"{path.name} is a {fam.label} checkpoint, which needs the CLIP tokenizer files vocab.json and "
+            f"merges.txt. Inside ComfyUI they are taken from ComfyUI's comfy/sd1_tokenizer; outside it, copy "
+            f"them into {fam.config_dir / 'tokenizer'}")
+    tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77,
+                        pad_token=json.loads((fam.config_dir / "tokenizer" / "tokenizer_config.json").read_text())
+                        ["pad_token"])
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev, fam.name)
+    with torch.inference_mode(False):
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path), config=str(fam.config_dir), tokenizer=tok, local_files_only=True, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+    sched = {k: v for k, v in pipe.scheduler.config.items()}
+    model = FTModel(fam.name, path.stem, pipe.unet.eval(), pipe.vae.eval(), pipe.text_encoder.eval(), tok, sched)
+    return model.to(dev, dt)

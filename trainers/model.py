@@ -1,0 +1,81 @@
+"""FT_MODEL: a text-to-image model the pack can sample and train, with the family it belongs to."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(eq=False)
+class FTModel:
+    """The components of a Stable-Diffusion-like model plus what the pack needs to know about them.
+
+    Nodes never mutate an FTModel they receive (ComfyUI caches node outputs): trainers and adapters work on a
+    copy made with :meth:`clone`.
+    """
+
+    family: str
+    name: str
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler_config: dict
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_size(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def max_length(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                              return_tensors="pt").input_ids
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings (B, tokens, width) as the UNet's cross-attention expects them."""
+        ids = self.tokenize(prompts).to(self.device)
+        return self.text_encoder(ids)[0]
+
+    def to(self, device, dtype=None) -> "FTModel":
+        self.device = torch.device(device)
+        if dtype is not None:
+            self.dtype = dtype
+        for m in (self.unet, self.vae, self.text_encoder):
+            m.to(self.device, self.dtype)
+        return self
+
+    def clone(self) -> "FTModel":
+        """A deep copy of the weights (cheap for the toy, ~4 GB for SD1.5 in fp32: use sparingly)."""
+        import copy
+
+        return FTModel(self.family, self.name, copy.deepcopy(self.unet), copy.deepcopy(self.vae),
+                       copy.deepcopy(self.text_encoder), self.tokenizer, dict(self.scheduler_config), self.device,
+                       self.dtype, list(self.history))
+
+    def to_pipeline(self):
+        """A diffusers StableDiffusionPipeline over the same modules (no copy)."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=DDIMScheduler.from_config(self.scheduler_config), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        )
+
+    def __repr__(self) -> str:  # shown in ComfyUI's error messages and logs
+        return f"FTModel({self.family}, {self.name!r}, {self.device}, {str(self.dtype).removeprefix('torch.')})"

@@ -1,0 +1,106 @@
+"""Text-to-image sampling with classifier-free guidance over an :class:`FTModel`.
+
+One explicit loop instead of a pipeline call so that progress, cancel and per-image seeds are ours: image ``i`` of
+a batch uses seed ``seed + i``, so it is the same picture whether it was made alone or in a batch.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+#: sampler name -> (diffusers scheduler class, extra config). Node combos list these keys.
+SAMPLERS: dict[str, tuple[str, dict]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+}
+
+
+class Cancelled(Exception):
+    """Raised inside a loop when its ``should_stop`` callback says so."""
+
+
+def make_scheduler(scheduler_config: dict, sampler: str):
+    import diffusers
+
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} is not known; choose one of: {', '.join(SAMPLERS)}")
+    cls_name, extra = SAMPLERS[sampler]
+    cfg = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
+    return getattr(diffusers, cls_name).from_config(cfg, **extra)
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """One CPU generator per image, so noise is identical on every device and in any batch."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
+
+
+def check_size(model, width: int, height: int) -> tuple[int, int]:
+    width = width or model.native_size
+    height = height or model.native_size
+    mult = model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1)
+    for name, v in (("width", width), ("height", height)):
+        if v % mult:
+            raise ValueError(f"{name} {v} is not a multiple of {mult}, which this model needs "
+                             f"(try {max(mult, round(v / mult) * mult)})")
+    return width, height
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompts: list[str] | str,
+    *,
+    seeds: list[int],
+    negative_prompt: str = "",
+    steps: int = 20,
+    cfg: float = 4.0,
+    sampler: str = "ddim",
+    width: int = 0,
+    height: int = 0,
+    on_step: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """Generate ``len(seeds)`` images; returns a ComfyUI IMAGE tensor (B, H, W, 3), float 0..1, on the CPU."""
+    if isinstance(prompts, str):
+        prompts = [prompts] * len(seeds)
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds: give one prompt, or one per image")
+    width, height = check_size(model, width, height)
+    scheduler = make_scheduler(model.scheduler_config, sampler)
+    scheduler.set_timesteps(steps, device=model.device)
+    dev, dt = model.device, model.dtype
+    cond = model.encode_prompts(list(prompts)).to(dt)
+    use_cfg = cfg != 1.0
+    if use_cfg:
+        uncond = model.encode_prompts([negative_prompt] * len(seeds)).to(dt)
+        context = torch.cat([uncond, cond])
+    else:
+        context = cond
+    f = model.vae_scale_factor
+    latents = initial_noise(seeds, (model.latent_channels, height // f, width // f)).to(dev, dt)
+    latents = latents * scheduler.init_noise_sigma
+    gens = [torch.Generator("cpu").manual_seed(int(s) + 1_000_003) for s in seeds]
+    step_kwargs = {"generator": gens} if "generator" in scheduler.step.__code__.co_varnames else {}
+    total = len(scheduler.timesteps)
+    for i, t in enumerate(scheduler.timesteps):
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"sampling cancelled at step {i} of {total}")
+        x = torch.cat([latents, latents]) if use_cfg else latents
+        x = scheduler.scale_model_input(x, t)
+        pred = model.unet(x, t, encoder_hidden_states=context).sample
+        if use_cfg:
+            p_u, p_c = pred.chunk(2)
+            pred = p_u + cfg * (p_c - p_u)
+        latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
+        if on_step is not None:
+            on_step(i + 1, total)
+    return decode(model, latents)
+
+
+@torch.no_grad()
+def decode(model, latents: torch.Tensor) -> torch.Tensor:
+    img = model.vae.decode(latents / model.vae.config.scaling_factor).sample
+    return (img.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().contiguous()

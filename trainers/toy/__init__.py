@@ -1,0 +1,1 @@
+"""The built-in toy world: synthetic shapes, a toy Stable Diffusion, a toy CLIP scorer and a judge."""

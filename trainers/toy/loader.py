@@ -1,0 +1,42 @@
+"""Load the shipped toy world: the text-to-image model, its CLIP scorer and its judge."""
+from __future__ import annotations
+
+from pathlib import Path
+
+WEIGHTS = Path(__file__).with_name("weights")
+
+
+def missing_weights_error(folder: Path) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"the toy model's weights are missing from {folder}. They ship with the pack; if you removed them, "
+        "rebuild them with: python -m comfyui_finetune.trainers.toy build")
+
+
+def load_toy_model(folder: str | Path = WEIGHTS, device="cpu"):
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ..model import FTModel
+
+    p = Path(folder) / "pipeline"
+    if not (p / "unet" / "diffusion_pytorch_model.safetensors").exists():
+        raise missing_weights_error(p)
+    with torch.inference_mode(False):
+        unet = UNet2DConditionModel.from_pretrained(str(p / "unet"), use_safetensors=True).eval()
+        vae = AutoencoderKL.from_pretrained(str(p / "vae"), use_safetensors=True).eval()
+        te = CLIPTextModel.from_pretrained(str(p / "text_encoder"), use_safetensors=True).eval()
+    tok = CLIPTokenizer.from_pretrained(str(p / "tokenizer"))
+    import json
+
+    sched = json.loads((p / "scheduler" / "scheduler_config.json").read_text())
+    model = FTModel("toy", "toy", unet, vae, te, tok, sched)
+    return model.to(device)
+
+
+def load_toy_judge(folder: str | Path = WEIGHTS):
+    from .judge import ToyJudge
+
+    if not (Path(folder) / "judge" / "model.safetensors").exists():
+        raise missing_weights_error(Path(folder) / "judge")
+    return ToyJudge.load(Path(folder) / "judge")

@@ -1,0 +1,62 @@
+"""Architectures of the toy world's models: real diffusers/transformers classes, tiny configs."""
+from __future__ import annotations
+
+from .tokenizer import MAX_LENGTH
+
+IMAGE_SIZE = 32
+LATENT_SIZE = 16
+
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3,
+    down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    block_out_channels=[32, 64], layers_per_block=1, latent_channels=4, norm_num_groups=16,
+    sample_size=IMAGE_SIZE,
+)
+
+UNET_CONFIG = dict(
+    sample_size=LATENT_SIZE, in_channels=4, out_channels=4,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+    block_out_channels=[32, 64], layers_per_block=1, cross_attention_dim=64,
+    attention_head_dim=8, norm_num_groups=32,
+)
+
+#: v-prediction on a zero-terminal-SNR schedule: colours come out true (the SD 1.x schedule leaks the starting
+#: noise's mean colour into a 16x16 latent; see TOY_PROBE.md).
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+    prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+    clip_sample=False,
+)
+
+
+def text_config(vocab_size: int, bos: int, eos: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
+        projection_dim=64,
+    )
+
+
+def clip_config(vocab_size: int, bos: int, eos: int):
+    from transformers import CLIPConfig, CLIPVisionConfig
+
+    vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=4, hidden_size=96, intermediate_size=192,
+                              num_hidden_layers=3, num_attention_heads=4, projection_dim=64)
+    return CLIPConfig(text_config=text_config(vocab_size, bos, eos).to_dict(), vision_config=vision.to_dict(),
+                      projection_dim=64)
+
+
+def new_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**VAE_CONFIG)
+
+
+def new_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**UNET_CONFIG)
