@@ -76,7 +76,28 @@ def test_trainers_never_import_comfyui():
         "if not m.name.endswith('__main__')]\n"
         "for m in mods: importlib.import_module(m)\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('comfy', 'folder_paths', 'server', 'execution', "
-        "'comfy_execution') or m.startswith('comfyui_finetune.nodes')]\n"
+        "'comfy_execution', 'comfy_api')]\n"
         "print(len(mods), bad)")
     n, bad = out.split(" ", 1)
     assert int(n) >= 5 and bad.strip() == "[]", out
+
+
+def test_trainers_source_never_imports_nodes_or_comfyui():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "trainers"
+    offenders = []
+    for f in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            for n in names:
+                top = n.lstrip(".").split(".")[0]
+                if top in ("nodes", "comfy", "folder_paths", "server", "execution", "comfy_execution", "comfy_api") \
+                        and not (n.startswith(".") and top != "nodes"):
+                    offenders.append(f"{f.relative_to(root.parent)}: {n}")
+    assert not offenders, offenders

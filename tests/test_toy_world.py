@@ -88,3 +88,9 @@ def test_shipped_files_are_small_safetensors():
     weights = [f for f in files if f.suffix in (".safetensors", ".bin", ".pt", ".ckpt", ".pth")]
     assert weights and all(f.suffix == ".safetensors" for f in weights)
     assert sum(f.stat().st_size for f in weights) <= 25 * 2 ** 20
+
+
+def test_world_names_match_the_world():
+    from comfyui_finetune.trainers.toy import world_names
+
+    assert world_names.COLORS == world.COLORS and world_names.SHAPES == world.SHAPES

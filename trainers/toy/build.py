@@ -35,7 +35,9 @@ class BuildConfig:
     train_images: int = 8192
     batch_size: int = 16
     judge_steps: int = 600
-    vae_steps: int = 600
+    vae_steps: int = 900
+    vae_lr: float = 2e-3
+    vae_kl: float = 1e-6  # weight of the KL term (summed over latent elements)
     unet_steps: int = 4000
     unet_lr: float = 2e-3
     ema_decay: float = 0.999
@@ -144,14 +146,14 @@ def train_judge(cfg: BuildConfig, out: Path) -> dict:
 def _vae_batch(rng: np.random.Generator, n: int) -> torch.Tensor:
     imgs = []
     for _ in range(n):
-        bg = "white" if rng.random() < 0.7 else None
+        bg = "white" if rng.random() < 0.85 else None
         bg_rgb = (255, 255, 255) if bg else tuple(int(v) for v in rng.integers(0, 256, 3))
         rgb = world.PALETTE[world.BASE_COLORS[rng.integers(4)]] if rng.random() < 0.5 else \
             tuple(int(v) for v in rng.integers(0, 256, 3))
         if rng.random() < 0.12:
             imgs.append(world.blob_picture(rng, background=bg_rgb, rgb=rgb))
             continue
-        geo = world.NARROW if rng.random() < 0.5 else world.BROAD
+        geo = world.NARROW if rng.random() < 0.6 else world.BROAD
         shape = world.SHAPES[rng.integers(len(world.SHAPES))]
         r = float(rng.uniform(*geo.radius))
         lim = max(0.0, min(geo.center_jitter, 0.5 - r * 1.15))
@@ -166,16 +168,16 @@ def train_vae(cfg: BuildConfig, out: Path, train_x: torch.Tensor) -> dict:
     torch.manual_seed(cfg.seed + 2)
     rng = np.random.default_rng(cfg.seed + 2)
     vae = models.new_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=1e-4)
-    sched = _cosine(opt, cfg.vae_steps, 30)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=1e-4)
+    sched = _cosine(opt, cfg.vae_steps, 50)
     t0 = time.time()
     for i in range(cfg.vae_steps):
         x = _vae_batch(rng, cfg.batch_size)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
-        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * post.kl().mean()
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + cfg.vae_kl * post.kl().mean()
         opt.zero_grad(); loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 5.0)
         opt.step(); sched.step()
         if _every(i, 100, cfg.vae_steps):
             log.info("vae step %d/%d loss %.4f", i + 1, cfg.vae_steps, loss.item())
