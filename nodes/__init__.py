@@ -4,14 +4,27 @@ Only the standard library is imported here: torch, diffusers and the trainers lo
 """
 from __future__ import annotations
 
+from .datasets import FT_Augment, FT_DatasetFromImages, FT_DatasetPreview, FT_LoadImageDataset, FT_ToyDataset
+from .evaluate import FT_LossPlot
+from .io import FT_ApplyLoRA, FT_SaveLoRA
 from .models import FT_LoadBaseModel
 from .sample import FT_Sample
+from .train import FT_TrainLoRA
 
 #: (class, display name). Node ids are the class names; never rename one (shared workflows would break):
 #: add an alias entry instead.
 NODES = [
     (FT_LoadBaseModel, "Load Base Model (finetune)"),
     (FT_Sample, "Sample (finetune)"),
+    (FT_LoadImageDataset, "Load Image Dataset (finetune)"),
+    (FT_DatasetFromImages, "Dataset from Images (finetune)"),
+    (FT_ToyDataset, "Toy Dataset (finetune)"),
+    (FT_Augment, "Augment Dataset (finetune)"),
+    (FT_DatasetPreview, "Dataset Preview (finetune)"),
+    (FT_TrainLoRA, "Train LoRA (finetune)"),
+    (FT_SaveLoRA, "Save LoRA (finetune)"),
+    (FT_ApplyLoRA, "Apply LoRA (finetune)"),
+    (FT_LossPlot, "Loss Plot (finetune)"),
 ]
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls, _ in NODES}

@@ -153,7 +153,7 @@ def interrupted() -> bool:
     return _interrupt.is_set()
 
 
-def raise_if_interrupted() -> None:
+def raise_if_interrupted(message: str = "cancelled") -> None:
     """Raise ComfyUI's InterruptProcessingException (or :class:`Interrupted`) if Cancel was pressed."""
     if in_comfyui():
         import comfy.model_management as mm
@@ -161,7 +161,7 @@ def raise_if_interrupted() -> None:
         mm.throw_exception_if_processing_interrupted()
     elif _interrupt.is_set():
         _interrupt.clear()
-        raise Interrupted("cancelled")
+        raise Interrupted(message)
 
 
 class Progress:

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import os
+
 import pytest
+
+os.environ.setdefault("FT_NO_PROGRESS", "1")  # no tqdm bars in test logs
 
 
 @pytest.fixture(scope="session")

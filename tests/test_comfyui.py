@@ -44,3 +44,72 @@ def test_api_example_runs(server):
     for img in saved:
         assert (server.base / "output" / img["subfolder"] / img["filename"]).is_file()
     assert len(entry["outputs"]["5"]["images"]) == 4
+
+
+@pytest.fixture(scope="module")
+def random_sd15(server):
+    """An SD1.5-architecture model with random weights, from the pack's shipped config, in ComfyUI's
+    models/diffusers folder (ComfyUI's DiffusersLoader reads it). The tokenizer comes from ComfyUI's copy."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from comfyui_finetune.trainers.families import FAMILIES
+    from comfyui_finetune.trainers.model import FTModel
+
+    cfg = FAMILIES["sd15"].config_dir
+    torch.manual_seed(0)
+    with torch.inference_mode(False):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(cfg / "unet")))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(cfg / "vae")))
+        te = CLIPTextModel(CLIPTextConfig.from_pretrained(str(cfg / "text_encoder")))
+    tok_dir = comfyui_path() / "comfy" / "sd1_tokenizer"
+    tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77,
+                        pad_token="<|endoftext|>")
+    sched = DDIMScheduler.from_pretrained(str(cfg / "scheduler"))
+    folder = server.base / "models" / "diffusers" / "random-sd15"
+    StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(str(folder))
+    return FTModel("sd15", "random-sd15", unet, vae, te, tok, dict(sched.config))
+
+
+def test_trained_lora_loads_in_comfyui_loraloader_with_every_key(server, random_sd15, tmp_path):
+    import torch
+
+    from comfyui_finetune.nodes import host
+    from comfyui_finetune.nodes.datasets import FT_DatasetFromImages
+    from comfyui_finetune.nodes.io import FT_SaveLoRA
+    from comfyui_finetune.nodes.train import FT_TrainLoRA
+
+    saved = dict(host._fallback)
+    host.set_folders(output=tmp_path, models=server.base / "models")
+    try:
+        ds = FT_DatasetFromImages().execute(torch.rand(2, 64, 64, 3), "a photo of sks", resolution=64)[0]
+        _, lora, _ = FT_TrainLoRA().execute(random_sd15, ds, steps=2, learning_rate=1e-4, batch_size=1, rank=4,
+                                            alpha=4.0, seed=0, target_modules="attention+feedforward+conv",
+                                            train_text_encoder=True, text_encoder_lr=0.0, run_name="sd15")
+        (name,) = FT_SaveLoRA().execute(lora, "ft_test/random_sd15_lora")["result"]
+    finally:
+        host._fallback.update(saved)
+    n_modules = len(lora.modules())
+    prompt = {
+        "1": {"class_type": "DiffusersLoader", "inputs": {"model_path": "random-sd15"}},
+        "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": name,
+                                                     "strength_model": 1.0, "strength_clip": 1.0}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": "a photo of sks"}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": ""}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "positive": ["3", 0], "negative": ["4", 0],
+                                                   "latent_image": ["5", 0], "seed": 0, "steps": 1, "cfg": 1.0,
+                                                   "sampler_name": "euler", "scheduler": "normal",
+                                                   "denoise": 1.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}},
+    }
+    entry = server.run_prompt(prompt, timeout=900)
+    log = server.log()
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:] + log[-3000:]
+    missed = [ln for ln in log.splitlines() if "lora key not loaded" in ln]
+    assert not missed, f"{len(missed)} of {n_modules} LoRA modules not loaded, e.g. {missed[:3]}"
+    print(f"ComfyUI LoraLoader applied all {n_modules} modules of {name}")

@@ -56,7 +56,8 @@ class FTModel:
         if dtype is not None:
             self.dtype = dtype
         for m in (self.unet, self.vae, self.text_encoder):
-            m.to(self.device, self.dtype)
+            if m.device != self.device or m.dtype != self.dtype:
+                m.to(self.device, self.dtype)
         return self
 
     def clone(self) -> "FTModel":

@@ -1,0 +1,160 @@
+"""finetune/train: the training nodes. Each is a thin face over trainers.loop.train with its method."""
+from __future__ import annotations
+
+import time
+
+from . import host
+from .base import BOOLEAN, COMBO, FLOAT, HIDDEN, INT, LINK, ROOT_CATEGORY, SEED, STRING, torch_call
+
+CATEGORY = f"{ROOT_CATEGORY}/train"
+OPTIMIZER_NAMES = ["adamw", "adam", "sgd", "rmsprop"]  # == trainers.loop.OPTIMIZERS (tested)
+LR_SCHEDULER_NAMES = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+LORA_TARGETS = ["attention", "attention+feedforward", "attention+feedforward+conv"]  # == trainers.lora.TARGETS
+
+#: the shared loop's options, as optional inputs of every training node
+LOOP_OPTIONS = {
+    "save_every": INT(0, 0, 1_000_000, "Write a checkpoint every N steps (0 = only at the end; Cancel always "
+                      "writes one)."),
+    "validation_prompt": STRING("", "Sample this prompt every validation_every steps; the pictures go to the "
+                                "run folder and the node's preview (empty = no validation)."),
+    "validation_every": INT(0, 0, 1_000_000, "Steps between validation samples (0 = none)."),
+    "resume_run": STRING("", "Name of a run folder under output/finetune to continue from its last checkpoint "
+                         "(empty = start a new run). Raise steps to train further."),
+    "optimizer": COMBO(OPTIMIZER_NAMES, "The optimizer."),
+    "lr_scheduler": COMBO(LR_SCHEDULER_NAMES, "How the learning rate changes over the run."),
+    "warmup_steps": INT(0, 0, 100_000, "Steps of linear learning-rate warm-up (schedulers with warm-up)."),
+    "grad_accum": INT(1, 1, 1024, "Micro-batches per optimizer step (a bigger effective batch at the same "
+                      "memory)."),
+    "max_grad_norm": FLOAT(1.0, 0.0, 100.0, "Clip the gradient norm (0 = no clipping).", step=0.1),
+    "loss": COMBO(["mse", "huber"], "Loss between prediction and target; huber is robust to outliers."),
+    "snr_gamma": FLOAT(5.0, 0.0, 20.0, "Min-SNR-gamma loss weighting: steadier, faster training (5 = the "
+                       "paper's value, 0 = off).",
+                       step=0.5),
+    "noise_offset": FLOAT(0.0, 0.0, 1.0, "Offset noise (0.05-0.1 helps very dark or bright pictures)."),
+    "mixed_precision": COMBO(["auto", "no", "fp16", "bf16"], "Autocast on a GPU (auto = bf16 where supported); "
+                             "the CPU always trains in fp32."),
+    "gradient_checkpointing": BOOLEAN(False, "Save memory on large models at some speed cost."),
+}
+
+
+def loop_config(steps, learning_rate, batch_size, seed, **opt):
+    from ..trainers.loop import TrainConfig
+
+    keys = ("save_every", "validation_prompt", "validation_every", "optimizer", "lr_scheduler", "warmup_steps",
+            "grad_accum", "max_grad_norm", "loss", "snr_gamma", "noise_offset", "mixed_precision",
+            "gradient_checkpointing")
+    return TrainConfig(steps=steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
+                       **{k: opt[k] for k in keys if k in opt})
+
+
+def run_training(model, dataset, method, cfg, run_name: str, resume_run: str = "", extra_config=None):
+    """Train on a copy of ``model`` with progress, events and Cancel wired to ComfyUI (or the fallback).
+
+    Returns the loop's TrainResult. On Cancel a checkpoint is written first, then the interrupt is raised.
+    """
+    from ..trainers.loop import Callbacks, RunDir, train
+
+    root = host.output_dir() / "finetune"
+    if resume_run.strip():
+        rel = host.safe_relative(resume_run.strip(), "resume_run")
+        if not (root / rel).is_dir():
+            runs = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+            raise FileNotFoundError(f"resume_run {resume_run!r} is not a run folder under output/finetune "
+                                    f"(runs there: {', '.join(runs[-8:]) or 'none'})")
+        run = RunDir(root / rel)
+    else:
+        run = RunDir.create(root, host.safe_relative(run_name.strip() or method.name, "run_name").name)
+    bar = host.Progress(cfg.steps, desc=f"{method.name} {run.path.name}")
+    last_event = [0.0]
+    t0 = time.time()
+
+    def on_step(info):
+        now = time.time()
+        if now - last_event[0] > 0.25 or info.step == info.total:
+            last_event[0] = now
+            host.send_event("finetune.progress", {"run": run.path.name, "step": info.step, "total": info.total,
+                                                  "loss": info.loss, "lr": info.lr,
+                                                  "it_per_s": round(info.step / max(now - t0, 1e-6), 3)})
+        if not host.interrupted():  # ComfyUI's bar raises on Cancel; the loop checks should_stop itself
+            bar.update(info.step)
+
+    def on_preview(step, images):
+        from ..trainers.grids import to_pil
+
+        host.send_event("finetune.preview", {"run": run.path.name, "step": step,
+                                             "images": [f"samples/step-{step}-{i}.png" for i in range(len(images))]})
+        if host.in_comfyui() and not host.interrupted():
+            bar.update(step, preview=("PNG", to_pil(images[0]), 256))
+
+    work = model.clone()
+    try:
+        result = train(work, dataset, method, cfg, run, Callbacks(on_step=on_step, should_stop=host.interrupted,
+                                                                  on_preview=on_preview),
+                       resume=bool(resume_run.strip()), extra_config=extra_config)
+    finally:
+        bar.close()
+    if result.cancelled:
+        msg = f"cancelled at step {result.step}; resume with resume_run='{run.path.name}'"
+        host.log.info("%s (checkpoint written)", msg)
+        host.raise_if_interrupted(msg)
+        raise host.Interrupted(msg)
+    return result
+
+
+class FT_TrainLoRA:
+    DESCRIPTION = ("Train a LoRA (low-rank adapter, through peft) on a captioned dataset. Outputs the model with the "
+                   "LoRA applied, the LoRA itself (save it with Save LoRA) and the training log. Progress shows "
+                   "on the node; Cancel writes a checkpoint first, and resume_run continues it. Each run keeps "
+                   "its config, log, checkpoints and samples in output/finetune/<run>.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("FT_MODEL", "FT_LORA", "FT_TRAINING_LOG")
+    RETURN_NAMES = ("model", "lora", "log")
+    OUTPUT_TOOLTIPS = ("The base model with the trained LoRA merged in, ready for Sample.",
+                       "The LoRA: connect Save LoRA to write it to models/loras, or Apply LoRA.",
+                       "Loss per step, learning rate, timings and config: connect Loss Plot.")
+    FUNCTION = "execute"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": LINK("FT_MODEL", "The base model to adapt (it is not changed; training works on a copy)."),
+                "dataset": LINK("FT_DATASET", "Captioned pictures of the concept."),
+                "steps": INT(500, 1, 1_000_000, "Optimizer steps in total."),
+                "learning_rate": FLOAT(1e-4, 1e-7, 1.0, "Peak learning rate (LoRA: 1e-4 on SD, ~1e-3 on the toy).",
+                                       step=1e-5, round=False),
+                "batch_size": INT(1, 1, 256, "Pictures per step."),
+                "rank": INT(8, 1, 256, "LoRA rank: the adapter's capacity (4-32 is usual)."),
+                "alpha": FLOAT(8.0, 0.01, 1024.0, "LoRA alpha: the update is scaled by alpha / rank (alpha = rank "
+                               "keeps it at 1).", step=0.5),
+                "seed": SEED("Seeds noise, timesteps, data order and dropout: same inputs, same LoRA."),
+                "target_modules": COMBO(LORA_TARGETS, "Which layers get adapters: attention only (small, the "
+                                        "usual choice), + feed-forward, + convolutions (LoCon, most capacity)."),
+                "train_text_encoder": BOOLEAN(False, "Also adapt the text encoder's attention (stronger binding of "
+                                              "the token, more drift)."),
+                "text_encoder_lr": FLOAT(0.0, 0.0, 1.0, "Learning rate of the text encoder (0 = same as "
+                                         "learning_rate).", step=1e-5, round=False),
+                "run_name": STRING("lora", "Name of the run folder under output/finetune (a counter is added when "
+                                   "it exists)."),
+            },
+            "optional": dict(LOOP_OPTIONS),
+            "hidden": HIDDEN,
+        }
+
+    @torch_call
+    def execute(self, model, dataset, steps, learning_rate, batch_size, rank, alpha, seed, target_modules,
+                train_text_encoder, text_encoder_lr, run_name, **opt):
+        from ..trainers.lora import LoRAMethod, apply_lora
+        from ..trainers.loop import TrainingLog
+
+        cfg = loop_config(steps, learning_rate, batch_size, seed, **opt)
+        method = LoRAMethod(rank, alpha, target_modules, train_text_encoder, text_encoder_lr)
+        result = run_training(model, dataset, method, cfg, run_name, opt.get("resume_run", ""))
+        res = dataset.resolution or model.native_size
+        lora = method.export(name=result.run_dir.name,
+                             metadata={"finetune_config": result.config, "steps": result.step,
+                                       "resolution": [res, res]})
+        method.remove()
+        tuned = apply_lora(result.model, lora, 1.0)
+        tuned.history[-1] = {"trained": "lora", "run": result.run_dir.name, "steps": result.step, "rank": rank}
+        return (tuned, lora, TrainingLog.from_result(result))

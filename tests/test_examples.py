@@ -1,0 +1,55 @@
+"""The example workflows: API twins validate and run headless, UI files match their twins, the demo works."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from comfyui_finetune import runner, workflows
+
+EXAMPLES = Path(workflows.__file__).resolve().parent / "example_workflows"
+API = sorted((EXAMPLES / "api").glob("*.json"))
+
+
+def test_every_ui_example_has_an_api_twin():
+    ui = sorted(p.name for p in EXAMPLES.glob("*.json"))
+    assert ui and ui == [p.name for p in API]
+
+
+@pytest.mark.parametrize("path", API, ids=[p.stem for p in API])
+def test_api_example_validates(path):
+    assert runner.validate(runner.load_workflow(path), workflows.all_mappings()) == []
+
+
+@pytest.mark.parametrize("path", API, ids=[p.stem for p in API])
+def test_ui_example_is_generated_from_its_twin(path):
+    """The canvas file is regenerated from the API twin; run `python -m comfyui_finetune.workflows` after edits."""
+    expected = workflows.api_to_ui(json.loads(path.read_text()), workflows.all_mappings())
+    actual = json.loads((EXAMPLES / path.name).read_text())
+    assert actual == expected
+    with pytest.raises(runner.WorkflowError, match="UI-format workflow"):
+        runner.load_workflow(EXAMPLES / path.name)
+
+
+def test_text_to_image_example_runs_headless(tmp_path, judge):
+    ui = runner.run(runner.load_workflow(EXAMPLES / "api" / "toy_text_to_image.json"), output_dir=tmp_path)
+    saved = [tmp_path / i["subfolder"] / i["filename"] for i in ui["3"]["images"]]
+    assert len(saved) == 4 and all(p.is_file() for p in saved)
+    import numpy as np
+    from PIL import Image
+
+    verdicts = judge.judge([np.asarray(Image.open(p).convert("RGB")) for p in saved])
+    assert sum(v["color"] == "red" for v in verdicts) >= 3, verdicts
+    assert len(ui["5"]["images"]) == 4
+
+
+def test_demo_command(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "comfyui_finetune", "demo", "--out", str(tmp_path / "demo")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
+    assert Path(summary["overview"]).is_file() and len(summary["workflow_images"]) == 4
+    assert summary["base_color_acc"] >= 0.9

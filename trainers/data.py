@@ -1,0 +1,282 @@
+"""Datasets: images with captions, loaded from a folder or made in the graph, prepared for training.
+
+A :class:`Dataset` is a plain value (it flows on the canvas as ``FT_DATASET``): its examples hold decoded RGB pictures
+and captions, and its options say how the training loop turns them into batches (resolution, buckets, caption
+dropout and shuffling, augmentation). Nothing here touches the model; :func:`prepare` makes the tensors.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+@dataclass(frozen=True)
+class Augment:
+    """On-the-fly kornia augmentation, applied to each batch before encoding."""
+
+    flip: float = 0.5  #: probability of a horizontal flip
+    crop_scale: float = 1.0  #: smallest area fraction kept by a random resized crop (1 = no crop)
+    color_jitter: float = 0.0  #: strength of brightness/contrast/saturation jitter (hue is a quarter of it)
+
+    def __post_init__(self):
+        if not 0 <= self.flip <= 1:
+            raise ValueError(f"flip probability {self.flip} must be between 0 and 1")
+        if not 0.1 <= self.crop_scale <= 1:
+            raise ValueError(f"crop_scale {self.crop_scale} must be between 0.1 and 1")
+        if not 0 <= self.color_jitter <= 1:
+            raise ValueError(f"color_jitter {self.color_jitter} must be between 0 and 1")
+
+
+@dataclass
+class Example:
+    image: np.ndarray  #: (H, W, 3) uint8 RGB
+    caption: str
+    name: str
+
+
+@dataclass
+class Dataset:
+    examples: list[Example]
+    name: str = "dataset"
+    repeats: int = 1
+    #: training resolution (the side of a square, or the area of a bucket); 0 = the model's native size
+    resolution: int = 0
+    bucketing: bool = False
+    #: never enlarge a picture smaller than its bucket: use a smaller bucket instead
+    no_upscale: bool = False
+    caption_dropout: float = 0.0
+    shuffle_captions: bool = False
+    #: with shuffling, keep the first N comma-separated parts in place (an identifier such as "sks dog")
+    keep_tokens: int = 1
+    augment: Augment | None = None
+    source: str = ""  #: where it came from, for the training log
+
+    def __post_init__(self):
+        if not self.examples:
+            raise ValueError(f"dataset {self.name!r} has no images")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be at least 1, got {self.repeats}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+
+    def __len__(self) -> int:
+        return len(self.examples) * self.repeats
+
+    def with_options(self, **kw) -> "Dataset":
+        return replace(self, **kw)
+
+    def fingerprint(self) -> str:
+        """A hash of pictures, captions and options: the same dataset gives the same hash."""
+        h = hashlib.sha256()
+        for e in self.examples:
+            h.update(e.caption.encode()); h.update(str(e.image.shape).encode()); h.update(e.image.tobytes())
+        h.update(json.dumps(self.options(), sort_keys=True).encode())
+        return h.hexdigest()[:16]
+
+    def options(self) -> dict:
+        return {"repeats": self.repeats, "resolution": self.resolution, "bucketing": self.bucketing,
+                "no_upscale": self.no_upscale, "caption_dropout": self.caption_dropout,
+                "shuffle_captions": self.shuffle_captions, "keep_tokens": self.keep_tokens,
+                "augment": None if self.augment is None else self.augment.__dict__}
+
+    def describe(self) -> dict:
+        """What a training log and the LoRA metadata record about the data."""
+        tags: dict[str, int] = {}
+        for e in self.examples:
+            for t in (p.strip() for p in e.caption.split(",")):
+                if t:
+                    tags[t] = tags.get(t, 0) + 1
+        return {"name": self.name, "source": self.source, "images": len(self.examples), **self.options(),
+                "tag_frequency": tags}
+
+
+# ---------------------------------------------------------------------------------------------------- loading --
+def load_image(path: Path) -> np.ndarray:
+    """Decode any PNG/JPEG/WebP as 8-bit RGB: transparency is composited on white, 16-bit and float images are
+    scaled, greyscale and CMYK are converted, and the EXIF orientation is applied."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(im, dtype=np.float64)
+            peak = 65535.0 if arr.max() > 255 else 255.0
+            im = Image.fromarray(np.clip(arr / peak * 255, 0, 255).astype(np.uint8))
+        elif im.mode == "F":
+            arr = np.asarray(im, dtype=np.float64)
+            peak = 1.0 if arr.max() <= 1.0 else arr.max()
+            im = Image.fromarray(np.clip(arr / peak * 255, 0, 255).astype(np.uint8))
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(bg, rgba)
+        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def read_metadata(folder: Path) -> dict[str, str]:
+    """Captions from ``metadata.jsonl`` / ``metadata.csv`` (Hugging Face imagefolder: ``file_name`` + ``text``)."""
+    caps: dict[str, str] = {}
+    jl, cs = folder / "metadata.jsonl", folder / "metadata.csv"
+    rows: list[dict] = []
+    if jl.is_file():
+        for i, line in enumerate(jl.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{jl.name} line {i} is not valid JSON ({e.msg}); each line must be an "
+                                     'object like {"file_name": "a.png", "text": "a caption"}') from None
+    elif cs.is_file():
+        with cs.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    for r in rows:
+        fn = r.get("file_name")
+        text = r.get("text", r.get("caption"))
+        if fn and text is not None:
+            caps[Path(str(fn)).as_posix()] = str(text).strip()
+    return caps
+
+
+def load_folder(folder: str | Path, caption: str = "", token: str = "", repeats: int = 1) -> Dataset:
+    """Load every image under ``folder`` (recursively) with its caption.
+
+    Captions, in order of precedence: ``name.txt`` beside ``name.png``; ``metadata.jsonl`` / ``metadata.csv``;
+    else ``caption`` with ``{token}`` replaced by ``token``. Unreadable files are skipped with a warning.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"dataset folder {folder} does not exist")
+    meta = read_metadata(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    examples, skipped, uncaptioned = [], [], []
+    for p in files:
+        rel = p.relative_to(folder).as_posix()
+        try:
+            img = load_image(p)
+        except Exception as e:  # any decoder failure: the file is unusable, the rest of the folder is not
+            log.warning("skipping %s: not a readable image (%s)", rel, e)
+            skipped.append(rel)
+            continue
+        side = p.with_suffix(".txt")
+        if side.is_file():
+            cap = side.read_text(encoding="utf-8").strip()
+        elif rel in meta:
+            cap = meta[rel]
+        else:
+            cap = caption.replace("{token}", token).strip()
+            uncaptioned.append(rel)
+        examples.append(Example(img, cap, rel))
+    if not examples:
+        what = f"{len(skipped)} unreadable file(s): {', '.join(skipped[:5])}" if skipped else "no image files"
+        raise ValueError(f"dataset folder {folder.name!r} has no usable image ({what}); accepted formats: "
+                         f"{', '.join(IMAGE_SUFFIXES)}")
+    if uncaptioned and not caption.strip():
+        raise ValueError(f"{len(uncaptioned)} image(s) in {folder.name!r} have no caption ({', '.join(uncaptioned[:3])}"
+                         f"{'…' if len(uncaptioned) > 3 else ''}): add name.txt files or metadata.jsonl, or set the "
+                         "caption input (e.g. 'a photo of {token}')")
+    orphans = [t.relative_to(folder).as_posix() for t in folder.rglob("*.txt")
+               if not any(t.with_suffix(s).is_file() for s in IMAGE_SUFFIXES + tuple(x.upper() for x in IMAGE_SUFFIXES))]
+    if orphans:
+        log.warning("caption files without an image in %s: %s", folder.name, ", ".join(orphans[:5]))
+    if skipped:
+        log.warning("dataset %s: %d image(s) loaded, %d skipped", folder.name, len(examples), len(skipped))
+    return Dataset(examples, name=folder.name, repeats=repeats, source=str(folder.name))
+
+
+def from_images(images: np.ndarray, captions: list[str], name: str = "images") -> Dataset:
+    """A dataset from a (B, H, W, 3) float 0..1 batch (ComfyUI IMAGE) and one caption, or one per image."""
+    if images.ndim != 4 or images.shape[-1] not in (3, 4):
+        raise ValueError(f"images must be an IMAGE batch (B, H, W, 3), got shape {tuple(images.shape)}")
+    n = images.shape[0]
+    if len(captions) == 1:
+        captions = captions * n
+    if len(captions) != n:
+        raise ValueError(f"{len(captions)} captions for {n} images: give one caption, or one per line per image")
+    arr = (np.clip(images[..., :3], 0, 1) * 255).round().astype(np.uint8)
+    return Dataset([Example(arr[i], captions[i].strip(), f"image {i}") for i in range(n)], name=name, source="graph")
+
+
+# ------------------------------------------------------------------------------------------ buckets / captions --
+def bucket_for(h: int, w: int, resolution: int, multiple: int, no_upscale: bool) -> tuple[int, int]:
+    """(height, width): about resolution**2 pixels with the picture's aspect ratio, both multiples of ``multiple``.
+
+    With ``no_upscale`` a picture smaller than that keeps (about) its own size instead of being enlarged.
+    """
+    area = resolution * resolution
+    if no_upscale and h * w < area:
+        area = h * w
+    aspect = w / h
+    bh = math.sqrt(area / aspect)
+    bw = bh * aspect
+    bh = max(multiple, int(bh // multiple) * multiple)
+    bw = max(multiple, int(bw // multiple) * multiple)
+    return bh, bw
+
+
+def resize_cover(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Scale to cover (h, w), then centre-crop: no stretching."""
+    ih, iw = img.shape[:2]
+    if (ih, iw) == (h, w):
+        return img
+    s = max(h / ih, w / iw)
+    nh, nw = max(h, round(ih * s)), max(w, round(iw * s))
+    im = Image.fromarray(img).resize((nw, nh), Image.LANCZOS if s < 1 else Image.BICUBIC)
+    top, left = (nh - h) // 2, (nw - w) // 2
+    return np.asarray(im.crop((left, top, left + w, top + h)), dtype=np.uint8)
+
+
+def process_caption(caption: str, *, shuffle: bool, keep: int, dropout: float, generator) -> str:
+    import torch
+
+    if dropout and float(torch.rand((), generator=generator)) < dropout:
+        return ""
+    if shuffle and "," in caption:
+        parts = [p.strip() for p in caption.split(",")]
+        head, tail = parts[:keep], parts[keep:]
+        order = torch.randperm(len(tail), generator=generator).tolist()
+        caption = ", ".join(head + [tail[i] for i in order])
+    return caption
+
+
+@dataclass
+class Prepared:
+    """Pictures resized into their buckets, grouped by size: what the loop draws batches from."""
+
+    pixels: dict[tuple[int, int], "object"] = field(default_factory=dict)  # bucket -> (N, 3, h, w) tensor [-1, 1]
+    captions: dict[tuple[int, int], list[str]] = field(default_factory=dict)
+    index: list[tuple[tuple[int, int], int]] = field(default_factory=list)  # one entry per (repeated) example
+
+
+def prepare(dataset: Dataset, native_size: int, multiple: int) -> Prepared:
+    import torch
+
+    res = dataset.resolution or native_size
+    out = Prepared()
+    for e in dataset.examples:
+        h, w = e.image.shape[:2]
+        if dataset.bucketing:
+            bh, bw = bucket_for(h, w, res, multiple, dataset.no_upscale)
+        else:
+            side = res
+            if dataset.no_upscale and min(h, w) < res:
+                side = max(multiple, (min(h, w) // multiple) * multiple)
+            bh = bw = side
+        img = resize_cover(e.image, bh, bw)
+        t = torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1
+        out.pixels.setdefault((bh, bw), []).append(t)
+        out.captions.setdefault((bh, bw), []).append(e.caption)
+    for b in out.pixels:
+        out.pixels[b] = torch.stack(out.pixels[b])
+    for b, caps in out.captions.items():
+        for _ in range(dataset.repeats):
+            out.index.extend((b, i) for i in range(len(caps)))
+    return out

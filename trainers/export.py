@@ -1,0 +1,84 @@
+"""Writing files other tools read: safetensors written atomically, never over an existing file."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+BASE_MODEL_VERSION = {"toy": "finetune_toy", "sd15": "sd_v1", "sd2": "sd_v2"}
+
+
+def unique_path(folder: Path, stem: str, suffix: str) -> Path:
+    """``folder/stem.suffix``, or ``stem_00001.suffix`` etc. when taken: an existing file is never replaced."""
+    p = folder / f"{stem}{suffix}"
+    n = 1
+    while p.exists():
+        p = folder / f"{stem}_{n:05d}{suffix}"
+        n += 1
+    return p
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write to a temporary name in the same folder, then rename into place (no half-written file is ever seen).
+
+    Raises FileExistsError rather than replace an existing file.
+    """
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+              metadata={k: str(v) for k, v in metadata.items()})
+    try:
+        os.link(tmp, path)  # atomic, and fails if the target appeared in the meantime
+    except FileExistsError:
+        tmp.unlink()
+        raise FileExistsError(f"{path.name} already exists; nothing was overwritten") from None
+    except OSError:  # file systems without hard links
+        if path.exists():
+            tmp.unlink()
+            raise FileExistsError(f"{path.name} already exists; nothing was overwritten") from None
+        tmp.replace(path)
+        return path
+    tmp.unlink()
+    return path
+
+
+def lora_metadata(lora, dtype: str = "float32") -> dict[str, str]:
+    """kohya's ``ss_*`` keys (what LoRA managers show) plus the pack's full training config as JSON."""
+    cfg = lora.metadata.get("finetune_config", {}) or {}
+    train = cfg.get("train", {})
+    data = cfg.get("dataset", {})
+    model = cfg.get("model", {})
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": lora.rank,
+        "ss_network_alpha": lora.alpha,
+        "ss_base_model_version": BASE_MODEL_VERSION.get(model.get("family", ""), model.get("family", "")),
+        "ss_sd_model_name": model.get("name", ""),
+        "ss_steps": lora.metadata.get("steps", train.get("steps", "")),
+        "ss_max_train_steps": train.get("steps", ""),
+        "ss_learning_rate": train.get("learning_rate", ""),
+        "ss_unet_lr": train.get("learning_rate", ""),
+        "ss_text_encoder_lr": cfg.get("text_encoder_lr") or train.get("learning_rate", ""),
+        "ss_network_train_unet_only": not cfg.get("train_text_encoder", False),
+        "ss_batch_size_per_device": train.get("batch_size", ""),
+        "ss_gradient_accumulation_steps": train.get("grad_accum", ""),
+        "ss_optimizer": train.get("optimizer", ""),
+        "ss_lr_scheduler": train.get("lr_scheduler", ""),
+        "ss_seed": train.get("seed", ""),
+        "ss_min_snr_gamma": train.get("snr_gamma", ""),
+        "ss_noise_offset": train.get("noise_offset", ""),
+        "ss_resolution": json.dumps(lora.metadata.get("resolution", "")),
+        "ss_num_train_images": data.get("images", ""),
+        "ss_caption_dropout_rate": data.get("caption_dropout", ""),
+        "ss_tag_frequency": json.dumps({data.get("name", "dataset"): data.get("tag_frequency", {})}),
+        "ss_output_name": lora.name,
+        "ss_mixed_precision": train.get("mixed_precision", ""),
+        "ss_save_dtype": dtype,
+        "finetune_config": json.dumps(cfg, default=str),
+        "modelspec.architecture": f"{BASE_MODEL_VERSION.get(model.get('family', ''), 'unknown')}/lora",
+    }
+    return {k: str(v) for k, v in meta.items()}

@@ -1,0 +1,206 @@
+"""LoRA: train with peft, export in the kohya layout, merge into a model with a strength.
+
+Training attaches peft ``LoraConfig`` adapters to the UNet (and optionally the text encoder) through the models'
+own adapter API. The result is kept as a :class:`LoRA` value holding the kohya-layout state dict that ComfyUI's
+LoraLoader, diffusers' ``load_lora_weights``, A1111 and Forge read:
+
+    lora_unet_<diffusers module path, dots as underscores>.lora_down.weight / .lora_up.weight / .alpha
+    lora_te_<transformers module path, dots as underscores>...
+
+Applying a LoRA merges ``strength * alpha / rank * up @ down`` into a copy's weights (as ComfyUI does), so an
+``FTModel`` never carries adapter wrappers outside training.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from .loop import Method, TrainConfig
+from .model import FTModel
+
+#: target presets: name -> (UNet module names, text-encoder module names); peft matches name suffixes
+TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "attention": (("to_q", "to_k", "to_v", "to_out.0"), ("q_proj", "k_proj", "v_proj", "out_proj")),
+    "attention+feedforward": (("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in",
+                               "proj_out"), ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")),
+    "attention+feedforward+conv": (("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in",
+                                    "proj_out", "conv1", "conv2", "conv_shortcut", "time_emb_proj"),
+                                   ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")),
+}
+PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+
+
+@dataclass
+class LoRA:
+    """A trained or loaded LoRA (``FT_LORA``): kohya-layout tensors plus what is known about its training."""
+
+    state: dict[str, torch.Tensor]
+    rank: int
+    alpha: float
+    name: str = "lora"
+    metadata: dict = field(default_factory=dict)
+
+    def modules(self) -> list[str]:
+        return sorted({k.split(".")[0] for k in self.state})
+
+    def __repr__(self) -> str:
+        return f"LoRA({self.name!r}, rank {self.rank}, alpha {self.alpha}, {len(self.modules())} modules)"
+
+
+def kohya_key(part: str, module_path: str) -> str:
+    """The kohya name of a module. Text-encoder paths are spelled as transformers 4 named them
+    (``text_model.encoder.layers...``): transformers 5 dropped the ``text_model`` level, the file format did not."""
+    if part == "text_encoder" and not module_path.startswith("text_model."):
+        module_path = "text_model." + module_path
+    return PREFIX[part] + module_path.replace(".", "_")
+
+
+def kohya_names(module: torch.nn.Module, part: str) -> dict[str, torch.nn.Module]:
+    """kohya name -> module, for every module of ``module`` (``part`` is "unet" or "text_encoder")."""
+    return {kohya_key(part, name): m for name, m in module.named_modules() if name}
+
+
+class LoRAMethod(Method):
+    name = "lora"
+
+    def __init__(self, rank: int = 8, alpha: float = 8.0, targets: str = "attention", train_text_encoder: bool = False,
+                 text_encoder_lr: float = 0.0, adapter_name: str = "ft_lora"):
+        if rank < 1:
+            raise ValueError(f"rank must be at least 1, got {rank}")
+        if alpha <= 0:
+            raise ValueError(f"alpha must be positive, got {alpha} (alpha = rank keeps the scale at 1)")
+        if targets not in TARGETS:
+            raise ValueError(f"target modules {targets!r} not known; choose one of: {', '.join(TARGETS)}")
+        self.rank, self.alpha, self.targets = rank, float(alpha), targets
+        self.trains_text_encoder = train_text_encoder
+        self.text_encoder_lr = text_encoder_lr
+        self.adapter = adapter_name
+        self.model: FTModel | None = None
+
+    def config(self) -> dict:
+        return {"method": self.name, "rank": self.rank, "alpha": self.alpha, "targets": self.targets,
+                "train_text_encoder": self.trains_text_encoder, "text_encoder_lr": self.text_encoder_lr}
+
+    def _parts(self) -> list[tuple[str, torch.nn.Module]]:
+        parts = [("unet", self.model.unet)]
+        if self.trains_text_encoder:
+            parts.append(("text_encoder", self.model.text_encoder))
+        return parts
+
+    def setup(self, model: FTModel) -> None:
+        from peft import LoraConfig
+
+        self.model = model
+        unet_t, te_t = TARGETS[self.targets]
+        for part, mod in self._parts():
+            cfg = LoraConfig(r=self.rank, lora_alpha=self.alpha, init_lora_weights="gaussian",
+                             target_modules=list(unet_t if part == "unet" else te_t))
+            mod.add_adapter(cfg, adapter_name=self.adapter)
+
+    def _params(self, mod) -> list[torch.nn.Parameter]:
+        return [p for n, p in mod.named_parameters() if "lora_" in n and f".{self.adapter}." in n]
+
+    def param_groups(self, cfg: TrainConfig) -> list[dict]:
+        groups = []
+        for part, mod in self._parts():
+            ps = self._params(mod)
+            for p in ps:
+                p.requires_grad_(True)
+            lr = self.text_encoder_lr if part == "text_encoder" and self.text_encoder_lr else cfg.learning_rate
+            groups.append({"params": ps, "lr": lr, "name": part})
+        return groups
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        out = {}
+        for part, mod in self._parts():
+            for k, v in get_peft_model_state_dict(mod, adapter_name=self.adapter).items():
+                out[f"{part}.{k}"] = v
+        return out
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        for part, mod in self._parts():
+            sub = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
+            res = set_peft_model_state_dict(mod, sub, adapter_name=self.adapter)
+            if getattr(res, "unexpected_keys", None):
+                raise ValueError(f"checkpoint does not match this LoRA setup: unexpected {res.unexpected_keys[:3]}")
+
+    def export(self, name: str = "lora", metadata: dict | None = None) -> LoRA:
+        """The trained adapter in the kohya layout."""
+        state: dict[str, torch.Tensor] = {}
+        for k, v in self.trainable_state().items():
+            part, rest = k.split(".", 1)
+            if ".lora_A." in rest:
+                mod, kind = rest.split(".lora_A.")[0], "lora_down"
+            elif ".lora_B." in rest:
+                mod, kind = rest.split(".lora_B.")[0], "lora_up"
+            else:
+                continue
+            key = kohya_key(part, mod)
+            state[f"{key}.{kind}.weight"] = v.detach().float().cpu().contiguous()
+            state[f"{key}.alpha"] = torch.tensor(self.alpha)
+        return LoRA(state, self.rank, self.alpha, name, dict(metadata or {}))
+
+    def remove(self) -> None:
+        """Take the peft layers out again, leaving the model exactly as before setup."""
+        from diffusers.utils import recurse_remove_peft_layers
+
+        for _, mod in self._parts():
+            recurse_remove_peft_layers(mod)
+            if hasattr(mod, "_hf_peft_config_loaded"):
+                mod._hf_peft_config_loaded = False
+            if hasattr(mod, "peft_config"):
+                del mod.peft_config
+
+
+def lora_delta(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if down.ndim == 2:
+        return up @ down
+    # conv: down (r, in, kh, kw), up (out, r, 1, 1)
+    return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
+
+
+def apply_lora(model: FTModel, lora: LoRA, strength: float = 1.0) -> FTModel:
+    """Merge ``lora`` into ``model``'s weights in place (pass a copy). Unknown module names are an error."""
+    targets = {**kohya_names(model.unet, "unet"), **kohya_names(model.text_encoder, "text_encoder")}
+    prefixes = sorted({k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in lora.state})
+    unknown = [p for p in prefixes if p not in targets]
+    if unknown:
+        raise ValueError(f"LoRA {lora.name!r} does not fit this {model.family} model: {len(unknown)} of its "
+                         f"{len(prefixes)} modules are not in it (e.g. {', '.join(unknown[:3])}). Was it trained "
+                         "for another base model?")
+    with torch.no_grad():
+        for p in prefixes:
+            down, up = lora.state[f"{p}.lora_down.weight"], lora.state[f"{p}.lora_up.weight"]
+            rank = down.shape[0]
+            alpha = float(lora.state[f"{p}.alpha"]) if f"{p}.alpha" in lora.state else float(rank)
+            w = targets[p].weight
+            delta = lora_delta(down.float(), up.float()) * (strength * alpha / rank)
+            if delta.shape != w.shape:
+                raise ValueError(f"LoRA {lora.name!r}: module {p} has shape {tuple(delta.shape)}, the model's is "
+                                 f"{tuple(w.shape)}: it was trained for another base model")
+            w.add_(delta.to(w.device, w.dtype))
+    model.history = model.history + [{"applied_lora": lora.name, "strength": strength, "rank": lora.rank}]
+    return model
+
+
+def lora_from_state(state: dict[str, torch.Tensor], name: str, metadata: dict | None = None) -> LoRA:
+    downs = [v for k, v in state.items() if k.endswith(".lora_down.weight")]
+    if not downs or not all(k.startswith(tuple(PREFIX.values())) for k in state):
+        bad = [k for k in state if not k.startswith(tuple(PREFIX.values()))][:3]
+        raise ValueError(f"{name}: not a kohya-layout SD LoRA (expected keys lora_unet_*/lora_te_* with "
+                         f".lora_down.weight/.lora_up.weight; found {bad or list(state)[:3]})")
+    rank = int(downs[0].shape[0])
+    alphas = [float(v) for k, v in state.items() if k.endswith(".alpha")]
+    meta = dict(metadata or {})
+    if "finetune_config" in meta:
+        try:
+            meta["finetune_config"] = json.loads(meta["finetune_config"])
+        except ValueError:
+            pass
+    return LoRA(state, rank, alphas[0] if alphas else float(rank), name, meta)
