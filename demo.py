@@ -1,10 +1,12 @@
 """``python -m comfyui_finetune demo``: the toy world end to end, ending in pictures a newcomer can open.
 
 1. runs the example workflow ``example_workflows/api/toy_text_to_image.json`` through the headless runner
-   (the same JSON a real ComfyUI runs), and
+   (the same JSON a real ComfyUI runs),
 2. samples every colour x shape of the toy world into one labelled overview, judged by the toy judge: the base
    model draws the shapes and colours it was trained on; purple and the cross are the new concepts that
-   fine-tuning teaches.
+   fine-tuning teaches, and
+3. runs ``example_workflows/api/toy_train_lora.json``: a LoRA learns "a sks star" = a purple star from 8
+   pictures, and ``demo_lora.png`` shows the training pictures, the base model and the LoRA side by side.
 """
 from __future__ import annotations
 
@@ -59,15 +61,49 @@ def run_demo(out_dir: str | Path) -> dict:
     ui = runner.run(runner.load_workflow(workflow), output_dir=out)
     saved = [out / i.get("subfolder", "") / i["filename"] for node in ui.values() for i in node.get("images", [])
              if i.get("type") == "output"]
+    judge = load_toy_judge()
     with torch.inference_mode(False):
         model = load_toy_model()
-        img, acc = overview(model, load_toy_judge())
-    grid_path = out / "demo_toy_overview.png"
-    tmp = grid_path.with_suffix(".tmp.png")
-    img.save(tmp)
-    tmp.replace(grid_path)
+        img, acc = overview(model, judge)
+    grid_path = _save(img, out / "demo_toy_overview.png")
+    lora_path, lora_rate = lora_figure(out, judge)
     summary = {"overview": str(grid_path), "workflow_images": [str(p) for p in saved],
                "base_color_acc": round(acc["color_acc"], 3), "base_shape_acc": round(acc["shape_acc"], 3),
+               "lora_figure": str(lora_path), "lora_concept_rate": lora_rate,
                "seconds": round(time.time() - t0, 1)}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _save(img, path: Path) -> Path:
+    tmp = path.with_suffix(".tmp.png")
+    img.save(tmp)
+    tmp.replace(path)
+    return path
+
+
+def lora_figure(out: Path, judge) -> tuple[Path, dict]:
+    """Run the LoRA example and show training pictures / base / LoRA for 'a sks star'."""
+    import numpy as np
+    from PIL import Image
+
+    from . import runner
+    from .trainers.grids import labelled_grid
+
+    workflow = Path(__file__).resolve().parent / "example_workflows" / "api" / "toy_train_lora.json"
+    ui = runner.run(runner.load_workflow(workflow), output_dir=out)
+
+    def images(node: str) -> list:
+        files = [out / (i.get("subfolder") or "") / i["filename"] if i.get("type") == "output"
+                 else out / "preview" / (i.get("subfolder") or "") / i["filename"] for i in ui[node]["images"]]
+        return [np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255 for f in files]
+
+    rows = {"training pictures": images("8")[:4], "base model": images("9"), "with the LoRA": images("10")}
+    notes, rate = [], {}
+    for name, imgs in rows.items():
+        verdicts = judge.judge(np.stack([(i * 255).round().astype(np.uint8) for i in imgs]))
+        notes.append([f"{v['color']} {v['shape']}" for v in verdicts])
+        rate[name] = sum(v["color"] == "purple" and v["shape"] == "star" for v in verdicts) / len(verdicts)
+    fig = labelled_grid(list(rows.values()), list(rows), [f"#{i + 1}" for i in range(4)], cell=128, notes=notes,
+                        title="LoRA on 8 pictures of a purple star, prompt 'a sks star' (judged under each)")
+    return _save(fig, out / "demo_lora.png"), rate

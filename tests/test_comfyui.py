@@ -53,6 +53,11 @@ def test_api_example_runs(server, path):
                     assert (server.base / "output" / img["subfolder"] / img["filename"]).is_file()
     if path.stem == "toy_text_to_image":
         assert len(entry["outputs"]["3"]["images"]) == 4
+    if path.stem == "toy_train_lora":  # queued again unchanged: ComfyUI's cache answers, nothing retrains
+        again = server.run_prompt(prompt)
+        cached = [n for event, data in again["status"]["messages"] if event == "execution_cached"
+                  for n in data["nodes"]]
+        assert "3" in cached, again["status"]["messages"]
 
 
 @pytest.fixture(scope="module")

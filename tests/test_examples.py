@@ -53,3 +53,5 @@ def test_demo_command(tmp_path):
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     assert Path(summary["overview"]).is_file() and len(summary["workflow_images"]) == 4
     assert summary["base_color_acc"] >= 0.9
+    assert Path(summary["lora_figure"]).is_file()
+    assert summary["lora_concept_rate"]["base model"] <= 0.25 and summary["lora_concept_rate"]["with the LoRA"] >= 0.75
