@@ -173,3 +173,15 @@ def test_bad_settings_are_clear_errors(toy, folders):
                "lora_unet_not_a_module.lora_up.weight": torch.zeros(8, 4)}, str(bad))
     with pytest.raises(ValueError, match="does not fit this toy model"):
         FT_ApplyLoRA().execute(toy, "other.safetensors", 1.0)
+
+
+def test_gradient_checkpointing_and_accumulation_train_the_same(toy, folders):
+    """Checkpointing trades memory for compute and must not change the result; accumulation runs."""
+    ds = toy_set(n=4)
+    _, plain, log_a = train(toy, ds, steps=3, batch_size=2, run_name="plain")
+    _, ckpt, log_b = train(toy, ds, steps=3, batch_size=2, run_name="ckpt", gradient_checkpointing=True)
+    assert all(torch.allclose(plain.state[k], ckpt.state[k], atol=1e-5) for k in plain.state)
+    assert log_a.losses() == pytest.approx(log_b.losses(), rel=1e-4)
+    _, _, log_c = train(toy, ds, steps=2, batch_size=2, run_name="accum", grad_accum=2, lr_scheduler="cosine",
+                        warmup_steps=1, optimizer="adam", loss="huber", noise_offset=0.05)
+    assert len(log_c.rows) == 2 and all(np.isfinite(log_c.losses()))
