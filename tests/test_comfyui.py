@@ -85,6 +85,9 @@ def random_sd15(server):
     StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
                             safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(str(folder))
+    from comfyui_finetune.trainers.export import legacy_text_encoder_keys
+
+    legacy_text_encoder_keys(folder / "text_encoder")
     return FTModel("sd15", "random-sd15", unet, vae, te, tok, dict(sched.config))
 
 
@@ -127,3 +130,42 @@ def test_trained_lora_loads_in_comfyui_loraloader_with_every_key(server, random_
     missed = [ln for ln in log.splitlines() if "lora key not loaded" in ln]
     assert not missed, f"{len(missed)} of {n_modules} LoRA modules not loaded, e.g. {missed[:3]}"
     print(f"ComfyUI LoraLoader applied all {n_modules} modules of {name}")
+
+
+def test_single_file_checkpoint_written_by_comfyui_loads_in_the_pack(server, random_sd15, tmp_path):
+    """ComfyUI's CheckpointSave writes the original single-file layout; FT_LoadBaseModel reads it offline
+    with the shipped SD1.5 config (and ComfyUI's tokenizer), giving back the same weights."""
+    import torch
+
+    from comfyui_finetune.nodes import host
+    from comfyui_finetune.nodes.models import FT_LoadBaseModel
+
+    prompt = {
+        "1": {"class_type": "DiffusersLoader", "inputs": {"model_path": "random-sd15"}},
+        "2": {"class_type": "CheckpointSave", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
+                                                         "filename_prefix": "checkpoints/ft_random_sd15"}},
+    }
+    entry = server.run_prompt(prompt, timeout=900)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
+    saved = sorted((server.base / "output" / "checkpoints").glob("ft_random_sd15*.safetensors"))
+    assert saved
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "random15.safetensors").symlink_to(saved[-1])
+    before = dict(host._fallback)
+    host.set_folders(models=tmp_path)
+    try:
+        from comfyui_finetune.trainers import loading
+
+        model = loading.load_single_file(host.model_path("checkpoints", "random15.safetensors"),
+                                         comfyui_path() / "comfy" / "sd1_tokenizer", "cpu", "fp32")
+        assert "checkpoints/random15.safetensors" in FT_LoadBaseModel.INPUT_TYPES()["required"]["model_name"][0]
+    finally:
+        host._fallback.update(before)
+    assert model.family == "sd15"
+    for name in ("unet", "vae", "text_encoder"):
+        ours, ref = getattr(model, name).state_dict(), getattr(random_sd15, name).state_dict()
+        shared = [k for k in ref if k in ours]
+        assert len(shared) >= 0.95 * len(ref), f"{name}: only {len(shared)} of {len(ref)} weights matched by name"
+        diffs = {k: float((ours[k].float() - ref[k].float()).abs().max()) for k in shared}
+        worst = max(diffs, key=diffs.get)
+        assert diffs[worst] < 1e-2, f"{name}: {worst} differs by {diffs[worst]}"

@@ -109,3 +109,14 @@ def test_load_errors_name_the_file(folders):
     (folders["models"] / "diffusers" / "broken" / "model_index.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="has no .safetensors weights"):
         node.execute("diffusers/broken", "cpu", "auto")
+
+
+def test_shipped_text_encoder_uses_the_common_key_layout(toy):
+    """Every SD tool (and transformers 4) reads text-encoder weights as text_model.*; transformers 5 too."""
+    from safetensors import safe_open
+
+    with safe_open(str(WEIGHTS / "pipeline" / "text_encoder" / "model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+        assert all(k.startswith("text_model.") for k in keys)
+        w = f.get_tensor("text_model.encoder.layers.0.self_attn.q_proj.weight")
+    assert torch.equal(w, toy.text_encoder.state_dict()["encoder.layers.0.self_attn.q_proj.weight"])

@@ -82,3 +82,22 @@ def lora_metadata(lora, dtype: str = "float32") -> dict[str, str]:
         "modelspec.architecture": f"{BASE_MODEL_VERSION.get(model.get('family', ''), 'unknown')}/lora",
     }
     return {k: str(v) for k, v in meta.items()}
+
+
+def legacy_text_encoder_keys(folder: Path) -> Path:
+    """Rewrite a CLIPTextModel folder's ``model.safetensors`` with keys spelled ``text_model.*``.
+
+    transformers 5 saves CLIPTextModel weights without the ``text_model.`` level; ComfyUI's loaders, A1111,
+    transformers 4 and every published SD checkpoint use it, and transformers 5 loads either spelling.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = Path(folder) / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {"format": "pt"}
+        tensors = {(k if k.startswith("text_model.") else "text_model." + k): f.get_tensor(k) for k in f.keys()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path

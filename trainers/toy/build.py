@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import diffusion
+from ..export import legacy_text_encoder_keys
 from . import judge as judge_mod
 from . import models, world
 from .tokenizer import write_tokenizer
@@ -256,6 +257,7 @@ def train_unet(cfg: BuildConfig, out: Path, pics: list[world.Picture]) -> dict:
                                    scheduler=DDIMScheduler(**models.SCHEDULER_CONFIG), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(out / "pipeline"), safe_serialization=True)
+    legacy_text_encoder_keys(out / "pipeline" / "text_encoder")  # the key layout every other tool reads
     return {"seconds": round(time.time() - t0, 1), "steps": cfg.unet_steps,
             "ms_per_step": round(1000 * (time.time() - t1) / cfg.unet_steps, 1), "final_loss_ema": round(ema_loss, 4)}
 
