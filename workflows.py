@@ -17,6 +17,8 @@ WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 
 def _is_widget(spec) -> bool:
     kind = spec[0]
+    if len(spec) > 1 and spec[1].get("forceInput"):
+        return False
     return isinstance(kind, (list, tuple)) or kind in WIDGET_TYPES
 
 

@@ -5,7 +5,8 @@ Only the standard library is imported here: torch, diffusers and the trainers lo
 from __future__ import annotations
 
 from .datasets import FT_Augment, FT_DatasetFromImages, FT_DatasetPreview, FT_LoadImageDataset, FT_ToyDataset
-from .evaluate import FT_LossPlot
+from .evaluate import (FT_CLIPImageSimilarity, FT_CLIPScore, FT_CompareGrid, FT_EvalReport, FT_KID, FT_LoadCLIPScorer,
+                       FT_LossPlot)
 from .io import FT_ApplyLoRA, FT_SaveLoRA
 from .models import FT_LoadBaseModel
 from .sample import FT_Sample
@@ -25,6 +26,12 @@ NODES = [
     (FT_SaveLoRA, "Save LoRA (finetune)"),
     (FT_ApplyLoRA, "Apply LoRA (finetune)"),
     (FT_LossPlot, "Loss Plot (finetune)"),
+    (FT_LoadCLIPScorer, "Load CLIP Scorer (finetune)"),
+    (FT_CLIPScore, "CLIP Score / CLIP-T (finetune)"),
+    (FT_CLIPImageSimilarity, "CLIP Image Similarity / CLIP-I (finetune)"),
+    (FT_KID, "KID (finetune)"),
+    (FT_CompareGrid, "Compare Grid (finetune)"),
+    (FT_EvalReport, "Eval Report (finetune)"),
 ]
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls, _ in NODES}

@@ -84,10 +84,13 @@ def safe_relative(name: str, what: str) -> PurePosixPath:
     return p
 
 
-def list_models(kind: str, suffixes: tuple[str, ...] = (".safetensors",), folders: bool = False) -> list[str]:
-    """Names (relative, '/'-separated) of model files of ``kind``, or of sub-folders when ``folders``.
+def list_models(kind: str, suffixes: tuple[str, ...] = (".safetensors",), folders: bool = False,
+                marker: str = "model_index.json") -> list[str]:
+    """Names (relative, '/'-separated) of model files of ``kind``, or of sub-folders holding a ``marker`` file
+    (diffusers models: model_index.json; transformers models: config.json) when ``folders``.
 
-    Inside ComfyUI the list comes from ``folder_paths.get_filename_list`` (cached, honours extra_model_paths).
+    Inside ComfyUI the file list comes from ``folder_paths.get_filename_list`` (cached, honours
+    extra_model_paths); folders are found in every folder ComfyUI searches for ``kind``.
     """
     fp = _comfy()
     if fp and not folders:
@@ -99,8 +102,8 @@ def list_models(kind: str, suffixes: tuple[str, ...] = (".safetensors",), folder
     for root in model_dirs(kind):
         if not root.is_dir():
             continue
-        if folders:  # diffusers models are folders holding a model_index.json
-            names.update(p.parent.relative_to(root).as_posix() for p in root.rglob("model_index.json"))
+        if folders:
+            names.update(p.parent.relative_to(root).as_posix() for p in root.rglob(marker) if p.parent != root)
         else:
             names.update(p.relative_to(root).as_posix() for p in root.rglob("*")
                          if p.is_file() and p.name.lower().endswith(suffixes))
