@@ -7,10 +7,10 @@ from __future__ import annotations
 from .datasets import FT_Augment, FT_DatasetFromImages, FT_DatasetPreview, FT_LoadImageDataset, FT_ToyDataset
 from .evaluate import (FT_CLIPImageSimilarity, FT_CLIPScore, FT_CompareGrid, FT_EvalReport, FT_KID, FT_LoadCLIPScorer,
                        FT_LossPlot)
-from .io import FT_ApplyLoRA, FT_SaveLoRA
+from .io import FT_ApplyEmbedding, FT_ApplyLoRA, FT_SaveEmbedding, FT_SaveLoRA
 from .models import FT_LoadBaseModel
 from .sample import FT_Sample
-from .train import FT_TrainLoRA
+from .train import FT_TrainLoRA, FT_TrainTextualInversion
 
 #: (class, display name). Node ids are the class names; never rename one (shared workflows would break):
 #: add an alias entry instead.
@@ -25,6 +25,9 @@ NODES = [
     (FT_TrainLoRA, "Train LoRA (finetune)"),
     (FT_SaveLoRA, "Save LoRA (finetune)"),
     (FT_ApplyLoRA, "Apply LoRA (finetune)"),
+    (FT_TrainTextualInversion, "Train Textual Inversion (finetune)"),
+    (FT_SaveEmbedding, "Save Embedding (finetune)"),
+    (FT_ApplyEmbedding, "Apply Embedding (finetune)"),
     (FT_LossPlot, "Loss Plot (finetune)"),
     (FT_LoadCLIPScorer, "Load CLIP Scorer (finetune)"),
     (FT_CLIPScore, "CLIP Score / CLIP-T (finetune)"),

@@ -96,3 +96,96 @@ class FT_ApplyLoRA:
                 raise ValueError("no LoRA given: connect the lora input or choose a file in lora_name")
             lora = read_lora_file(lora_name)
         return (apply_lora(model.clone(), lora, strength),)
+
+
+def embedding_choices() -> list[str]:
+    return [NONE] + host.list_models("embeddings")
+
+
+def read_embedding_file(name: str):
+    from safetensors import safe_open
+
+    from ..trainers.textual_inversion import embedding_from_state
+
+    path = host.model_path("embeddings", name)
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"embedding_name {name!r}: only .safetensors embeddings are loaded (.pt/.bin can run code)")
+    with safe_open(str(path), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata() or {}
+    return embedding_from_state(state, path.stem, meta)
+
+
+class FT_SaveEmbedding:
+    DESCRIPTION = ("Save a Textual Inversion embedding into ComfyUI's models/embeddings folder as safetensors with one "
+                   "tensor 'emb_params' (vectors x width): use it in any ComfyUI prompt as embedding:<name>, in "
+                   "A1111 by its file name, or with diffusers' load_textual_inversion. Never overwrites.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("embedding_name",)
+    OUTPUT_TOOLTIPS = ("The saved file's name inside the embeddings folder (write embedding:<name> in prompts).",)
+    FUNCTION = "execute"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "embedding": LINK("FT_EMBEDDING", "The embedding to save (from Train Textual Inversion)."),
+            "filename": STRING("finetune/my_embedding", "Subfolder and name inside models/embeddings."),
+        }}
+
+    def execute(self, embedding, filename):
+        import json
+
+        from ..trainers.export import unique_path, write_safetensors
+
+        rel = host.safe_relative(filename.strip().removesuffix(".safetensors"), "filename")
+        root = host.model_dirs("embeddings")[0]
+        meta = {"token": embedding.token, "num_vectors": str(embedding.vectors.shape[0]),
+                **{k: (v if isinstance(v, str) else json.dumps(v, default=str))
+                   for k, v in embedding.metadata.items()}}
+        for _ in range(5):
+            path = unique_path(root / rel.parent, rel.name, ".safetensors")
+            try:
+                write_safetensors(path, {"emb_params": embedding.vectors}, meta)
+                break
+            except FileExistsError:
+                continue
+        name = path.relative_to(root).as_posix()
+        return {"ui": {"text": [f"saved embeddings/{name}: write embedding:{name.removesuffix('.safetensors')} "
+                                "in a ComfyUI prompt"]}, "result": (name,)}
+
+
+class FT_ApplyEmbedding:
+    DESCRIPTION = ("Add a Textual Inversion embedding to a model under a word: a trained one (embedding input) or a "
+                   "file from models/embeddings. The input model is not changed.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("FT_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("A copy of the model that knows the word.",)
+    FUNCTION = "execute"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": LINK("FT_MODEL", "The model to add the word to."),
+                "embedding_name": COMBO(embedding_choices(), "An embedding file from models/embeddings (ignored "
+                                        "when the embedding input is connected)."),
+                "token": STRING("", "The word to use in prompts (empty: the embedding's own token, or the file "
+                                "name in brackets)."),
+            },
+            "optional": {"embedding": LINK("FT_EMBEDDING", "A trained embedding (takes precedence).")},
+        }
+
+    @torch_call
+    def execute(self, model, embedding_name, token, embedding=None):
+        from ..trainers.textual_inversion import apply_embedding
+
+        if embedding is None:
+            if embedding_name == NONE:
+                raise ValueError("no embedding given: connect the embedding input or choose a file")
+            embedding = read_embedding_file(embedding_name)
+            if not token.strip() and not embedding.metadata.get("token"):
+                token = f"<{embedding.name}>"
+        return (apply_embedding(model.clone(), embedding, token.strip() or None),)

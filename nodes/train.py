@@ -158,3 +158,72 @@ class FT_TrainLoRA:
         tuned = apply_lora(result.model, lora, 1.0)
         tuned.history[-1] = {"trained": "lora", "run": result.run_dir.name, "steps": result.step, "rank": rank}
         return (tuned, lora, TrainingLog.from_result(result))
+
+
+CAPTION_MODES = ["dataset captions", "object templates", "style templates"]
+
+
+class FT_TrainTextualInversion:
+    DESCRIPTION = ("Textual Inversion: teach the model a new word (e.g. <my-cat>) from pictures, by learning only that "
+                   "word's embedding vectors; every other weight stays exactly as it was. Outputs the model with the "
+                   "word added, the embedding (save it with Save Embedding: ComfyUI's embedding:name, A1111 and "
+                   "diffusers read it) and the training log.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("FT_MODEL", "FT_EMBEDDING", "FT_TRAINING_LOG")
+    RETURN_NAMES = ("model", "embedding", "log")
+    OUTPUT_TOOLTIPS = ("The model with the new word added, ready for Sample.",
+                       "The learned vectors: connect Save Embedding or Apply Embedding.",
+                       "Loss per step, learning rate, timings and config.")
+    FUNCTION = "execute"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": LINK("FT_MODEL", "The base model (not changed; training works on a copy)."),
+                "dataset": LINK("FT_DATASET", "Pictures of the concept."),
+                "token": STRING("<my-concept>", "The new word to learn; it must not exist yet (use brackets, "
+                                "e.g. <my-cat>)."),
+                "init_token": STRING("object", "A single known word whose embedding the new word starts from "
+                                     "(e.g. cat, star, painting)."),
+                "num_vectors": INT(1, 1, 32, "Embedding vectors for the word: more can hold more detail, but "
+                                   "take prompt space and learn slower."),
+                "steps": INT(1000, 1, 1_000_000, "Optimizer steps in total."),
+                "learning_rate": FLOAT(5e-3, 1e-7, 1.0, "Peak learning rate (TI usually 1e-3 to 1e-2).",
+                                       step=1e-4, round=False),
+                "batch_size": INT(1, 1, 256, "Pictures per step."),
+                "seed": SEED("Seeds noise, timesteps, data order and templates: same inputs, same embedding."),
+                "caption_mode": COMBO(CAPTION_MODES, "Captions to train with: the dataset's own (they must contain "
+                                      "the token), or random object / style templates with the token."),
+                "run_name": STRING("textual_inversion", "Name of the run folder under output/finetune."),
+            },
+            "optional": dict(LOOP_OPTIONS),
+            "hidden": HIDDEN,
+        }
+
+    @torch_call
+    def execute(self, model, dataset, token, init_token, num_vectors, steps, learning_rate, batch_size, seed,
+                caption_mode, run_name, **opt):
+        from ..trainers.loop import TrainingLog
+        from ..trainers.textual_inversion import OBJECT_TEMPLATES, STYLE_TEMPLATES, TextualInversionMethod
+
+        token = token.strip()
+        method = TextualInversionMethod(token, init_token, num_vectors)
+        method.validate(model)
+        if caption_mode == "dataset captions":
+            if not any(token in e.caption for e in dataset.examples):
+                raise ValueError(f"caption_mode 'dataset captions': no caption of the dataset contains the token "
+                                 f"{token!r}. Put it in the captions (e.g. caption 'a photo of {{token}}' with "
+                                 f"token {token!r}), or choose object or style templates")
+        else:
+            templates = OBJECT_TEMPLATES if caption_mode == "object templates" else STYLE_TEMPLATES
+            dataset = dataset.with_options(caption_templates=templates, template_token=token)
+        cfg = loop_config(steps, learning_rate, batch_size, seed, **opt)
+        result = run_training(model, dataset, method, cfg, run_name, opt.get("resume_run", ""))
+        method.finish()
+        emb = method.export(result.run_dir.name, {"token": token, "init_token": init_token, "steps": result.step,
+                                                  "finetune_config": result.config})
+        tuned = result.model
+        tuned.history = tuned.history + [{"trained": "textual_inversion", "run": result.run_dir.name,
+                                          "token": token, "steps": result.step}]
+        return (tuned, emb, TrainingLog.from_result(result))

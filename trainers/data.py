@@ -61,6 +61,9 @@ class Dataset:
     keep_tokens: int = 1
     augment: Augment | None = None
     source: str = ""  #: where it came from, for the training log
+    #: when set, every step draws one of these captions ("{}" = the token) instead of the example's own
+    caption_templates: tuple[str, ...] = ()
+    template_token: str = ""
 
     def __post_init__(self):
         if not self.examples:
@@ -88,7 +91,9 @@ class Dataset:
         return {"repeats": self.repeats, "resolution": self.resolution, "bucketing": self.bucketing,
                 "no_upscale": self.no_upscale, "caption_dropout": self.caption_dropout,
                 "shuffle_captions": self.shuffle_captions, "keep_tokens": self.keep_tokens,
-                "augment": None if self.augment is None else self.augment.__dict__}
+                "augment": None if self.augment is None else self.augment.__dict__,
+                **({"caption_templates": list(self.caption_templates), "template_token": self.template_token}
+                   if self.caption_templates else {})}
 
     def describe(self) -> dict:
         """What a training log and the LoRA metadata record about the data."""

@@ -370,6 +370,12 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
             eps = torch.randn(dist.mean.shape, generator=g).to(dist.mean.device, dist.mean.dtype)
         return (dist.mean + dist.std * eps) * sf
 
+    def caption_for(own: str) -> str:
+        if not dataset.caption_templates:
+            return own
+        k = int(torch.randint(len(dataset.caption_templates), (1,), generator=g))
+        return dataset.caption_templates[k].format(dataset.template_token)
+
     step, log_rows, resumed_from = 0, [], None
     if resume:
         ckpts = run.checkpoints()
@@ -402,7 +408,7 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
             total = 0.0
             for _ in range(cfg.grad_accum):
                 items = batches.next()
-                caps = [process_caption(prepared.captions[b][i], shuffle=dataset.shuffle_captions,
+                caps = [process_caption(caption_for(prepared.captions[b][i]), shuffle=dataset.shuffle_captions,
                                         keep=dataset.keep_tokens, dropout=dataset.caption_dropout, generator=g)
                         for b, i in items]
                 latents = encode_images(items)

@@ -1,6 +1,7 @@
 """FT_MODEL: a text-to-image model the pack can sample and train, with the family it belongs to."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,8 @@ class FTModel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     history: list[dict] = field(default_factory=list)
+    #: multi-vector tokens added by Textual Inversion: "<tok>" -> ["<tok>", "<tok>_1", ...]
+    token_vectors: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -42,7 +45,15 @@ class FTModel:
     def max_length(self) -> int:
         return int(self.tokenizer.model_max_length)
 
+    def expand_tokens(self, prompt: str) -> str:
+        """Spell a multi-vector Textual Inversion token as all its vectors ("<tok>" -> "<tok> <tok>_1 ...")."""
+        for tok, parts in self.token_vectors.items():
+            if len(parts) > 1 and tok in prompt:
+                prompt = re.sub(rf"(?<![A-Za-z0-9_]){re.escape(tok)}(?![A-Za-z0-9_])", " ".join(parts), prompt)
+        return prompt
+
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        prompts = [self.expand_tokens(p) for p in prompts]
         return self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                               return_tensors="pt").input_ids
 
@@ -65,8 +76,9 @@ class FTModel:
         import copy
 
         return FTModel(self.family, self.name, copy.deepcopy(self.unet), copy.deepcopy(self.vae),
-                       copy.deepcopy(self.text_encoder), self.tokenizer, dict(self.scheduler_config), self.device,
-                       self.dtype, list(self.history))
+                       copy.deepcopy(self.text_encoder), copy.deepcopy(self.tokenizer), dict(self.scheduler_config),
+                       self.device, self.dtype, list(self.history),
+                       {k: list(v) for k, v in self.token_vectors.items()})
 
     def to_pipeline(self):
         """A diffusers StableDiffusionPipeline over the same modules (no copy)."""
