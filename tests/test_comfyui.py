@@ -169,3 +169,57 @@ def test_single_file_checkpoint_written_by_comfyui_loads_in_the_pack(server, ran
         diffs = {k: float((ours[k].float() - ref[k].float()).abs().max()) for k in shared}
         worst = max(diffs, key=diffs.get)
         assert diffs[worst] < 1e-2, f"{name}: {worst} differs by {diffs[worst]}"
+
+
+def test_embedding_trained_by_the_pack_works_in_comfyui_prompts(server, random_sd15, tmp_path):
+    """An embedding trained on the SD1.5 architecture is found by CLIPTextEncode's embedding:name and its
+    vectors reach the result: a zero-vector twin of the same file gives a different picture."""
+    import dataclasses
+
+    import torch
+
+    from comfyui_finetune.nodes import host
+    from comfyui_finetune.nodes.datasets import FT_DatasetFromImages
+    from comfyui_finetune.nodes.io import FT_SaveEmbedding
+    from comfyui_finetune.nodes.train import FT_TrainTextualInversion
+
+    saved = dict(host._fallback)
+    host.set_folders(output=tmp_path, models=server.base / "models")
+    try:
+        ds = FT_DatasetFromImages().execute(torch.rand(2, 64, 64, 3), "a photo of <ft-thing>", resolution=64)[0]
+        _, emb, _ = FT_TrainTextualInversion().execute(random_sd15, ds, "<ft-thing>", "photo", 2, 2, 5e-3, 1, 0,
+                                                       "dataset captions", "sd15-ti")
+        (name,) = FT_SaveEmbedding().execute(emb, "ft_test/thing")["result"]
+        zero = dataclasses.replace(emb, vectors=torch.zeros_like(emb.vectors))
+        (zname,) = FT_SaveEmbedding().execute(zero, "ft_test/thing_zero")["result"]
+    finally:
+        host._fallback.update(saved)
+    assert emb.vectors.shape == (2, 768)
+
+    def picture(embedding_name: str) -> dict:
+        stem = embedding_name.removesuffix(".safetensors")
+        return {
+            "1": {"class_type": "DiffusersLoader", "inputs": {"model_path": "random-sd15"}},
+            "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": f"a photo of embedding:{stem}"}},
+            "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+            "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "6": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["3", 0],
+                                                       "negative": ["4", 0], "latent_image": ["5", 0], "seed": 0,
+                                                       "steps": 1, "cfg": 1.0, "sampler_name": "euler",
+                                                       "scheduler": "normal", "denoise": 1.0}},
+            "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+            "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": f"ft_emb_{stem.replace('/', '_')}"}},
+        }
+
+    import numpy as np
+    from PIL import Image
+
+    pics = []
+    for n in (name, zname):
+        entry = server.run_prompt(picture(n), timeout=900)
+        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
+        img = entry["outputs"]["8"]["images"][0]
+        pics.append(np.asarray(Image.open(server.base / "output" / img["subfolder"] / img["filename"]), dtype=float))
+    log = server.log()
+    assert "thing" not in "\n".join(ln for ln in log.splitlines() if "embedding" in ln.lower() and "warning" in ln.lower())
+    assert np.abs(pics[0] - pics[1]).max() > 0, "the embedding's vectors did not change CLIPTextEncode's output"

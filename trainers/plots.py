@@ -9,10 +9,11 @@ from .grids import _font
 
 
 def ema(values: list[float], alpha: float) -> list[float]:
-    out, acc = [], None
-    for v in values:
-        acc = v if acc is None else alpha * v + (1 - alpha) * acc
-        out.append(acc)
+    """Exponential moving average with bias correction, so its start is the mean of the first values."""
+    out, acc = [], 0.0
+    for t, v in enumerate(values, 1):
+        acc = alpha * v + (1 - alpha) * acc
+        out.append(acc / (1 - (1 - alpha) ** t))
     return out
 
 
