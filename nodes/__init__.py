@@ -10,7 +10,7 @@ from .evaluate import (FT_CLIPImageSimilarity, FT_CLIPScore, FT_CompareGrid, FT_
 from .io import FT_ApplyEmbedding, FT_ApplyLoRA, FT_SaveEmbedding, FT_SaveLoRA
 from .models import FT_LoadBaseModel
 from .sample import FT_Sample
-from .train import FT_TrainLoRA, FT_TrainTextualInversion
+from .train import FT_DreamBoothSubject, FT_TrainDreamBooth, FT_TrainLoRA, FT_TrainTextualInversion
 
 #: (class, display name). Node ids are the class names; never rename one (shared workflows would break):
 #: add an alias entry instead.
@@ -26,6 +26,8 @@ NODES = [
     (FT_SaveLoRA, "Save LoRA (finetune)"),
     (FT_ApplyLoRA, "Apply LoRA (finetune)"),
     (FT_TrainTextualInversion, "Train Textual Inversion (finetune)"),
+    (FT_TrainDreamBooth, "Train DreamBooth (finetune)"),
+    (FT_DreamBoothSubject, "DreamBooth Subject (finetune)"),
     (FT_SaveEmbedding, "Save Embedding (finetune)"),
     (FT_ApplyEmbedding, "Apply Embedding (finetune)"),
     (FT_LossPlot, "Loss Plot (finetune)"),

@@ -47,6 +47,10 @@ class FT_SaveLoRA:
     def execute(self, lora, filename):
         from ..trainers.export import lora_metadata, unique_path, write_safetensors
 
+        if lora is None:
+            raise ValueError("lora: there is no LoRA to save: the DreamBooth run was in full mode, whose weights are "
+                             "in its model output (save that with a checkpoint node), or switch it to lora mode")
+
         rel = host.safe_relative(filename.strip().removesuffix(".safetensors"), "filename")
         dirs = host.model_dirs("loras")
         if not dirs:

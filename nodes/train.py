@@ -227,3 +227,131 @@ class FT_TrainTextualInversion:
         tuned.history = tuned.history + [{"trained": "textual_inversion", "run": result.run_dir.name,
                                           "token": token, "steps": result.step}]
         return (tuned, emb, TrainingLog.from_result(result))
+
+
+class FT_DreamBoothSubject:
+    DESCRIPTION = ("One DreamBooth subject: its pictures, its instance prompt with a rare identifier ('a sks dog') "
+                   "and its class prompt ('a dog'). Chain several (previous input) to train them together, each with "
+                   "its own identifier and class pictures.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("FT_SUBJECTS",)
+    RETURN_NAMES = ("subjects",)
+    OUTPUT_TOOLTIPS = ("This subject after the previous ones: connect to Train DreamBooth's subjects input.",)
+    FUNCTION = "execute"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "dataset": LINK("FT_DATASET", "Pictures of this subject."),
+                "instance_prompt": STRING("a sks dog", "The prompt with the subject's rare identifier."),
+                "class_prompt": STRING("a dog", "The prompt of its class, for prior preservation."),
+            },
+            "optional": {
+                "previous": LINK("FT_SUBJECTS", "Subjects chained before this one."),
+                "class_dataset": LINK("FT_DATASET", "Your own class pictures (missing ones are generated)."),
+            },
+        }
+
+    def execute(self, dataset, instance_prompt, class_prompt, previous=None, class_dataset=None):
+        from ..trainers.dreambooth import Subject
+
+        return (list(previous or []) + [Subject(dataset, instance_prompt.strip(), class_prompt.strip(),
+                                                class_dataset)],)
+
+
+class FT_TrainDreamBooth:
+    DESCRIPTION = ("DreamBooth: bind a rare identifier ('a sks dog') to a subject from a few pictures, as a LoRA or a "
+                   "full fine-tune. With prior preservation each step also trains on class pictures ('a dog'), which "
+                   "are generated from the base model when not given (and cached), so the class keeps its meaning. "
+                   "Several subjects: chain DreamBooth Subject nodes into subjects. The output model is a valid "
+                   "model input of another training node (two stages).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("FT_MODEL", "FT_LORA", "FT_TRAINING_LOG")
+    RETURN_NAMES = ("model", "lora", "log")
+    OUTPUT_TOOLTIPS = ("The tuned model, ready for Sample or another training stage.",
+                       "The LoRA (lora mode; in full mode the weights are in the model output).",
+                       "Loss per step, learning rate, timings and config.")
+    FUNCTION = "execute"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": LINK("FT_MODEL", "The base model (not changed; training works on a copy)."),
+                "dataset": LINK("FT_DATASET", "The instance pictures (ignored when subjects is connected)."),
+                "instance_prompt": STRING("a sks dog", "Prompt with the rare identifier for the instance pictures."),
+                "class_prompt": STRING("a dog", "Prompt of the subject's class (for prior preservation)."),
+                "prior_preservation": BOOLEAN(True, "Also train on class pictures so the class word keeps its "
+                                              "meaning (less language drift)."),
+                "prior_loss_weight": FLOAT(1.0, 0.0, 100.0, "Lambda: weight of the class loss.", step=0.05),
+                "num_class_images": INT(100, 1, 100_000, "Class pictures per subject (generated if missing)."),
+                "mode": COMBO(["lora", "full"], "lora: a small adapter; full: every UNet weight (strongest, "
+                              "largest)."),
+                "train_text_encoder": BOOLEAN(False, "Also train the text encoder (LoRA or full)."),
+                "steps": INT(400, 1, 1_000_000, "Optimizer steps in total."),
+                "learning_rate": FLOAT(1e-4, 1e-7, 1.0, "Peak learning rate (full: ~5e-6 on SD; LoRA: ~1e-4).",
+                                       step=1e-6, round=False),
+                "batch_size": INT(1, 1, 256, "Instance pictures per step (as many class pictures are added)."),
+                "seed": SEED("Seeds training and class-picture generation."),
+                "run_name": STRING("dreambooth", "Name of the run folder under output/finetune."),
+            },
+            "optional": {
+                "class_dataset": LINK("FT_DATASET", "Your own class pictures (missing ones are generated)."),
+                "subjects": LINK("FT_SUBJECTS", "Several subjects from chained DreamBooth Subject nodes."),
+                "rank": INT(8, 1, 256, "LoRA rank (lora mode)."),
+                "alpha": FLOAT(8.0, 0.01, 1024.0, "LoRA alpha (lora mode).", step=0.5),
+                "target_modules": COMBO(LORA_TARGETS, "Layers with adapters (lora mode).", "attention+feedforward"),
+                **LOOP_OPTIONS,
+            },
+            "hidden": HIDDEN,
+        }
+
+    @torch_call
+    def execute(self, model, dataset, instance_prompt, class_prompt, prior_preservation, prior_loss_weight,
+                num_class_images, mode, train_text_encoder, steps, learning_rate, batch_size, seed, run_name,
+                class_dataset=None, subjects=None, rank=8, alpha=8.0, target_modules="attention+feedforward", **opt):
+        from ..trainers.dreambooth import (DreamBoothMethod, Subject, check_subjects, class_images, instance_dataset,
+                                           make_inner)
+        from ..trainers.lora import apply_lora
+        from ..trainers.loop import TrainingLog
+
+        subs = list(subjects) if subjects else [Subject(dataset, instance_prompt.strip(), class_prompt.strip(),
+                                                        class_dataset)]
+        check_subjects(subs, prior_preservation, prior_loss_weight)
+        cfg = loop_config(steps, learning_rate, batch_size, seed, **opt)
+        class_sets = []
+        if prior_preservation:
+            res = (subs[0].dataset.resolution or model.native_size)
+            cache = host.output_dir() / "finetune" / "class_images"
+            for i, s in enumerate(subs):
+                given = [e.image for e in s.class_dataset.examples][:num_class_images] if s.class_dataset else []
+                missing = num_class_images - len(given)
+                made = []
+                if missing > 0:
+                    with host.Progress(missing, desc=f"class pictures: {s.class_prompt}") as bar:
+                        made, generated = class_images(model, s.class_prompt, missing, res, seed + 7919 * i, cache,
+                                                       lambda d, n: bar.update(d))
+                    host.log.info("%s %d class pictures of %r", "generated" if generated else "reused cached",
+                                  missing, s.class_prompt)
+                class_sets.append((given + made, s.class_prompt))
+        method = DreamBoothMethod(mode, make_inner(mode, train_text_encoder, rank, alpha, target_modules),
+                                  prior_loss_weight, class_sets)
+        extra = {"subjects": [{"instance_prompt": s.instance_prompt, "class_prompt": s.class_prompt,
+                               "identifier": s.identifier, "images": len(s.dataset.examples)} for s in subs]}
+        result = run_training(model, instance_dataset(subs), method, cfg, run_name, opt.get("resume_run", ""),
+                              extra_config=extra)
+        tuned, lora = result.model, None
+        if mode == "lora":
+            res_px = subs[0].dataset.resolution or model.native_size
+            lora = method.inner.export(name=result.run_dir.name, metadata={"finetune_config": result.config,
+                                                                            "steps": result.step,
+                                                                            "resolution": [res_px, res_px]})
+            method.inner.remove()
+            tuned = apply_lora(tuned, lora, 1.0)
+            tuned.history = tuned.history[:-1]
+        else:
+            method.inner.finish()
+        tuned.history = tuned.history + [{"trained": f"dreambooth-{mode}", "run": result.run_dir.name,
+                                          "steps": result.step, "subjects": extra["subjects"]}]
+        return (tuned, lora, TrainingLog.from_result(result))

@@ -1,0 +1,108 @@
+"""DreamBooth on the toy world: learns the subject in LoRA and full modes, prior preservation stops class drift,
+several subjects keep apart, class pictures are generated once and then reused."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfyui_finetune.nodes.datasets import FT_ToyDataset
+from comfyui_finetune.nodes.io import FT_SaveLoRA
+from comfyui_finetune.nodes.train import FT_DreamBoothSubject, FT_TrainDreamBooth
+from comfyui_finetune.trainers import sampling
+
+from test_lora import rate
+
+
+def stars():
+    return FT_ToyDataset().execute("purple", "star", 8, "unused", 0, "narrow")[0]
+
+
+def db(model, dataset, **kw):
+    args = dict(instance_prompt="a sks star", class_prompt="a star", prior_preservation=False, prior_loss_weight=1.0,
+                num_class_images=32, mode="full", train_text_encoder=False, steps=200, learning_rate=2e-4,
+                batch_size=4, seed=0, run_name="db")
+    args.update(kw)
+    return FT_TrainDreamBooth().execute(model, dataset, **args)
+
+
+def drift(model, judge):
+    """How often the class prompt alone shows the instance's look (a purple star for 'a star')."""
+    return rate(model, judge, "a star", "purple", "star")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,lr", [("full", 2e-4), ("lora", 1e-3)])
+def test_dreambooth_learns_the_subject(toy, judge, folders, mode, lr):
+    tuned, lora, log = db(toy, stars(), mode=mode, learning_rate=lr)
+    concept = rate(tuned, judge, "a sks star", "purple", "star")
+    print(f"DreamBooth {mode}: 'a sks star' as a purple star {concept:.2f}")
+    assert concept >= 0.8
+    assert (lora is None) == (mode == "full")
+    assert rate(tuned, judge, "a red circle", "red", "circle", list(range(1000, 1008))) >= 0.8
+
+
+@pytest.mark.slow
+def test_prior_preservation_halves_class_drift(toy, judge, folders):
+    plain, _, _ = db(toy, stars())
+    kept, _, log = db(toy, stars(), prior_preservation=True)
+    d0, d1 = drift(plain, judge), drift(kept, judge)
+    concept = rate(kept, judge, "a sks star", "purple", "star")
+    print(f"class drift ('a star' drawn purple): without prior preservation {d0:.2f}, with {d1:.2f}; "
+          f"concept with it {concept:.2f}")
+    assert d0 >= 0.5, "without prior preservation the class should drift (else the test measures nothing)"
+    assert d1 <= d0 / 2 and concept >= 0.7
+    assert log.config["class_images"] == 32 and log.config["prior_preservation"]
+
+
+@pytest.mark.slow
+def test_two_subjects_keep_apart(toy, judge, folders):
+    tri = FT_ToyDataset().execute("yellow", "triangle", 8, "unused", 0, "narrow")[0]
+    subs = FT_DreamBoothSubject().execute(stars(), "a sks star", "a star")[0]
+    subs = FT_DreamBoothSubject().execute(tri, "a zwx triangle", "a triangle", previous=subs)[0]
+    tuned, _, log = db(toy, stars(), subjects=subs, steps=300)
+    own = [rate(tuned, judge, "a sks star", "purple", "star"), rate(tuned, judge, "a zwx triangle", "yellow", "triangle")]
+    other = [rate(tuned, judge, "a sks star", "yellow", "triangle"), rate(tuned, judge, "a zwx triangle", "purple", "star")]
+    print(f"two subjects: own concept {own}, the other's {other}")
+    assert min(own) >= 0.7 and max(other) <= 0.2
+    assert [s["identifier"] for s in log.config["subjects"]] == ["sks", "zwx"]
+
+
+def test_class_pictures_are_generated_once_then_reused(toy, folders, monkeypatch):
+    kw = dict(prior_preservation=True, num_class_images=4, steps=2, batch_size=2)
+    db(toy, stars(), **kw)
+    cache = folders["output"] / "finetune" / "class_images"
+    assert len(list(cache.glob("*/manifest.json"))) == 1
+
+    def no_generation(*a, **k):
+        raise AssertionError("class pictures were generated again")
+
+    monkeypatch.setattr(sampling, "sample", no_generation)
+    db(toy, stars(), **kw)  # same model, prompt, count, resolution and seed: from the cache
+    monkeypatch.undo()
+    db(toy, stars(), **{**kw, "num_class_images": 5})  # another count: a new set
+    assert len(list(cache.glob("*/manifest.json"))) == 2
+
+
+def test_two_stages_chain_models(toy, judge, folders):
+    stage1, _, _ = db(toy, stars(), mode="lora", learning_rate=1e-3, steps=3, batch_size=2)
+    tri = FT_ToyDataset().execute("yellow", "triangle", 4, "unused", 0, "narrow")[0]
+    stage2, _, log = db(stage1, tri, instance_prompt="a zwx triangle", class_prompt="a triangle", mode="lora",
+                        learning_rate=1e-3, steps=3, batch_size=2)
+    chain = [h.get("trained") for h in log.config["model"]["history"]]
+    assert chain == ["dreambooth-lora"], log.config["model"]["history"]
+    assert [h.get("trained") for h in stage2.history] == ["dreambooth-lora", "dreambooth-lora"]
+
+
+def test_bad_dreambooth_input(toy, folders):
+    ds = stars()
+    with pytest.raises(ValueError, match="class_prompt is empty but prior_preservation is on"):
+        db(toy, ds, class_prompt=" ", prior_preservation=True)
+    with pytest.raises(ValueError, match="prior_loss_weight must not be negative"):
+        db(toy, ds, prior_loss_weight=-1.0)
+    subs = FT_DreamBoothSubject().execute(ds, "a sks star", "a star")[0]
+    subs = FT_DreamBoothSubject().execute(ds, "a sks circle", "a circle", previous=subs)[0]
+    with pytest.raises(ValueError, match="subjects 1 and 2 use the same identifier 'sks'"):
+        db(toy, ds, subjects=subs)
+    _, none, _ = db(toy, ds, steps=1, batch_size=2)
+    with pytest.raises(ValueError, match="full mode"):
+        FT_SaveLoRA().execute(none, "x")

@@ -1,0 +1,235 @@
+"""DreamBooth: bind a rare identifier to a subject (LoRA or full fine-tune), with prior preservation.
+
+With prior preservation the loss is ``instance loss + lambda * class loss``: each step also denoises a batch of
+*class* pictures (what the base model draws for the class prompt, e.g. "a star"), so the class word keeps its
+meaning while the identifier ("a sks star") learns the subject. Missing class pictures are generated from the
+base model and cached on disk, keyed by the model, prompt, count, resolution and seed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .data import Dataset, Example, prepare
+from .lora import LoRAMethod
+from .loop import Method, TrainConfig
+from .model import FTModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Subject:
+    """One subject of a DreamBooth run (``FT_SUBJECTS`` is a list of them)."""
+
+    dataset: Dataset
+    instance_prompt: str
+    class_prompt: str
+    class_dataset: Dataset | None = None
+
+    @property
+    def identifier(self) -> str:
+        """The words of the instance prompt that the class prompt lacks ("a sks star" vs "a star" -> "sks")."""
+        cls = set(self.class_prompt.lower().split())
+        return " ".join(w for w in self.instance_prompt.split() if w.lower() not in cls) or self.instance_prompt
+
+
+def check_subjects(subjects: list[Subject], prior_preservation: bool, prior_loss_weight: float) -> None:
+    if not subjects:
+        raise ValueError("no subject: connect a dataset (or a chain of DreamBooth Subject nodes)")
+    if prior_loss_weight < 0:
+        raise ValueError(f"prior_loss_weight must not be negative, got {prior_loss_weight}")
+    seen: dict[str, int] = {}
+    for i, s in enumerate(subjects, 1):
+        if not s.instance_prompt.strip():
+            raise ValueError(f"subject {i}: instance_prompt is empty (e.g. 'a sks dog')")
+        if prior_preservation and not s.class_prompt.strip():
+            raise ValueError(f"subject {i}: class_prompt is empty but prior_preservation is on; give the class "
+                             "(e.g. 'a dog'), or turn prior preservation off")
+        ident = s.identifier.lower()
+        if ident in seen:
+            raise ValueError(f"subjects {seen[ident]} and {i} use the same identifier {s.identifier!r}: each subject "
+                             "needs its own rare word")
+        seen[ident] = i
+
+
+def instance_dataset(subjects: list[Subject]) -> Dataset:
+    """All subjects' pictures in one dataset, each captioned with its subject's instance prompt."""
+    first = subjects[0].dataset
+    examples = [Example(e.image, s.instance_prompt, e.name) for s in subjects for e in s.dataset.examples]
+    return first.with_options(examples=examples, name="+".join(s.dataset.name for s in subjects),
+                              caption_templates=())
+
+
+# ------------------------------------------------------------------------------------------ class pictures --
+def model_fingerprint(model: FTModel) -> str:
+    h = hashlib.sha256(f"{model.family}|{model.name}|{json.dumps(model.history, default=str)}".encode())
+    with torch.no_grad():
+        for p in list(model.unet.parameters())[:4] + list(model.text_encoder.parameters())[:2]:
+            h.update(np.ascontiguousarray(p.detach().float().cpu().numpy()).tobytes()[:4096])
+    return h.hexdigest()[:16]
+
+
+def class_images(model: FTModel, prompt: str, count: int, resolution: int, seed: int, cache_root: Path,
+                 on_progress: Callable[[int, int], None] | None = None, batch: int = 8) -> tuple[list[np.ndarray], bool]:
+    """``count`` pictures of ``prompt`` from ``model``; returns (pictures, generated_now).
+
+    Cached under ``cache_root/<key>/``: the same model, prompt, count, resolution and seed load from disk."""
+    from PIL import Image
+
+    from .sampling import sample
+
+    key = hashlib.sha256(json.dumps([model_fingerprint(model), prompt, count, resolution, seed]).encode()).hexdigest()[:20]
+    folder = cache_root / key
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        files = json.loads(manifest.read_text())["files"]
+        return [np.asarray(Image.open(folder / f).convert("RGB"), dtype=np.uint8) for f in files], False
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    pics: list[np.ndarray] = []
+    with torch.no_grad():
+        for start in range(0, count, batch):
+            seeds = [seed + i for i in range(start, min(count, start + batch))]
+            imgs = sample(model, prompt, seeds=seeds, steps=25, cfg=4.0 if model.family == "toy" else 7.0,
+                          width=resolution, height=resolution)
+            pics += [(im.numpy() * 255).round().astype(np.uint8) for im in imgs]
+            if on_progress:
+                on_progress(len(pics), count)
+    files = []
+    for i, p in enumerate(pics):
+        Image.fromarray(p).save(tmp / f"{i:05d}.png")
+        files.append(f"{i:05d}.png")
+    (tmp / "manifest.json").write_text(json.dumps({"prompt": prompt, "count": count, "resolution": resolution,
+                                                   "seed": seed, "model": model.name, "files": files}))
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    tmp.replace(folder)
+    return pics, True
+
+
+# ------------------------------------------------------------------------------------------------- methods --
+class FullMethod(Method):
+    """Full fine-tune: every UNet weight (and the text encoder's, optionally) learns."""
+
+    name = "full"
+
+    def __init__(self, train_text_encoder: bool = False):
+        self.trains_text_encoder = train_text_encoder
+        self.model: FTModel | None = None
+
+    def config(self) -> dict:
+        return {"train_text_encoder": self.trains_text_encoder}
+
+    def setup(self, model: FTModel) -> None:
+        self.model = model
+
+    def _modules(self):
+        return [("unet", self.model.unet)] + ([("text_encoder", self.model.text_encoder)]
+                                              if self.trains_text_encoder else [])
+
+    def param_groups(self, cfg: TrainConfig) -> list[dict]:
+        groups = []
+        for name, m in self._modules():
+            m.requires_grad_(True)
+            groups.append({"params": list(m.parameters()), "lr": cfg.learning_rate, "name": name})
+        return groups
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {f"{n}.{k}": v for n, m in self._modules() for k, v in m.state_dict().items()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        for n, m in self._modules():
+            m.load_state_dict({k[len(n) + 1:]: v for k, v in state.items() if k.startswith(n + ".")})
+
+    def finish(self) -> None:
+        for _, m in self._modules():
+            m.requires_grad_(False)
+
+
+class DreamBoothMethod(Method):
+    name = "dreambooth"
+
+    def __init__(self, mode: str, inner: Method, prior_loss_weight: float = 1.0,
+                 class_sets: list[tuple[list[np.ndarray], str]] | None = None):
+        if mode not in ("lora", "full"):
+            raise ValueError(f"mode {mode!r} is not 'lora' or 'full'")
+        self.mode, self.inner, self.lam = mode, inner, float(prior_loss_weight)
+        self.class_sets = class_sets or []
+        self.trains_text_encoder = inner.trains_text_encoder
+
+    def config(self) -> dict:
+        return {"method": self.name, "mode": self.mode, "prior_preservation": bool(self.class_sets),
+                "prior_loss_weight": self.lam, "class_images": sum(len(p) for p, _ in self.class_sets),
+                **{k: v for k, v in self.inner.config().items() if k != "method"}}
+
+    def setup(self, model: FTModel) -> None:
+        self.inner.setup(model)
+        self.model = model
+        self.class_latents = None
+        if not self.class_sets:
+            return
+        ds = Dataset([Example(p, prompt, f"class {i}") for pics, prompt in self.class_sets
+                      for i, p in enumerate(pics)], name="class")
+        mult = model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1)
+        prep = prepare(ds, model.native_size, mult)
+        if len(prep.pixels) != 1:
+            raise ValueError("class pictures of different sizes: give the class dataset one resolution")
+        bucket, px = next(iter(prep.pixels.items()))
+        with torch.no_grad():
+            dists = [model.vae.encode(px[i:i + 16].to(model.device, model.dtype)).latent_dist
+                     for i in range(0, len(px), 16)]
+        self.class_latents = (torch.cat([d.mean for d in dists]).float(), torch.cat([d.std for d in dists]).float())
+        self.class_captions = prep.captions[bucket]
+
+    def param_groups(self, cfg):
+        return self.inner.param_groups(cfg)
+
+    def trainable_state(self):
+        return self.inner.trainable_state()
+
+    def load_trainable_state(self, state):
+        self.inner.load_trainable_state(state)
+
+    def train_modules(self, model):
+        return self.inner.train_modules(model)
+
+    def after_step(self):
+        self.inner.after_step()
+
+    def loss(self, model, latents, context, noise_sched, g, cfg, batch):
+        loss = super().loss(model, latents, context, noise_sched, g, cfg, batch)
+        if self.class_latents is None or self.lam == 0:
+            return loss
+        mean, std = self.class_latents
+        idx = torch.randint(len(mean), (latents.shape[0],), generator=g)
+        eps = torch.randn(mean[idx].shape, generator=g)
+        cl = ((mean[idx] + std[idx] * eps) * model.vae.config.scaling_factor).to(latents.device, latents.dtype)
+        caps = [self.class_captions[i] for i in idx.tolist()]
+        ctx = model.encode_prompts(caps) if self.trains_text_encoder else _cached_text(self, model, caps)
+        return loss + self.lam * super().loss(model, cl, ctx.to(context.dtype), noise_sched, g, cfg, batch)
+
+
+def _cached_text(method, model, caps):
+    cache = method.__dict__.setdefault("_text", {})
+    missing = [c for c in dict.fromkeys(caps) if c not in cache]
+    if missing:
+        with torch.no_grad():
+            for c, e in zip(missing, model.encode_prompts(missing)):
+                cache[c] = e
+    return torch.stack([cache[c] for c in caps])
+
+
+def make_inner(mode: str, train_text_encoder: bool, rank: int, alpha: float, targets: str) -> Method:
+    if mode == "lora":
+        return LoRAMethod(rank, alpha, targets, train_text_encoder)
+    return FullMethod(train_text_encoder)
