@@ -7,7 +7,7 @@ from __future__ import annotations
 from .datasets import FT_Augment, FT_DatasetFromImages, FT_DatasetPreview, FT_LoadImageDataset, FT_ToyDataset
 from .evaluate import (FT_CLIPImageSimilarity, FT_CLIPScore, FT_CompareGrid, FT_EvalReport, FT_KID, FT_LoadCLIPScorer,
                        FT_LossPlot)
-from .io import FT_ApplyEmbedding, FT_ApplyLoRA, FT_SaveEmbedding, FT_SaveLoRA
+from .io import FT_ApplyEmbedding, FT_ApplyLoRA, FT_SaveCheckpoint, FT_SaveEmbedding, FT_SaveLoRA
 from .models import FT_LoadBaseModel
 from .sample import FT_Sample
 from .train import FT_DreamBoothSubject, FT_TrainDreamBooth, FT_TrainLoRA, FT_TrainTextualInversion
@@ -29,6 +29,7 @@ NODES = [
     (FT_TrainDreamBooth, "Train DreamBooth (finetune)"),
     (FT_DreamBoothSubject, "DreamBooth Subject (finetune)"),
     (FT_SaveEmbedding, "Save Embedding (finetune)"),
+    (FT_SaveCheckpoint, "Save Checkpoint (finetune)"),
     (FT_ApplyEmbedding, "Apply Embedding (finetune)"),
     (FT_LossPlot, "Loss Plot (finetune)"),
     (FT_LoadCLIPScorer, "Load CLIP Scorer (finetune)"),

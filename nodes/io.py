@@ -193,3 +193,59 @@ class FT_ApplyEmbedding:
             if not token.strip() and not embedding.metadata.get("token"):
                 token = f"<{embedding.name}>"
         return (apply_embedding(model.clone(), embedding, token.strip() or None),)
+
+
+SAVE_FORMATS = ["single file (.safetensors)", "diffusers folder"]
+SAVE_DTYPES = ["fp16", "bf16", "fp32"]
+
+
+class FT_SaveCheckpoint:
+    DESCRIPTION = ("Save a whole model (e.g. from DreamBooth's full mode): as one original-layout .safetensors file in "
+                   "models/checkpoints, which ComfyUI's Load Checkpoint, A1111 and diffusers' from_single_file read "
+                   "(SD 1.x models), or as a diffusers folder in models/diffusers (any family, the toy too). Never "
+                   "overwrites.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("name",)
+    OUTPUT_TOOLTIPS = ("The saved file or folder name, as ComfyUI's loaders list it.",)
+    FUNCTION = "execute"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": LINK("FT_MODEL", "The model to save."),
+            "filename": STRING("finetune/my_model", "Subfolder and name inside models/checkpoints (or "
+                               "models/diffusers for a folder)."),
+            "format": COMBO(SAVE_FORMATS, "One .safetensors file (SD 1.x), or a diffusers folder (any model)."),
+            "dtype": COMBO(SAVE_DTYPES, "Precision of the saved weights (fp16 halves the size)."),
+        }}
+
+    @torch_call
+    def execute(self, model, filename, format, dtype):
+        import json
+
+        import torch
+
+        from ..trainers.checkpoint import save_diffusers, to_single_file
+        from ..trainers.export import unique_path, write_safetensors
+
+        dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+        rel = host.safe_relative(filename.strip().removesuffix(".safetensors"), "filename")
+        if format == SAVE_FORMATS[0]:
+            tensors = to_single_file(model, dt)
+            root = host.model_dirs("checkpoints")[0]
+            meta = {"modelspec.architecture": "stable-diffusion-v1", "finetune_history": json.dumps(model.history)}
+            for _ in range(5):
+                path = unique_path(root / rel.parent, rel.name, ".safetensors")
+                try:
+                    write_safetensors(path, tensors, meta)
+                    break
+                except FileExistsError:
+                    continue
+        else:
+            root = host.model_dirs("diffusers")[0]
+            (root / rel.parent).mkdir(parents=True, exist_ok=True)
+            path = save_diffusers(model, unique_path(root / rel.parent, rel.name, ""), dt)
+        name = path.relative_to(root).as_posix()
+        return {"ui": {"text": [f"saved {root.name}/{name}"]}, "result": (name,)}

@@ -223,3 +223,49 @@ def test_embedding_trained_by_the_pack_works_in_comfyui_prompts(server, random_s
     log = server.log()
     assert "thing" not in "\n".join(ln for ln in log.splitlines() if "embedding" in ln.lower() and "warning" in ln.lower())
     assert np.abs(pics[0] - pics[1]).max() > 0, "the embedding's vectors did not change CLIPTextEncode's output"
+
+
+def test_full_checkpoint_saved_by_the_pack_loads_in_checkpointloadersimple(server, random_sd15, tmp_path):
+    """FT_SaveCheckpoint's single file has exactly the keys ComfyUI's own CheckpointSave writes for the same
+    model, loads in CheckpointLoaderSimple and samples; the pack reads it back with the same weights."""
+    import torch
+    from safetensors import safe_open
+
+    from comfyui_finetune.nodes import host
+    from comfyui_finetune.nodes.io import FT_SaveCheckpoint
+    from comfyui_finetune.trainers import loading
+
+    saved = dict(host._fallback)
+    host.set_folders(output=tmp_path, models=server.base / "models")
+    try:
+        (name,) = FT_SaveCheckpoint().execute(random_sd15, "ft_test/random_full", "single file (.safetensors)",
+                                              "fp16")["result"]
+    finally:
+        host._fallback.update(saved)
+    path = server.base / "models" / "checkpoints" / name
+    with safe_open(str(path), framework="pt") as f:
+        ours = set(f.keys())
+    comfy_files = sorted((server.base / "output" / "checkpoints").glob("ft_random_sd15*.safetensors"))
+    if comfy_files:  # written by the single-file test above
+        with safe_open(str(comfy_files[-1]), framework="pt") as f:
+            theirs = {k for k in f.keys() if k.startswith(("model.", "first_stage_model.", "cond_stage_model."))}
+        assert ours - theirs == set(), sorted(ours - theirs)[:5]
+        assert theirs - ours <= {"cond_stage_model.transformer.text_model.embeddings.position_ids"}, \
+            sorted(theirs - ours)[:5]
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["3", 0], "negative": ["3", 0],
+                                                   "latent_image": ["5", 0], "seed": 0, "steps": 1, "cfg": 1.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}},
+    }
+    entry = server.run_prompt(prompt, timeout=900)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
+    back = loading.load_single_file(path, comfyui_path() / "comfy" / "sd1_tokenizer", "cpu", "fp32")
+    for part in ("unet", "vae", "text_encoder"):
+        a, b = getattr(back, part).state_dict(), getattr(random_sd15, part).state_dict()
+        worst = max(float((a[k] - b[k].half().float()).abs().max()) for k in b if k in a)
+        assert worst < 1e-3, f"{part} differs by {worst}"

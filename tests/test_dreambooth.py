@@ -106,3 +106,20 @@ def test_bad_dreambooth_input(toy, folders):
     _, none, _ = db(toy, ds, steps=1, batch_size=2)
     with pytest.raises(ValueError, match="full mode"):
         FT_SaveLoRA().execute(none, "x")
+
+
+def test_full_model_saves_as_a_diffusers_folder_that_loads_back(toy, folders):
+    from comfyui_finetune.nodes.io import FT_SaveCheckpoint
+    from comfyui_finetune.nodes.models import FT_LoadBaseModel
+
+    tuned, _, _ = db(toy, stars(), steps=2, batch_size=2)
+    out = FT_SaveCheckpoint().execute(tuned, "db/full", "diffusers folder", "fp32")
+    (name,) = out["result"]
+    assert name == "db/full" and FT_SaveCheckpoint().execute(tuned, "db/full", "diffusers folder",
+                                                             "fp32")["result"][0] == "db/full_00001"
+    (back,) = FT_LoadBaseModel().execute(f"diffusers/{name}", "cpu", "fp32")
+    with torch.inference_mode(False):
+        assert torch.equal(sampling.sample(back, "a sks star", seeds=[3], steps=5),
+                           sampling.sample(tuned, "a sks star", seeds=[3], steps=5))
+    with pytest.raises(ValueError, match="single-file checkpoint is written for SD 1.x models; this is a toy"):
+        FT_SaveCheckpoint().execute(tuned, "db/x", "single file (.safetensors)", "fp16")

@@ -1,0 +1,126 @@
+"""Full models as files: a diffusers folder, or the original single-file layout ComfyUI's CheckpointLoaderSimple,
+A1111 and diffusers' ``from_single_file`` read (SD 1.x).
+
+The single-file key names are the original (LDM) ones; the mapping from diffusers' module names is a published
+fact of the two layouts (UNet ``input_blocks``/``middle_block``/``output_blocks``, VAE ``encoder.down.N.block``,
+text encoder under ``cond_stage_model.transformer.text_model``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .model import FTModel
+
+RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+          "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _resnet(rest: str) -> str:
+    for k, v in RESNET.items():
+        if rest.startswith(k + "."):
+            return v + rest[len(k):]
+    raise KeyError(rest)
+
+
+def unet_key(k: str, layers_per_block: int, up_attn: list[bool]) -> str:
+    """diffusers UNet2DConditionModel key -> original ``model.diffusion_model.*`` key."""
+    n = layers_per_block + 1
+    p = k.split(".")
+    simple = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    head = ".".join(p[:2]) if p[0] == "time_embedding" else p[0]
+    if head in simple:
+        return simple[head] + "." + ".".join(p[2 if p[0] == "time_embedding" else 1:])
+    if p[0] == "down_blocks":
+        i = int(p[1])
+        if p[2] == "resnets":
+            return f"input_blocks.{n * i + int(p[3]) + 1}.0.{_resnet('.'.join(p[4:]))}"
+        if p[2] == "attentions":
+            return f"input_blocks.{n * i + int(p[3]) + 1}.1.{'.'.join(p[4:])}"
+        if p[2] == "downsamplers":
+            return f"input_blocks.{n * (i + 1)}.0.op.{'.'.join(p[5:])}"
+    if p[0] == "mid_block":
+        if p[1] == "attentions":
+            return f"middle_block.1.{'.'.join(p[3:])}"
+        if p[1] == "resnets":
+            return f"middle_block.{2 * int(p[2])}.{_resnet('.'.join(p[3:]))}"
+    if p[0] == "up_blocks":
+        i = int(p[1])
+        if p[2] == "resnets":
+            return f"output_blocks.{n * i + int(p[3])}.0.{_resnet('.'.join(p[4:]))}"
+        if p[2] == "attentions":
+            return f"output_blocks.{n * i + int(p[3])}.1.{'.'.join(p[4:])}"
+        if p[2] == "upsamplers":
+            return f"output_blocks.{n * i + n - 1}.{2 if up_attn[i] else 1}.conv.{'.'.join(p[5:])}"
+    raise KeyError(f"no original-layout name for UNet weight {k}")
+
+
+def vae_key(k: str, num_up: int) -> str:
+    p = k.split(".")
+    if p[0] in ("quant_conv", "post_quant_conv"):
+        return k
+    side, rest = p[0], p[1:]
+    if rest[0] in ("conv_in", "conv_out"):
+        return f"{side}.{'.'.join(rest)}"
+    if rest[0] == "conv_norm_out":
+        return f"{side}.norm_out.{'.'.join(rest[1:])}"
+    if rest[0] == "mid_block":
+        if rest[1] == "resnets":
+            return f"{side}.mid.block_{int(rest[2]) + 1}.{'.'.join(rest[3:]).replace('conv_shortcut', 'nin_shortcut')}"
+        inner = ".".join(rest[3:])
+        for a, b in VAE_ATTN.items():
+            if inner.startswith(a + "."):
+                return f"{side}.mid.attn_1.{b}{inner[len(a):]}"
+    if rest[0] in ("down_blocks", "up_blocks"):
+        i = int(rest[1]) if rest[0] == "down_blocks" else num_up - 1 - int(rest[1])
+        level = "down" if rest[0] == "down_blocks" else "up"
+        if rest[2] == "resnets":
+            return f"{side}.{level}.{i}.block.{rest[3]}.{'.'.join(rest[4:]).replace('conv_shortcut', 'nin_shortcut')}"
+        if rest[2] in ("downsamplers", "upsamplers"):
+            return f"{side}.{level}.{i}.{'downsample' if level == 'down' else 'upsample'}.conv.{'.'.join(rest[5:])}"
+    raise KeyError(f"no original-layout name for VAE weight {k}")
+
+
+def to_single_file(model: FTModel, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """The model's weights under original SD 1.x single-file names."""
+    if model.family != "sd15":
+        raise ValueError(f"a single-file checkpoint is written for SD 1.x models; this is a {model.family} model: "
+                         "save it as a diffusers folder")
+    cfg = model.unet.config
+    up_attn = ["CrossAttn" in t for t in cfg.up_block_types]
+    out: dict[str, torch.Tensor] = {}
+    for k, v in model.unet.state_dict().items():
+        out["model.diffusion_model." + unet_key(k, cfg.layers_per_block, up_attn)] = v
+    num_up = len(model.vae.config.up_block_types)
+    for k, v in model.vae.state_dict().items():
+        nk = vae_key(k, num_up)
+        if ".mid.attn_1." in nk and nk.endswith(".weight") and v.ndim == 2:
+            v = v[:, :, None, None]  # the original attention uses 1x1 convolutions
+        out["first_stage_model." + nk] = v
+    for k, v in model.text_encoder.state_dict().items():
+        if k.endswith("position_ids"):
+            continue
+        out["cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k)] = v
+    return {k: v.detach().to(dtype).contiguous().cpu() for k, v in out.items()}
+
+
+def save_diffusers(model: FTModel, folder: Path, dtype: torch.dtype = torch.float16) -> Path:
+    """A diffusers folder (StableDiffusionPipeline layout) with text-encoder keys every tool reads."""
+    import copy
+
+    from .export import legacy_text_encoder_keys
+
+    folder = Path(folder)
+    if folder.exists():
+        raise FileExistsError(f"{folder.name} already exists; nothing was overwritten")
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    pipe = model.to_pipeline()
+    if dtype != model.dtype:
+        pipe = copy.deepcopy(pipe).to(dtype=dtype)
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    legacy_text_encoder_keys(tmp / "text_encoder")
+    tmp.rename(folder)
+    return folder
