@@ -267,11 +267,13 @@ class FT_TrainDreamBooth:
                    "Several subjects: chain DreamBooth Subject nodes into subjects. The output model is a valid "
                    "model input of another training node (two stages).")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("FT_MODEL", "FT_LORA", "FT_TRAINING_LOG")
-    RETURN_NAMES = ("model", "lora", "log")
+    RETURN_TYPES = ("FT_MODEL", "FT_LORA", "FT_TRAINING_LOG", "FT_EMBEDDING")
+    RETURN_NAMES = ("model", "lora", "log", "embedding")
     OUTPUT_TOOLTIPS = ("The tuned model, ready for Sample or another training stage.",
                        "The LoRA (lora mode; in full mode the weights are in the model output).",
-                       "Loss per step, learning rate, timings and config.")
+                       "Loss per step, learning rate, timings and config.",
+                       "With pivotal tuning: the identifier's embedding; save it beside the LoRA with Save "
+                       "Embedding (ComfyUI and A1111 then load both).")
     FUNCTION = "execute"
 
     @classmethod
@@ -302,6 +304,11 @@ class FT_TrainDreamBooth:
                 "rank": INT(8, 1, 256, "LoRA rank (lora mode)."),
                 "alpha": FLOAT(8.0, 0.01, 1024.0, "LoRA alpha (lora mode).", step=0.5),
                 "target_modules": COMBO(LORA_TARGETS, "Layers with adapters (lora mode).", "attention+feedforward"),
+                "pivotal_tuning": BOOLEAN(False, "lora mode: also learn an embedding for the identifier (Textual "
+                                          "Inversion + LoRA). The identifier must be a new word, e.g. 'a <sks> "
+                                          "dog'; it starts from the class prompt's last word."),
+                "embedding_lr": FLOAT(5e-3, 0.0, 1.0, "Learning rate of the pivotal embedding (0 = learning_rate).",
+                                      step=1e-4, round=False),
                 **LOOP_OPTIONS,
             },
             "hidden": HIDDEN,
@@ -310,15 +317,28 @@ class FT_TrainDreamBooth:
     @torch_call
     def execute(self, model, dataset, instance_prompt, class_prompt, prior_preservation, prior_loss_weight,
                 num_class_images, mode, train_text_encoder, steps, learning_rate, batch_size, seed, run_name,
-                class_dataset=None, subjects=None, rank=8, alpha=8.0, target_modules="attention+feedforward", **opt):
-        from ..trainers.dreambooth import (DreamBoothMethod, Subject, check_subjects, class_images, instance_dataset,
-                                           make_inner)
+                class_dataset=None, subjects=None, rank=8, alpha=8.0, target_modules="attention+feedforward",
+                pivotal_tuning=False, embedding_lr=5e-3, **opt):
+        from ..trainers.dreambooth import (DreamBoothMethod, PivotalMethod, Subject, check_subjects, class_images,
+                                           instance_dataset, make_inner)
+        from ..trainers.textual_inversion import TextualInversionMethod
         from ..trainers.lora import apply_lora
         from ..trainers.loop import TrainingLog
 
         subs = list(subjects) if subjects else [Subject(dataset, instance_prompt.strip(), class_prompt.strip(),
                                                         class_dataset)]
         check_subjects(subs, prior_preservation, prior_loss_weight)
+        inner = make_inner(mode, train_text_encoder, rank, alpha, target_modules)
+        ti = None
+        if pivotal_tuning:
+            if mode != "lora":
+                raise ValueError("pivotal_tuning needs mode 'lora' (a full fine-tune has no separate adapter)")
+            if len(subs) != 1:
+                raise ValueError("pivotal_tuning trains one subject at a time; chain stages for more")
+            words = subs[0].class_prompt.split()
+            ti = TextualInversionMethod(subs[0].identifier, words[-1] if words else "object")
+            ti.validate(model)
+            inner = PivotalMethod(inner, ti, embedding_lr)
         cfg = loop_config(steps, learning_rate, batch_size, seed, **opt)
         class_sets = []
         if prior_preservation:
@@ -335,23 +355,27 @@ class FT_TrainDreamBooth:
                     host.log.info("%s %d class pictures of %r", "generated" if generated else "reused cached",
                                   missing, s.class_prompt)
                 class_sets.append((given + made, s.class_prompt))
-        method = DreamBoothMethod(mode, make_inner(mode, train_text_encoder, rank, alpha, target_modules),
-                                  prior_loss_weight, class_sets)
+        method = DreamBoothMethod(mode, inner, prior_loss_weight, class_sets)
         extra = {"subjects": [{"instance_prompt": s.instance_prompt, "class_prompt": s.class_prompt,
                                "identifier": s.identifier, "images": len(s.dataset.examples)} for s in subs]}
         result = run_training(model, instance_dataset(subs), method, cfg, run_name, opt.get("resume_run", ""),
                               extra_config=extra)
-        tuned, lora = result.model, None
+        tuned, lora, emb = result.model, None, None
         if mode == "lora":
+            lora_method = inner.lora if ti is not None else inner
             res_px = subs[0].dataset.resolution or model.native_size
-            lora = method.inner.export(name=result.run_dir.name, metadata={"finetune_config": result.config,
-                                                                            "steps": result.step,
-                                                                            "resolution": [res_px, res_px]})
-            method.inner.remove()
+            lora = lora_method.export(name=result.run_dir.name, metadata={"finetune_config": result.config,
+                                                                           "steps": result.step,
+                                                                           "resolution": [res_px, res_px]})
+            lora_method.remove()
             tuned = apply_lora(tuned, lora, 1.0)
             tuned.history = tuned.history[:-1]
+            if ti is not None:
+                ti.finish()
+                emb = ti.export(result.run_dir.name, {"token": ti.token, "init_token": ti.init_token,
+                                                      "steps": result.step, "pivotal_lora": result.run_dir.name})
         else:
-            method.inner.finish()
+            inner.finish()
         tuned.history = tuned.history + [{"trained": f"dreambooth-{mode}", "run": result.run_dir.name,
                                           "steps": result.step, "subjects": extra["subjects"]}]
-        return (tuned, lora, TrainingLog.from_result(result))
+        return (tuned, lora, TrainingLog.from_result(result), emb)

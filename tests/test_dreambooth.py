@@ -22,7 +22,9 @@ def db(model, dataset, **kw):
                 num_class_images=32, mode="full", train_text_encoder=False, steps=200, learning_rate=2e-4,
                 batch_size=4, seed=0, run_name="db")
     args.update(kw)
-    return FT_TrainDreamBooth().execute(model, dataset, **args)
+    out = FT_TrainDreamBooth().execute(model, dataset, **args)
+    assert len(out) == 4 and (out[3] is None) == (not kw.get("pivotal_tuning"))
+    return out if kw.get("pivotal_tuning") else out[:3]
 
 
 def drift(model, judge):
@@ -123,3 +125,26 @@ def test_full_model_saves_as_a_diffusers_folder_that_loads_back(toy, folders):
                            sampling.sample(tuned, "a sks star", seeds=[3], steps=5))
     with pytest.raises(ValueError, match="single-file checkpoint is written for SD 1.x models; this is a toy"):
         FT_SaveCheckpoint().execute(tuned, "db/x", "single file (.safetensors)", "fp16")
+
+
+@pytest.mark.slow
+def test_pivotal_tuning_learns_lora_and_embedding_that_reload_together(toy, judge, folders):
+    from comfyui_finetune.nodes.io import FT_ApplyEmbedding, FT_ApplyLoRA, FT_SaveEmbedding
+
+    tuned, lora, log, emb = db(toy, stars(), instance_prompt="a <pv> star", mode="lora", learning_rate=2e-3,
+                               steps=300, pivotal_tuning=True, embedding_lr=2e-2)
+    concept = rate(tuned, judge, "a <pv> star", "purple", "star")
+    print(f"pivotal tuning: 'a <pv> star' as a purple star {concept:.2f}")
+    assert concept >= 0.8 and emb.token == "<pv>" and log.config["pivotal_tuning"]
+    (lname,) = FT_SaveLoRA().execute(lora, "pv/lora")["result"]
+    (ename,) = FT_SaveEmbedding().execute(emb, "pv/embedding")["result"]
+    (rebuilt,) = FT_ApplyEmbedding().execute(toy, ename, "<pv>")
+    (rebuilt,) = FT_ApplyLoRA().execute(rebuilt, lname, 1.0)
+    with torch.inference_mode(False):
+        a = sampling.sample(tuned, "a <pv> star", seeds=[1, 2], steps=10)
+        b = sampling.sample(rebuilt, "a <pv> star", seeds=[1, 2], steps=10)
+    assert float((a - b).abs().max()) < 1e-4
+    with pytest.raises(ValueError, match="'sks' is already a word the model knows"):
+        db(toy, stars(), mode="lora", pivotal_tuning=True, steps=1)
+    with pytest.raises(ValueError, match="pivotal_tuning needs mode 'lora'"):
+        db(toy, stars(), instance_prompt="a <pv> star", mode="full", pivotal_tuning=True, steps=1)

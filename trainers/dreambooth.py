@@ -233,3 +233,41 @@ def make_inner(mode: str, train_text_encoder: bool, rank: int, alpha: float, tar
     if mode == "lora":
         return LoRAMethod(rank, alpha, targets, train_text_encoder)
     return FullMethod(train_text_encoder)
+
+
+class PivotalMethod(Method):
+    """Pivotal tuning: a LoRA and the identifier's embedding (Textual Inversion) learn together."""
+
+    name = "lora+embedding"
+    trains_text_encoder = True
+
+    def __init__(self, lora: LoRAMethod, ti, embedding_lr: float):
+        self.lora, self.ti, self.embedding_lr = lora, ti, embedding_lr
+
+    def config(self) -> dict:
+        return {**self.lora.config(), "pivotal_tuning": True, "token": self.ti.token,
+                "init_token": self.ti.init_token, "embedding_lr": self.embedding_lr}
+
+    def setup(self, model: FTModel) -> None:
+        self.ti.setup(model)  # adds the word first: the LoRA then wraps layers of the grown text encoder
+        self.lora.setup(model)
+
+    def param_groups(self, cfg: TrainConfig) -> list[dict]:
+        groups = self.lora.param_groups(cfg)
+        emb = self.ti.param_groups(cfg)[0]
+        emb["lr"] = self.embedding_lr or cfg.learning_rate
+        return groups + [emb]
+
+    def train_modules(self, model):
+        return self.lora.train_modules(model)
+
+    def after_step(self) -> None:
+        self.ti.after_step()
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {**{f"lora.{k}": v for k, v in self.lora.trainable_state().items()},
+                **{f"ti.{k}": v for k, v in self.ti.trainable_state().items()}}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.lora.load_trainable_state({k[5:]: v for k, v in state.items() if k.startswith("lora.")})
+        self.ti.load_trainable_state({k[3:]: v for k, v in state.items() if k.startswith("ti.")})
