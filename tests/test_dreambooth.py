@@ -148,3 +148,22 @@ def test_pivotal_tuning_learns_lora_and_embedding_that_reload_together(toy, judg
         db(toy, stars(), mode="lora", pivotal_tuning=True, steps=1)
     with pytest.raises(ValueError, match="pivotal_tuning needs mode 'lora'"):
         db(toy, stars(), instance_prompt="a <pv> star", mode="full", pivotal_tuning=True, steps=1)
+
+
+def test_dreambooth_with_prior_preservation_resumes_bit_exact(toy, folders, monkeypatch):
+    from comfyui_finetune.nodes import host
+
+    kw = dict(prior_preservation=True, num_class_images=4, steps=4, batch_size=2, mode="lora", learning_rate=1e-3)
+    _, straight, _ = db(toy, stars(), run_name="db-straight", **kw)
+
+    def press_cancel_at_step_two(self, value, preview=None):
+        if value == 2:
+            host.request_interrupt()
+
+    monkeypatch.setattr(host.Progress, "update", press_cancel_at_step_two)
+    with pytest.raises(host.Interrupted, match="cancelled at step 2"):
+        db(toy, stars(), run_name="db-stopped", **kw)
+    monkeypatch.undo()
+    _, resumed, log = db(toy, stars(), resume_run="db-stopped", **kw)
+    assert log.resumed_from == 2
+    assert all(torch.equal(straight.state[k], resumed.state[k]) for k in straight.state)
