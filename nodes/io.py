@@ -12,17 +12,22 @@ def lora_choices() -> list[str]:
     return [NONE] + host.list_models("loras")
 
 
-def read_lora_file(name: str):
+def read_model_file(kind: str, name: str, what: str):
+    """(tensors, metadata, path) of a safetensors file from one of ComfyUI's model folders; other formats are
+    refused because they can run code when opened."""
     from safetensors import safe_open
 
+    path = host.model_path(kind, name)
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"{what} {name!r}: only .safetensors files are loaded ({path.suffix} files can run code)")
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}, path
+
+
+def read_lora_file(name: str):
     from ..trainers.lora import lora_from_state
 
-    path = host.model_path("loras", name)
-    if path.suffix.lower() != ".safetensors":
-        raise ValueError(f"lora_name {name!r}: only .safetensors LoRAs are loaded (other formats can run code)")
-    with safe_open(str(path), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-        meta = f.metadata() or {}
+    state, meta, path = read_model_file("loras", name, "lora_name")
     return lora_from_state(state, path.stem, meta)
 
 
@@ -45,7 +50,7 @@ class FT_SaveLoRA:
         }}
 
     def execute(self, lora, filename):
-        from ..trainers.export import lora_metadata, unique_path, write_safetensors
+        from ..trainers.export import lora_metadata, save_unique
 
         if lora is None:
             raise ValueError("lora: there is no LoRA to save: the DreamBooth run was in full mode, whose weights are "
@@ -56,13 +61,7 @@ class FT_SaveLoRA:
         if not dirs:
             raise FileNotFoundError("ComfyUI has no 'loras' model folder configured")
         root = dirs[0]
-        for _ in range(5):  # another writer may take the name between the check and the rename
-            path = unique_path(root / rel.parent, rel.name, ".safetensors")
-            try:
-                write_safetensors(path, lora.state, lora_metadata(lora))
-                break
-            except FileExistsError:
-                continue
+        path = save_unique(root / rel.parent, rel.name, lora.state, lora_metadata(lora))
         name = path.relative_to(root).as_posix()
         host.log.info("saved LoRA %s (%d tensors)", name, len(lora.state))
         return {"ui": {"text": [f"saved loras/{name}"]}, "result": (name,)}
@@ -107,16 +106,9 @@ def embedding_choices() -> list[str]:
 
 
 def read_embedding_file(name: str):
-    from safetensors import safe_open
-
     from ..trainers.textual_inversion import embedding_from_state
 
-    path = host.model_path("embeddings", name)
-    if path.suffix.lower() != ".safetensors":
-        raise ValueError(f"embedding_name {name!r}: only .safetensors embeddings are loaded (.pt/.bin can run code)")
-    with safe_open(str(path), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-        meta = f.metadata() or {}
+    state, meta, path = read_model_file("embeddings", name, "embedding_name")
     return embedding_from_state(state, path.stem, meta)
 
 
@@ -141,20 +133,14 @@ class FT_SaveEmbedding:
     def execute(self, embedding, filename):
         import json
 
-        from ..trainers.export import unique_path, write_safetensors
+        from ..trainers.export import save_unique
 
         rel = host.safe_relative(filename.strip().removesuffix(".safetensors"), "filename")
         root = host.model_dirs("embeddings")[0]
         meta = {"token": embedding.token, "num_vectors": str(embedding.vectors.shape[0]),
                 **{k: (v if isinstance(v, str) else json.dumps(v, default=str))
                    for k, v in embedding.metadata.items()}}
-        for _ in range(5):
-            path = unique_path(root / rel.parent, rel.name, ".safetensors")
-            try:
-                write_safetensors(path, {"emb_params": embedding.vectors}, meta)
-                break
-            except FileExistsError:
-                continue
+        path = save_unique(root / rel.parent, rel.name, {"emb_params": embedding.vectors}, meta)
         name = path.relative_to(root).as_posix()
         return {"ui": {"text": [f"saved embeddings/{name}: write embedding:{name.removesuffix('.safetensors')} "
                                 "in a ComfyUI prompt"]}, "result": (name,)}
@@ -228,7 +214,7 @@ class FT_SaveCheckpoint:
         import torch
 
         from ..trainers.checkpoint import save_diffusers, to_single_file
-        from ..trainers.export import unique_path, write_safetensors
+        from ..trainers.export import save_unique, unique_path
 
         dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
         rel = host.safe_relative(filename.strip().removesuffix(".safetensors"), "filename")
@@ -236,13 +222,7 @@ class FT_SaveCheckpoint:
             tensors = to_single_file(model, dt)
             root = host.model_dirs("checkpoints")[0]
             meta = {"modelspec.architecture": "stable-diffusion-v1", "finetune_history": json.dumps(model.history)}
-            for _ in range(5):
-                path = unique_path(root / rel.parent, rel.name, ".safetensors")
-                try:
-                    write_safetensors(path, tensors, meta)
-                    break
-                except FileExistsError:
-                    continue
+            path = save_unique(root / rel.parent, rel.name, tensors, meta)
         else:
             root = host.model_dirs("diffusers")[0]
             (root / rel.parent).mkdir(parents=True, exist_ok=True)

@@ -85,14 +85,22 @@ def test_class_pictures_are_generated_once_then_reused(toy, folders, monkeypatch
     assert len(list(cache.glob("*/manifest.json"))) == 2
 
 
-def test_two_stages_chain_models(toy, judge, folders):
-    stage1, _, _ = db(toy, stars(), mode="lora", learning_rate=1e-3, steps=3, batch_size=2)
+def test_two_stages_chain_models_merged_or_stacked(toy, judge, folders):
+    """Stage two trains on stage one's model (merged). Kept as two adapters instead, the two LoRAs stacked on the
+    base model with Apply LoRA give the same model."""
+    from comfyui_finetune.nodes.io import FT_ApplyLoRA
+
+    stage1, lora1, _ = db(toy, stars(), mode="lora", learning_rate=1e-3, steps=3, batch_size=2)
     tri = FT_ToyDataset().execute("yellow", "triangle", 4, "unused", 0, "narrow")[0]
-    stage2, _, log = db(stage1, tri, instance_prompt="a zwx triangle", class_prompt="a triangle", mode="lora",
-                        learning_rate=1e-3, steps=3, batch_size=2)
+    stage2, lora2, log = db(stage1, tri, instance_prompt="a zwx triangle", class_prompt="a triangle", mode="lora",
+                            learning_rate=1e-3, steps=3, batch_size=2)
     chain = [h.get("trained") for h in log.config["model"]["history"]]
     assert chain == ["dreambooth-lora"], log.config["model"]["history"]
     assert [h.get("trained") for h in stage2.history] == ["dreambooth-lora", "dreambooth-lora"]
+    (stacked,) = FT_ApplyLoRA().execute(toy, "none", 1.0, lora=lora1)
+    (stacked,) = FT_ApplyLoRA().execute(stacked, "none", 1.0, lora=lora2)
+    for a, b in zip(stacked.unet.parameters(), stage2.unet.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_bad_dreambooth_input(toy, folders):

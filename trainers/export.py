@@ -46,6 +46,17 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     return path
 
 
+def save_unique(folder: Path, stem: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write ``folder/stem.safetensors`` (or ``stem_00001`` ...): never over an existing file, even when another
+    writer takes the name between the check and the rename."""
+    for _ in range(100):
+        try:
+            return write_safetensors(unique_path(folder, stem, ".safetensors"), tensors, metadata)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not find a free name for {stem} in {folder}")
+
+
 def lora_metadata(lora, dtype: str = "float32") -> dict[str, str]:
     """kohya's ``ss_*`` keys (what LoRA managers show) plus the pack's full training config as JSON."""
     cfg = lora.metadata.get("finetune_config", {}) or {}
