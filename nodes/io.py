@@ -188,7 +188,7 @@ SAVE_DTYPES = ["fp16", "bf16", "fp32"]
 class FT_SaveCheckpoint:
     DESCRIPTION = ("Save a whole model (e.g. from DreamBooth's full mode): as one original-layout .safetensors file in "
                    "models/checkpoints, which ComfyUI's Load Checkpoint, A1111 and diffusers' from_single_file read "
-                   "(SD 1.x models), or as a diffusers folder in models/diffusers (any family, the toy too). Never "
+                   "(SD 1.x and 2.x models), or as a diffusers folder in models/diffusers (any family, the toy too). Never "
                    "overwrites.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("STRING",)
@@ -203,7 +203,7 @@ class FT_SaveCheckpoint:
             "model": LINK("FT_MODEL", "The model to save."),
             "filename": STRING("finetune/my_model", "Subfolder and name inside models/checkpoints (or "
                                "models/diffusers for a folder)."),
-            "format": COMBO(SAVE_FORMATS, "One .safetensors file (SD 1.x), or a diffusers folder (any model)."),
+            "format": COMBO(SAVE_FORMATS, "One .safetensors file (SD 1.x/2.x), or a diffusers folder (any model)."),
             "dtype": COMBO(SAVE_DTYPES, "Precision of the saved weights (fp16 halves the size)."),
         }}
 
@@ -221,7 +221,8 @@ class FT_SaveCheckpoint:
         if format == SAVE_FORMATS[0]:
             tensors = to_single_file(model, dt)
             root = host.model_dirs("checkpoints")[0]
-            meta = {"modelspec.architecture": "stable-diffusion-v1", "finetune_history": json.dumps(model.history)}
+            arch = "stable-diffusion-v2" if model.family == "sd2" else "stable-diffusion-v1"
+            meta = {"modelspec.architecture": arch, "finetune_history": json.dumps(model.history)}
             path = save_unique(root / rel.parent, rel.name, tensors, meta)
         else:
             root = host.model_dirs("diffusers")[0]

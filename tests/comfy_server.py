@@ -79,7 +79,8 @@ class ComfyServer:
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
-                return json.loads(r.read())
+                body = r.read()
+                return json.loads(body) if body.strip() else {}
         except urllib.error.HTTPError as e:
             raise AssertionError(f"POST {path} -> {e.code}: {e.read().decode(errors='replace')}") from None
 

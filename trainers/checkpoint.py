@@ -1,5 +1,5 @@
 """Full models as files: a diffusers folder, or the original single-file layout ComfyUI's CheckpointLoaderSimple,
-A1111 and diffusers' ``from_single_file`` read (SD 1.x).
+A1111 and diffusers' ``from_single_file`` read (SD 1.x and 2.x).
 
 The single-file key names are the original (LDM) ones; the mapping from diffusers' module names is a published
 fact of the two layouts (UNet ``input_blocks``/``middle_block``/``output_blocks``, VAE ``encoder.down.N.block``,
@@ -84,11 +84,40 @@ def vae_key(k: str, num_up: int) -> str:
     raise KeyError(f"no original-layout name for VAE weight {k}")
 
 
+OPEN_CLIP = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+             "self_attn.out_proj": "attn.out_proj"}
+
+
+def open_clip_text_encoder(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SD 2.x: a transformers CLIPTextModel state dict in OpenCLIP's layout (``cond_stage_model.model.*``,
+    q/k/v fused into ``in_proj``). diffusers keeps 23 of OpenCLIP-H's 24 layers (SD 2.x reads the penultimate
+    one), so the 24th layer and the projection are absent, as in every diffusers-to-original conversion."""
+    sd = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()
+          if not k.endswith("position_ids")}
+    out = {"token_embedding.weight": sd.pop("text_model.embeddings.token_embedding.weight"),
+           "positional_embedding": sd.pop("text_model.embeddings.position_embedding.weight")}
+    for k in [k for k in sd if k.startswith("text_model.final_layer_norm.")]:
+        out["ln_final." + k.rsplit(".", 1)[1]] = sd.pop(k)
+    layers = sorted({int(k.split(".")[3]) for k in sd if k.startswith("text_model.encoder.layers.")})
+    for i in layers:
+        pre = f"text_model.encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(
+                [sd.pop(f"{pre}self_attn.{x}_proj.{kind}") for x in "qkv"])
+        for k in [k for k in sd if k.startswith(pre)]:
+            rest = k[len(pre):]
+            name = next(b + rest[len(a):] for a, b in OPEN_CLIP.items() if rest.startswith(a + "."))
+            out[f"transformer.resblocks.{i}.{name}"] = sd.pop(k)
+    if sd:
+        raise KeyError(f"text-encoder weights without an OpenCLIP name: {sorted(sd)[:3]}")
+    return {"cond_stage_model.model." + k: v for k, v in out.items()}
+
+
 def to_single_file(model: FTModel, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """The model's weights under original SD 1.x single-file names."""
-    if model.family != "sd15":
-        raise ValueError(f"a single-file checkpoint is written for SD 1.x models; this is a {model.family} model: "
-                         "save it as a diffusers folder")
+    """The model's weights under original SD 1.x / 2.x single-file names."""
+    if model.family not in ("sd15", "sd2"):
+        raise ValueError(f"a single-file checkpoint is written for SD 1.x and 2.x models; this is a {model.family} "
+                         "model: save it as a diffusers folder")
     cfg = model.unet.config
     up_attn = ["CrossAttn" in t for t in cfg.up_block_types]
     out: dict[str, torch.Tensor] = {}
@@ -100,10 +129,13 @@ def to_single_file(model: FTModel, dtype: torch.dtype = torch.float16) -> dict[s
         if ".mid.attn_1." in nk and nk.endswith(".weight") and v.ndim == 2:
             v = v[:, :, None, None]  # the original attention uses 1x1 convolutions
         out["first_stage_model." + nk] = v
-    for k, v in model.text_encoder.state_dict().items():
-        if k.endswith("position_ids"):
-            continue
-        out["cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k)] = v
+    te = model.text_encoder.state_dict()
+    if model.family == "sd2":
+        out.update(open_clip_text_encoder(te))
+    else:
+        for k, v in te.items():
+            if not k.endswith("position_ids"):
+                out["cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k)] = v
     return {k: v.detach().to(dtype).contiguous().cpu() for k, v in out.items()}
 
 
