@@ -94,3 +94,12 @@ def test_world_names_match_the_world():
     from comfyui_finetune.trainers.toy import world_names
 
     assert world_names.COLORS == world.COLORS and world_names.SHAPES == world.SHAPES
+
+
+def test_shipped_configs_hold_no_machine_paths():
+    import json
+
+    for f in WEIGHTS.rglob("*.json"):
+        text = f.read_text()
+        assert "_name_or_path" not in json.loads(text) if text.strip().startswith("{") else True, f
+        assert "/tmp/" not in text and "/home/" not in text and "/root/" not in text, f

@@ -258,6 +258,10 @@ def train_unet(cfg: BuildConfig, out: Path, pics: list[world.Picture]) -> dict:
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(out / "pipeline"), safe_serialization=True)
     legacy_text_encoder_keys(out / "pipeline" / "text_encoder")  # the key layout every other tool reads
+    for cfg_file in (out / "pipeline").glob("*/config.json"):  # no build-machine paths in shipped files
+        cfg_json = json.loads(cfg_file.read_text())
+        if cfg_json.pop("_name_or_path", None) is not None:
+            cfg_file.write_text(json.dumps(cfg_json, indent=2, sort_keys=True) + "\n")
     return {"seconds": round(time.time() - t0, 1), "steps": cfg.unet_steps,
             "ms_per_step": round(1000 * (time.time() - t1) / cfg.unet_steps, 1), "final_loss_ema": round(ema_loss, 4)}
 
