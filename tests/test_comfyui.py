@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -135,8 +134,6 @@ def test_trained_lora_loads_in_comfyui_loraloader_with_every_key(server, random_
 def test_single_file_checkpoint_written_by_comfyui_loads_in_the_pack(server, random_sd15, tmp_path):
     """ComfyUI's CheckpointSave writes the original single-file layout; FT_LoadBaseModel reads it offline
     with the shipped SD1.5 config (and ComfyUI's tokenizer), giving back the same weights."""
-    import torch
-
     from comfyui_finetune.nodes import host
     from comfyui_finetune.nodes.models import FT_LoadBaseModel
 

@@ -10,7 +10,7 @@ from comfyui_finetune.nodes.io import FT_ApplyEmbedding, FT_SaveEmbedding
 from comfyui_finetune.nodes.train import FT_TrainTextualInversion
 from comfyui_finetune.trainers.sampling import sample
 
-from test_lora import SEEDS, rate
+from test_lora import rate
 
 
 def yellow_triangles(n=8, caption="a <yt>"):
