@@ -4,6 +4,7 @@ Only the standard library is imported here: torch, diffusers and the trainers lo
 """
 from __future__ import annotations
 
+from .controlnet import FT_CannyEdges, FT_Grayscale, FT_Scribble, FT_SoftEdges, FT_TileBlur
 from .datasets import FT_Augment, FT_DatasetFromImages, FT_DatasetPreview, FT_LoadImageDataset, FT_ToyDataset
 from .evaluate import (FT_CLIPImageSimilarity, FT_CLIPScore, FT_CompareGrid, FT_EvalReport, FT_KID, FT_LoadCLIPScorer,
                        FT_LossPlot)
@@ -32,6 +33,11 @@ NODES = [
     (FT_SaveCheckpoint, "Save Checkpoint (finetune)"),
     (FT_ApplyEmbedding, "Apply Embedding (finetune)"),
     (FT_LossPlot, "Loss Plot (finetune)"),
+    (FT_CannyEdges, "Canny Edges (finetune)"),
+    (FT_SoftEdges, "Soft Edges (finetune)"),
+    (FT_Scribble, "Scribble (finetune)"),
+    (FT_TileBlur, "Tile Blur (finetune)"),
+    (FT_Grayscale, "Grayscale (finetune)"),
     (FT_LoadCLIPScorer, "Load CLIP Scorer (finetune)"),
     (FT_CLIPScore, "CLIP Score / CLIP-T (finetune)"),
     (FT_CLIPImageSimilarity, "CLIP Image Similarity / CLIP-I (finetune)"),
