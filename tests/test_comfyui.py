@@ -22,7 +22,9 @@ def test_pack_loads_and_lists_its_nodes(server):
     assert "IMPORT FAILED" not in log, log[-3000:]
     info = server.get("/object_info")
     ours = {k: v for k, v in info.items() if k.startswith("FT_")}
-    assert {"FT_LoadBaseModel", "FT_Sample"} <= set(ours)
+    from comfyui_finetune import NODE_CLASS_MAPPINGS
+
+    assert set(ours) == set(NODE_CLASS_MAPPINGS), set(NODE_CLASS_MAPPINGS) ^ set(ours)
     for name, node in ours.items():
         assert node["category"].startswith("finetune/"), name
         assert node["python_module"].startswith("custom_nodes."), name
@@ -350,3 +352,19 @@ def test_sd2_single_file_checkpoint_loads_in_comfyui_and_back(server, tmp_path):
         assert len(shared) >= 0.95 * len(ref), f"{part}: {len(shared)} of {len(ref)} weights matched by name"
         worst = max(float((a[k] - ref[k]).abs().max()) for k in shared)
         assert worst < 1e-3, f"{part} differs by {worst}"
+
+
+def test_preprocessors_run_in_comfyui(server):
+    """The kornia preprocessors run inside ComfyUI and their IMAGE output feeds its native nodes."""
+    toy = {"class_type": "FT_ToyDataset", "inputs": {"color": "blue", "shape": "square", "count": 2,
+                                                     "caption": "x", "seed": 0, "geometry": "broad"}}
+    prompt = {"1": toy,
+              "2": {"class_type": "FT_CannyEdges", "inputs": {"image": ["1", 1], "low_threshold": 0.4,
+                                                              "high_threshold": 0.8}},
+              "3": {"class_type": "FT_Scribble", "inputs": {"image": ["1", 1], "threshold": 0.3, "thickness": 3}},
+              "4": {"class_type": "ImageInvert", "inputs": {"image": ["2", 0]}},
+              "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}},
+              "6": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}}
+    entry = server.run_prompt(prompt)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
+    assert len(entry["outputs"]["5"]["images"]) == 2 and len(entry["outputs"]["6"]["images"]) == 2
