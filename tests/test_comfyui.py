@@ -36,6 +36,20 @@ def test_templates_are_listed(server):
     assert "toy_text_to_image" in templates.get("comfyui-finetune", []), templates
 
 
+def load_checkpoint_and_sample(ckpt_name: str) -> dict:
+    """API graph: CheckpointLoaderSimple -> one 64x64 KSampler step -> VAEDecode -> PreviewImage."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["3", 0], "negative": ["3", 0],
+                                                   "latent_image": ["5", 0], "seed": 0, "steps": 1, "cfg": 1.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}},
+    }
+
+
 API_EXAMPLES = sorted((PACK / "example_workflows" / "api").glob("*.json"))
 
 
@@ -272,16 +286,7 @@ def test_full_checkpoint_saved_by_the_pack_loads_in_checkpointloadersimple(serve
         assert ours - theirs == set(), sorted(ours - theirs)[:5]
         assert theirs - ours <= {"cond_stage_model.transformer.text_model.embeddings.position_ids"}, \
             sorted(theirs - ours)[:5]
-    prompt = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo"}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "6": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["3", 0], "negative": ["3", 0],
-                                                   "latent_image": ["5", 0], "seed": 0, "steps": 1, "cfg": 1.0,
-                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
-        "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}},
-    }
+    prompt = load_checkpoint_and_sample(name)
     entry = server.run_prompt(prompt, timeout=900)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
     back = loading.load_single_file(path, comfyui_path() / "comfy" / "sd1_tokenizer", "cpu", "fp32")
@@ -331,16 +336,7 @@ def test_sd2_single_file_checkpoint_loads_in_comfyui_and_back(server, tmp_path):
                  for part in ("unet", "vae", "text_encoder")}
     del model, unet, vae, te
     gc.collect()
-    prompt = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo"}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "6": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["3", 0], "negative": ["3", 0],
-                                                   "latent_image": ["5", 0], "seed": 0, "steps": 1, "cfg": 1.0,
-                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
-        "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}},
-    }
+    prompt = load_checkpoint_and_sample(name)
     entry = server.run_prompt(prompt, timeout=900)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
     server.post("/free", {"unload_models": True, "free_memory": True})
