@@ -4,14 +4,16 @@ Only the standard library is imported here: torch, diffusers and the trainers lo
 """
 from __future__ import annotations
 
-from .controlnet import FT_CannyEdges, FT_Grayscale, FT_Scribble, FT_SoftEdges, FT_TileBlur
+from .controlnet import (FT_ApplyControlNet, FT_CannyEdges, FT_Grayscale, FT_LoadControlNet, FT_SaveControlNet,
+                         FT_Scribble, FT_SoftEdges, FT_TileBlur)
 from .datasets import FT_Augment, FT_DatasetFromImages, FT_DatasetPreview, FT_LoadImageDataset, FT_ToyDataset
 from .evaluate import (FT_CLIPImageSimilarity, FT_CLIPScore, FT_CompareGrid, FT_EvalReport, FT_KID, FT_LoadCLIPScorer,
                        FT_LossPlot)
 from .io import FT_ApplyEmbedding, FT_ApplyLoRA, FT_SaveCheckpoint, FT_SaveEmbedding, FT_SaveLoRA
 from .models import FT_LoadBaseModel
 from .sample import FT_Sample
-from .train import FT_DreamBoothSubject, FT_TrainDreamBooth, FT_TrainLoRA, FT_TrainTextualInversion
+from .train import (FT_DreamBoothSubject, FT_TrainControlNet, FT_TrainDreamBooth, FT_TrainLoRA,
+                    FT_TrainTextualInversion)
 
 #: (class, display name). Node ids are the class names; never rename one (shared workflows would break):
 #: add an alias entry instead.
@@ -38,6 +40,10 @@ NODES = [
     (FT_Scribble, "Scribble (finetune)"),
     (FT_TileBlur, "Tile Blur (finetune)"),
     (FT_Grayscale, "Grayscale (finetune)"),
+    (FT_LoadControlNet, "Load ControlNet (finetune)"),
+    (FT_ApplyControlNet, "Apply ControlNet (finetune)"),
+    (FT_TrainControlNet, "Train ControlNet (finetune)"),
+    (FT_SaveControlNet, "Save ControlNet (finetune)"),
     (FT_LoadCLIPScorer, "Load CLIP Scorer (finetune)"),
     (FT_CLIPScore, "CLIP Score / CLIP-T (finetune)"),
     (FT_CLIPImageSimilarity, "CLIP Image Similarity / CLIP-I (finetune)"),

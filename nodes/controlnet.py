@@ -1,4 +1,5 @@
-"""finetune/controlnet: condition images made offline with kornia (no annotator model is downloaded).
+"""finetune/controlnet: condition images made offline with kornia (no annotator model is downloaded), and
+loading, applying and saving ControlNets (training is in train.py with the other trainers).
 
 One small base class builds the family; each preprocessor is a few lines naming its inputs and the published
 SD 1.5 ControlNet it matches. The outputs are ordinary IMAGE tensors, so they also feed ComfyUI's own
@@ -6,7 +7,8 @@ ControlNetApplyAdvanced and PreviewImage.
 """
 from __future__ import annotations
 
-from .base import FLOAT, INT, LINK, ROOT_CATEGORY, torch_call
+from . import host
+from .base import COMBO, FLOAT, HIDDEN, INT, LINK, ROOT_CATEGORY, STRING, torch_call
 
 CATEGORY = f"{ROOT_CATEGORY}/controlnet"
 
@@ -98,3 +100,125 @@ class FT_Grayscale(_Preprocessor):
         from ..trainers.preprocess import grayscale
 
         return grayscale(image)
+
+
+# --------------------------------------------------------------------------------------- load / apply / save --
+TOY = "toy canny (built-in)"
+
+
+def controlnet_choices() -> list[str]:
+    return [TOY] + host.list_models("controlnet")
+
+
+def load_controlnet(name: str):
+    if name in (TOY, "toy"):
+        from ..trainers.toy.loader import load_toy_controlnet
+
+        return load_toy_controlnet()
+    from ..trainers.controlnet import load_file
+    from ..trainers.toy.loader import WEIGHTS
+
+    toy_cfg = WEIGHTS / "controlnet" / "config.json"
+    import json
+
+    return load_file(host.model_path("controlnet", name),
+                     json.loads(toy_cfg.read_text()) if toy_cfg.is_file() else None)
+
+
+class FT_LoadControlNet:
+    DESCRIPTION = ("Load a ControlNet: the built-in toy one (follows Canny edge maps of toy pictures), or a "
+                   "file from models/controlnet: the original single-file layout (control_*.safetensors, as "
+                   "ComfyUI and A1111 use) or the diffusers layout (a diffusers folder's weights file). SD 1.x/2.x "
+                   "files are read with the configs shipped in the pack; nothing is downloaded.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("FT_CONTROLNET",)
+    RETURN_NAMES = ("control_net",)
+    OUTPUT_TOOLTIPS = ("The ControlNet, for Apply ControlNet (or to continue training it).",)
+    FUNCTION = "execute"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "control_net_name": COMBO(controlnet_choices(), "Which ControlNet: the built-in toy one, or a "
+                                      ".safetensors file from models/controlnet.", TOY),
+        }, "hidden": HIDDEN}
+
+    @torch_call
+    def execute(self, control_net_name):
+        return (load_controlnet(control_net_name),)
+
+
+class FT_ApplyControlNet:
+    DESCRIPTION = ("Steer generation with a ControlNet and a condition image (e.g. Canny edges): the result goes to "
+                   "Sample's control input. Chain several through 'previous' to combine ControlNets; each acts "
+                   "with its own strength over its own part of the sampling (start/end percent).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("FT_CONTROL",)
+    RETURN_NAMES = ("control",)
+    OUTPUT_TOOLTIPS = ("The control (with any previous ones), for Sample's control input.",)
+    FUNCTION = "execute"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "control_net": LINK("FT_CONTROLNET", "From Load ControlNet or Train ControlNet."),
+                "image": LINK("IMAGE", "The condition image (e.g. from Canny Edges); one picture, or one per "
+                              "generated image. It is resized to the generation size (Sample's resize_mode)."),
+                "strength": FLOAT(1.0, 0.0, 10.0, "How strongly the ControlNet steers (0 = not at all: exactly the "
+                                  "image without it).", step=0.01),
+                "start_percent": FLOAT(0.0, 0.0, 1.0, "Where in the sampling it starts acting (0 = first step).",
+                                       step=0.001),
+                "end_percent": FLOAT(1.0, 0.0, 1.0, "Where it stops acting (1 = last step). Ending early keeps the "
+                                     "layout and frees the details.", step=0.001),
+            },
+            "optional": {"previous": LINK("FT_CONTROL", "Controls applied before this one (chain to combine "
+                                          "several ControlNets).")},
+        }
+
+    def execute(self, control_net, image, strength, start_percent, end_percent, previous=None):
+        from ..trainers.controlnet import Control
+        from ..trainers.preprocess import check_image
+
+        check_image(image, "image")
+        return (tuple(previous or ()) + (Control(control_net, image.detach().cpu(), float(strength),
+                                                 float(start_percent), float(end_percent)),),)
+
+
+class FT_SaveControlNet:
+    DESCRIPTION = ("Save a ControlNet into ComfyUI's models/controlnet folder as safetensors: the original layout "
+                   "(control_model.*) that ComfyUI's ControlNetLoader, A1111 and diffusers' from_single_file read, or "
+                   "the diffusers layout. The config is stored in the file too. Never overwrites: a counter is added.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("control_net_name",)
+    OUTPUT_TOOLTIPS = ("The saved file's name inside the controlnet folder (as ControlNetLoader lists it).",)
+    FUNCTION = "execute"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "control_net": LINK("FT_CONTROLNET", "The ControlNet to save (from Train ControlNet)."),
+            "filename": STRING("finetune/my_controlnet", "Subfolder and name inside models/controlnet (no "
+                               "extension)."),
+            "layout": COMBO(["original", "diffusers"], "original: control_model.* keys (ComfyUI, A1111, "
+                            "diffusers from_single_file); diffusers: diffusers key names."),
+            "dtype": COMBO(["fp16", "fp32", "bf16"], "Precision of the saved weights (fp16 halves the size)."),
+        }}
+
+    def execute(self, control_net, filename, layout="original", dtype="fp16"):
+        from ..trainers.controlnet import save
+
+        rel = host.safe_relative(filename.strip().removesuffix(".safetensors"), "filename")
+        dirs = host.model_dirs("controlnet")
+        if not dirs:
+            raise FileNotFoundError("ComfyUI has no 'controlnet' model folder configured")
+        root = dirs[0]
+        meta = {"finetune_source": control_net.source}
+        if control_net.meta.get("finetune_config"):
+            meta["finetune_config"] = control_net.meta["finetune_config"]
+        path = save(control_net, root / rel.parent, rel.name, layout, dtype, meta)
+        name = path.relative_to(root).as_posix()
+        host.log.info("saved ControlNet %s (%s layout, %s)", name, layout, dtype)
+        return {"ui": {"text": [f"saved controlnet/{name}"]}, "result": (name,)}

@@ -5,9 +5,11 @@ from . import host
 from .base import COMBO, FLOAT, HIDDEN, INT, LINK, MAX_SEED, ROOT_CATEGORY, SEED, STRING, torch_call
 
 SAMPLER_NAMES = ["ddim", "euler", "euler_ancestral", "dpmpp_2m"]  # keys of trainers.sampling.SAMPLERS (tested)
+RESIZE_MODES = ["crop", "fit", "stretch"]  # == trainers.controlnet.RESIZE_MODES (tested)
 
 
-def sample_images(model, prompt, negative_prompt, seed, steps, cfg, sampler, width, height, batch_size):
+def sample_images(model, prompt, negative_prompt, seed, steps, cfg, sampler, width, height, batch_size, control=None,
+                  resize_mode="crop"):
     from ..trainers.sampling import Cancelled, sample
 
     if not str(prompt).strip():
@@ -17,7 +19,7 @@ def sample_images(model, prompt, negative_prompt, seed, steps, cfg, sampler, wid
         try:
             return sample(model, prompt, seeds=seeds, negative_prompt=negative_prompt, steps=steps, cfg=cfg,
                           sampler=sampler, width=width, height=height, on_step=lambda i, n: bar.update(i),
-                          should_stop=host.interrupted)
+                          should_stop=host.interrupted, controls=tuple(control or ()), resize_mode=resize_mode)
         except Cancelled:
             host.raise_if_interrupted()
             raise
@@ -25,8 +27,8 @@ def sample_images(model, prompt, negative_prompt, seed, steps, cfg, sampler, wid
 
 class FT_Sample:
     DESCRIPTION = ("Generate images from a prompt with an FT_MODEL (base or fine-tuned). Image i of a batch uses "
-                   "seed + i, so it matches a single image made with that seed. The output is a normal ComfyUI "
-                   "IMAGE: connect PreviewImage or SaveImage.")
+                   "seed + i, so it matches a single image made with that seed. Connect Apply ControlNet to control to "
+                   "steer the layout. The output is a normal ComfyUI IMAGE: connect PreviewImage or SaveImage.")
     CATEGORY = f"{ROOT_CATEGORY}/sample"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("images",)
@@ -51,9 +53,17 @@ class FT_Sample:
                 "height": INT(0, 0, 4096, "Image height in pixels; 0 = the model's native size.", step=4),
                 "batch_size": INT(1, 1, 256, "How many images to make."),
             },
+            "optional": {
+                "control": LINK("FT_CONTROL", "ControlNet guidance from Apply ControlNet (several when chained)."),
+                "resize_mode": COMBO(RESIZE_MODES, "How a control image of another size or shape is fitted to the "
+                                     "generation size: crop (cover, then centre-crop), fit (letterbox on black) "
+                                     "or stretch."),
+            },
             "hidden": HIDDEN,
         }
 
     @torch_call
-    def execute(self, model, prompt, negative_prompt, seed, steps, cfg, sampler, width, height, batch_size):
-        return (sample_images(model, prompt, negative_prompt, seed, steps, cfg, sampler, width, height, batch_size),)
+    def execute(self, model, prompt, negative_prompt, seed, steps, cfg, sampler, width, height, batch_size,
+                control=None, resize_mode="crop"):
+        return (sample_images(model, prompt, negative_prompt, seed, steps, cfg, sampler, width, height, batch_size,
+                              control, resize_mode),)

@@ -379,3 +379,78 @@ class FT_TrainDreamBooth:
         tuned.history = tuned.history + [{"trained": f"dreambooth-{mode}", "run": result.run_dir.name,
                                           "steps": result.step, "subjects": extra["subjects"]}]
         return (tuned, lora, TrainingLog.from_result(result), emb)
+
+
+PREPROCESSOR_NAMES = ["canny", "soft_edges", "scribble", "tile_blur", "grayscale"]  # == preprocess.PREPROCESSORS
+
+
+class FT_TrainControlNet:
+    DESCRIPTION = ("Train a ControlNet for a model: it starts as a copy of the model's UNet encoder with zero output "
+                   "convolutions (so it changes nothing at first) and learns to make the picture follow a condition. "
+                   "The condition of each training picture is made on the fly by the chosen preprocessor, or taken "
+                   "from a conditions dataset paired by file name. Only the ControlNet trains. Outputs the "
+                   "ControlNet (Apply ControlNet, Save ControlNet) and the training log; Cancel and resume_run work "
+                   "as for the other trainers.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("FT_CONTROLNET", "FT_TRAINING_LOG")
+    RETURN_NAMES = ("control_net", "log")
+    OUTPUT_TOOLTIPS = ("The trained ControlNet: connect Apply ControlNet or Save ControlNet.",
+                       "Loss per step, learning rate, timings and config: connect Loss Plot.")
+    FUNCTION = "execute"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": LINK("FT_MODEL", "The base model the ControlNet is for (it stays frozen)."),
+                "dataset": LINK("FT_DATASET", "Captioned training pictures; vary position and size, since the "
+                                "condition is what should carry the layout."),
+                "preprocessor": COMBO(PREPROCESSOR_NAMES, "Makes each training picture's condition on the fly "
+                                      "(ignored when a conditions dataset is connected)."),
+                "steps": INT(1000, 1, 1_000_000, "Optimizer steps in total."),
+                "learning_rate": FLOAT(1e-5, 1e-7, 1.0, "Peak learning rate (SD: 1e-5; the toy: 1e-3).", step=1e-6,
+                                       round=False),
+                "batch_size": INT(4, 1, 256, "Pictures per step."),
+                "seed": SEED("Seeds noise, timesteps, data order and caption dropout: same inputs, same result."),
+                "caption_dropout": FLOAT(0.5, 0.0, 0.99, "Share of steps whose caption is dropped, so the ControlNet "
+                                         "learns to follow the condition alone (the paper drops half).", step=0.05),
+                "run_name": STRING("controlnet", "Name of the run folder under output/finetune."),
+            },
+            "optional": {
+                "conditions": LINK("FT_DATASET", "Condition images paired with the training pictures by file name "
+                                   "(instead of the preprocessor)."),
+                "control_net": LINK("FT_CONTROLNET", "Continue training this ControlNet instead of starting from "
+                                    "the UNet."),
+                "low_threshold": FLOAT(0.4, 0.01, 0.99, "Canny: weak-edge threshold (toy pictures: 0.1)."),
+                "high_threshold": FLOAT(0.8, 0.01, 0.99, "Canny: strong-edge threshold (toy pictures: 0.2)."),
+                **LOOP_OPTIONS,
+            },
+            "hidden": HIDDEN,
+        }
+
+    @torch_call
+    def execute(self, model, dataset, preprocessor, steps, learning_rate, batch_size, seed, caption_dropout, run_name,
+                conditions=None, control_net=None, low_threshold=0.4, high_threshold=0.8, **opt):
+        from ..trainers.controlnet import ControlNetMethod
+        from ..trainers.data import pair_conditions
+        from ..trainers.loop import TrainingLog
+
+        cfg = loop_config(steps, learning_rate, batch_size, seed, **opt)
+        if conditions is not None:
+            dataset = pair_conditions(dataset, conditions)
+            method = ControlNetMethod(None, init=control_net, name=run_name.strip() or "controlnet")
+        else:
+            options = {"low_threshold": low_threshold, "high_threshold": high_threshold} if preprocessor == "canny" \
+                else {}
+            if preprocessor == "canny" and low_threshold > high_threshold:
+                raise ValueError(f"low_threshold {low_threshold} must not exceed high_threshold {high_threshold}")
+            method = ControlNetMethod(preprocessor, options, init=control_net, name=run_name.strip() or "controlnet")
+        dataset = dataset.with_options(caption_dropout=caption_dropout)
+        result = run_training(model, dataset, method, cfg, run_name, opt.get("resume_run", ""))
+        cn = method.result()
+        cn.name = result.run_dir.name
+        cn.source = f"trained: run {result.run_dir.name}, {result.step} steps"
+        import json
+
+        cn.meta = {"finetune_config": json.dumps(result.config, default=str)}
+        return (cn, TrainingLog.from_result(result))

@@ -364,3 +364,69 @@ def test_preprocessors_run_in_comfyui(server):
     entry = server.run_prompt(prompt)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
     assert len(entry["outputs"]["5"]["images"]) == 2 and len(entry["outputs"]["6"]["images"]) == 2
+
+
+def test_controlnet_trained_by_the_pack_runs_in_comfyui(server, random_sd15, tmp_path):
+    """A ControlNet trained a few steps on the SD 1.5 architecture and saved by the pack loads in ComfyUI's own
+    ControlNetLoader with every key, and drives ControlNetApplyAdvanced -> KSampler with the pack's Canny map."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from comfyui_finetune.nodes import host
+    from comfyui_finetune.nodes.controlnet import FT_SaveControlNet
+    from comfyui_finetune.nodes.datasets import FT_DatasetFromImages
+    from comfyui_finetune.nodes.train import FT_TrainControlNet
+
+    saved = dict(host._fallback)
+    host.set_folders(output=tmp_path, models=server.base / "models")
+    try:
+        ds = FT_DatasetFromImages().execute(torch.rand(2, 64, 64, 3), "a photo", resolution=64)[0]
+        cn, log = FT_TrainControlNet().execute(random_sd15, ds, "canny", 2, 1e-4, 1, 0, 0.5, "sd15-cn",
+                                               optimizer="sgd", gradient_checkpointing=True)
+        (name,) = FT_SaveControlNet().execute(cn, "ft_test/random_sd15_canny", "original", "fp16")["result"]
+    finally:
+        host._fallback.update(saved)
+    moved = float(cn.net.controlnet_mid_block.weight.abs().max())
+    assert log.steps == 2 and moved > 0, "the zero convolutions must have moved"
+    path = server.base / "models" / "controlnet" / name
+    # ComfyUI's loader logs missing keys as warnings and unexpected ones at debug level: catch both
+    check = ("import logging, sys; logging.basicConfig(level=logging.DEBUG, stream=sys.stdout); "
+             "import comfy.controlnet as c; m = c.load_controlnet(sys.argv[1]); "
+             "print('LOADED', type(m).__name__, sum(p.numel() for p in m.control_model.parameters()))")
+    import os
+
+    out = subprocess.run([os.environ.get("COMFYUI_PYTHON", sys.executable), "-c", check, str(path)], cwd=str(comfyui_path()), capture_output=True,
+                         text=True, timeout=600)
+    text = out.stdout + out.stderr
+    assert "LOADED ControlNet" in text, text[-3000:]
+    assert "missing controlnet keys" not in text and "unexpected controlnet keys" not in text, text[-3000:]
+    n_params = int(text.split("LOADED ControlNet")[1].split()[0])
+    assert n_params == sum(p.numel() for p in cn.net.parameters())
+    prompt = {
+        "1": {"class_type": "DiffusersLoader", "inputs": {"model_path": "random-sd15"}},
+        "2": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": name}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo"}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "5": {"class_type": "FT_ToyDataset", "inputs": {"color": "blue", "shape": "square", "count": 1,
+                                                        "caption": "x", "seed": 0, "geometry": "broad"}},
+        "6": {"class_type": "ImageScale", "inputs": {"image": ["5", 1], "upscale_method": "nearest-exact",
+                                                     "width": 64, "height": 64, "crop": "disabled"}},
+        "7": {"class_type": "FT_CannyEdges", "inputs": {"image": ["6", 0], "low_threshold": 0.1,
+                                                        "high_threshold": 0.2}},
+        "8": {"class_type": "ControlNetApplyAdvanced", "inputs": {
+            "positive": ["3", 0], "negative": ["4", 0], "control_net": ["2", 0], "image": ["7", 0],
+            "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
+        "9": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "10": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["8", 0], "negative": ["8", 1],
+                                                    "latent_image": ["9", 0], "seed": 0, "steps": 2, "cfg": 2.0,
+                                                    "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},
+        "12": {"class_type": "PreviewImage", "inputs": {"images": ["11", 0]}},
+    }
+    entry = server.run_prompt(prompt, timeout=900)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:] + server.log()[-3000:]
+    assert len(entry["outputs"]["12"]["images"]) == 1
+    print(f"ComfyUI ControlNetLoader loaded {name} ({n_params} parameters, no missing or unexpected key) and "
+          "sampled with it through ControlNetApplyAdvanced")

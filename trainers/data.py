@@ -43,6 +43,8 @@ class Example:
     image: np.ndarray  #: (H, W, 3) uint8 RGB
     caption: str
     name: str
+    #: a paired ControlNet condition (H', W', 3) uint8, resized and cropped with the picture
+    condition: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -84,6 +86,8 @@ class Dataset:
         h = hashlib.sha256()
         for e in self.examples:
             h.update(e.caption.encode()); h.update(str(e.image.shape).encode()); h.update(e.image.tobytes())
+            if e.condition is not None:
+                h.update(b"condition"); h.update(str(e.condition.shape).encode()); h.update(e.condition.tobytes())
         h.update(json.dumps(self.options(), sort_keys=True).encode())
         return h.hexdigest()[:16]
 
@@ -210,6 +214,28 @@ def from_images(images: np.ndarray, captions: list[str], name: str = "images") -
     return Dataset([Example(arr[i], captions[i].strip(), f"image {i}") for i in range(n)], name=name, source="graph")
 
 
+def pair_conditions(dataset: Dataset, conditions: Dataset) -> Dataset:
+    """Attach to each picture the condition image with the same file name (ignoring the extension and case).
+
+    A condition of another size is resized and cropped like its picture when batches are prepared.
+    """
+    def key(name: str) -> str:
+        return str(Path(name).with_suffix("")).lower()
+
+    by_name: dict[str, np.ndarray] = {}
+    for c in conditions.examples:
+        if key(c.name) in by_name:
+            raise ValueError(f"conditions: two images are named {Path(c.name).stem!r}; names must be unique to pair")
+        by_name[key(c.name)] = c.image
+    lonely = [e.name for e in dataset.examples if key(e.name) not in by_name]
+    if lonely:
+        raise ValueError(f"conditions: no condition image named like {len(lonely)} training picture(s) "
+                         f"({', '.join(lonely[:3])}{'…' if len(lonely) > 3 else ''}); each picture needs a condition "
+                         "with the same file name (any image extension) in the conditions folder")
+    examples = [replace(e, condition=by_name[key(e.name)]) for e in dataset.examples]
+    return replace(dataset, examples=examples, source=f"{dataset.source} + conditions {conditions.name}")
+
+
 # ------------------------------------------------------------------------------------------ buckets / captions --
 def bucket_for(h: int, w: int, resolution: int, multiple: int, no_upscale: bool) -> tuple[int, int]:
     """(height, width): about resolution**2 pixels with the picture's aspect ratio, both multiples of ``multiple``.
@@ -257,6 +283,8 @@ class Prepared:
     """Pictures resized into their buckets, grouped by size: what the loop draws batches from."""
 
     pixels: dict[tuple[int, int], "object"] = field(default_factory=dict)  # bucket -> (N, 3, h, w) tensor [-1, 1]
+    #: paired ControlNet conditions, bucket -> (N, 3, h, w) tensor [0, 1]; empty when the dataset has none
+    conditions: dict[tuple[int, int], "object"] = field(default_factory=dict)
     captions: dict[tuple[int, int], list[str]] = field(default_factory=dict)
     index: list[tuple[tuple[int, int], int]] = field(default_factory=list)  # one entry per (repeated) example
 
@@ -266,6 +294,11 @@ def prepare(dataset: Dataset, native_size: int, multiple: int) -> Prepared:
 
     res = dataset.resolution or native_size
     out = Prepared()
+    paired = any(e.condition is not None for e in dataset.examples)
+    if paired and any(e.condition is None for e in dataset.examples):
+        lone = [e.name for e in dataset.examples if e.condition is None]
+        raise ValueError(f"{len(lone)} picture(s) have no paired condition ({', '.join(lone[:3])}): every picture "
+                         "needs one, or none")
     for e in dataset.examples:
         h, w = e.image.shape[:2]
         if dataset.bucketing:
@@ -279,8 +312,13 @@ def prepare(dataset: Dataset, native_size: int, multiple: int) -> Prepared:
         t = torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1
         out.pixels.setdefault((bh, bw), []).append(t)
         out.captions.setdefault((bh, bw), []).append(e.caption)
+        if paired:
+            c = resize_cover(e.condition, bh, bw)
+            out.conditions.setdefault((bh, bw), []).append(torch.from_numpy(c).permute(2, 0, 1).float() / 255)
     for b in out.pixels:
         out.pixels[b] = torch.stack(out.pixels[b])
+    for b in out.conditions:
+        out.conditions[b] = torch.stack(out.conditions[b])
     for b, caps in out.captions.items():
         for _ in range(dataset.repeats):
             out.index.extend((b, i) for i in range(len(caps)))

@@ -112,12 +112,20 @@ class Method:
         """Modules to put in train mode (default: those holding trainable parameters)."""
         return [model.unet, model.text_encoder] if self.trains_text_encoder else [model.unet]
 
+    def predict(self, model: FTModel, noisy, t, context, batch: dict):
+        """The model's prediction for ``noisy`` at ``t`` (a ControlNet adds its residuals here)."""
+        return model.unet(noisy, t, encoder_hidden_states=context).sample
+
+    def sample_kwargs(self) -> dict:
+        """Extra arguments of validation sampling (a ControlNet passes its condition)."""
+        return {}
+
     def loss(self, model: FTModel, latents, context, noise_sched, g, cfg: TrainConfig, batch: dict):
         """The denoising loss of one batch; methods with extra terms (prior preservation, ControlNet) override."""
         noise = diffusion.sample_noise(latents, g, cfg.noise_offset)
         t = diffusion.sample_timesteps(latents.shape[0], noise_sched, g, latents.device)
         noisy = noise_sched.add_noise(latents, noise, t)
-        pred = model.unet(noisy, t, encoder_hidden_states=context).sample
+        pred = self.predict(model, noisy, t, context, batch)
         target = diffusion.target_for(noise_sched, latents, noise, t)
         w = diffusion.min_snr_weights(noise_sched, t, cfg.snr_gamma) if cfg.snr_gamma else None
         return diffusion.diffusion_loss(pred, target, weights=w, loss_type=cfg.loss, huber_delta=cfg.huber_delta)
@@ -322,6 +330,9 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
         model.unet.enable_gradient_checkpointing()
         if method.trains_text_encoder:
             model.text_encoder.gradient_checkpointing_enable()
+        for m in method.train_modules(model):
+            if m is not model.unet and m is not model.text_encoder and hasattr(m, "enable_gradient_checkpointing"):
+                m.enable_gradient_checkpointing()
     opt = OPTIMIZERS[cfg.optimizer](groups, cfg.learning_rate, cfg.weight_decay)
     sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
     autocast, scaler = _autocast(model, cfg)
@@ -356,19 +367,24 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
                     text_cache[c] = e
         return torch.stack([text_cache[c] for c in captions])
 
-    def encode_images(items) -> torch.Tensor:
+    def encode_images(items) -> tuple[torch.Tensor, dict]:
+        """Latents of a batch, and the pictures (after augmentation) and paired conditions they came from."""
         b = items[0][0]
         idx = torch.tensor([i for _, i in items])
+        px = prepared.pixels[b][idx]
+        cond = prepared.conditions[b][idx] if prepared.conditions else None
         if cache_latents:
             mean, std = latent_cache[b]
             eps = torch.randn(mean[idx].shape, generator=g).to(mean.device)
-            return ((mean[idx] + std[idx] * eps) * sf).to(model.dtype)
-        px = prepared.pixels[b][idx]
-        px = augment_batch(px, dataset.augment, g)
+            return ((mean[idx] + std[idx] * eps) * sf).to(model.dtype), {"pixels": px, "conditions": cond}
+        if cond is not None:
+            px, cond = augment_batch(px, dataset.augment, g, condition=cond)
+        else:
+            px = augment_batch(px, dataset.augment, g)
         with torch.no_grad():
             dist = model.vae.encode(px.to(model.device, model.dtype)).latent_dist
             eps = torch.randn(dist.mean.shape, generator=g).to(dist.mean.device, dist.mean.dtype)
-        return (dist.mean + dist.std * eps) * sf
+        return (dist.mean + dist.std * eps) * sf, {"pixels": px, "conditions": cond}
 
     def caption_for(own: str) -> str:
         if not dataset.caption_templates:
@@ -411,11 +427,11 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
                 caps = [process_caption(caption_for(prepared.captions[b][i]), shuffle=dataset.shuffle_captions,
                                         keep=dataset.keep_tokens, dropout=dataset.caption_dropout, generator=g)
                         for b, i in items]
-                latents = encode_images(items)
+                latents, seen = encode_images(items)
                 with autocast:
                     context = encode_text(caps)
                     loss = method.loss(model, latents, context, noise_sched, g, cfg,
-                                       {"items": items, "captions": caps})
+                                       {"items": items, "captions": caps, **seen})
                 scaled = loss / cfg.grad_accum
                 (scaler.scale(scaled) if scaler else scaled).backward()
                 total += float(loss.detach()) / cfg.grad_accum
@@ -478,7 +494,7 @@ def _validate(model: FTModel, method: Method, cfg: TrainConfig, run: RunDir, ste
         m.eval()
     with torch.no_grad():
         imgs = sample(model, cfg.validation_prompt, seeds=[cfg.seed + i for i in range(cfg.validation_images)],
-                      steps=20)
+                      steps=20, **method.sample_kwargs())
     for m in mods:
         m.train()
     folder = run.path / "samples"
@@ -489,8 +505,14 @@ def _validate(model: FTModel, method: Method, cfg: TrainConfig, run: RunDir, ste
         cb.on_preview(step, imgs)
 
 
-def augment_batch(px: torch.Tensor, aug, g: torch.Generator) -> torch.Tensor:
-    """Random flip, resized crop and colour jitter with kornia, drawn from ``g``."""
+def augment_batch(px: torch.Tensor, aug, g: torch.Generator, condition: torch.Tensor | None = None):
+    """Random flip, resized crop and colour jitter with kornia, drawn from ``g``.
+
+    With a paired ``condition`` (B, 3, H, W in 0..1) the flip and crop move picture and condition together, the
+    colour jitter touches only the picture, and the pair is returned.
+    """
+    if condition is not None:
+        return _augment_pair(px, condition, aug, g)
     if aug is None:
         return px
     import kornia.augmentation as K
@@ -513,6 +535,32 @@ def augment_batch(px: torch.Tensor, aug, g: torch.Generator) -> torch.Tensor:
     finally:
         torch.random.set_rng_state(state)
     return out.clamp(0, 1) * 2 - 1
+
+
+def _augment_pair(px: torch.Tensor, cond: torch.Tensor, aug, g: torch.Generator):
+    if aug is None:
+        return px, cond
+    import kornia.augmentation as K
+
+    seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=g))
+    geo = []
+    if aug.flip:
+        geo.append(K.RandomHorizontalFlip(p=aug.flip))
+    if aug.crop_scale < 1:
+        geo.append(K.RandomResizedCrop(px.shape[-2:], scale=(aug.crop_scale, 1.0)))
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        both = torch.cat([(px + 1) / 2, cond.to(px.dtype)], dim=1)
+        if geo:
+            both = K.AugmentationSequential(*geo)(both)
+        img, cond = both[:, :3], both[:, 3:]
+        if aug.color_jitter:
+            j = aug.color_jitter
+            img = K.ColorJitter(j, j, j, j / 4, p=1.0)(img)
+    finally:
+        torch.random.set_rng_state(state)
+    return img.clamp(0, 1) * 2 - 1, cond.clamp(0, 1)
 
 
 @dataclass

@@ -85,3 +85,8 @@ def tile_blur(image: torch.Tensor, downscale: float = 4.0, blur_sigma: float = 1
         k = max(3, int(2 * round(3 * blur_sigma) + 1))
         small = kornia.filters.gaussian_blur2d(small, (k, k), (blur_sigma, blur_sigma), border_type="replicate")
     return _image(F.interpolate(small, size=(h, w), mode="bicubic", align_corners=False))
+
+
+#: name -> preprocessor, for training a ControlNet on conditions made on the fly (the nodes' names, lower case)
+PREPROCESSORS = {"canny": canny, "soft_edges": soft_edges, "scribble": scribble, "tile_blur": tile_blur,
+                 "grayscale": grayscale}

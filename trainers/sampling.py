@@ -62,8 +62,14 @@ def sample(
     height: int = 0,
     on_step: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    controls=(),
+    resize_mode: str = "crop",
 ) -> torch.Tensor:
-    """Generate ``len(seeds)`` images; returns a ComfyUI IMAGE tensor (B, H, W, 3), float 0..1, on the CPU."""
+    """Generate ``len(seeds)`` images; returns a ComfyUI IMAGE tensor (B, H, W, 3), float 0..1, on the CPU.
+
+    ``controls`` are :class:`~.controlnet.Control` applications; their residuals are summed and added to the UNet's
+    skip connections on both halves of classifier-free guidance. Strength 0 skips a ControlNet entirely.
+    """
     if isinstance(prompts, str):
         prompts = [prompts] * len(seeds)
     if len(prompts) != len(seeds):
@@ -80,6 +86,11 @@ def sample(
     else:
         context = cond
     f = model.vae_scale_factor
+    prepared = []
+    if controls:
+        from .controlnet import prepare_controls, residuals
+
+        prepared = prepare_controls(controls, model, len(seeds), height, width, resize_mode, use_cfg)
     latents = initial_noise(seeds, (model.latent_channels, height // f, width // f)).to(dev, dt)
     latents = latents * scheduler.init_noise_sigma
     gens = [torch.Generator("cpu").manual_seed(int(s) + 1_000_003) for s in seeds]
@@ -90,7 +101,12 @@ def sample(
             raise Cancelled(f"sampling cancelled at step {i} of {total}")
         x = torch.cat([latents, latents]) if use_cfg else latents
         x = scheduler.scale_model_input(x, t)
-        pred = model.unet(x, t, encoder_hidden_states=context).sample
+        if prepared:
+            down, mid = residuals(prepared, x, t, context, i, total)
+            pred = model.unet(x, t, encoder_hidden_states=context, down_block_additional_residuals=down,
+                              mid_block_additional_residual=mid).sample
+        else:
+            pred = model.unet(x, t, encoder_hidden_states=context).sample
         if use_cfg:
             p_u, p_c = pred.chunk(2)
             pred = p_u + cfg * (p_c - p_u)

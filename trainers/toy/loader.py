@@ -34,6 +34,18 @@ def load_toy_model(folder: str | Path = WEIGHTS, device="cpu"):
     return model.to(device)
 
 
+def load_toy_controlnet(folder: str | Path = WEIGHTS):
+    """The toy ControlNet: follows Canny edge maps of toy pictures (made with control.CANNY thresholds)."""
+    from ..controlnet import load_folder
+
+    p = Path(folder) / "controlnet"
+    if not (p / "config.json").exists():
+        raise missing_weights_error(p)
+    cn = load_folder(p)
+    cn.name, cn.source = "toy canny", "built-in toy ControlNet (Canny edges)"
+    return cn
+
+
 def load_toy_judge(folder: str | Path = WEIGHTS):
     from .judge import ToyJudge
 
