@@ -393,7 +393,8 @@ def test_controlnet_trained_by_the_pack_runs_in_comfyui(server, random_sd15, tmp
     path = server.base / "models" / "controlnet" / name
     # ComfyUI's loader logs missing keys as warnings and unexpected ones at debug level: catch both
     check = ("import logging, sys; logging.basicConfig(level=logging.DEBUG, stream=sys.stdout); "
-             "import comfy.controlnet as c; m = c.load_controlnet(sys.argv[1]); "
+             "path = sys.argv[1]; sys.argv[1:] = ['--cpu']; import comfy.options; comfy.options.enable_args_parsing(); "
+             "import comfy.controlnet as c; m = c.load_controlnet(path); "
              "print('LOADED', type(m).__name__, sum(p.numel() for p in m.control_model.parameters()))")
     import os
 
