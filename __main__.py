@@ -25,7 +25,8 @@ def main_demo(args: argparse.Namespace) -> int:
 
     summary = run_demo(args.out)
     print(json.dumps(summary, indent=1))
-    print(f"open {summary['overview']} to see what the toy model draws")
+    print(f"open {summary['overview']} to see what the toy model draws, {summary['lora_figure']} for what a "
+          f"LoRA taught it, and {summary['controlnet_figure']} for a ControlNet placing shapes")
     return 0
 
 #: Subcommands: name -> (add its arguments to a parser, run it with the parsed args and return the exit code).

@@ -7,6 +7,8 @@
    fine-tuning teaches, and
 3. runs ``example_workflows/api/toy_train_lora.json``: a LoRA learns "a sks star" = a purple star from 8
    pictures, and ``demo_lora.png`` shows the training pictures, the base model and the LoRA side by side.
+4. runs ``example_workflows/api/toy_controlnet.json``: the built-in toy ControlNet places "a yellow square" where
+   Canny edges of blue squares say (``demo_controlnet.png``), and measures how well it is followed (mask IoU).
 """
 from __future__ import annotations
 
@@ -67,9 +69,11 @@ def run_demo(out_dir: str | Path) -> dict:
         img, acc = overview(model, judge)
     grid_path = _save(img, out / "demo_toy_overview.png")
     lora_path, lora_rate = lora_figure(out, judge)
+    cn_path, cn_iou = controlnet_figure(out, model)
     summary = {"overview": str(grid_path), "workflow_images": [str(p) for p in saved],
                "base_color_acc": round(acc["color_acc"], 3), "base_shape_acc": round(acc["shape_acc"], 3),
                "lora_figure": str(lora_path), "lora_concept_rate": lora_rate,
+               "controlnet_figure": str(cn_path), "controlnet_iou": cn_iou,
                "seconds": round(time.time() - t0, 1)}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -107,3 +111,23 @@ def lora_figure(out: Path, judge) -> tuple[Path, dict]:
     fig = labelled_grid(list(rows.values()), list(rows), [f"#{i + 1}" for i in range(4)], cell=128, notes=notes,
                         title="LoRA on 8 pictures of a purple star, prompt 'a sks star' (judged under each)")
     return _save(fig, out / "demo_lora.png"), rate
+
+
+def controlnet_figure(out: Path, model) -> tuple[Path, dict]:
+    """Run the ControlNet example (edges / without / with control) and measure adherence on 8 off-centre shapes."""
+    import shutil
+
+    import torch
+
+    from . import runner
+    from .trainers.toy.control import adherence
+    from .trainers.toy.loader import load_toy_controlnet
+
+    workflow = Path(__file__).resolve().parent / "example_workflows" / "api" / "toy_controlnet.json"
+    ui = runner.run(runner.load_workflow(workflow), output_dir=out)
+    (saved,) = ui["9"]["images"]
+    path = out / "demo_controlnet.png"
+    shutil.copyfile(out / (saved.get("subfolder") or "") / saved["filename"], path)
+    with torch.inference_mode(False):
+        r = adherence(model, load_toy_controlnet(), n=8)
+    return path, {"with control": r["mean_control"], "without": r["mean_none"]}

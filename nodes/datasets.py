@@ -184,15 +184,17 @@ class FT_ToyDataset:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..trainers.toy.world_names import COLORS, GEOMETRIES, SHAPES
+        from ..trainers.toy.world_names import ANY, COLORS, GEOMETRIES, SHAPES
 
         return {
             "required": {
-                "color": COMBO(list(COLORS), "Colour of the shapes (purple was never shown to the toy base model).",
-                               "purple"),
-                "shape": COMBO(list(SHAPES), "The shape (cross was never shown to the toy base model).", "star"),
-                "count": INT(8, 1, 1024, "How many pictures."),
-                "caption": STRING("a sks star", "The caption of every picture."),
+                "color": COMBO(list(COLORS) + [ANY], "Colour of the shapes (purple was never shown to the toy base "
+                               "model); any = a random base colour per picture.", "purple"),
+                "shape": COMBO(list(SHAPES) + [ANY], "The shape (cross was never shown to the toy base model); any "
+                               "= a random base shape per picture.", "star"),
+                "count": INT(8, 1, 4096, "How many pictures."),
+                "caption": STRING("a sks star", "The caption of every picture; {color} and {shape} are replaced by "
+                                  "the picture's own (e.g. 'a {color} {shape}')."),
                 "seed": INT(0, 0, 2 ** 31 - 1, "Seed of the pictures' sizes, positions and rotations."),
                 "geometry": COMBO(list(GEOMETRIES), "narrow: centred and upright like the base model's training "
                                   "pictures; broad: any size, place and rotation."),
@@ -208,9 +210,13 @@ class FT_ToyDataset:
         from ..trainers.data import Dataset, Example
         from ..trainers.toy import world
 
+        from ..trainers.toy.world_names import ANY
+
         geo = world.NARROW if geometry == "narrow" else world.BROAD
-        pics = world.concept_set(color, shape, count, seed, caption, geometry=geo)
-        ds = Dataset([Example(p.image, p.caption, f"{color}-{shape}-{i}") for i, p in enumerate(pics)],
-                     name=f"toy-{color}-{shape}", source=f"toy world seed {seed}")
+        pics = world.varied_set(None if color == ANY else color, None if shape == ANY else shape, count, seed,
+                                caption, geometry=geo)
+        tag = f"{'any' if color == ANY else color}-{'any' if shape == ANY else shape}"
+        ds = Dataset([Example(p.image, p.caption, f"{tag}-{i}") for i, p in enumerate(pics)],
+                     name=f"toy-{tag}", source=f"toy world seed {seed}")
         imgs = torch.from_numpy(np.stack([p.image for p in pics]).astype(np.float32) / 255)
         return (_apply_options(ds, options), imgs)

@@ -55,3 +55,5 @@ def test_demo_command(tmp_path):
     assert summary["base_color_acc"] >= 0.9
     assert Path(summary["lora_figure"]).is_file()
     assert summary["lora_concept_rate"]["base model"] <= 0.25 and summary["lora_concept_rate"]["with the LoRA"] >= 0.75
+    assert Path(summary["controlnet_figure"]).is_file()
+    assert summary["controlnet_iou"]["with control"] >= 0.6 and summary["controlnet_iou"]["without"] <= 0.3

@@ -196,6 +196,25 @@ def concept_set(color: str, shape: str, n: int, seed: int, caption: str, *, size
             for _ in range(n)]
 
 
+def varied_set(color: str | None, shape: str | None, n: int, seed: int, caption: str, *, size: int = 32,
+               geometry: Geometry = NARROW) -> list[Picture]:
+    """Pictures whose colour and/or shape vary (``None`` = any base colour / shape, never a held-out pairing);
+    ``{color}`` and ``{shape}`` in ``caption`` are filled in per picture."""
+    if color and shape:  # one class: the same pictures as concept_set
+        return concept_set(color, shape, n, seed, caption.replace("{color}", color).replace("{shape}", shape),
+                           size=size, geometry=geometry)
+    rng = np.random.default_rng(seed)
+    classes = [(c, s) for c, s in all_classes()
+               if (c == color if color else c in BASE_COLORS) and (s == shape if shape else s in BASE_SHAPES)
+               and (c, s) not in HELD_OUT_COMBOS]
+    out = []
+    for _ in range(n):
+        c, s = classes[int(rng.integers(len(classes)))]
+        out.append(random_picture(rng, color=c, shape=s, geometry=geometry, size=size,
+                                  caption=caption.replace("{color}", c).replace("{shape}", s)))
+    return out
+
+
 def blob_picture(rng: np.random.Generator, size: int = 32, background=(255, 255, 255),
                  rgb: tuple[int, int, int] | None = None) -> np.ndarray:
     """A smooth irregular blob, an ellipse or a few fragments: pictures that are no shape at all."""

@@ -2,3 +2,5 @@
 COLORS = ("red", "green", "blue", "yellow", "purple")
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 GEOMETRIES = ("narrow", "broad")
+#: combo entry of the toy dataset node for "a different base colour / shape in every picture"
+ANY = "any (base)"
