@@ -155,6 +155,9 @@ def test_save_and_load_both_layouts(toy_cn, folders):
     assert {"control_model.input_hint_block.0.weight", "control_model.zero_convs.0.0.weight",
             "control_model.middle_block_out.0.weight", "control_model.time_embed.0.weight"} <= keys
     assert meta["finetune_layout"] == "original" and json.loads(meta[C.CONFIG_KEY])["cross_attention_dim"] == 64
+    # a diffusers folder (config.json + weights written by diffusers itself) is listed by its weights file
+    toy_cn.net.save_pretrained(str(folders["models"] / "controlnet" / "from_diffusers"), safe_serialization=True)
+    names["diffusers folder"] = "from_diffusers/diffusion_pytorch_model.safetensors"
     for layout, name in names.items():
         back = FT_LoadControlNet().execute(name)[0]
         got = back.net.state_dict()
@@ -266,3 +269,15 @@ def test_node_lists_match_the_library():
 
     assert PREPROCESSOR_NAMES == list(PREPROCESSORS)
     assert tuple(RESIZE_MODES) == C.RESIZE_MODES
+
+
+def test_sampling_in_another_precision_leaves_the_controlnet_alone(toy, toy_cn):
+    """ComfyUI caches node outputs: a bf16 model samples with a converted copy, never the ControlNet itself."""
+    prompt, cond, _ = target_condition()
+    with torch.inference_mode(False):
+        low = toy.clone().to("cpu", torch.bfloat16)
+    before = {k: v.clone() for k, v in toy_cn.net.state_dict().items()}
+    img = sample_node(low, prompt, apply(toy_cn, cond), steps=4)
+    assert img.shape == (1, 32, 32, 3) and img.dtype == torch.float32
+    after = toy_cn.net.state_dict()
+    assert all(after[k].dtype == torch.float32 and torch.equal(after[k], before[k]) for k in before)

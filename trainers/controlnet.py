@@ -337,12 +337,13 @@ def fit_condition(image: torch.Tensor, height: int, width: int, mode: str = "cro
 class PreparedControl:
     control: Control
     cond: torch.Tensor  # (B or 2B, 3, H, W) on the model's device and dtype
+    net: torch.nn.Module  # the ControlNet on the model's device and dtype
 
 
 def prepare_controls(controls, model: FTModel, n: int, height: int, width: int, resize_mode: str,
                      cfg_batch: bool) -> list[PreparedControl]:
     """Check each ControlNet against ``model`` and turn its image into the sampler's condition batch."""
-    out = []
+    out, moved = [], {}
     for k, c in enumerate(controls or ()):
         check_compatible(c.control_net, model, what=f"control {k + 1}")
         if c.strength == 0:
@@ -355,9 +356,14 @@ def prepare_controls(controls, model: FTModel, n: int, height: int, width: int, 
         if cfg_batch:
             img = torch.cat([img, img])
         net = c.control_net.net
-        if next(net.parameters()).device != model.device or next(net.parameters()).dtype != model.dtype:
-            net.to(model.device, model.dtype)
-        out.append(PreparedControl(c, img.to(model.device, model.dtype)))
+        p = next(net.parameters())
+        if p.device != model.device or p.dtype != model.dtype:
+            # a copy for this call: the ControlNet value (cached by ComfyUI, or being trained) is never changed
+            key = id(net)
+            if key not in moved:
+                moved[key] = copy.deepcopy(net).to(model.device, model.dtype)
+            net = moved[key]
+        out.append(PreparedControl(c, img.to(model.device, model.dtype), net))
     return out
 
 
@@ -367,8 +373,8 @@ def residuals(prepared: list[PreparedControl], x, t, context, i: int, total: int
     for p in prepared:
         if not p.control.active(i, total):
             continue
-        d, m = p.control.control_net.net(x, t, encoder_hidden_states=context, controlnet_cond=p.cond,
-                                         conditioning_scale=float(p.control.strength), return_dict=False)
+        d, m = p.net(x, t, encoder_hidden_states=context, controlnet_cond=p.cond,
+                     conditioning_scale=float(p.control.strength), return_dict=False)
         down = list(d) if down is None else [a + b for a, b in zip(down, d)]
         mid = m if mid is None else mid + m
     return down, mid
