@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from .families import FAMILIES, Family
 from .loop import Method
 from .model import FTModel
 
+log = logging.getLogger(__name__)
 ORIGINAL_PREFIX = "control_model."
 RESIZE_MODES = ("crop", "fit", "stretch")
 #: safetensors metadata key holding the diffusers config of a ControlNet the pack wrote (any architecture)
@@ -190,8 +192,8 @@ def from_state(state: dict[str, torch.Tensor], config: dict, name: str, source: 
     with torch.inference_mode(False):
         net = ControlNetModel.from_config(cfg)
     own = net.state_dict()
+    prefixed = layout == "original" and any(k.startswith(ORIGINAL_PREFIX) for k in state)
     if layout == "original":
-        prefixed = any(k.startswith(ORIGINAL_PREFIX) for k in state)
         lookup = {k: (ORIGINAL_PREFIX if prefixed else "") + original_key(k, net.config) for k in own}
     else:
         lookup = {k: k for k in own}
@@ -203,10 +205,14 @@ def from_state(state: dict[str, torch.Tensor], config: dict, name: str, source: 
                 f"{len(shape_bad)} weights of another shape (e.g. {lookup[shape_bad[0]]}: "
                 f"{tuple(state[lookup[shape_bad[0]]].shape)} vs {tuple(own[shape_bad[0]].shape)})")
         raise ValueError(f"{name} does not match the {arch} ControlNet layout: {what}")
-    unused = len(state) - len(set(lookup.values()))
-    if unused > 0:
-        raise ValueError(f"{name} has {unused} weights a {describe_architecture(cfg)} ControlNet does not have "
-                         "(a ControlNet of another kind?)")
+    used = set(lookup.values())
+    extra = [k for k in state if k not in used]
+    own_prefix = [k for k in extra if layout == "diffusers" or k.startswith(ORIGINAL_PREFIX) or not prefixed]
+    if own_prefix:
+        raise ValueError(f"{name} has {len(own_prefix)} ControlNet weights a {describe_architecture(cfg)} ControlNet "
+                         f"does not have (e.g. {own_prefix[0]}): a ControlNet of another kind?")
+    if extra:  # e.g. a file that also carries the base model: not ours to load
+        log.warning("%s: ignored %d weights outside control_model.*", name, len(extra))
     net.load_state_dict({k: state[src].float() for k, src in lookup.items()}, strict=True)
     return ControlNet(net.eval(), name, source=source or layout)
 
