@@ -260,6 +260,8 @@ def test_paired_conditions_train_and_stay_aligned_under_augmentation(toy, folder
     g = torch.Generator().manual_seed(0)
     apx, acond = augment_batch(px, Augment(flip=1.0, crop_scale=1.0, color_jitter=0.0), g, condition=cond)
     assert torch.allclose(acond, cond.flip(-1)) and torch.allclose(apx, px.flip(-1), atol=1e-6)
+    jpx, jcond = augment_batch(px, Augment(flip=0.0, crop_scale=1.0, color_jitter=0.5), g, condition=cond)
+    assert torch.equal(jcond, cond) and float((jpx - px).abs().max()) > 0.05
 
 
 def test_node_lists_match_the_library():

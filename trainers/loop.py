@@ -511,35 +511,8 @@ def augment_batch(px: torch.Tensor, aug, g: torch.Generator, condition: torch.Te
     With a paired ``condition`` (B, 3, H, W in 0..1) the flip and crop move picture and condition together, the
     colour jitter touches only the picture, and the pair is returned.
     """
-    if condition is not None:
-        return _augment_pair(px, condition, aug, g)
     if aug is None:
-        return px
-    import kornia.augmentation as K
-
-    seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=g))
-    ops = []
-    if aug.flip:
-        ops.append(K.RandomHorizontalFlip(p=aug.flip))
-    if aug.crop_scale < 1:
-        ops.append(K.RandomResizedCrop(px.shape[-2:], scale=(aug.crop_scale, 1.0)))
-    if aug.color_jitter:
-        j = aug.color_jitter
-        ops.append(K.ColorJitter(j, j, j, j / 4, p=1.0))
-    if not ops:
-        return px
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # kornia draws from the global RNG: seed it from ours, then put it back
-    try:
-        out = K.AugmentationSequential(*ops)((px + 1) / 2)
-    finally:
-        torch.random.set_rng_state(state)
-    return out.clamp(0, 1) * 2 - 1
-
-
-def _augment_pair(px: torch.Tensor, cond: torch.Tensor, aug, g: torch.Generator):
-    if aug is None:
-        return px, cond
+        return px if condition is None else (px, condition)
     import kornia.augmentation as K
 
     seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=g))
@@ -548,19 +521,24 @@ def _augment_pair(px: torch.Tensor, cond: torch.Tensor, aug, g: torch.Generator)
         geo.append(K.RandomHorizontalFlip(p=aug.flip))
     if aug.crop_scale < 1:
         geo.append(K.RandomResizedCrop(px.shape[-2:], scale=(aug.crop_scale, 1.0)))
+    if not geo and not aug.color_jitter:
+        return px if condition is None else (px, condition)
     state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # kornia draws from the global RNG: seed it from ours, then put it back
     try:
-        both = torch.cat([(px + 1) / 2, cond.to(px.dtype)], dim=1)
+        x = (px + 1) / 2
+        if condition is not None:
+            x = torch.cat([x, condition.to(x.dtype)], dim=1)
         if geo:
-            both = K.AugmentationSequential(*geo)(both)
-        img, cond = both[:, :3], both[:, 3:]
+            x = K.AugmentationSequential(*geo)(x)
+        img, cond = x[:, :3], x[:, 3:]
         if aug.color_jitter:
             j = aug.color_jitter
             img = K.ColorJitter(j, j, j, j / 4, p=1.0)(img)
     finally:
         torch.random.set_rng_state(state)
-    return img.clamp(0, 1) * 2 - 1, cond.clamp(0, 1)
+    img = img.clamp(0, 1) * 2 - 1
+    return img if condition is None else (img, cond.clamp(0, 1))
 
 
 @dataclass
