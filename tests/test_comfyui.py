@@ -386,25 +386,28 @@ def test_controlnet_trained_by_the_pack_runs_in_comfyui(server, random_sd15, tmp
         cn, log = FT_TrainControlNet().execute(random_sd15, ds, "canny", 2, 1e-4, 1, 0, 0.5, "sd15-cn",
                                                optimizer="sgd", gradient_checkpointing=True)
         (name,) = FT_SaveControlNet().execute(cn, "ft_test/random_sd15_canny", "original", "fp16")["result"]
+        (diffusers_name,) = FT_SaveControlNet().execute(cn, "ft_test/random_sd15_canny_diffusers", "diffusers",
+                                                        "fp16")["result"]
     finally:
         host._fallback.update(saved)
     moved = float(cn.net.controlnet_mid_block.weight.abs().max())
     assert log.steps == 2 and moved > 0, "the zero convolutions must have moved"
-    path = server.base / "models" / "controlnet" / name
-    # ComfyUI's loader logs missing keys as warnings and unexpected ones at debug level: catch both
+    # ComfyUI's loader logs missing keys as warnings and unexpected ones at debug level: catch both, for both layouts
     check = ("import logging, sys; logging.basicConfig(level=logging.DEBUG, stream=sys.stdout); "
              "path = sys.argv[1]; sys.argv[1:] = ['--cpu']; import comfy.options; comfy.options.enable_args_parsing(); "
              "import comfy.controlnet as c; m = c.load_controlnet(path); "
              "print('LOADED', type(m).__name__, sum(p.numel() for p in m.control_model.parameters()))")
     import os
 
-    out = subprocess.run([os.environ.get("COMFYUI_PYTHON", sys.executable), "-c", check, str(path)], cwd=str(comfyui_path()), capture_output=True,
-                         text=True, timeout=600)
-    text = out.stdout + out.stderr
-    assert "LOADED ControlNet" in text, text[-3000:]
-    assert "missing controlnet keys" not in text and "unexpected controlnet keys" not in text, text[-3000:]
-    n_params = int(text.split("LOADED ControlNet")[1].split()[0])
-    assert n_params == sum(p.numel() for p in cn.net.parameters())
+    for file_name in (name, diffusers_name):
+        out = subprocess.run([os.environ.get("COMFYUI_PYTHON", sys.executable), "-c", check,
+                              str(server.base / "models" / "controlnet" / file_name)],
+                             cwd=str(comfyui_path()), capture_output=True, text=True, timeout=600)
+        text = out.stdout + out.stderr
+        assert "LOADED ControlNet" in text, text[-3000:]
+        assert "missing controlnet keys" not in text and "unexpected controlnet keys" not in text, text[-3000:]
+        n_params = int(text.split("LOADED ControlNet")[1].split()[0])
+        assert n_params == sum(p.numel() for p in cn.net.parameters()), file_name
     prompt = {
         "1": {"class_type": "DiffusersLoader", "inputs": {"model_path": "random-sd15"}},
         "2": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": name}},
@@ -429,5 +432,5 @@ def test_controlnet_trained_by_the_pack_runs_in_comfyui(server, random_sd15, tmp
     entry = server.run_prompt(prompt, timeout=900)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:] + server.log()[-3000:]
     assert len(entry["outputs"]["12"]["images"]) == 1
-    print(f"ComfyUI ControlNetLoader loaded {name} ({n_params} parameters, no missing or unexpected key) and "
-          "sampled with it through ControlNetApplyAdvanced")
+    print(f"ComfyUI's ControlNet loader read {name} and {diffusers_name} ({n_params} parameters, no missing or "
+          "unexpected key); ControlNetLoader -> ControlNetApplyAdvanced -> KSampler ran with the first")
