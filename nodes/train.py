@@ -418,7 +418,8 @@ class FT_TrainControlNet:
             },
             "optional": {
                 "conditions": LINK("FT_DATASET", "Condition images paired with the training pictures by file name "
-                                   "(instead of the preprocessor)."),
+                                   "(any extension), instead of the preprocessor: load their folder with Load Image "
+                                   "Dataset (its caption is not used; put any, e.g. 'condition')."),
                 "control_net": LINK("FT_CONTROLNET", "Continue training this ControlNet instead of starting from "
                                     "the UNet."),
                 "low_threshold": FLOAT(0.4, 0.01, 0.99, "Canny: weak-edge threshold (toy pictures: 0.1)."),

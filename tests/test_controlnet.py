@@ -283,3 +283,17 @@ def test_sampling_in_another_precision_leaves_the_controlnet_alone(toy, toy_cn):
     assert img.shape == (1, 32, 32, 3) and img.dtype == torch.float32
     after = toy_cn.net.state_dict()
     assert all(after[k].dtype == torch.float32 and torch.equal(after[k], before[k]) for k in before)
+
+
+def test_validation_samples_use_the_training_condition(toy, folders):
+    from comfyui_finetune.trainers.loop import RunDir, TrainConfig, train
+
+    method = C.ControlNetMethod("canny", control.CANNY)
+    cfg = TrainConfig(steps=2, batch_size=2, learning_rate=1e-3, validation_prompt="a red circle", validation_every=2,
+                      validation_images=1)
+    run = RunDir.create(folders["output"], "validated")
+    train(toy.clone(), broad_set(8), method, cfg, run)
+    assert [p.name for p in (run.path / "samples").glob("*.png")] == ["step-2-0.png"]
+    (ctl,) = method.sample_kwargs()["controls"]
+    assert ctl.control_net is method.cn and ctl.image.shape == (1, 32, 32, 3)
+    assert set(ctl.image.unique().tolist()) <= {0.0, 1.0}, "the condition is a binary Canny map"
