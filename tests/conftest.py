@@ -37,3 +37,19 @@ def folders(tmp_path, monkeypatch):
     host.set_folders(**dirs)
     yield dirs
     host._fallback.update(saved)
+
+
+@pytest.fixture
+def press_cancel_at(monkeypatch):
+    """``press_cancel_at(n)``: ComfyUI's Cancel is pressed when a training node's progress reaches step ``n``
+    (``monkeypatch.undo()`` releases it)."""
+    from comfyui_finetune.nodes import host
+
+    def arm(step: int) -> None:
+        def update(self, value, preview=None):
+            if value == step:
+                host.request_interrupt()
+
+        monkeypatch.setattr(host.Progress, "update", update)
+
+    return arm

@@ -15,7 +15,6 @@ from comfyui_finetune.nodes.sample import FT_Sample
 from comfyui_finetune.nodes.train import FT_TrainControlNet
 from comfyui_finetune.trainers import controlnet as C
 from comfyui_finetune.trainers.data import Dataset, Example
-from comfyui_finetune.trainers.sampling import sample
 from comfyui_finetune.trainers.toy import control
 
 TOY = "toy canny (built-in)"
@@ -220,16 +219,12 @@ def test_training_from_the_unet_raises_adherence(toy, folders):
     assert json.loads((run / "config.json").read_text())["preprocessor"] == "canny"
 
 
-def test_cancel_and_resume_is_bit_exact(toy, folders, monkeypatch):
+def test_cancel_and_resume_is_bit_exact(toy, folders, monkeypatch, press_cancel_at):
     ds = broad_set(16)
     kw = dict(steps=6, batch_size=2, caption_dropout=0.5)
     straight, _ = train_node(toy, ds, run_name="straight", **kw)
 
-    def press_cancel_at_step_three(self, value, preview=None):
-        if value == 3:
-            host.request_interrupt()
-
-    monkeypatch.setattr(host.Progress, "update", press_cancel_at_step_three)
+    press_cancel_at(3)
     with pytest.raises(host.Interrupted, match="cancelled at step 3; resume with resume_run='stopped'"):
         train_node(toy, ds, run_name="stopped", **kw)
     monkeypatch.undo()

@@ -158,17 +158,13 @@ def test_pivotal_tuning_learns_lora_and_embedding_that_reload_together(toy, judg
         db(toy, stars(), instance_prompt="a <pv> star", mode="full", pivotal_tuning=True, steps=1)
 
 
-def test_dreambooth_with_prior_preservation_resumes_bit_exact(toy, folders, monkeypatch):
+def test_dreambooth_with_prior_preservation_resumes_bit_exact(toy, folders, monkeypatch, press_cancel_at):
     from comfyui_finetune.nodes import host
 
     kw = dict(prior_preservation=True, num_class_images=4, steps=4, batch_size=2, mode="lora", learning_rate=1e-3)
     _, straight, _ = db(toy, stars(), run_name="db-straight", **kw)
 
-    def press_cancel_at_step_two(self, value, preview=None):
-        if value == 2:
-            host.request_interrupt()
-
-    monkeypatch.setattr(host.Progress, "update", press_cancel_at_step_two)
+    press_cancel_at(2)
     with pytest.raises(host.Interrupted, match="cancelled at step 2"):
         db(toy, stars(), run_name="db-stopped", **kw)
     monkeypatch.undo()

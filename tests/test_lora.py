@@ -64,16 +64,12 @@ def test_lora_teaches_a_new_concept_and_leaves_others_alone(toy, judge, folders)
     assert plot.shape == (1, 256, 512, 3)
 
 
-def test_cancel_keeps_a_checkpoint_and_resume_is_bit_exact(toy, folders, monkeypatch):
+def test_cancel_keeps_a_checkpoint_and_resume_is_bit_exact(toy, folders, monkeypatch, press_cancel_at):
     ds = toy_set(n=4)
     kw = dict(steps=6, batch_size=2, train_text_encoder=True, save_every=0)
     _, straight, _ = train(toy, ds, run_name="straight", **kw)
 
-    def press_cancel_at_step_three(self, value, preview=None):  # what ComfyUI's Cancel button does
-        if value == 3:
-            host.request_interrupt()
-
-    monkeypatch.setattr(host.Progress, "update", press_cancel_at_step_three)
+    press_cancel_at(3)
     with pytest.raises(host.Interrupted, match="cancelled at step 3; resume with resume_run='stopped'"):
         train(toy, ds, run_name="stopped", **kw)
     monkeypatch.undo()

@@ -76,15 +76,11 @@ def test_embedding_file_round_trips_through_the_pack_and_diffusers(toy, folders)
     assert diff < 1e-4
 
 
-def test_ti_resume_is_bit_exact(toy, folders, monkeypatch):
+def test_ti_resume_is_bit_exact(toy, folders, monkeypatch, press_cancel_at):
     ds = yellow_triangles(4)
     _, straight, _ = train_ti(toy, ds, steps=4, batch_size=2, run_name="ti-straight")
 
-    def press_cancel_at_step_two(self, value, preview=None):
-        if value == 2:
-            host.request_interrupt()
-
-    monkeypatch.setattr(host.Progress, "update", press_cancel_at_step_two)
+    press_cancel_at(2)
     with pytest.raises(host.Interrupted, match="cancelled at step 2"):
         train_ti(toy, ds, steps=4, batch_size=2, run_name="ti-stopped")
     monkeypatch.undo()
