@@ -116,13 +116,8 @@ def load_controlnet(name: str):
 
         return load_toy_controlnet()
     from ..trainers.controlnet import load_file
-    from ..trainers.toy.loader import WEIGHTS
 
-    toy_cfg = WEIGHTS / "controlnet" / "config.json"
-    import json
-
-    return load_file(host.model_path("controlnet", name),
-                     json.loads(toy_cfg.read_text()) if toy_cfg.is_file() else None)
+    return load_file(host.model_path("controlnet", name))
 
 
 class FT_LoadControlNet:
@@ -210,11 +205,7 @@ class FT_SaveControlNet:
     def execute(self, control_net, filename, layout="original", dtype="fp16"):
         from ..trainers.controlnet import save
 
-        rel = host.safe_relative(filename.strip().removesuffix(".safetensors"), "filename")
-        dirs = host.model_dirs("controlnet")
-        if not dirs:
-            raise FileNotFoundError("ComfyUI has no 'controlnet' model folder configured")
-        root = dirs[0]
+        root, rel = host.save_folder("controlnet", filename)
         meta = {"finetune_source": control_net.source}
         if control_net.meta.get("finetune_config"):
             meta["finetune_config"] = control_net.meta["finetune_config"]

@@ -84,6 +84,16 @@ def safe_relative(name: str, what: str) -> PurePosixPath:
     return p
 
 
+def save_folder(kind: str, filename: str, what: str = "filename") -> tuple[Path, PurePosixPath]:
+    """(the folder new ``kind`` models are written to, the checked relative name without .safetensors) for a
+    save node's ``filename`` input."""
+    rel = safe_relative(str(filename).strip().removesuffix(".safetensors"), what)
+    dirs = model_dirs(kind)
+    if not dirs:
+        raise FileNotFoundError(f"ComfyUI has no '{kind}' model folder configured (see extra_model_paths.yaml)")
+    return dirs[0], rel
+
+
 def list_models(kind: str, suffixes: tuple[str, ...] = (".safetensors",), folders: bool = False,
                 marker: str = "model_index.json") -> list[str]:
     """Names (relative, '/'-separated) of model files of ``kind``, or of sub-folders holding a ``marker`` file

@@ -56,11 +56,7 @@ class FT_SaveLoRA:
             raise ValueError("lora: there is no LoRA to save: the DreamBooth run was in full mode, whose weights are "
                              "in its model output (save that with a checkpoint node), or switch it to lora mode")
 
-        rel = host.safe_relative(filename.strip().removesuffix(".safetensors"), "filename")
-        dirs = host.model_dirs("loras")
-        if not dirs:
-            raise FileNotFoundError("ComfyUI has no 'loras' model folder configured")
-        root = dirs[0]
+        root, rel = host.save_folder("loras", filename)
         path = save_unique(root / rel.parent, rel.name, lora.state, lora_metadata(lora))
         name = path.relative_to(root).as_posix()
         host.log.info("saved LoRA %s (%d tensors)", name, len(lora.state))
@@ -135,8 +131,7 @@ class FT_SaveEmbedding:
 
         from ..trainers.export import save_unique
 
-        rel = host.safe_relative(filename.strip().removesuffix(".safetensors"), "filename")
-        root = host.model_dirs("embeddings")[0]
+        root, rel = host.save_folder("embeddings", filename)
         meta = {"token": embedding.token, "num_vectors": str(embedding.vectors.shape[0]),
                 **{k: (v if isinstance(v, str) else json.dumps(v, default=str))
                    for k, v in embedding.metadata.items()}}
@@ -217,15 +212,14 @@ class FT_SaveCheckpoint:
         from ..trainers.export import save_unique, unique_path
 
         dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-        rel = host.safe_relative(filename.strip().removesuffix(".safetensors"), "filename")
         if format == SAVE_FORMATS[0]:
+            root, rel = host.save_folder("checkpoints", filename)
             tensors = to_single_file(model, dt)
-            root = host.model_dirs("checkpoints")[0]
             arch = "stable-diffusion-v2" if model.family == "sd2" else "stable-diffusion-v1"
             meta = {"modelspec.architecture": arch, "finetune_history": json.dumps(model.history)}
             path = save_unique(root / rel.parent, rel.name, tensors, meta)
         else:
-            root = host.model_dirs("diffusers")[0]
+            root, rel = host.save_folder("diffusers", filename)
             (root / rel.parent).mkdir(parents=True, exist_ok=True)
             path = save_diffusers(model, unique_path(root / rel.parent, rel.name, ""), dt)
         name = path.relative_to(root).as_posix()

@@ -1,6 +1,7 @@
 """finetune/train: the training nodes. Each is a thin face over trainers.loop.train with its method."""
 from __future__ import annotations
 
+import json
 import time
 
 from . import host
@@ -443,15 +444,11 @@ class FT_TrainControlNet:
         else:
             options = {"low_threshold": low_threshold, "high_threshold": high_threshold} if preprocessor == "canny" \
                 else {}
-            if preprocessor == "canny" and low_threshold > high_threshold:
-                raise ValueError(f"low_threshold {low_threshold} must not exceed high_threshold {high_threshold}")
             method = ControlNetMethod(preprocessor, options, init=control_net, name=run_name.strip() or "controlnet")
         dataset = dataset.with_options(caption_dropout=caption_dropout)
         result = run_training(model, dataset, method, cfg, run_name, opt.get("resume_run", ""))
         cn = method.result()
         cn.name = result.run_dir.name
         cn.source = f"trained: run {result.run_dir.name}, {result.step} steps"
-        import json
-
         cn.meta = {"finetune_config": json.dumps(result.config, default=str)}
         return (cn, TrainingLog.from_result(result))

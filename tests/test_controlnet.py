@@ -234,6 +234,12 @@ def test_cancel_and_resume_is_bit_exact(toy, folders, monkeypatch, press_cancel_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_bad_preprocessor_options_fail_before_training(toy, folders):
+    with pytest.raises(ValueError, match="low_threshold 0.6 must not exceed high_threshold 0.3"):
+        train_node(toy, broad_set(4), low_threshold=0.6, high_threshold=0.3)
+    assert not (folders["output"] / "finetune").exists(), "no run folder for a run that cannot start"
+
+
 def test_paired_conditions_train_and_stay_aligned_under_augmentation(toy, folders):
     from comfyui_finetune.trainers.data import Augment, pair_conditions
     from comfyui_finetune.trainers.loop import augment_batch

@@ -44,10 +44,6 @@ class ControlNet:
     source: str = ""
     meta: dict = field(default_factory=dict)
 
-    @property
-    def config(self):
-        return self.net.config
-
     def architecture(self) -> str:
         return describe_architecture(self.net.config)
 
@@ -107,10 +103,9 @@ def new_controlnet(model: FTModel, name: str = "controlnet") -> ControlNet:
     """A ControlNet initialised from ``model``'s UNet encoder; its output convolutions are zero (a no-op start)."""
     from diffusers import ControlNetModel
 
+    unet = model.unet if model.dtype == torch.float32 else copy.deepcopy(model.unet).float()  # fp32 weights
     with torch.inference_mode(False):
-        net = ControlNetModel.from_unet(model.unet.float() if model.dtype == torch.float32 else
-                                        copy.deepcopy(model.unet).float(),
-                                        conditioning_embedding_out_channels=conditioning_channels_for(model))
+        net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels_for(model))
     return ControlNet(net.to(model.device).eval(), name, source=f"from the UNet of {model.name}")
 
 
@@ -162,8 +157,7 @@ def context_width(state_keys_shapes: dict[str, tuple[int, ...]]) -> int | None:
     return None
 
 
-def config_for_file(keys_shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], name: str,
-                    toy_config: dict | None) -> dict:
+def config_for_file(keys_shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], name: str) -> dict:
     """The diffusers config of a ControlNet file: its own (files the pack wrote), else a shipped one by family."""
     if metadata.get(CONFIG_KEY):
         return json.loads(metadata[CONFIG_KEY])
@@ -171,15 +165,16 @@ def config_for_file(keys_shapes: dict[str, tuple[int, ...]], metadata: dict[str,
     if ctx == 2048:
         raise ValueError(f"{name} is an SDXL ControlNet (cross-attention width 2048); the pack's models are SD 1.x, "
                          "SD 2.x and the toy, so it cannot drive them. Use an SD 1.5 ControlNet")
-    fam = next((f for f in FAMILIES.values() if f.context_dim == ctx), None)
+    fam = family_of({"cross_attention_dim": ctx})
     if fam is None:
         raise ValueError(f"{name}: unrecognised ControlNet (cross-attention width {ctx}); the pack knows "
                          + ", ".join(f"{f.label} ({f.context_dim})" for f in FAMILIES.values()))
-    if fam.config_dir is None:
-        if toy_config is None:
-            raise ValueError(f"{name} looks like a toy ControlNet but carries no config")
-        return dict(toy_config)
-    cfg_file = fam.config_dir / "controlnet" / "config.json"
+    if fam.config_dir is None:  # the toy: the shipped toy ControlNet's config
+        from .toy.loader import WEIGHTS
+
+        cfg_file = WEIGHTS / "controlnet" / "config.json"
+    else:
+        cfg_file = fam.config_dir / "controlnet" / "config.json"
     return json.loads(cfg_file.read_text())
 
 
@@ -217,7 +212,7 @@ def from_state(state: dict[str, torch.Tensor], config: dict, name: str, source: 
     return ControlNet(net.eval(), name, source=source or layout)
 
 
-def load_file(path: str | Path, toy_config: dict | None = None) -> ControlNet:
+def load_file(path: str | Path) -> ControlNet:
     """A single ``.safetensors`` ControlNet in the original or the diffusers layout (a diffusers folder's weights
     file is read with the folder's config.json)."""
     from safetensors import safe_open
@@ -235,7 +230,7 @@ def load_file(path: str | Path, toy_config: dict | None = None) -> ControlNet:
     if layout == "diffusers" and not meta.get(CONFIG_KEY) and sibling.is_file():
         config = json.loads(sibling.read_text())  # a diffusers folder's weights file: use the folder's config
     else:
-        config = config_for_file(shapes, meta, path.name, toy_config)
+        config = config_for_file(shapes, meta, path.name)
     cn = from_state(st_load(str(path)), config, path.stem, source=path.name)
     cn.meta = {k: v for k, v in meta.items() if k != CONFIG_KEY}
     return cn
@@ -397,10 +392,13 @@ class ControlNetMethod(Method):
                  init: ControlNet | None = None, name: str = "controlnet"):
         from .preprocess import PREPROCESSORS
 
-        if preprocessor is not None and preprocessor not in PREPROCESSORS:
-            raise ValueError(f"preprocessor {preprocessor!r} is not known; choose one of: {', '.join(PREPROCESSORS)}")
         self.preprocessor = preprocessor
         self.options = dict(preprocessor_options or {})
+        if preprocessor is not None:
+            if preprocessor not in PREPROCESSORS:
+                raise ValueError(f"preprocessor {preprocessor!r} is not known; choose one of: "
+                                 f"{', '.join(PREPROCESSORS)}")
+            PREPROCESSORS[preprocessor](torch.zeros(1, 8, 8, 3), **self.options)  # bad options fail now, not at step 1
         self.init = init
         self.run_name = name
         self.cn: ControlNet | None = None
