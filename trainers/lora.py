@@ -1,7 +1,7 @@
 """LoRA: train with peft, export in the kohya layout, merge into a model with a strength.
 
-Training attaches peft ``LoraConfig`` adapters to the UNet (and optionally the text encoder) through the models'
-own adapter API. The result is kept as a :class:`LoRA` value holding the kohya-layout state dict that ComfyUI's
+Training attaches peft ``LoraConfig`` adapters to the UNet (and optionally the text encoder) with peft's own
+model-agnostic API (:mod:`.adapters`), never through diffusers' or transformers' adapter wrappers. The result is kept as a :class:`LoRA` value holding the kohya-layout state dict that ComfyUI's
 LoraLoader, diffusers' ``load_lora_weights``, A1111 and Forge read:
 
     lora_unet_<diffusers module path, dots as underscores>.lora_down.weight / .lora_up.weight / .alpha
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import adapters
 from .loop import Method, TrainConfig
 from .model import FTModel
 
@@ -97,15 +98,12 @@ class LoRAMethod(Method):
         for part, mod in self._parts():
             cfg = LoraConfig(r=self.rank, lora_alpha=self.alpha, init_lora_weights="gaussian",
                              target_modules=list(unet_t if part == "unet" else te_t))
-            mod.add_adapter(cfg, adapter_name=self.adapter)
-
-    def _params(self, mod) -> list[torch.nn.Parameter]:
-        return [p for n, p in mod.named_parameters() if "lora_" in n and f".{self.adapter}." in n]
+            adapters.inject(mod, cfg, self.adapter)
 
     def param_groups(self, cfg: TrainConfig) -> list[dict]:
         groups = []
         for part, mod in self._parts():
-            ps = self._params(mod)
+            ps = adapters.parameters(mod, self.adapter)
             for p in ps:
                 p.requires_grad_(True)
             lr = self.text_encoder_lr if part == "text_encoder" and self.text_encoder_lr else cfg.learning_rate
@@ -113,22 +111,16 @@ class LoRAMethod(Method):
         return groups
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        from peft import get_peft_model_state_dict
-
         out = {}
         for part, mod in self._parts():
-            for k, v in get_peft_model_state_dict(mod, adapter_name=self.adapter).items():
+            for k, v in adapters.state(mod, self.adapter).items():
                 out[f"{part}.{k}"] = v
         return out
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        from peft import set_peft_model_state_dict
-
         for part, mod in self._parts():
             sub = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
-            res = set_peft_model_state_dict(mod, sub, adapter_name=self.adapter)
-            if getattr(res, "unexpected_keys", None):
-                raise ValueError(f"checkpoint does not match this LoRA setup: unexpected {res.unexpected_keys[:3]}")
+            adapters.load_state(mod, sub, self.adapter)
 
     def export(self, name: str = "lora", metadata: dict | None = None) -> LoRA:
         """The trained adapter in the kohya layout."""
@@ -148,14 +140,8 @@ class LoRAMethod(Method):
 
     def remove(self) -> None:
         """Take the peft layers out again, leaving the model exactly as before setup."""
-        from diffusers.utils import recurse_remove_peft_layers
-
         for _, mod in self._parts():
-            recurse_remove_peft_layers(mod)
-            if hasattr(mod, "_hf_peft_config_loaded"):
-                mod._hf_peft_config_loaded = False
-            if hasattr(mod, "peft_config"):
-                del mod.peft_config
+            adapters.remove(mod)
 
 
 def lora_delta(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
