@@ -27,10 +27,10 @@ def pictures(color, shape, n, seed, geometry=world.NARROW):
 
 def direct_embeddings(images: torch.Tensor, texts: list[str]):
     """The reference path: transformers' own processor and tokenizer on the same CLIP model."""
-    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizerFast
 
     model = CLIPModel.from_pretrained(str(WEIGHTS / "clip"), use_safetensors=True).eval()
-    proc, tok = CLIPImageProcessor.from_pretrained(str(WEIGHTS / "clip")), CLIPTokenizer.from_pretrained(str(WEIGHTS / "clip"))
+    proc, tok = CLIPImageProcessor.from_pretrained(str(WEIGHTS / "clip")), CLIPTokenizerFast.from_pretrained(str(WEIGHTS / "clip"))
     u8 = [(im.numpy() * 255).round().astype(np.uint8) for im in images]
     with torch.no_grad():
         i = model.get_image_features(**proc(images=u8, return_tensors="pt"))

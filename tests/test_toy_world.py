@@ -64,11 +64,11 @@ def test_quality_bar(toy, judge):
 
 
 def test_toy_clip_ranks_the_right_caption_first():
-    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizerFast
 
     folder = WEIGHTS / "clip"
     model = CLIPModel.from_pretrained(str(folder), use_safetensors=True).eval()
-    tok, proc = CLIPTokenizer.from_pretrained(str(folder)), CLIPImageProcessor.from_pretrained(str(folder))
+    tok, proc = CLIPTokenizerFast.from_pretrained(str(folder)), CLIPImageProcessor.from_pretrained(str(folder))
     classes = world.all_classes()
     rng = np.random.default_rng(2024)  # pictures the scorer never saw
     pics = [world.random_picture(rng, color=c, shape=s) for c, s in classes for _ in range(4)]

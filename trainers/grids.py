@@ -6,10 +6,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 
 def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
+    """Pillow's built-in scalable font (Pillow >= 10.1; the older bitmap font knows only Latin-1)."""
+    return ImageFont.load_default(size=size)
 
 
 def to_pil(image) -> Image.Image:

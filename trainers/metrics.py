@@ -89,7 +89,7 @@ def load_clip_scorer(folder: str | Path, device: str | torch.device = "cpu", nam
     preprocessor_config.json). Only safetensors weights are read."""
     import json
 
-    from transformers import CLIPModel, CLIPTokenizer
+    from transformers import CLIPModel, CLIPTokenizerFast
 
     folder = Path(folder)
     cfg_path = folder / "config.json"
@@ -103,7 +103,8 @@ def load_clip_scorer(folder: str | Path, device: str | torch.device = "cpu", nam
         raise FileNotFoundError(f"{folder.name} has no .safetensors weights (pickled .bin files are refused)")
     with torch.inference_mode(False):
         model = CLIPModel.from_pretrained(str(folder), use_safetensors=True, local_files_only=True).eval()
-    tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    # the fast class reads tokenizer.json (all transformers 5 writes) and vocab.json + merges.txt alike, in 4.x and 5.x
+    tok = CLIPTokenizerFast.from_pretrained(str(folder), local_files_only=True)
     pp = json.loads((folder / "preprocessor_config.json").read_text()) \
         if (folder / "preprocessor_config.json").is_file() else {}
     size = pp.get("crop_size", {}).get("height") if isinstance(pp.get("crop_size"), dict) else pp.get("crop_size")
