@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -96,6 +97,21 @@ class ComfyServer:
                     return entry
             time.sleep(0.5)
         raise TimeoutError(f"prompt {pid} did not finish in {timeout}s:\n{self.log()[-3000:]}")
+
+
+#: ComfyUI's "Import times for custom nodes" lines: "   0.4 seconds: <path>" or "   0.0 seconds (IMPORT FAILED): <path>"
+_IMPORT_LINE = re.compile(r"(?:^|\s)(?P<s>[0-9]+\.[0-9]+) seconds(?P<failed> \(IMPORT FAILED\))?: (?P<path>.+?)\s*$")
+
+
+def pack_import(log: str, folder: str = "comfyui-finetune") -> tuple[float, bool] | None:
+    """(seconds, failed) from ComfyUI's import-time line for the custom-node folder ``folder``, or None when the
+    log has no such line. Only the pack's own line counts: ComfyUI's own optional modules (its audio nodes when
+    torchaudio has no working build) print IMPORT FAILED lines that say nothing about the pack."""
+    for line in log.splitlines():
+        m = _IMPORT_LINE.search(line)
+        if m and re.split(r"[\\/]", m["path"].rstrip("/\\"))[-1] == folder:
+            return float(m["s"]), bool(m["failed"])
+    return None
 
 
 def _free_port() -> int:
