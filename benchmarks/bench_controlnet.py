@@ -25,9 +25,12 @@ def main() -> None:
     import tempfile
     from pathlib import Path
 
-    from comfyui_finetune.trainers.controlnet import Control, ControlNetMethod
+    from comfyui_finetune.trainers.control import Control
+    from comfyui_finetune.trainers.controlnet_training import ControlNetMethod
     from comfyui_finetune.trainers.data import Dataset, Example
-    from comfyui_finetune.trainers.loop import RunDir, TrainConfig, train
+    from comfyui_finetune.trainers.loop import train
+    from comfyui_finetune.trainers.recipes import TrainConfig
+    from comfyui_finetune.trainers.runs import RunDir
     from comfyui_finetune.trainers.preprocess import canny
     from comfyui_finetune.trainers.sampling import sample
     from comfyui_finetune.trainers.toy import control

@@ -32,7 +32,9 @@ def main() -> None:
     os.environ.setdefault("FT_NO_PROGRESS", "1")
 
     from comfyui_finetune.trainers.data import Augment
-    from comfyui_finetune.trainers.loop import RunDir, TrainConfig, train
+    from comfyui_finetune.trainers.loop import train
+    from comfyui_finetune.trainers.recipes import TrainConfig
+    from comfyui_finetune.trainers.runs import RunDir
     from comfyui_finetune.trainers.lora import LoRAMethod
     from comfyui_finetune.trainers.toy.loader import load_toy_model
     from comfyui_finetune.nodes.datasets import FT_ToyDataset

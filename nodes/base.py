@@ -57,3 +57,33 @@ def torch_call(fn: Callable) -> Callable:
 
 
 HIDDEN = {"unique_id": "UNIQUE_ID"}
+
+
+def recipe_input(recipe: type, name: str) -> tuple:
+    """The ComfyUI input spec of one recipe field: its type, default, range, choices and tooltip, as declared."""
+    from ..trainers.recipes import choices_of
+
+    f = recipe.options()[name]
+    m, default = f.metadata, f.default
+    if m["choices"] is not None:
+        return COMBO(choices_of(m["choices"]), m["help"], default)
+    if isinstance(default, bool):
+        return BOOLEAN(default, m["help"])
+    if isinstance(default, int):
+        if m["seed"]:
+            return INT(default, m["min"], m["max"], m["help"], control_after_generate=True)
+        return INT(default, m["min"], m["max"], m["help"], **({"step": m["step"]} if m["step"] else {}))
+    if isinstance(default, float):
+        extra = {"round": m["round"]} if m["round"] is not None else {}
+        return FLOAT(default, m["min"], m["max"], m["help"], step=m["step"] or 0.01, **extra)
+    return STRING(default, m["help"], multiline=m["multiline"])
+
+
+def recipe_inputs(recipe: type, required_links: dict | None = None, optional_links: dict | None = None,
+                  hidden: dict | None = None) -> dict:
+    """A training node's INPUT_TYPES: its links, then the recipe's fields in the recipe's order."""
+    out = {"required": {**(required_links or {}), **{n: recipe_input(recipe, n) for n in recipe.required}},
+           "optional": {**(optional_links or {}), **{n: recipe_input(recipe, n) for n in recipe.optional}}}
+    if hidden:
+        out["hidden"] = dict(hidden)
+    return out

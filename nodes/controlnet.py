@@ -115,7 +115,7 @@ def load_controlnet(name: str):
         from ..trainers.toy.loader import load_toy_controlnet
 
         return load_toy_controlnet()
-    from ..trainers.controlnet import load_file
+    from ..trainers.controlnet_files import load_file
 
     return load_file(host.model_path("controlnet", name))
 
@@ -172,7 +172,7 @@ class FT_ApplyControlNet:
         }
 
     def execute(self, control_net, image, strength, start_percent, end_percent, previous=None):
-        from ..trainers.controlnet import Control
+        from ..trainers.control import Control
         from ..trainers.preprocess import check_image
 
         check_image(image, "image")
@@ -203,7 +203,7 @@ class FT_SaveControlNet:
         }}
 
     def execute(self, control_net, filename, layout="original", dtype="fp16"):
-        from ..trainers.controlnet import save
+        from ..trainers.controlnet_files import save
 
         root, rel = host.save_folder("controlnet", filename)
         meta = {"finetune_source": control_net.source}

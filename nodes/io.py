@@ -127,15 +127,10 @@ class FT_SaveEmbedding:
         }}
 
     def execute(self, embedding, filename):
-        import json
-
-        from ..trainers.export import save_unique
+        from ..trainers.export import embedding_metadata, save_unique
 
         root, rel = host.save_folder("embeddings", filename)
-        meta = {"token": embedding.token, "num_vectors": str(embedding.vectors.shape[0]),
-                **{k: (v if isinstance(v, str) else json.dumps(v, default=str))
-                   for k, v in embedding.metadata.items()}}
-        path = save_unique(root / rel.parent, rel.name, {"emb_params": embedding.vectors}, meta)
+        path = save_unique(root / rel.parent, rel.name, {"emb_params": embedding.vectors}, embedding_metadata(embedding))
         name = path.relative_to(root).as_posix()
         return {"ui": {"text": [f"saved embeddings/{name}: write embedding:{name.removesuffix('.safetensors')} "
                                 "in a ComfyUI prompt"]}, "result": (name,)}

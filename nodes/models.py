@@ -28,6 +28,13 @@ def sd1_tokenizer_dir():
 
 
 def load_base_model(model_name: str, device: str = "auto", dtype: str = "auto"):
+    """The model ``model_name`` names, remembering the name as its source (config.json records it)."""
+    model = _load(model_name, device, dtype)
+    model.source = TOY if model_name in (TOY, "toy") else model_name
+    return model
+
+
+def _load(model_name: str, device: str, dtype: str):
     from ..trainers import loading
 
     if model_name == TOY or model_name == "toy":

@@ -13,7 +13,10 @@ from comfyui_finetune.nodes.controlnet import (FT_ApplyControlNet, FT_CannyEdges
                                                FT_SaveControlNet)
 from comfyui_finetune.nodes.sample import FT_Sample
 from comfyui_finetune.nodes.train import FT_TrainControlNet
+from comfyui_finetune.trainers import control as A
 from comfyui_finetune.trainers import controlnet as C
+from comfyui_finetune.trainers import controlnet_files as F
+from comfyui_finetune.trainers import controlnet_training as T
 from comfyui_finetune.trainers.data import Dataset, Example
 from comfyui_finetune.trainers.toy import control
 
@@ -81,15 +84,15 @@ def test_chained_controls_add_up(toy, toy_cn):
 def test_resize_modes():
     img = torch.zeros(1, 16, 32, 3)
     img[:, :, :8] = 1.0  # left quarter white
-    crop = C.fit_condition(img, 32, 32, "crop")  # cover: 64 wide, centre-crop drops the white quarter
-    fit = C.fit_condition(img, 32, 32, "fit")  # letterbox: 32x16 picture in the middle, black bars
-    stretch = C.fit_condition(img, 32, 32, "stretch")
+    crop = A.fit_condition(img, 32, 32, "crop")  # cover: 64 wide, centre-crop drops the white quarter
+    fit = A.fit_condition(img, 32, 32, "fit")  # letterbox: 32x16 picture in the middle, black bars
+    stretch = A.fit_condition(img, 32, 32, "stretch")
     assert crop.shape == fit.shape == stretch.shape == (1, 3, 32, 32)
     assert float(crop[..., 2:].max()) < 0.01  # (the first column keeps a little of the filter's bleed)
     assert float(fit[0, 0, :8].max()) == 0.0 and float(fit[0, 0, 16, :6].min()) > 0.99
     assert float(stretch[0, 0, :, :6].min()) > 0.99 and float(stretch[0, 0, :, 10:].max()) < 0.01
     with pytest.raises(ValueError, match="resize_mode 'zoom' is not known"):
-        C.fit_condition(img, 32, 32, "zoom")
+        A.fit_condition(img, 32, 32, "zoom")
 
 
 def test_bad_control_inputs_name_the_problem(toy, toy_cn):
@@ -153,7 +156,7 @@ def test_save_and_load_both_layouts(toy_cn, folders):
     assert all(k.startswith("control_model.") for k in keys)
     assert {"control_model.input_hint_block.0.weight", "control_model.zero_convs.0.0.weight",
             "control_model.middle_block_out.0.weight", "control_model.time_embed.0.weight"} <= keys
-    assert meta["finetune_layout"] == "original" and json.loads(meta[C.CONFIG_KEY])["cross_attention_dim"] == 64
+    assert meta["finetune_layout"] == "original" and json.loads(meta[F.CONFIG_KEY])["cross_attention_dim"] == 64
     # a diffusers folder (config.json + weights written by diffusers itself) is listed by its weights file
     toy_cn.net.save_pretrained(str(folders["models"] / "controlnet" / "from_diffusers"), safe_serialization=True)
     names["diffusers folder"] = "from_diffusers/diffusion_pytorch_model.safetensors"
@@ -177,10 +180,10 @@ def test_original_layout_reads_in_diffusers_from_single_file(folders):
         for p in net.parameters():  # zero convs are zero at init: make every weight distinct
             p.data.normal_(0, 0.02)
         cn = C.ControlNet(net, "random sd15")
-        path = C.save(cn, folders["models"] / "controlnet", "sd15", "original", "fp16")
+        path = F.save(cn, folders["models"] / "controlnet", "sd15", "original", "fp16")
         theirs = ControlNetModel.from_single_file(str(path), config=str(FAMILIES["sd15"].config_dir),
                                                   subfolder="controlnet", local_files_only=True)
-        ours = C.load_file(path)
+        ours = F.load_file(path)
     ref = {k: v.half().float() for k, v in net.state_dict().items()}
     for other in (theirs.state_dict(), ours.net.state_dict()):
         assert other.keys() == ref.keys()
@@ -216,7 +219,7 @@ def test_training_from_the_unet_raises_adherence(toy, folders):
     assert after["mean_control"] >= before["mean_control"] + 0.25
     assert log.steps == 150
     run = folders["output"] / "finetune" / log.run
-    assert json.loads((run / "config.json").read_text())["preprocessor"] == "canny"
+    assert json.loads((run / "config.json").read_text())["recipe"]["preprocessor"] == "canny"
 
 
 def test_cancel_and_resume_is_bit_exact(toy, folders, monkeypatch, press_cancel_at):
@@ -242,7 +245,7 @@ def test_bad_preprocessor_options_fail_before_training(toy, folders):
 
 def test_paired_conditions_train_and_stay_aligned_under_augmentation(toy, folders):
     from comfyui_finetune.trainers.data import Augment, pair_conditions
-    from comfyui_finetune.trainers.loop import augment_batch
+    from comfyui_finetune.trainers.augment import augment_batch
     from comfyui_finetune.trainers.preprocess import canny
 
     ds = broad_set(8)
@@ -267,11 +270,10 @@ def test_paired_conditions_train_and_stay_aligned_under_augmentation(toy, folder
 
 def test_node_lists_match_the_library():
     from comfyui_finetune.nodes.sample import RESIZE_MODES
-    from comfyui_finetune.nodes.train import PREPROCESSOR_NAMES
     from comfyui_finetune.trainers.preprocess import PREPROCESSORS
 
-    assert PREPROCESSOR_NAMES == list(PREPROCESSORS)
-    assert tuple(RESIZE_MODES) == C.RESIZE_MODES
+    assert FT_TrainControlNet.INPUT_TYPES()["required"]["preprocessor"][0] == list(PREPROCESSORS)
+    assert tuple(RESIZE_MODES) == A.RESIZE_MODES
 
 
 def test_sampling_in_another_precision_leaves_the_controlnet_alone(toy, toy_cn):
@@ -287,9 +289,11 @@ def test_sampling_in_another_precision_leaves_the_controlnet_alone(toy, toy_cn):
 
 
 def test_validation_samples_use_the_training_condition(toy, folders):
-    from comfyui_finetune.trainers.loop import RunDir, TrainConfig, train
+    from comfyui_finetune.trainers.loop import train
+    from comfyui_finetune.trainers.recipes import TrainConfig
+    from comfyui_finetune.trainers.runs import RunDir
 
-    method = C.ControlNetMethod("canny", control.CANNY)
+    method = T.ControlNetMethod("canny", control.CANNY)
     cfg = TrainConfig(steps=2, batch_size=2, learning_rate=1e-3, validation_prompt="a red circle", validation_every=2,
                       validation_images=1)
     run = RunDir.create(folders["output"], "validated")

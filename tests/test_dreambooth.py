@@ -53,7 +53,7 @@ def test_prior_preservation_halves_class_drift(toy, judge, folders):
           f"concept with it {concept:.2f}")
     assert d0 >= 0.5, "without prior preservation the class should drift (else the test measures nothing)"
     assert d1 <= d0 / 2 and concept >= 0.7
-    assert log.config["class_images"] == 32 and log.config["prior_preservation"]
+    assert log.config["class_images"] == 32 and log.config["recipe"]["prior_preservation"]
 
 
 @pytest.mark.slow
@@ -107,7 +107,7 @@ def test_bad_dreambooth_input(toy, folders):
     ds = stars()
     with pytest.raises(ValueError, match="class_prompt is empty but prior_preservation is on"):
         db(toy, ds, class_prompt=" ", prior_preservation=True)
-    with pytest.raises(ValueError, match="prior_loss_weight must not be negative"):
+    with pytest.raises(ValueError, match="prior_loss_weight must be at least 0, got -1"):
         db(toy, ds, prior_loss_weight=-1.0)
     subs = FT_DreamBoothSubject().execute(ds, "a sks star", "a star")[0]
     subs = FT_DreamBoothSubject().execute(ds, "a sks circle", "a circle", previous=subs)[0]
@@ -143,7 +143,7 @@ def test_pivotal_tuning_learns_lora_and_embedding_that_reload_together(toy, judg
                                steps=300, pivotal_tuning=True, embedding_lr=2e-2)
     concept = rate(tuned, judge, "a <pv> star", "purple", "star")
     print(f"pivotal tuning: 'a <pv> star' as a purple star {concept:.2f}")
-    assert concept >= 0.8 and emb.token == "<pv>" and log.config["pivotal_tuning"]
+    assert concept >= 0.8 and emb.token == "<pv>" and log.config["recipe"]["pivotal_tuning"]
     (lname,) = FT_SaveLoRA().execute(lora, "pv/lora")["result"]
     (ename,) = FT_SaveEmbedding().execute(emb, "pv/embedding")["result"]
     (rebuilt,) = FT_ApplyEmbedding().execute(toy, ename, "<pv>")

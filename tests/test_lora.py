@@ -86,7 +86,9 @@ def test_cancel_keeps_a_checkpoint_and_resume_is_bit_exact(toy, folders, monkeyp
 
 def test_interrupt_raised_by_a_progress_callback_still_checkpoints(toy, folders):
     """Inside ComfyUI the progress bar itself raises on Cancel; the step that finished is kept."""
-    from comfyui_finetune.trainers.loop import Callbacks, RunDir, TrainConfig, train as loop_train
+    from comfyui_finetune.trainers.loop import Callbacks, train as loop_train
+    from comfyui_finetune.trainers.recipes import TrainConfig
+    from comfyui_finetune.trainers.runs import RunDir
     from comfyui_finetune.trainers.lora import LoRAMethod
 
     class InterruptProcessingException(Exception):  # the name ComfyUI uses
@@ -123,7 +125,7 @@ def test_saved_file_is_kohya_and_loads_in_diffusers_with_the_same_images(toy, fo
     assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
     assert meta["ss_network_dim"] == "8" and meta["ss_network_alpha"] == "8.0" and meta["ss_steps"] == "30"
     assert meta["ss_num_train_images"] == "8" and "sks star" in meta["ss_tag_frequency"]
-    assert json.loads(meta["finetune_config"])["rank"] == 8
+    assert json.loads(meta["finetune_config"])["recipe"]["rank"] == 8
     assert not list(path.parent.glob("*.tmp"))
 
     (ours,) = FT_ApplyLoRA().execute(toy, name, 1.0)

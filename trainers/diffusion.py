@@ -8,18 +8,31 @@ import torch
 import torch.nn.functional as F
 
 
-def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0) -> torch.Tensor:
+def randn(shape, generator: torch.Generator, shard=None) -> torch.Tensor:
+    """Standard normal draws of ``shape`` (float32, CPU). With a ``shard`` of a distributed run, the draw is for the
+    whole global batch (``world × shape[0]`` rows) and this rank's rows are returned, so every rank's draws are the
+    rows one process would have drawn."""
+    if shard is None or shard.world == 1:
+        return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+    full = torch.randn((shape[0] * shard.world, *shape[1:]), generator=generator, dtype=torch.float32)
+    return shard.take(full)
+
+
+def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0,
+                 shard=None) -> torch.Tensor:
     """Gaussian noise like ``latents``; ``noise_offset`` adds a per-channel constant (brighter/darker images)."""
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
+    noise = randn(latents.shape, generator, shard).to(latents.device, latents.dtype)
     if noise_offset:
-        off = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator, dtype=torch.float32)
+        off = randn((latents.shape[0], latents.shape[1], 1, 1), generator, shard)
         noise = noise + noise_offset * off.to(latents.device, latents.dtype)
     return noise
 
 
-def sample_timesteps(n: int, scheduler, generator: torch.Generator, device) -> torch.Tensor:
+def sample_timesteps(n: int, scheduler, generator: torch.Generator, device, shard=None) -> torch.Tensor:
     num = scheduler.config.num_train_timesteps
-    return torch.randint(0, num, (n,), generator=generator).to(device=device, dtype=torch.long)
+    world = 1 if shard is None else shard.world
+    t = torch.randint(0, num, (n * world,), generator=generator)
+    return (t if world == 1 else shard.take(t)).to(device=device, dtype=torch.long)
 
 
 def snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:

@@ -18,9 +18,16 @@ import numpy as np
 import torch
 
 from .data import Dataset, Example, prepare
-from .lora import LoRAMethod
-from .loop import Method, TrainConfig
+from .distributed import SINGLE, Shard
+from .lora import LoRAMethod, apply_lora
+from .batches import encode_latent_dists
+from .loop import Callbacks, Method
 from .model import FTModel
+from .recipes import DreamBoothRecipe, TrainConfig
+from .runs import RunDir
+
+#: DreamBooth's modes: a LoRA, or every UNet weight
+MODES = ("lora", "full")
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +134,6 @@ class FullMethod(Method):
         self.trains_text_encoder = train_text_encoder
         self.model: FTModel | None = None
 
-    def config(self) -> dict:
-        return {"train_text_encoder": self.trains_text_encoder}
-
     def setup(self, model: FTModel) -> None:
         self.model = model
 
@@ -151,9 +155,11 @@ class FullMethod(Method):
         for n, m in self._modules():
             m.load_state_dict({k[len(n) + 1:]: v for k, v in state.items() if k.startswith(n + ".")})
 
-    def finish(self) -> None:
+    def result(self, name: str, metadata: dict) -> None:
+        """The weights stay in the model (nothing separate to hand over); they stop requiring gradients."""
         for _, m in self._modules():
             m.requires_grad_(False)
+        return None
 
 
 class DreamBoothMethod(Method):
@@ -167,10 +173,11 @@ class DreamBoothMethod(Method):
         self.class_sets = class_sets or []
         self.trains_text_encoder = inner.trains_text_encoder
 
-    def config(self) -> dict:
-        return {"method": self.name, "mode": self.mode, "prior_preservation": bool(self.class_sets),
-                "prior_loss_weight": self.lam, "class_images": sum(len(p) for p, _ in self.class_sets),
-                **{k: v for k, v in self.inner.config().items() if k != "method"}}
+    def extra_sets(self) -> dict[str, list]:
+        return {f"class-{i}": [(p, prompt) for p in pics] for i, (pics, prompt) in enumerate(self.class_sets)}
+
+    def result(self, name: str, metadata: dict):
+        return self.inner.result(name, metadata)
 
     def setup(self, model: FTModel) -> None:
         self.inner.setup(model)
@@ -184,11 +191,8 @@ class DreamBoothMethod(Method):
         prep = prepare(ds, model.native_size, mult)
         if len(prep.pixels) != 1:
             raise ValueError("class pictures of different sizes: give the class dataset one resolution")
-        bucket, px = next(iter(prep.pixels.items()))
-        with torch.no_grad():
-            dists = [model.vae.encode(px[i:i + 16].to(model.device, model.dtype)).latent_dist
-                     for i in range(0, len(px), 16)]
-        self.class_latents = (torch.cat([d.mean for d in dists]).float(), torch.cat([d.std for d in dists]).float())
+        bucket = next(iter(prep.pixels))
+        self.class_latents = encode_latent_dists(model, prep.pixels)[bucket]
         self.class_captions = prep.captions[bucket]
 
     def param_groups(self, cfg):
@@ -210,9 +214,12 @@ class DreamBoothMethod(Method):
         loss = super().loss(model, latents, context, noise_sched, g, cfg, batch)
         if self.class_latents is None or self.lam == 0:
             return loss
+        from . import diffusion
+
         mean, std = self.class_latents
-        idx = torch.randint(len(mean), (latents.shape[0],), generator=g)
-        eps = torch.randn(mean[idx].shape, generator=g)
+        shard = batch.get("shard") or SINGLE
+        idx = shard.take(torch.randint(len(mean), (latents.shape[0] * shard.world,), generator=g))
+        eps = diffusion.randn(mean[idx].shape, g, shard)
         cl = ((mean[idx] + std[idx] * eps) * model.vae.config.scaling_factor).to(latents.device, latents.dtype)
         caps = [self.class_captions[i] for i in idx.tolist()]
         ctx = model.encode_prompts(caps) if self.trains_text_encoder else _cached_text(self, model, caps)
@@ -244,9 +251,12 @@ class PivotalMethod(Method):
     def __init__(self, lora: LoRAMethod, ti, embedding_lr: float):
         self.lora, self.ti, self.embedding_lr = lora, ti, embedding_lr
 
-    def config(self) -> dict:
-        return {**self.lora.config(), "pivotal_tuning": True, "token": self.ti.token,
-                "init_token": self.ti.init_token, "embedding_lr": self.embedding_lr}
+    def result(self, name: str, metadata: dict):
+        """(the LoRA, the identifier's embedding)."""
+        lora = self.lora.result(name, metadata)
+        emb = self.ti.result(name, {"token": self.ti.token, "init_token": self.ti.init_token,
+                                    "steps": metadata.get("steps"), "pivotal_lora": name})
+        return lora, emb
 
     def setup(self, model: FTModel) -> None:
         self.ti.setup(model)  # adds the word first: the LoRA then wraps layers of the grown text encoder
@@ -271,3 +281,85 @@ class PivotalMethod(Method):
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         self.lora.load_trainable_state({k[5:]: v for k, v in state.items() if k.startswith("lora.")})
         self.ti.load_trainable_state({k[3:]: v for k, v in state.items() if k.startswith("ti.")})
+
+
+# ------------------------------------------------------------------------------------------------ training --
+def make_method(recipe: DreamBoothRecipe, model: FTModel, subjects: list[Subject]) -> Method:
+    """The inner method of a DreamBooth run: a LoRA, a full fine-tune, or a LoRA with pivotal tuning."""
+    from .textual_inversion import TextualInversionMethod
+
+    inner = make_inner(recipe.mode, recipe.train_text_encoder, recipe.rank, recipe.alpha, recipe.target_modules)
+    if not recipe.pivotal_tuning:
+        return inner
+    if len(subjects) != 1:
+        raise ValueError("pivotal_tuning trains one subject at a time; chain stages for more")
+    words = subjects[0].class_prompt.split()
+    ti = TextualInversionMethod(subjects[0].identifier, words[-1] if words else "object")
+    ti.validate(model)
+    return PivotalMethod(inner, ti, recipe.embedding_lr)
+
+
+def gather_class_sets(recipe: DreamBoothRecipe, model: FTModel, subjects: list[Subject], cache: Path,
+                      progress: Callable | None = None) -> list[tuple[list[np.ndarray], str]]:
+    """Each subject's class pictures: its own class dataset first, the rest generated from ``model`` (cached
+    under ``cache``). ``progress(total, desc)`` makes a progress bar (an object with update(n) and close())."""
+    sets = []
+    res = subjects[0].dataset.resolution or model.native_size
+    for i, s in enumerate(subjects):
+        given = [e.image for e in s.class_dataset.examples][:recipe.num_class_images] if s.class_dataset else []
+        missing = recipe.num_class_images - len(given)
+        made = []
+        if missing > 0:
+            bar = progress(missing, f"class pictures: {s.class_prompt}") if progress else None
+            try:
+                made, generated = class_images(model, s.class_prompt, missing, res, recipe.seed + 7919 * i, cache,
+                                               (lambda d, n: bar.update(d)) if bar else None)
+            finally:
+                if bar:
+                    bar.close()
+            log.info("%s %d class pictures of %r", "generated" if generated else "reused cached", missing,
+                     s.class_prompt)
+        sets.append((given + made, s.class_prompt))
+    return sets
+
+
+def train_dreambooth(recipe: DreamBoothRecipe, model: FTModel, subjects: list[Subject], run: RunDir,
+                     callbacks: Callbacks | None = None, shard: Shard = SINGLE, *, class_cache: Path | None = None,
+                     class_sets: list | None = None, instance: Dataset | None = None,
+                     progress: Callable | None = None):
+    """DreamBooth on one or several subjects: returns a Trained whose result is the LoRA (lora mode; None in full
+    mode, whose weights are the model's) and ``extra["embedding"]`` the identifier's embedding (pivotal tuning).
+
+    Class pictures come from ``class_sets`` when given (a repeated run), else from the subjects' class datasets and
+    generation from the base model (cached under ``class_cache``)."""
+    from .export import embedding_metadata, lora_metadata
+    from .session import Trained, result_metadata, run_method, save_in_run
+
+    check_subjects(subjects, recipe.prior_preservation, recipe.prior_loss_weight)
+    inner = make_method(recipe, model, subjects)
+    if class_sets is None:
+        class_sets = gather_class_sets(recipe, model, subjects, class_cache, progress) \
+            if recipe.prior_preservation else []
+    method = DreamBoothMethod(recipe.mode, inner, recipe.prior_loss_weight, class_sets)
+    extra = {"subjects": [{"instance_prompt": s.instance_prompt, "class_prompt": s.class_prompt,
+                           "identifier": s.identifier, "images": len(s.dataset.examples)} for s in subjects],
+             "class_images": sum(len(p) for p, _ in class_sets)}
+    res = run_method(method, recipe, model, instance or instance_dataset(subjects), run, callbacks, shard,
+                     extra_config=extra)
+    if res.cancelled:
+        return Trained(None, None, res)
+    tuned, lora, out = res.model, None, {}
+    if recipe.mode == "lora":
+        got = method.result(run.name, result_metadata(res, subjects[0].dataset.resolution or model.native_size))
+        lora, emb = got if isinstance(got, tuple) else (got, None)
+        save_in_run(run, "lora", lora.state, lora_metadata(lora))
+        tuned = apply_lora(tuned, lora, 1.0)
+        tuned.history = tuned.history[:-1]
+        if emb is not None:
+            save_in_run(run, "embedding", {"emb_params": emb.vectors}, embedding_metadata(emb))
+            out["embedding"] = emb
+    else:
+        method.result(run.name, {})
+    tuned.history = tuned.history + [{"trained": f"dreambooth-{recipe.mode}", "run": run.name, "steps": res.step,
+                                      "subjects": extra["subjects"]}]
+    return Trained(tuned, lora, res, out)

@@ -60,7 +60,7 @@ def save_unique(folder: Path, stem: str, tensors: dict[str, torch.Tensor], metad
 def lora_metadata(lora, dtype: str = "float32") -> dict[str, str]:
     """kohya's ``ss_*`` keys (what LoRA managers show) plus the pack's full training config as JSON."""
     cfg = lora.metadata.get("finetune_config", {}) or {}
-    train = cfg.get("train", {})
+    train = cfg.get("recipe", {})
     data = cfg.get("dataset", {})
     model = cfg.get("model", {})
     meta = {
@@ -73,8 +73,8 @@ def lora_metadata(lora, dtype: str = "float32") -> dict[str, str]:
         "ss_max_train_steps": train.get("steps", ""),
         "ss_learning_rate": train.get("learning_rate", ""),
         "ss_unet_lr": train.get("learning_rate", ""),
-        "ss_text_encoder_lr": cfg.get("text_encoder_lr") or train.get("learning_rate", ""),
-        "ss_network_train_unet_only": not cfg.get("train_text_encoder", False),
+        "ss_text_encoder_lr": train.get("text_encoder_lr") or train.get("learning_rate", ""),
+        "ss_network_train_unet_only": not train.get("train_text_encoder", False),
         "ss_batch_size_per_device": train.get("batch_size", ""),
         "ss_gradient_accumulation_steps": train.get("grad_accum", ""),
         "ss_optimizer": train.get("optimizer", ""),
@@ -93,6 +93,12 @@ def lora_metadata(lora, dtype: str = "float32") -> dict[str, str]:
         "modelspec.architecture": f"{BASE_MODEL_VERSION.get(model.get('family', ''), 'unknown')}/lora",
     }
     return {k: str(v) for k, v in meta.items()}
+
+
+def embedding_metadata(embedding) -> dict[str, str]:
+    """An embedding file's metadata: its word, vector count and what the pack knows of its training."""
+    return {"token": embedding.token, "num_vectors": str(embedding.vectors.shape[0]),
+            **{k: (v if isinstance(v, str) else json.dumps(v, default=str)) for k, v in embedding.metadata.items()}}
 
 
 def legacy_text_encoder_keys(folder: Path) -> Path:

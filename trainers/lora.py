@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 import torch
 
 from . import adapters
-from .loop import Method, TrainConfig
+from .distributed import SINGLE, Shard
+from .loop import Callbacks, Method
 from .model import FTModel
+from .recipes import LoRARecipe, TrainConfig
+from .runs import RunDir
 
 #: target presets: name -> (UNet module names, text-encoder module names); peft matches name suffixes
 TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -80,9 +83,9 @@ class LoRAMethod(Method):
         self.adapter = adapter_name
         self.model: FTModel | None = None
 
-    def config(self) -> dict:
-        return {"method": self.name, "rank": self.rank, "alpha": self.alpha, "targets": self.targets,
-                "train_text_encoder": self.trains_text_encoder, "text_encoder_lr": self.text_encoder_lr}
+    @classmethod
+    def from_recipe(cls, r: LoRARecipe) -> "LoRAMethod":
+        return cls(r.rank, r.alpha, r.target_modules, r.train_text_encoder, r.text_encoder_lr)
 
     def _parts(self) -> list[tuple[str, torch.nn.Module]]:
         parts = [("unet", self.model.unet)]
@@ -142,6 +145,30 @@ class LoRAMethod(Method):
         """Take the peft layers out again, leaving the model exactly as before setup."""
         for _, mod in self._parts():
             adapters.remove(mod)
+
+    def result(self, name: str, metadata: dict) -> "LoRA":
+        """The trained LoRA (kohya layout); the adapter layers leave the model."""
+        lora = self.export(name, metadata)
+        self.remove()
+        return lora
+
+
+def train_lora(recipe: LoRARecipe, model: FTModel, dataset, run: RunDir, callbacks: Callbacks | None = None,
+               shard: Shard = SINGLE):
+    """Train a LoRA: returns a Trained with the model (LoRA merged in, strength 1) and the LoRA; the LoRA is also
+    kept in the run folder as ``lora.safetensors`` (kohya layout)."""
+    from .export import lora_metadata
+    from .session import Trained, result_metadata, run_method, save_in_run
+
+    method = LoRAMethod.from_recipe(recipe)
+    res = run_method(method, recipe, model, dataset, run, callbacks, shard)
+    if res.cancelled:
+        return Trained(None, None, res)
+    lora = method.result(run.name, result_metadata(res, dataset.resolution or model.native_size))
+    save_in_run(run, "lora", lora.state, lora_metadata(lora))
+    tuned = apply_lora(res.model, lora, 1.0)
+    tuned.history[-1] = {"trained": "lora", "run": run.name, "steps": res.step, "rank": recipe.rank}
+    return Trained(tuned, lora, res)
 
 
 def lora_delta(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,31 @@ class FTModel:
     history: list[dict] = field(default_factory=list)
     #: multi-vector tokens added by Textual Inversion: "<tok>" -> ["<tok>", "<tok>_1", ...]
     token_vectors: dict[str, list[str]] = field(default_factory=dict)
+    #: how to load it again: "toy (built-in)", "diffusers/<folder>" or "checkpoints/<file>" ("" = made in memory)
+    source: str = ""
+
+    def fingerprint(self) -> str:
+        """A hash of the weights' shapes and of the first and last values of every UNet, text-encoder and VAE tensor:
+        cheap on a multi-GB model, and it tells a different or changed model apart."""
+        import hashlib
+
+        import numpy as np
+
+        h = hashlib.sha256(self.family.encode())
+        with torch.no_grad():
+            for part in (self.unet, self.text_encoder, self.vae):
+                for name, p in part.named_parameters():
+                    flat = p.detach().reshape(-1)
+                    h.update(f"{name}{tuple(p.shape)}".encode())
+                    for piece in (flat[:64], flat[-64:]):
+                        h.update(np.ascontiguousarray(piece.float().cpu().numpy()).tobytes())
+        return h.hexdigest()[:20]
+
+    def identity(self) -> dict:
+        """What config.json records about the base model: enough to load it again and to check it is the same."""
+        return {"family": self.family, "name": self.name, "source": self.source, "fingerprint": self.fingerprint(),
+                "dtype": str(self.dtype).removeprefix("torch."), "history": list(self.history),
+                "token_vectors": {k: list(v) for k, v in self.token_vectors.items()}}
 
     @property
     def vae_scale_factor(self) -> int:
@@ -78,7 +103,7 @@ class FTModel:
         return FTModel(self.family, self.name, copy.deepcopy(self.unet), copy.deepcopy(self.vae),
                        copy.deepcopy(self.text_encoder), copy.deepcopy(self.tokenizer), dict(self.scheduler_config),
                        self.device, self.dtype, list(self.history),
-                       {k: list(v) for k, v in self.token_vectors.items()})
+                       {k: list(v) for k, v in self.token_vectors.items()}, self.source)
 
     def to_pipeline(self):
         """A diffusers StableDiffusionPipeline over the same modules (no copy)."""

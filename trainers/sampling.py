@@ -67,7 +67,7 @@ def sample(
 ) -> torch.Tensor:
     """Generate ``len(seeds)`` images; returns a ComfyUI IMAGE tensor (B, H, W, 3), float 0..1, on the CPU.
 
-    ``controls`` are :class:`~.controlnet.Control` applications; their residuals are summed and added to the UNet's
+    ``controls`` are :class:`~.control.Control` applications; their residuals are summed and added to the UNet's
     skip connections on both halves of classifier-free guidance. Strength 0 skips a ControlNet entirely.
     """
     if isinstance(prompts, str):
@@ -88,7 +88,7 @@ def sample(
     f = model.vae_scale_factor
     prepared = []
     if controls:
-        from .controlnet import prepare_controls, residuals
+        from .control import prepare_controls, residuals
 
         prepared = prepare_controls(controls, model, len(seeds), height, width, resize_mode, use_cfg)
     latents = initial_noise(seeds, (model.latent_channels, height // f, width // f)).to(dev, dt)

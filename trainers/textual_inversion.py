@@ -12,13 +12,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .loop import Method, TrainConfig
+from .distributed import SINGLE, Shard
+from .loop import Callbacks, Method
 from .model import FTModel
+from .recipes import TextualInversionRecipe, TrainConfig
+from .runs import RunDir
 
 OBJECT_TEMPLATES = ("a photo of a {}", "a {}", "a picture of a {}", "a photo of the {}", "the {}",
                     "a {} on a white background", "a picture of the {}", "a photo of one {}")
 STYLE_TEMPLATES = ("a picture in the style of {}", "a painting in the style of {}", "a {} style picture",
                    "a photo in the style of {}", "art in the style of {}")
+#: caption modes: the dataset's own captions (None), or templates with the token
+CAPTION_MODES: dict[str, tuple[str, ...] | None] = {"dataset captions": None, "object templates": OBJECT_TEMPLATES,
+                                                     "style templates": STYLE_TEMPLATES}
 
 
 @dataclass
@@ -82,9 +88,9 @@ class TextualInversionMethod(Method):
         self.ids: list[int] = []
         self.model: FTModel | None = None
 
-    def config(self) -> dict:
-        return {"method": self.name, "token": self.token, "init_token": self.init_token,
-                "num_vectors": self.num_vectors}
+    @classmethod
+    def from_recipe(cls, r: TextualInversionRecipe) -> "TextualInversionMethod":
+        return cls(r.token, r.init_token, r.num_vectors)
 
     def validate(self, model: FTModel) -> int:
         """Check the token and init_token against ``model`` before any work; returns the init token's id."""
@@ -133,6 +139,46 @@ class TextualInversionMethod(Method):
 
     def export(self, name: str, metadata: dict | None = None) -> Embedding:
         return Embedding(self.token, self.trainable_state()["emb_params"], name, dict(metadata or {}))
+
+    def result(self, name: str, metadata: dict) -> Embedding:
+        """The learned word; the embedding table stops requiring gradients (the word stays in the model)."""
+        self.finish()
+        return self.export(name, metadata)
+
+
+def captioned_for(recipe: TextualInversionRecipe, dataset):
+    """The dataset with the recipe's caption mode: its own captions must hold the token; templates replace them."""
+    token = recipe.token.strip()
+    templates = CAPTION_MODES[recipe.caption_mode]
+    if templates is None:
+        if not any(token in e.caption for e in dataset.examples):
+            raise ValueError(f"caption_mode 'dataset captions': no caption of the dataset contains the token "
+                             f"{token!r}. Put it in the captions (e.g. caption 'a photo of {{token}}' with "
+                             f"token {token!r}), or choose object or style templates")
+        return dataset
+    return dataset.with_options(caption_templates=templates, template_token=token)
+
+
+def train_textual_inversion(recipe: TextualInversionRecipe, model: FTModel, dataset, run: RunDir,
+                            callbacks: Callbacks | None = None, shard: Shard = SINGLE):
+    """Learn a new word: returns a Trained with the model that knows it and the Embedding (also kept in the run
+    folder as ``embedding.safetensors``)."""
+    from .export import embedding_metadata
+    from .session import Trained, run_method, save_in_run
+
+    method = TextualInversionMethod.from_recipe(recipe)
+    method.validate(model)
+    dataset = captioned_for(recipe, dataset)
+    res = run_method(method, recipe, model, dataset, run, callbacks, shard)
+    if res.cancelled:
+        return Trained(None, None, res)
+    emb = method.result(run.name, {"token": method.token, "init_token": method.init_token, "steps": res.step,
+                                   "finetune_config": res.config})
+    save_in_run(run, "embedding", {"emb_params": emb.vectors}, embedding_metadata(emb))
+    tuned = res.model
+    tuned.history = tuned.history + [{"trained": "textual_inversion", "run": run.name, "token": method.token,
+                                      "steps": res.step}]
+    return Trained(tuned, emb, res)
 
 
 def apply_embedding(model: FTModel, emb: Embedding, token: str | None = None) -> FTModel:

@@ -23,11 +23,10 @@ import torch.nn.functional as F
 from .. import diffusion
 from ..export import legacy_text_encoder_keys
 from . import judge as judge_mod
-from . import models, world
+from . import WEIGHTS, control, models, world
 from .tokenizer import write_tokenizer
 
 log = logging.getLogger(__name__)
-WEIGHTS = Path(__file__).with_name("weights")
 STAGES = ("judge", "vae", "unet", "clip", "controlnet", "eval")
 
 
@@ -271,50 +270,6 @@ def train_unet(cfg: BuildConfig, out: Path, pics: list[world.Picture]) -> dict:
             "ms_per_step": round(1000 * (time.time() - t1) / cfg.unet_steps, 1), "final_loss_ema": round(ema_loss, 4)}
 
 
-# ------------------------------------------------------------------------------------------------ controlnet --
-def train_controlnet(cfg: BuildConfig, out: Path) -> dict:
-    """The toy ControlNet, trained by the pack's own ControlNet trainer (the shared loop) on Canny edges of
-    broad-geometry pictures; saved as a diffusers folder in fp32."""
-    import shutil
-    import tempfile
-
-    from ..controlnet import ControlNetMethod
-    from ..data import Dataset, Example
-    from ..loop import RunDir, TrainConfig, train
-    from . import control
-    from .loader import load_toy_model
-
-    model = load_toy_model(out)
-    pics = control.training_pictures(cfg.controlnet_images, cfg.seed + 5)
-    ds = Dataset([Example(p.image, p.caption, f"{i}.png") for i, p in enumerate(pics)], name="toy-controlnet",
-                 caption_dropout=cfg.controlnet_caption_dropout, source="toy world, broad geometry")
-    method = ControlNetMethod("canny", control.CANNY, name="toy canny")
-    tcfg = TrainConfig(steps=cfg.controlnet_steps, learning_rate=cfg.controlnet_lr, batch_size=cfg.batch_size,
-                       seed=cfg.seed + 5, lr_scheduler="cosine", warmup_steps=50)
-    t0 = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        result = train(model.clone(), ds, method, tcfg, RunDir.create(Path(tmp), "toy-controlnet"))
-    seconds = time.time() - t0
-    cn = method.result()
-    folder = out / "controlnet"
-    tmp_folder = folder.with_name("controlnet.tmp")
-    shutil.rmtree(tmp_folder, ignore_errors=True)
-    cn.net.save_pretrained(str(tmp_folder), safe_serialization=True)
-    cfg_file = tmp_folder / "config.json"
-    cfg_json = json.loads(cfg_file.read_text())
-    cfg_json.pop("_name_or_path", None)
-    cfg_file.write_text(json.dumps(cfg_json, indent=2, sort_keys=True) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp_folder.replace(folder)
-    report = control.adherence(model, cn, n=32)
-    losses = [r["loss"] for r in result.log]
-    return {"seconds": round(seconds, 1), "steps": cfg.controlnet_steps,
-            "ms_per_step": round(1000 * seconds / cfg.controlnet_steps, 1),
-            "final_loss_mean50": round(float(np.mean(losses[-50:])), 4),
-            "mb": round(sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2 ** 20, 2),
-            **{k: v for k, v in report.items() if not k.startswith("iou_")}}
-
-
 # ------------------------------------------------------------------------------------------------------ clip --
 CLIP_TEMPLATES = ("a {c} {s}", "a {c} {s} on a white background", "a photo of a {c} {s}")
 
@@ -439,7 +394,7 @@ def build(out: Path = WEIGHTS, cfg: BuildConfig | None = None, stages=STAGES) ->
         elif stage == "clip":
             report["clip"] = train_clip(cfg, out)
         elif stage == "controlnet":
-            report["controlnet"] = train_controlnet(cfg, out)
+            report["controlnet"] = control.train_controlnet(cfg, out)
         elif stage == "eval":
             report["eval"] = evaluate(cfg, out, out.parent / "toy_samples.png" if out == WEIGHTS else out / "samples.png")
         log.info("stage %s: %s", stage, {k: v for k, v in report[stage].items() if k != "per_class"})

@@ -5,6 +5,8 @@ background) against the filled shape whose edges made the condition.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from . import world
@@ -56,7 +58,7 @@ def adherence(model, control_net, n: int = 16, *, seed: int = 123, steps: int = 
     """Sample each target's prompt with and without the ControlNet (same seed) and report the mask IoUs."""
     import torch
 
-    from ..controlnet import Control
+    from ..control import Control
     from ..preprocess import canny
     from ..sampling import sample
 
@@ -73,3 +75,51 @@ def adherence(model, control_net, n: int = 16, *, seed: int = 123, steps: int = 
     return {"n": n, "iou_control": [round(float(v), 3) for v in w], "iou_none": [round(float(v), 3) for v in wo],
             "mean_control": round(float(w.mean()), 3), "mean_none": round(float(wo.mean()), 3),
             "share_control_ge_0.6": round(float((w >= 0.6).mean()), 3)}
+
+
+# ------------------------------------------------------------------------------------------------ controlnet --
+def train_controlnet(cfg, out: Path) -> dict:
+    """The toy build's ControlNet stage (``cfg`` is its BuildConfig): the toy ControlNet, trained by the pack's own
+    ControlNet trainer (the shared loop) on Canny edges of broad-geometry pictures; saved as a diffusers folder in
+    fp32."""
+    import json
+    import shutil
+    import tempfile
+    import time
+
+    from ..controlnet_training import ControlNetMethod
+    from ..data import Dataset, Example
+    from ..loop import train
+    from ..recipes import TrainConfig
+    from ..runs import RunDir
+    from .loader import load_toy_model
+
+    model = load_toy_model(out)
+    pics = training_pictures(cfg.controlnet_images, cfg.seed + 5)
+    ds = Dataset([Example(p.image, p.caption, f"{i}.png") for i, p in enumerate(pics)], name="toy-controlnet",
+                 caption_dropout=cfg.controlnet_caption_dropout, source="toy world, broad geometry")
+    method = ControlNetMethod("canny", CANNY, name="toy canny")
+    tcfg = TrainConfig(steps=cfg.controlnet_steps, learning_rate=cfg.controlnet_lr, batch_size=cfg.batch_size,
+                       seed=cfg.seed + 5, lr_scheduler="cosine", warmup_steps=50)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train(model.clone(), ds, method, tcfg, RunDir.create(Path(tmp), "toy-controlnet"))
+    seconds = time.time() - t0
+    cn = method.result()
+    folder = out / "controlnet"
+    tmp_folder = folder.with_name("controlnet.tmp")
+    shutil.rmtree(tmp_folder, ignore_errors=True)
+    cn.net.save_pretrained(str(tmp_folder), safe_serialization=True)
+    cfg_file = tmp_folder / "config.json"
+    cfg_json = json.loads(cfg_file.read_text())
+    cfg_json.pop("_name_or_path", None)
+    cfg_file.write_text(json.dumps(cfg_json, indent=2, sort_keys=True) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp_folder.replace(folder)
+    report = adherence(model, cn, n=32)
+    losses = [r["loss"] for r in result.log]
+    return {"seconds": round(seconds, 1), "steps": cfg.controlnet_steps,
+            "ms_per_step": round(1000 * seconds / cfg.controlnet_steps, 1),
+            "final_loss_mean50": round(float(np.mean(losses[-50:])), 4),
+            "mb": round(sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2 ** 20, 2),
+            **{k: v for k, v in report.items() if not k.startswith("iou_")}}

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-WEIGHTS = Path(__file__).with_name("weights")
+from . import WEIGHTS
+
+#: how config.json names the built-in toy model (the Load Base Model choice)
+TOY_SOURCE = "toy (built-in)"
 
 
 def missing_weights_error(folder: Path) -> FileNotFoundError:
@@ -30,13 +33,13 @@ def load_toy_model(folder: str | Path = WEIGHTS, device="cpu"):
     import json
 
     sched = json.loads((p / "scheduler" / "scheduler_config.json").read_text())
-    model = FTModel("toy", "toy", unet, vae, te, tok, sched)
+    model = FTModel("toy", "toy", unet, vae, te, tok, sched, source=TOY_SOURCE)
     return model.to(device)
 
 
 def load_toy_controlnet(folder: str | Path = WEIGHTS):
     """The toy ControlNet: follows Canny edge maps of toy pictures (made with control.CANNY thresholds)."""
-    from ..controlnet import load_folder
+    from ..controlnet_files import load_folder
 
     p = Path(folder) / "controlnet"
     if not (p / "config.json").exists():

@@ -1,0 +1,159 @@
+"""One declaration per option: every training node's inputs are its recipe, config.json reads back into the same
+recipe, and a config of another method or a newer pack is refused with an error naming the field."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from comfyui_finetune import NODE_CLASS_MAPPINGS
+from comfyui_finetune.nodes.base import MAX_SEED
+from comfyui_finetune.trainers import recipes as R
+
+TRAINING_NODES = {name: cls for name, cls in NODE_CLASS_MAPPINGS.items() if name.startswith("FT_Train")}
+
+
+def test_every_training_node_has_a_recipe():
+    assert set(TRAINING_NODES) == {"FT_TrainLoRA", "FT_TrainTextualInversion", "FT_TrainDreamBooth",
+                                   "FT_TrainControlNet"}
+    for cls in TRAINING_NODES.values():
+        assert cls.RECIPE in R.RECIPES, cls
+
+
+@pytest.mark.parametrize("node", sorted(TRAINING_NODES))
+def test_node_inputs_are_what_the_recipe_declares(node):
+    """Names, order, types, defaults, ranges, choices and tooltips: nothing is typed twice, nothing drifts."""
+    cls = TRAINING_NODES[node]
+    recipe = R.RECIPES[cls.RECIPE]
+    spec = cls.INPUT_TYPES()
+    widgets = {sec: [n for n, s in spec[sec].items() if not (isinstance(s[0], str) and s[0].startswith("FT_"))]
+               for sec in ("required", "optional")}
+    assert widgets["required"] == list(recipe.required)
+    assert widgets["optional"] == list(recipe.optional)
+    declared = recipe.options()
+    assert sorted(recipe.required + recipe.optional) == sorted(declared), "every option is an input, once"
+    for sec in ("required", "optional"):
+        for name in widgets[sec]:
+            kind, opts = spec[sec][name]
+            f, m = declared[name], declared[name].metadata
+            assert opts["tooltip"] == m["help"] and opts["default"] == f.default, name
+            if m["choices"] is not None:
+                assert kind == R.choices_of(m["choices"]) and f.default in kind, name
+            elif isinstance(f.default, bool):
+                assert kind == "BOOLEAN", name
+            elif isinstance(f.default, int):
+                assert kind == "INT" and (opts["min"], opts["max"]) == (m["min"], m["max"]), name
+            elif isinstance(f.default, float):
+                assert kind == "FLOAT" and (opts["min"], opts["max"]) == (m["min"], m["max"]), name
+            else:
+                assert kind == "STRING", name
+    seed = spec["required"]["seed"][1]
+    assert seed["max"] == MAX_SEED and seed["control_after_generate"]
+
+
+def test_choices_come_from_the_library_tables():
+    from comfyui_finetune.trainers.dreambooth import MODES
+    from comfyui_finetune.trainers.loop import LOSSES, LR_SCHEDULERS, OPTIMIZERS, PRECISIONS
+    from comfyui_finetune.trainers.lora import TARGETS
+    from comfyui_finetune.trainers.preprocess import PREPROCESSORS
+    from comfyui_finetune.trainers.textual_inversion import CAPTION_MODES
+
+    opt = NODE_CLASS_MAPPINGS["FT_TrainLoRA"].INPUT_TYPES()["optional"]
+    assert opt["optimizer"][0] == list(OPTIMIZERS) and opt["lr_scheduler"][0] == list(LR_SCHEDULERS)
+    assert opt["loss"][0] == list(LOSSES) and opt["mixed_precision"][0] == list(PRECISIONS)
+    assert NODE_CLASS_MAPPINGS["FT_TrainLoRA"].INPUT_TYPES()["required"]["target_modules"][0] == list(TARGETS)
+    assert NODE_CLASS_MAPPINGS["FT_TrainDreamBooth"].INPUT_TYPES()["required"]["mode"][0] == list(MODES)
+    ti = NODE_CLASS_MAPPINGS["FT_TrainTextualInversion"].INPUT_TYPES()["required"]
+    assert ti["caption_mode"][0] == list(CAPTION_MODES)
+    cn = NODE_CLASS_MAPPINGS["FT_TrainControlNet"].INPUT_TYPES()["required"]
+    assert cn["preprocessor"][0] == list(PREPROCESSORS)
+
+
+def test_recipes_module_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, comfyui_finetune.trainers.recipes as r; r.LoRARecipe.options(); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
+
+
+def test_pack_version_is_the_pyproject_version():
+    import tomllib
+    from pathlib import Path
+
+    import comfyui_finetune
+
+    pyproject = tomllib.loads((Path(comfyui_finetune.__file__).parent / "pyproject.toml").read_text())
+    assert R.PACK_VERSION == pyproject["project"]["version"] == comfyui_finetune.__version__
+
+
+@pytest.mark.parametrize("method", sorted(R.RECIPES))
+def test_config_round_trip_gives_the_same_recipe(method):
+    cls = R.RECIPES[method]
+    changed = {"steps": 77, "seed": 12345678901234, "learning_rate": 3e-4, "optimizer": "sgd",
+               "validation_prompt": "a <b>red</b> circle"}
+    recipe = cls(**changed)
+    cfg = json.loads(json.dumps(R.run_config(recipe, {"family": "toy"}, {"images": 1})))
+    back, whole = R.read_config(cfg, method=method)
+    assert back == recipe and type(back) is cls and whole["pack"]["version"] == R.PACK_VERSION
+    assert "resume_run" not in cfg["recipe"], "run control is not part of what a config repeats"
+
+
+def test_a_config_of_another_method_or_a_newer_pack_is_refused():
+    lora = R.run_config(R.LoRARecipe(rank=4), {}, {})
+    with pytest.raises(ValueError, match="method is 'lora', not 'textual_inversion'"):
+        R.read_config(lora, method="textual_inversion")
+    wrong = {**lora, "method": "textual_inversion"}
+    with pytest.raises(ValueError, match=r"recipe\.rank is not an option of textual_inversion"):
+        R.read_config(wrong)
+    newer = {**lora, "pack": {"version": "9.0.0"}}
+    with pytest.raises(ValueError, match=r"pack\.version 9\.0\.0 is newer than this pack"):
+        R.read_config(newer)
+    with pytest.raises(ValueError, match="format 2 is newer"):
+        R.read_config({**lora, "format": 2})
+    with pytest.raises(ValueError, match="method 'sdxl_magic' is not known"):
+        R.read_config({**lora, "method": "sdxl_magic"})
+    bad = {**lora, "recipe": {**lora["recipe"], "rank": 0}}
+    with pytest.raises(ValueError, match="recipe: rank must be at least 1, got 0"):
+        R.read_config(bad)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"rank": 0}, "rank must be at least 1, got 0"),
+    ({"rank": 257}, "rank must be at most 256, got 257"),
+    ({"learning_rate": float("nan")}, "learning_rate must be a finite number"),
+    ({"steps": 2.5}, "steps must be a whole number"),
+    ({"optimizer": "adamw9000"}, "optimizer 'adamw9000' is not known; choose one of: adamw, adam"),
+    ({"target_modules": "everything"}, "target_modules 'everything' is not known"),
+    ({"train_text_encoder": "yes"}, "train_text_encoder must be true or false"),
+    ({"max_grad_norm": -1.0}, "max_grad_norm must be at least 0"),
+])
+def test_bad_values_name_the_input(kw, message):
+    with pytest.raises(ValueError, match=message):
+        R.LoRARecipe(**kw)
+
+
+def test_cross_field_checks():
+    with pytest.raises(ValueError, match="pivotal_tuning needs mode 'lora'"):
+        R.DreamBoothRecipe(mode="full", pivotal_tuning=True)
+    with pytest.raises(ValueError, match="low_threshold 0.6 must not exceed high_threshold 0.3"):
+        R.ControlNetRecipe(low_threshold=0.6, high_threshold=0.3)
+    assert R.ControlNetRecipe(preprocessor="scribble").preprocessor_options() == {}
+
+
+def test_a_trained_run_writes_a_config_that_reads_back(toy, folders):
+    from comfyui_finetune.nodes.datasets import FT_ToyDataset
+
+    ds = FT_ToyDataset().execute("purple", "star", 4, "a sks star", 0, "narrow")[0]
+    _, _, log = NODE_CLASS_MAPPINGS["FT_TrainLoRA"]().execute(
+        toy, ds, steps=2, learning_rate=1e-3, batch_size=2, rank=4, alpha=4.0, seed=3, target_modules="attention",
+        train_text_encoder=False, text_encoder_lr=0.0, run_name="cfg", optimizer="adam", snr_gamma=0.0)
+    path = folders["output"] / "finetune" / log.run / "config.json"
+    recipe, cfg = R.read_config(path, method="lora")
+    assert recipe == R.LoRARecipe(steps=2, learning_rate=1e-3, batch_size=2, rank=4, alpha=4.0, seed=3,
+                                  target_modules="attention", run_name="cfg", optimizer="adam", snr_gamma=0.0)
+    assert cfg["model"]["source"] == "toy (built-in)" or cfg["model"]["name"] == "toy"
+    assert cfg["model"]["fingerprint"] == toy.fingerprint() and cfg["dataset"]["images"] == 4
+    assert (path.parent / "dataset" / "dataset.json").is_file() and (path.parent / "lora.safetensors").is_file()

@@ -1,0 +1,127 @@
+"""From pictures to what the UNet trains on: epochs of shuffled same-bucket batches (:class:`Batches`, whose position
+is checkpointed) and their latents and text embeddings (:class:`Encoder`, with caches where the encoders are frozen).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import diffusion
+from .augment import augment_batch
+from .data import Dataset, Prepared, process_caption
+from .distributed import Shard
+from .model import FTModel
+
+if TYPE_CHECKING:  # the loop imports this module; a method is only a parameter here
+    from .loop import Method
+
+
+class Batches:
+    """Epochs of shuffled batches, each from one size bucket; its position is part of the checkpoint."""
+
+    def __init__(self, prepared: Prepared, batch_size: int, g: torch.Generator):
+        self.p, self.bs, self.g = prepared, batch_size, g
+        self.epoch: list[list[int]] = []  # batches of indices into prepared.index
+        self.pos = 0
+
+    def _new_epoch(self) -> None:
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i, (b, _) in enumerate(self.p.index):
+            by_bucket.setdefault(b, []).append(i)
+        batches = []
+        for b in sorted(by_bucket):
+            idx = by_bucket[b]
+            perm = torch.randperm(len(idx), generator=self.g).tolist()
+            idx = [idx[j] for j in perm]
+            # a bucket smaller than the batch is topped up by repeating its own pictures
+            while len(idx) % self.bs:
+                idx.append(idx[len(idx) % len(perm)])
+            batches += [idx[k:k + self.bs] for k in range(0, len(idx), self.bs)]
+        order = torch.randperm(len(batches), generator=self.g).tolist()
+        self.epoch, self.pos = [batches[k] for k in order], 0
+
+    def next(self) -> list[tuple[tuple[int, int], int]]:
+        if self.pos >= len(self.epoch):
+            self._new_epoch()
+        batch = self.epoch[self.pos]
+        self.pos += 1
+        return [self.p.index[i] for i in batch]
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load(self, st: dict) -> None:
+        self.epoch, self.pos = [list(b) for b in st["epoch"]], int(st["pos"])
+
+
+class Encoder:
+    """Turns drawn batches into latents and text embeddings: latents cached once when nothing augments them, text
+    embeddings cached when the text encoder is frozen. Every draw goes through the run's generator, for the global
+    batch, so each rank of a distributed run gets its own rows of what one process would draw."""
+
+    def __init__(self, model: FTModel, dataset: Dataset, method: Method, prepared: Prepared, g: torch.Generator,
+                 shard: Shard):
+        self.model, self.dataset, self.method, self.p, self.g, self.shard = model, dataset, method, prepared, g, shard
+        self.sf = model.vae.config.scaling_factor
+        self.cache_latents = dataset.augment is None
+        self.latents = encode_latent_dists(model, prepared.pixels) if self.cache_latents else {}
+        self.text: dict[str, torch.Tensor] = {}
+
+    def captions(self, items) -> list[str]:
+        ds, g = self.dataset, self.g
+        out = []
+        for b, i in items:
+            own = self.p.captions[b][i]
+            if ds.caption_templates:
+                own = ds.caption_templates[int(torch.randint(len(ds.caption_templates), (1,), generator=g))].format(
+                    ds.template_token)
+            out.append(process_caption(own, shuffle=ds.shuffle_captions, keep=ds.keep_tokens,
+                                       dropout=ds.caption_dropout, generator=g))
+        return out
+
+    def text_embeddings(self, captions: list[str]) -> torch.Tensor:
+        if self.method.trains_text_encoder:
+            return self.model.encode_prompts(captions)
+        missing = [c for c in dict.fromkeys(captions) if c not in self.text]
+        if missing:
+            with torch.no_grad():
+                for c, e in zip(missing, self.model.encode_prompts(missing)):
+                    self.text[c] = e
+        return torch.stack([self.text[c] for c in captions])
+
+    def images(self, items) -> tuple[torch.Tensor, dict]:
+        """Latents of this rank's slice of the global batch ``items``, and the pictures (after augmentation) and
+        paired conditions they came from."""
+        model, shard = self.model, self.shard
+        b = items[0][0]
+        idx = torch.tensor([i for _, i in items])
+        px = self.p.pixels[b][idx]
+        cond = self.p.conditions[b][idx] if self.p.conditions else None
+        if self.cache_latents:
+            mean, std = self.latents[b]
+            mine = shard.take(idx)
+            eps = diffusion.randn(mean[mine].shape, self.g, shard).to(mean.device)
+            return ((mean[mine] + std[mine] * eps) * self.sf).to(model.dtype), \
+                {"pixels": shard.take(px), "conditions": None if cond is None else shard.take(cond)}
+        if cond is not None:
+            px, cond = augment_batch(px, self.dataset.augment, self.g, condition=cond)
+            cond = shard.take(cond)
+        else:
+            px = augment_batch(px, self.dataset.augment, self.g)
+        px = shard.take(px)
+        with torch.no_grad():
+            dist = model.vae.encode(px.to(model.device, model.dtype)).latent_dist
+            eps = diffusion.randn(dist.mean.shape, self.g, shard).to(dist.mean.device, dist.mean.dtype)
+        return (dist.mean + dist.std * eps) * self.sf, {"pixels": px, "conditions": cond}
+
+
+def encode_latent_dists(model: FTModel, pixels: dict, chunk: int = 16) -> dict:
+    """bucket -> (mean, std) of the VAE's latent distribution for every picture, encoded ``chunk`` at a time."""
+    out = {}
+    with torch.no_grad():
+        for b, px in pixels.items():
+            dists = [model.vae.encode(px[i:i + chunk].to(model.device, model.dtype)).latent_dist
+                     for i in range(0, len(px), chunk)]
+            out[b] = (torch.cat([d.mean for d in dists]).float(), torch.cat([d.std for d in dists]).float())
+    return out

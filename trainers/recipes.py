@@ -1,0 +1,358 @@
+"""Typed recipes: one declaration per training option, for the node, the run's config.json and the shell.
+
+A recipe is a dataclass whose fields carry their default, range, choices and help text (:func:`option`). From it
+come a training node's inputs and tooltips (``nodes.base.recipe_inputs``), validation with errors that name the
+input (:meth:`Recipe.check`), the run's ``config.json`` (:func:`run_config`, written whole by the loop) and reading
+a config back into the same typed object (:func:`read_config`). :class:`TrainConfig` holds the options of the shared
+loop; each method's recipe extends it, overriding a shared option's default or help with :func:`like`.
+
+Combo choices name a table of the library (``"loop:OPTIMIZERS"``), read when first needed, so the lists are never
+copied and this module imports no torch: ComfyUI lists the nodes without loading the library.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+#: the pack's version (== pyproject.toml, tested); written into every config.json
+PACK_VERSION = "0.1.0"
+#: the layout of config.json; a newer one is refused with a clear error
+CONFIG_FORMAT = 1
+MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def option(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+           step: float | None = None, choices: str | tuple[str, ...] | None = None, round: bool | None = None,
+           multiline: bool = False, seed: bool = False, record: bool = True) -> Any:
+    """A recipe field. ``choices`` is a tuple or ``"module:TABLE"`` (a table of ``trainers.module``, whose keys are
+    the choices); ``record=False`` keeps a field out of config.json (run control such as ``resume_run``)."""
+    meta = {"help": help, "min": min, "max": max, "step": step, "choices": choices, "round": round,
+            "multiline": multiline, "seed": seed, "record": record}
+    return field(default=default, metadata=meta)
+
+
+def like(base: type, name: str, default: Any = MISSING, help: str | None = None, **changes) -> Any:
+    """The field ``name`` of recipe ``base`` with another default or help text (ranges stay one declaration)."""
+    f = base.__dataclass_fields__[name]
+    meta = dict(f.metadata)
+    if help is not None:
+        meta["help"] = help
+    meta.update(changes)
+    return field(default=f.default if default is MISSING else default, metadata=meta)
+
+
+def choices_of(spec: str | tuple[str, ...] | None) -> list[str]:
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        module, _, table = spec.partition(":")
+        return list(getattr(importlib.import_module(f"{__package__}.{module}"), table))
+    return list(spec)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+@dataclass
+class Recipe:
+    """Base of every recipe. ``method`` names the training method; ``required`` and ``optional`` give the order of
+    the node's inputs (ComfyUI stores widget values by position, so the order is part of the saved workflow)."""
+
+    method: ClassVar[str] = ""
+    required: ClassVar[tuple[str, ...]] = ()
+    optional: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self):
+        self.check()
+
+    @classmethod
+    def options(cls) -> dict[str, dataclasses.Field]:
+        return {f.name: f for f in fields(cls)}
+
+    def check(self) -> None:
+        """Every value against its declaration; errors name the input, the value and the range."""
+        for name, f in self.options().items():
+            v, m = getattr(self, name), f.metadata
+            kind = type(f.default)
+            if kind is bool:
+                if not isinstance(v, bool):
+                    raise ValueError(f"{name} must be true or false, got {v!r}")
+                continue
+            if kind in (int, float):
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise ValueError(f"{name} must be a number, got {v!r}")
+                if kind is int and not float(v).is_integer():
+                    raise ValueError(f"{name} must be a whole number, got {v!r}")
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ValueError(f"{name} must be a finite number, got {v!r}")
+                if m["min"] is not None and v < m["min"]:
+                    raise ValueError(f"{name} must be at least {_fmt(m['min'])}, got {_fmt(v)}")
+                if m["max"] is not None and v > m["max"]:
+                    raise ValueError(f"{name} must be at most {_fmt(m['max'])}, got {_fmt(v)}")
+                continue
+            if not isinstance(v, str):
+                raise ValueError(f"{name} must be text, got {v!r}")
+            if m["choices"] is not None:
+                allowed = choices_of(m["choices"])
+                if v not in allowed:
+                    raise ValueError(f"{name} {v!r} is not known; choose one of: {', '.join(allowed)}")
+        self.check_more()
+
+    def check_more(self) -> None:
+        """Checks across fields (a recipe overrides this)."""
+
+    def to_dict(self) -> dict:
+        """The recorded fields, as config.json holds them."""
+        return {n: getattr(self, n) for n, f in self.options().items() if f.metadata["record"]}
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "recipe", **override) -> "Recipe":
+        """A recipe from recorded values; an unknown field is an error naming it (a config of another method, or of
+        a newer pack). Missing fields take their defaults (a config of an older pack)."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{where} must be an object of options, got {type(values).__name__}")
+        known = cls.options()
+        unknown = [k for k in values if k not in known]
+        if unknown:
+            raise ValueError(f"{where}.{unknown[0]} is not an option of {cls.method or cls.__name__} (is this a config "
+                             f"of another method, or of a newer pack?); its options are: {', '.join(known)}")
+        kw = {}
+        for k, v in {**values, **override}.items():
+            kind = type(known[k].default)
+            kw[k] = float(v) if kind is float and isinstance(v, int) and not isinstance(v, bool) else v
+        try:
+            return cls(**kw)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------- the loop --
+@dataclass
+class TrainConfig(Recipe):
+    """The shared loop's options (every training method has them)."""
+
+    steps: int = option(500, "Optimizer steps in total (counting steps done before a resume).", min=1, max=1_000_000)
+    learning_rate: float = option(1e-4, "Peak learning rate.", min=1e-7, max=1.0, step=1e-5, round=False)
+    batch_size: int = option(1, "Pictures per step (all from the same size bucket).", min=1, max=256)
+    seed: int = option(0, "Seeds every random choice: the same seed and inputs give the same result.", min=0,
+                       max=MAX_SEED, seed=True)
+    run_name: str = option("run", "Name of the run folder under output/finetune (a counter is added when it "
+                           "exists).")
+    save_every: int = option(0, "Write a checkpoint every N steps (0 = only at the end; Cancel always writes one).",
+                             min=0, max=1_000_000)
+    validation_prompt: str = option("", "Sample this prompt every validation_every steps; the pictures go to the "
+                                    "run folder and the node's preview (empty = no validation).")
+    validation_every: int = option(0, "Steps between validation samples (0 = none).", min=0, max=1_000_000)
+    resume_run: str = option("", "Name of a run folder under output/finetune to continue from its last checkpoint "
+                             "(empty = start a new run). Raise steps to train further.", record=False)
+    optimizer: str = option("adamw", "The optimizer.", choices="loop:OPTIMIZERS")
+    lr_scheduler: str = option("constant", "How the learning rate changes over the run.", choices="loop:LR_SCHEDULERS")
+    warmup_steps: int = option(0, "Steps of linear learning-rate warm-up (schedulers with warm-up).", min=0,
+                               max=100_000)
+    grad_accum: int = option(1, "Micro-batches per optimizer step (a bigger effective batch at the same memory).",
+                             min=1, max=1024)
+    max_grad_norm: float = option(1.0, "Clip the gradient norm (0 = no clipping).", min=0.0, max=100.0, step=0.1)
+    loss: str = option("mse", "Loss between prediction and target; huber is robust to outliers.", choices="loop:LOSSES")
+    snr_gamma: float = option(5.0, "Min-SNR-gamma loss weighting: steadier, faster training (5 = the paper's value, "
+                              "0 = off).", min=0.0, max=20.0, step=0.5)
+    noise_offset: float = option(0.0, "Offset noise (0.05-0.1 helps very dark or bright pictures).", min=0.0,
+                                 max=1.0)
+    mixed_precision: str = option("auto", "Autocast on a GPU (auto = bf16 where supported); the CPU always trains in "
+                                  "fp32.", choices="loop:PRECISIONS")
+    gradient_checkpointing: bool = option(False, "Save memory on large models at some speed cost.")
+    weight_decay: float = option(1e-2, "Weight decay of the optimizer (decoupled for AdamW).", min=0.0, max=1.0,
+                                 step=1e-3)
+    huber_delta: float = option(0.1, "Huber loss: where it turns from quadratic to linear.", min=1e-3, max=10.0,
+                                step=0.01)
+    validation_images: int = option(2, "Pictures per validation sample (seeds seed, seed + 1, ...).", min=1, max=16)
+
+    #: the loop's options as optional node inputs, in the order saved workflows hold them
+    LOOP_OPTIONAL: ClassVar[tuple[str, ...]] = (
+        "save_every", "validation_prompt", "validation_every", "resume_run", "optimizer", "lr_scheduler",
+        "warmup_steps", "grad_accum", "max_grad_norm", "loss", "snr_gamma", "noise_offset", "mixed_precision",
+        "gradient_checkpointing", "weight_decay", "huber_delta", "validation_images")
+    required = ("steps", "learning_rate", "batch_size", "seed", "run_name")
+    optional = LOOP_OPTIONAL
+
+
+# --------------------------------------------------------------------------------------------- methods --
+@dataclass
+class LoRARecipe(TrainConfig):
+    """LoRA: low-rank adapters on the UNet (and optionally the text encoder)."""
+
+    method: ClassVar[str] = "lora"
+    learning_rate: float = like(TrainConfig, "learning_rate", help="Peak learning rate (LoRA: 1e-4 on SD, ~1e-3 on "
+                                "the toy).")
+    seed: int = like(TrainConfig, "seed", help="Seeds noise, timesteps, data order and dropout: same inputs, same "
+                     "LoRA.")
+    run_name: str = like(TrainConfig, "run_name", "lora")
+    rank: int = option(8, "LoRA rank: the adapter's capacity (4-32 is usual).", min=1, max=256)
+    alpha: float = option(8.0, "LoRA alpha: the update is scaled by alpha / rank (alpha = rank keeps it at 1).",
+                          min=0.01, max=1024.0, step=0.5)
+    target_modules: str = option("attention", "Which layers get adapters: attention only (small, the usual choice), "
+                                 "+ feed-forward, + convolutions (LoCon, most capacity).", choices="lora:TARGETS")
+    train_text_encoder: bool = option(False, "Also adapt the text encoder's attention (stronger binding of the "
+                                      "token, more drift).")
+    text_encoder_lr: float = option(0.0, "Learning rate of the text encoder (0 = same as learning_rate).", min=0.0,
+                                    max=1.0, step=1e-5, round=False)
+
+    required = ("steps", "learning_rate", "batch_size", "rank", "alpha", "seed", "target_modules",
+                "train_text_encoder", "text_encoder_lr", "run_name")
+    optional = TrainConfig.LOOP_OPTIONAL
+
+
+@dataclass
+class TextualInversionRecipe(TrainConfig):
+    """Textual Inversion: a new word's embedding vectors, nothing else."""
+
+    method: ClassVar[str] = "textual_inversion"
+    token: str = option("<my-concept>", "The new word to learn; it must not exist yet (use brackets, e.g. "
+                        "<my-cat>).")
+    init_token: str = option("object", "A single known word whose embedding the new word starts from (e.g. cat, "
+                             "star, painting).")
+    num_vectors: int = option(1, "Embedding vectors for the word: more can hold more detail, but take prompt space "
+                              "and learn slower.", min=1, max=32)
+    steps: int = like(TrainConfig, "steps", 1000)
+    learning_rate: float = like(TrainConfig, "learning_rate", 5e-3, "Peak learning rate (TI usually 1e-3 to 1e-2).",
+                                step=1e-4)
+    seed: int = like(TrainConfig, "seed", help="Seeds noise, timesteps, data order and templates: same inputs, same "
+                     "embedding.")
+    caption_mode: str = option("dataset captions", "Captions to train with: the dataset's own (they must contain the "
+                               "token), or random object / style templates with the token.",
+                               choices="textual_inversion:CAPTION_MODES")
+    run_name: str = like(TrainConfig, "run_name", "textual_inversion")
+
+    required = ("token", "init_token", "num_vectors", "steps", "learning_rate", "batch_size", "seed", "caption_mode",
+                "run_name")
+    optional = TrainConfig.LOOP_OPTIONAL
+
+    def check_more(self) -> None:
+        if not self.token.strip():
+            raise ValueError("token is empty: give the new word, e.g. <my-cat>")
+
+
+@dataclass
+class DreamBoothRecipe(TrainConfig):
+    """DreamBooth: a rare identifier bound to a subject, as a LoRA or a full fine-tune, with prior preservation."""
+
+    method: ClassVar[str] = "dreambooth"
+    instance_prompt: str = option("a sks dog", "Prompt with the rare identifier for the instance pictures.")
+    class_prompt: str = option("a dog", "Prompt of the subject's class (for prior preservation).")
+    prior_preservation: bool = option(True, "Also train on class pictures so the class word keeps its meaning (less "
+                                      "language drift).")
+    prior_loss_weight: float = option(1.0, "Lambda: weight of the class loss.", min=0.0, max=100.0, step=0.05)
+    num_class_images: int = option(100, "Class pictures per subject (generated if missing).", min=1, max=100_000)
+    mode: str = option("lora", "lora: a small adapter; full: every UNet weight (strongest, largest).",
+                       choices="dreambooth:MODES")
+    train_text_encoder: bool = option(False, "Also train the text encoder (LoRA or full).")
+    steps: int = like(TrainConfig, "steps", 400)
+    learning_rate: float = like(TrainConfig, "learning_rate", help="Peak learning rate (full: ~5e-6 on SD; LoRA: "
+                                "~1e-4).", step=1e-6)
+    batch_size: int = like(TrainConfig, "batch_size", help="Instance pictures per step (as many class pictures are "
+                           "added).")
+    seed: int = like(TrainConfig, "seed", help="Seeds training and class-picture generation.")
+    run_name: str = like(TrainConfig, "run_name", "dreambooth")
+    rank: int = like(LoRARecipe, "rank", help="LoRA rank (lora mode).")
+    alpha: float = like(LoRARecipe, "alpha", help="LoRA alpha (lora mode).")
+    target_modules: str = like(LoRARecipe, "target_modules", "attention+feedforward", "Layers with adapters (lora "
+                               "mode).")
+    pivotal_tuning: bool = option(False, "lora mode: also learn an embedding for the identifier (Textual Inversion + "
+                                  "LoRA). The identifier must be a new word, e.g. 'a <sks> dog'; it starts from the "
+                                  "class prompt's last word.")
+    embedding_lr: float = option(5e-3, "Learning rate of the pivotal embedding (0 = learning_rate).", min=0.0,
+                                 max=1.0, step=1e-4, round=False)
+
+    required = ("instance_prompt", "class_prompt", "prior_preservation", "prior_loss_weight", "num_class_images",
+                "mode", "train_text_encoder", "steps", "learning_rate", "batch_size", "seed", "run_name")
+    optional = ("rank", "alpha", "target_modules", "pivotal_tuning", "embedding_lr") + TrainConfig.LOOP_OPTIONAL
+
+    def check_more(self) -> None:
+        if self.pivotal_tuning and self.mode != "lora":
+            raise ValueError("pivotal_tuning needs mode 'lora' (a full fine-tune has no separate adapter)")
+
+
+@dataclass
+class ControlNetRecipe(TrainConfig):
+    """ControlNet: a trainable copy of the UNet's encoder that learns to follow a condition image."""
+
+    method: ClassVar[str] = "controlnet"
+    preprocessor: str = option("canny", "Makes each training picture's condition on the fly (ignored when a "
+                               "conditions dataset is connected).", choices="preprocess:PREPROCESSORS")
+    steps: int = like(TrainConfig, "steps", 1000)
+    learning_rate: float = like(TrainConfig, "learning_rate", 1e-5, "Peak learning rate (SD: 1e-5; the toy: 1e-3).",
+                                step=1e-6)
+    batch_size: int = like(TrainConfig, "batch_size", 4)
+    seed: int = like(TrainConfig, "seed", help="Seeds noise, timesteps, data order and caption dropout: same inputs, "
+                     "same result.")
+    caption_dropout: float = option(0.5, "Share of steps whose caption is dropped, so the ControlNet learns to follow "
+                                    "the condition alone (the paper drops half).", min=0.0, max=0.99, step=0.05)
+    run_name: str = like(TrainConfig, "run_name", "controlnet")
+    low_threshold: float = option(0.4, "Canny: weak-edge threshold (toy pictures: 0.1).", min=0.01, max=0.99)
+    high_threshold: float = option(0.8, "Canny: strong-edge threshold (toy pictures: 0.2).", min=0.01, max=0.99)
+
+    required = ("preprocessor", "steps", "learning_rate", "batch_size", "seed", "caption_dropout", "run_name")
+    optional = ("low_threshold", "high_threshold") + TrainConfig.LOOP_OPTIONAL
+
+    def check_more(self) -> None:
+        if self.low_threshold > self.high_threshold:
+            raise ValueError(f"low_threshold {self.low_threshold} must not exceed high_threshold "
+                             f"{self.high_threshold}")
+
+    def preprocessor_options(self) -> dict:
+        return {"low_threshold": self.low_threshold, "high_threshold": self.high_threshold} \
+            if self.preprocessor == "canny" else {}
+
+
+RECIPES: dict[str, type[TrainConfig]] = {r.method: r for r in (LoRARecipe, TextualInversionRecipe,
+                                                                DreamBoothRecipe, ControlNetRecipe)}
+
+
+# ------------------------------------------------------------------------------------------- config.json --
+def run_config(recipe: TrainConfig, model_identity: dict, dataset: dict, **extra) -> dict:
+    """The whole of a run's config.json: enough to repeat the run (``python -m comfyui_finetune train``)."""
+    return {"format": CONFIG_FORMAT, "pack": {"name": "comfyui-finetune", "version": PACK_VERSION},
+            "method": recipe.method, "recipe": recipe.to_dict(), "model": model_identity, "dataset": dataset,
+            **extra}
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in str(v).split(".") if p.isdigit())
+
+
+def read_config(config: dict | str | Path, method: str | None = None) -> tuple[TrainConfig, dict]:
+    """A config.json (or its parsed dict) back into its typed recipe; returns ``(recipe, config)``.
+
+    ``method`` is what the caller expects: a config of another method is an error naming both."""
+    where = "config.json"
+    if not isinstance(config, dict):
+        where = str(config)
+        try:
+            config = json.loads(Path(config).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{where} does not exist: give a run's config.json "
+                                    "(output/finetune/<run>/config.json)") from None
+        except ValueError as e:
+            raise ValueError(f"{where} is not valid JSON ({e})") from None
+    fmt = config.get("format")
+    if fmt is None or "recipe" not in config:
+        raise ValueError(f"{where}: format is missing: this config was written by a pack older than 0.1.0's recipes "
+                         "and cannot be read back; train again from the graph")
+    if not isinstance(fmt, int) or fmt > CONFIG_FORMAT:
+        raise ValueError(f"{where}: format {fmt!r} is newer than this pack reads ({CONFIG_FORMAT}); update "
+                         "comfyui-finetune")
+    version = (config.get("pack") or {}).get("version", "")
+    if _version_tuple(version) > _version_tuple(PACK_VERSION):
+        raise ValueError(f"{where}: pack.version {version} is newer than this pack ({PACK_VERSION}); update "
+                         "comfyui-finetune to read it")
+    name = config.get("method")
+    if name not in RECIPES:
+        raise ValueError(f"{where}: method {name!r} is not known; known methods: {', '.join(RECIPES)}")
+    if method is not None and name != method:
+        raise ValueError(f"{where}: method is {name!r}, not {method!r}: this run was trained with the {name} node")
+    return RECIPES[name].from_dict(config["recipe"], where=f"{where}: recipe"), config
