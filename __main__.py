@@ -1,7 +1,9 @@
 """Command line: ``python -m comfyui_finetune COMMAND ...``.
 
 ``run WORKFLOW_API.json --out DIR [--input DIR] [--models DIR]`` runs an API-format workflow of this pack's nodes
-without a ComfyUI server (see :mod:`comfyui_finetune.runner`); ``demo --out DIR`` runs the toy world end to end.
+without a ComfyUI server (see :mod:`comfyui_finetune.runner`); ``demo --out DIR`` runs the toy world end to end;
+``train RUN/config.json`` repeats (or ``--resume``s) a training from its run folder, also under ``torchrun``
+(see :mod:`comfyui_finetune.train_cli`).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import sys
 from typing import Callable
 
 from .runner import add_run_args, main_run
+from .train_cli import add_train_args, main_train
 
 
 def add_demo_args(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +37,7 @@ def main_demo(args: argparse.Namespace) -> int:
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "run": (add_run_args, main_run),
     "demo": (add_demo_args, main_demo),
+    "train": (add_train_args, main_train),
 }
 
 

@@ -1,0 +1,166 @@
+"""A training leaves the canvas: ``python -m comfyui_finetune train <run>/config.json`` repeats a node's run
+bit-exactly on the CPU, resumes, refuses what it cannot repeat, and runs under torchrun with DDP."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from comfyui_finetune.__main__ import main
+from comfyui_finetune.nodes.datasets import FT_ToyDataset
+from comfyui_finetune.nodes.train import FT_TrainLoRA, FT_TrainTextualInversion
+
+PACK = Path(__file__).resolve().parent.parent
+
+
+def toy_set(n=4, color="purple", shape="star", caption="a sks star"):
+    return FT_ToyDataset().execute(color, shape, n, caption, 0, "narrow")[0]
+
+
+def lora_node(toy, ds, **kw):
+    args = dict(steps=6, learning_rate=1e-3, batch_size=2, rank=4, alpha=4.0, seed=5, target_modules="attention",
+                train_text_encoder=True, text_encoder_lr=0.0, run_name="node")
+    args.update(kw)
+    return FT_TrainLoRA().execute(toy, ds, **args)
+
+
+def run_of(folders, log) -> Path:
+    return folders["output"] / "finetune" / log.run
+
+
+def same_tensors(a: Path, b: Path) -> None:
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+
+
+def layout(run: Path) -> list[str]:
+    return sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file())
+
+
+def shell(*args) -> int:
+    return main(["train", *map(str, args)])
+
+
+def test_shell_repeats_a_lora_run_bit_exactly(toy, folders, tmp_path, capsys):
+    _, _, log = lora_node(toy, toy_set())
+    node_run = run_of(folders, log)
+    assert shell(node_run / "config.json", "--out", tmp_path / "out", "--device", "cpu") == 0
+    shell_run = tmp_path / "out" / "finetune" / "node"
+    report = json.loads(capsys.readouterr().out)
+    assert report["status"] == "finished" and report["step"] == 6 and report["processes"] == 1
+    same_tensors(node_run / "lora.safetensors", shell_run / "lora.safetensors")
+    same_tensors(node_run / "checkpoints/step-6/trainable.safetensors",
+                 shell_run / "checkpoints/step-6/trainable.safetensors")
+    assert layout(node_run) == layout(shell_run)
+    node_log = [json.loads(x) for x in (node_run / "log.jsonl").read_text().splitlines()]
+    shell_log = [json.loads(x) for x in (shell_run / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in node_log] == [r["loss"] for r in shell_log]
+    a, b = json.loads((node_run / "config.json").read_text()), json.loads((shell_run / "config.json").read_text())
+    assert a["recipe"] == b["recipe"] and a["model"] == b["model"] and a["dataset"] == b["dataset"]
+
+
+def test_shell_repeats_textual_inversion_and_resumes_like_the_node(toy, folders, tmp_path, capsys):
+    ds = toy_set(color="yellow", shape="triangle", caption="a <yt>")
+    args = dict(token="<yt>", init_token="triangle", num_vectors=2, steps=6, learning_rate=2e-2, batch_size=2,
+                seed=1, caption_mode="object templates", run_name="ti")
+    _, emb, log = FT_TrainTextualInversion().execute(toy, ds, **args)
+    cfg = run_of(folders, log) / "config.json"
+    out = tmp_path / "out"
+    assert shell(cfg, "--out", out, "--run-name", "cut", "--stop-after", "3") == 0
+    cut = out / "finetune" / "cut"
+    assert json.loads((cut / "status.json").read_text())["status"] == "cancelled"
+    assert [p.name for p in (cut / "checkpoints").iterdir()] == ["step-3"]
+    assert "--resume" in capsys.readouterr().err
+    assert shell(cut / "config.json", "--resume") == 0
+    assert json.loads((cut / "status.json").read_text())["status"] == "finished"
+    same_tensors(run_of(folders, log) / "embedding.safetensors", cut / "embedding.safetensors")
+    assert torch.equal(load_file(str(cut / "embedding.safetensors"))["emb_params"], emb.vectors)
+
+
+def test_shell_refuses_what_it_cannot_repeat(toy, folders, tmp_path, capsys):
+    from comfyui_finetune.nodes.io import FT_ApplyLoRA
+
+    _, lora, log = lora_node(toy, toy_set(), steps=1, run_name="first")
+    (changed,) = FT_ApplyLoRA().execute(toy, "none", 0.5, lora=lora)
+    _, _, log2 = lora_node(changed, toy_set(), steps=1, run_name="second")
+    assert shell(run_of(folders, log2) / "config.json", "--out", tmp_path) == 2
+    assert "model.history" in capsys.readouterr().err
+    cfg = json.loads((run_of(folders, log) / "config.json").read_text())
+    cfg["model"]["fingerprint"] = "0" * 20
+    bad = tmp_path / "bad" / "config.json"
+    shutil.copytree(run_of(folders, log), bad.parent)
+    bad.write_text(json.dumps(cfg))
+    assert shell(bad, "--out", tmp_path) == 2
+    assert "model.fingerprint" in capsys.readouterr().err
+    cfg["method"] = "textual_inversion"
+    bad.write_text(json.dumps(cfg))
+    assert shell(bad, "--out", tmp_path) == 2
+    assert "recipe.rank is not an option of textual_inversion" in capsys.readouterr().err
+    assert shell(tmp_path / "nope.json") == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ torchrun --
+def torchrun(n: int, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FT_NO_PROGRESS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "-m", "comfyui_finetune", "train", *map(str, args), "--device", "cpu"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    return res
+
+
+def with_batch(run: Path, dest: Path, batch_size: int) -> Path:
+    """A copy of a run folder whose recipe trains with another per-process batch."""
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("checkpoints", "*.safetensors", "log.jsonl"))
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg["recipe"]["batch_size"] = batch_size
+    (dest / "config.json").write_text(json.dumps(cfg))
+    return dest / "config.json"
+
+
+@pytest.mark.slow
+def test_two_processes_with_batch_b_train_what_one_with_batch_2b_trains(toy, folders, tmp_path):
+    # SGD: the update is the averaged gradient itself, so the comparison is tight (AdamW's normalisation turns
+    # round-off in near-zero gradients into lr-sized steps: 5.8e-6 here against up weights of 4e-3)
+    _, _, log = lora_node(toy, toy_set(n=8), steps=4, batch_size=4, train_text_encoder=False, run_name="one",
+                          optimizer="sgd", learning_rate=5e-2)
+    one = run_of(folders, log)
+    cfg = with_batch(one, tmp_path / "src", 2)
+    torchrun(2, cfg, "--out", tmp_path / "out", "--run-name", "two")
+    runs = sorted((tmp_path / "out" / "finetune").iterdir())
+    assert [r.name for r in runs] == ["two"], "only rank 0 writes: one run folder"
+    two = runs[0]
+    assert layout(two) == layout(one)
+    assert json.loads((two / "config.json").read_text())["world_size"] == 2
+    a, b = load_file(str(one / "lora.safetensors")), load_file(str(two / "lora.safetensors"))
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    moved = max(float(a[k].abs().max()) for k in a if "lora_up" in k)
+    print(f"2 processes x batch 2 vs 1 process x batch 4: max |difference| {worst:.2e} (largest up weight {moved:.2e})")
+    assert moved > 1e-3 and worst < 1e-4 * moved
+    la = [json.loads(x)["loss"] for x in (one / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (two / "log.jsonl").read_text().splitlines()]
+    assert len(lb) == 4 and max(abs(x - y) for x, y in zip(la, lb)) < 1e-5
+
+
+@pytest.mark.slow
+def test_a_two_process_run_stopped_and_resumed_equals_an_uninterrupted_one(toy, folders, tmp_path):
+    _, _, log = lora_node(toy, toy_set(n=8), steps=4, batch_size=2, train_text_encoder=False, run_name="src")
+    cfg = with_batch(run_of(folders, log), tmp_path / "src", 2)
+    out = tmp_path / "out"
+    torchrun(2, cfg, "--out", out, "--run-name", "straight")
+    torchrun(2, cfg, "--out", out, "--run-name", "cut", "--stop-after", "2")
+    cut = out / "finetune" / "cut"
+    assert json.loads((cut / "status.json").read_text())["status"] == "cancelled"
+    torchrun(2, cut / "config.json", "--resume")
+    assert json.loads((cut / "status.json").read_text())["status"] == "finished"
+    same_tensors(out / "finetune" / "straight" / "lora.safetensors", cut / "lora.safetensors")
