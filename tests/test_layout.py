@@ -124,6 +124,13 @@ def test_the_library_never_imports_nodes_or_comfyui():
         assert not (others & COMFY), f"{name} imports {others & COMFY}"
 
 
+def test_the_toy_weights_are_found_in_one_place():
+    from comfyui_finetune.trainers.families import TOY_WEIGHTS
+    from comfyui_finetune.trainers.toy import WEIGHTS
+
+    assert TOY_WEIGHTS == WEIGHTS.resolve() and (TOY_WEIGHTS / "controlnet" / "config.json").is_file()
+
+
 def test_no_library_file_is_over_400_lines():
     sizes = {p.relative_to(PACK).as_posix(): len(p.read_text().splitlines())
              for name, p in modules().items() if name.startswith(("trainers", "nodes"))}

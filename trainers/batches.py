@@ -3,8 +3,6 @@ is checkpointed) and their latents and text embeddings (:class:`Encoder`, with c
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from . import diffusion
@@ -12,9 +10,6 @@ from .augment import augment_batch
 from .data import Dataset, Prepared, process_caption
 from .distributed import Shard
 from .model import FTModel
-
-if TYPE_CHECKING:  # the loop imports this module; a method is only a parameter here
-    from .loop import Method
 
 
 class Batches:
@@ -60,7 +55,7 @@ class Encoder:
     embeddings cached when the text encoder is frozen. Every draw goes through the run's generator, for the global
     batch, so each rank of a distributed run gets its own rows of what one process would draw."""
 
-    def __init__(self, model: FTModel, dataset: Dataset, method: Method, prepared: Prepared, g: torch.Generator,
+    def __init__(self, model: FTModel, dataset: Dataset, method, prepared: Prepared, g: torch.Generator,
                  shard: Shard):
         self.model, self.dataset, self.method, self.p, self.g, self.shard = model, dataset, method, prepared, g, shard
         self.sf = model.vae.config.scaling_factor

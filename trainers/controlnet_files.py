@@ -80,13 +80,7 @@ def config_for_file(keys_shapes: dict[str, tuple[int, ...]], metadata: dict[str,
     if fam is None:
         raise ValueError(f"{name}: unrecognised ControlNet (cross-attention width {ctx}); the pack knows "
                          + ", ".join(f"{f.label} ({f.context_dim})" for f in FAMILIES.values()))
-    if fam.config_dir is None:  # the toy: the shipped toy ControlNet's config
-        from .toy import WEIGHTS
-
-        cfg_file = WEIGHTS / "controlnet" / "config.json"
-    else:
-        cfg_file = fam.config_dir / "controlnet" / "config.json"
-    return json.loads(cfg_file.read_text())
+    return json.loads(fam.controlnet_config.read_text())
 
 
 def from_state(state: dict[str, torch.Tensor], config: dict, name: str, source: str = "") -> ControlNet:

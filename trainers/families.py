@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+#: the toy's shipped weights (trainers/toy/weights), whose folders carry their own configs
+TOY_WEIGHTS = Path(__file__).resolve().parent / "toy" / "weights"
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,11 @@ class Family:
     @property
     def config_dir(self) -> Path | None:
         return CONFIGS / self.config if self.config else None
+
+    @property
+    def controlnet_config(self) -> Path:
+        """The diffusers config of this family's ControlNets (the toy's: its shipped toy ControlNet's)."""
+        return (self.config_dir or TOY_WEIGHTS) / "controlnet" / "config.json"
 
 
 FAMILIES: dict[str, Family] = {

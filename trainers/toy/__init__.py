@@ -2,4 +2,4 @@
 from pathlib import Path
 
 #: the shipped weights (the toy model, its CLIP scorer, judge and ControlNet)
-WEIGHTS = Path(__file__).with_name("weights")
+WEIGHTS = Path(__file__).with_name("weights")  # == families.TOY_WEIGHTS (tested)
