@@ -75,9 +75,17 @@ def train_in_comfyui(train_fn, recipe, model, data, **kw):
     return trained
 
 
-def recipe_from(recipe_cls, inputs: dict):
-    """The node's widget values as the method's recipe (range and choice errors name the input)."""
-    return recipe_cls(**{k: v for k, v in inputs.items() if k in recipe_cls.options()})
+def recipe_from(recipe_cls, args: tuple, inputs: dict):
+    """The node's widget values as the method's recipe (range and choice errors name the input). ComfyUI passes
+    them by name; a Python caller may pass the required ones by position, in the node's order."""
+    if len(args) > len(recipe_cls.required):
+        raise TypeError(f"{len(args)} positional values, but the node has {len(recipe_cls.required)} required "
+                        f"inputs after its links ({', '.join(recipe_cls.required)})")
+    given = dict(zip(recipe_cls.required, args))
+    twice = sorted(set(given) & set(inputs))
+    if twice:
+        raise TypeError(f"{', '.join(twice)} given both by position and by name")
+    return recipe_cls(**{k: v for k, v in {**given, **inputs}.items() if k in recipe_cls.options()})
 
 
 class FT_TrainLoRA:
@@ -99,11 +107,11 @@ class FT_TrainLoRA:
         return recipe_inputs(LoRARecipe, {"model": MODEL, "dataset": DATASET}, hidden=HIDDEN)
 
     @torch_call
-    def execute(self, model, dataset, **inputs):
+    def execute(self, model, dataset, *args, **inputs):
         from ..trainers.lora import train_lora
         from ..trainers.recipes import LoRARecipe
 
-        t = train_in_comfyui(train_lora, recipe_from(LoRARecipe, inputs), model, dataset)
+        t = train_in_comfyui(train_lora, recipe_from(LoRARecipe, args, inputs), model, dataset)
         return (t.model, t.result, t.log)
 
 
@@ -130,11 +138,12 @@ class FT_TrainTextualInversion:
                               "dataset": LINK("FT_DATASET", "Pictures of the concept.")}, hidden=HIDDEN)
 
     @torch_call
-    def execute(self, model, dataset, **inputs):
+    def execute(self, model, dataset, *args, **inputs):
         from ..trainers.recipes import TextualInversionRecipe
         from ..trainers.textual_inversion import train_textual_inversion
 
-        t = train_in_comfyui(train_textual_inversion, recipe_from(TextualInversionRecipe, inputs), model, dataset)
+        t = train_in_comfyui(train_textual_inversion, recipe_from(TextualInversionRecipe, args, inputs), model,
+                             dataset)
         return (t.model, t.result, t.log)
 
 
@@ -199,11 +208,11 @@ class FT_TrainDreamBooth:
             hidden=HIDDEN)
 
     @torch_call
-    def execute(self, model, dataset, class_dataset=None, subjects=None, **inputs):
+    def execute(self, model, dataset, *args, class_dataset=None, subjects=None, **inputs):
         from ..trainers.dreambooth import Subject, train_dreambooth
         from ..trainers.recipes import DreamBoothRecipe
 
-        recipe = recipe_from(DreamBoothRecipe, inputs)
+        recipe = recipe_from(DreamBoothRecipe, args, inputs)
         subs = list(subjects) if subjects else [Subject(dataset, recipe.instance_prompt.strip(),
                                                         recipe.class_prompt.strip(), class_dataset)]
         t = train_in_comfyui(train_dreambooth, recipe, model, subs,
@@ -242,12 +251,12 @@ class FT_TrainControlNet:
             hidden=HIDDEN)
 
     @torch_call
-    def execute(self, model, dataset, conditions=None, control_net=None, **inputs):
+    def execute(self, model, dataset, *args, conditions=None, control_net=None, **inputs):
         from ..trainers.controlnet_training import train_controlnet
         from ..trainers.data import pair_conditions
         from ..trainers.recipes import ControlNetRecipe
 
-        recipe = recipe_from(ControlNetRecipe, inputs)
+        recipe = recipe_from(ControlNetRecipe, args, inputs)
         if conditions is not None:
             dataset = pair_conditions(dataset, conditions)
         t = train_in_comfyui(train_controlnet, recipe, model, dataset, init=control_net)

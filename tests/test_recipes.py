@@ -157,3 +157,16 @@ def test_a_trained_run_writes_a_config_that_reads_back(toy, folders):
     assert cfg["model"]["source"] == "toy (built-in)" or cfg["model"]["name"] == "toy"
     assert cfg["model"]["fingerprint"] == toy.fingerprint() and cfg["dataset"]["images"] == 4
     assert (path.parent / "dataset" / "dataset.json").is_file() and (path.parent / "lora.safetensors").is_file()
+
+
+def test_a_python_caller_may_pass_the_required_inputs_by_position(toy, folders):
+    from comfyui_finetune.nodes.datasets import FT_ToyDataset
+
+    ds = FT_ToyDataset().execute("purple", "star", 2, "a sks star", 0, "narrow")[0]
+    node = NODE_CLASS_MAPPINGS["FT_TrainLoRA"]()
+    _, lora, log = node.execute(toy, ds, 1, 1e-3, 2, 4, 4.0, 0, "attention", False, 0.0, "positional")
+    assert log.run == "positional" and log.steps == 1 and lora.rank == 4
+    with pytest.raises(TypeError, match="11 positional values, but the node has 10 required inputs"):
+        node.execute(toy, ds, 1, 1e-3, 2, 4, 4.0, 0, "attention", False, 0.0, "x", "y")
+    with pytest.raises(TypeError, match="steps given both by position and by name"):
+        node.execute(toy, ds, 1, steps=2)

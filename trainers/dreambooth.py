@@ -337,9 +337,10 @@ def train_dreambooth(recipe: DreamBoothRecipe, model: FTModel, subjects: list[Su
 
     check_subjects(subjects, recipe.prior_preservation, recipe.prior_loss_weight)
     inner = make_method(recipe, model, subjects)
-    if class_sets is None:
-        class_sets = gather_class_sets(recipe, model, subjects, class_cache, progress) \
-            if recipe.prior_preservation else []
+    if class_sets is None and recipe.prior_preservation:
+        class_sets = gather_class_sets(recipe, model, subjects, class_cache or run.path.parent / "class_images",
+                                       progress)
+    class_sets = class_sets or []
     method = DreamBoothMethod(recipe.mode, inner, recipe.prior_loss_weight, class_sets)
     extra = {"subjects": [{"instance_prompt": s.instance_prompt, "class_prompt": s.class_prompt,
                            "identifier": s.identifier, "images": len(s.dataset.examples)} for s in subjects],
