@@ -222,18 +222,8 @@ class DreamBoothMethod(Method):
         eps = diffusion.randn(mean[idx].shape, g, shard)
         cl = ((mean[idx] + std[idx] * eps) * model.vae.config.scaling_factor).to(latents.device, latents.dtype)
         caps = [self.class_captions[i] for i in idx.tolist()]
-        ctx = model.encode_prompts(caps) if self.trains_text_encoder else _cached_text(self, model, caps)
+        ctx = batch["encode_text"](caps)
         return loss + self.lam * super().loss(model, cl, ctx.to(context.dtype), noise_sched, g, cfg, batch)
-
-
-def _cached_text(method, model, caps):
-    cache = method.__dict__.setdefault("_text", {})
-    missing = [c for c in dict.fromkeys(caps) if c not in cache]
-    if missing:
-        with torch.no_grad():
-            for c, e in zip(missing, model.encode_prompts(missing)):
-                cache[c] = e
-    return torch.stack([cache[c] for c in caps])
 
 
 def make_inner(mode: str, train_text_encoder: bool, rank: int, alpha: float, targets: str) -> Method:

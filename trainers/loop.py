@@ -94,7 +94,8 @@ class Method:
 
     def loss(self, model: FTModel, latents, context, noise_sched, g, cfg: TrainConfig, batch: dict):
         """The denoising loss of one batch; methods with extra terms (prior preservation, ControlNet) override.
-        ``batch["shard"]`` is this process's part of a distributed run: draw through it."""
+        ``batch["shard"]`` is this process's part of a distributed run: draw through it; ``batch["encode_text"]``
+        embeds more captions the way the loop does (cached while the text encoder is frozen)."""
         shard = batch.get("shard")
         noise = diffusion.sample_noise(latents, g, cfg.noise_offset, shard=shard)
         t = diffusion.sample_timesteps(latents.shape[0], noise_sched, g, latents.device, shard=shard)
@@ -286,7 +287,8 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
                 items = batches.next()
                 caps = shard.take(enc.captions(items))
                 latents, seen = enc.images(items)
-                batch = {"items": shard.take(items), "captions": caps, "shard": shard, **seen}
+                batch = {"items": shard.take(items), "captions": caps, "shard": shard,
+                         "encode_text": enc.text_embeddings, **seen}
 
                 def compute():
                     with autocast:
