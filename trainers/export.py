@@ -27,10 +27,20 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     """
     from safetensors.torch import save_file
 
+    from .atomic import disk_full, fsync_dir, fsync_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata={k: str(v) for k, v in metadata.items()})
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata={k: str(v) for k, v in metadata.items()})
+        fsync_file(tmp)  # the bytes are on disk before the name points at them
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        full = disk_full(e, path.name)
+        if full is not None:
+            raise full from e
+        raise
     try:
         os.link(tmp, path)  # atomic, and fails if the target appeared in the meantime
     except FileExistsError:
@@ -41,14 +51,19 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
             tmp.unlink()
             raise FileExistsError(f"{path.name} already exists; nothing was overwritten") from None
         tmp.replace(path)
+        fsync_dir(path.parent)
         return path
     tmp.unlink()
+    fsync_dir(path.parent)
     return path
 
 
 def save_unique(folder: Path, stem: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """Write ``folder/stem.safetensors`` (or ``stem_00001`` ...): never over an existing file, even when another
-    writer takes the name between the check and the rename."""
+    writer takes the name between the check and the rename. Temporary files a dead writer left there go first."""
+    from .atomic import clean_stale
+
+    clean_stale(folder)
     for _ in range(100):
         try:
             return write_safetensors(unique_path(folder, stem, ".safetensors"), tensors, metadata)

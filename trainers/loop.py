@@ -234,6 +234,12 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
     batches = Batches(prepared, global_batch, g)
     enc = Encoder(model, dataset, method, prepared, g, shard)
 
+    if run.writes:  # what a killed run left half-written: unfinished checkpoints and temporary files
+        from .atomic import clean_stale
+
+        for folder in (run.path, run.path / "checkpoints"):
+            for name in clean_stale(folder):
+                log.info("removed %s/%s, left unfinished by an earlier process", folder.name, name)
     step, log_rows, resumed_from = 0, [], None
     if resume:
         ckpts = run.checkpoints()

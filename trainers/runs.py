@@ -46,10 +46,9 @@ class RunDir:
     def write_json(self, name: str, obj) -> None:
         if not self.writes:
             return
-        p = self.path / name
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(obj, indent=1, default=str))
-        tmp.replace(p)
+        from .atomic import write_text
+
+        write_text(self.path / name, json.dumps(obj, indent=1, default=str), f"{self.name}/{name}")
 
     def read_json(self, name: str) -> dict:
         return json.loads((self.path / name).read_text())
@@ -93,20 +92,27 @@ def save_checkpoint(run: RunDir, step: int, method_name: str, trainable: dict[st
     """Write ``checkpoints/step-<step>/`` atomically: a temporary folder, the manifest last, then a rename."""
     from safetensors.torch import save_file
 
+    from .atomic import disk_full, publish_folder
+
     folder = run.path / "checkpoints" / f"step-{step}"
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-    torch.save(state, tmp / "state.pt")
-    (tmp / "log.json").write_text(json.dumps(log_rows))
-    (tmp / "manifest.json").write_text(json.dumps({"step": step, "method": method_name,
-                                                   "files": ["trainable.safetensors", "state.pt", "log.json"]}))
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.replace(folder)
-    return folder
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()},
+                  str(tmp / "trainable.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        (tmp / "log.json").write_text(json.dumps(log_rows))
+        (tmp / "manifest.json").write_text(json.dumps({"step": step, "method": method_name,
+                                                       "files": ["trainable.safetensors", "state.pt", "log.json"]}))
+        return publish_folder(tmp, folder, f"checkpoint step-{step}")  # manifest last, fsynced, then renamed
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full(e, f"checkpoint step-{step} of run {run.name} (the earlier checkpoints are intact)")
+        if full is not None:
+            raise full from e
+        raise
 
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict, list[dict]]:
@@ -147,6 +153,8 @@ def save_dataset(folder: Path, dataset, extra_sets: dict | None = None) -> dict:
     records."""
     from PIL import Image
 
+    from .atomic import publish_folder
+
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -169,9 +177,7 @@ def save_dataset(folder: Path, dataset, extra_sets: dict | None = None) -> dict:
     for key, items in (extra_sets or {}).items():
         index[key] = write(key, [(img, cap, f"{key} {i}", None) for i, (img, cap) in enumerate(items)])
     (tmp / "dataset.json").write_text(json.dumps(index, indent=1))
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.replace(folder)
+    publish_folder(tmp, folder, f"the dataset snapshot of {folder.parent.name}")
     return {"snapshot": folder.name, "images": len(dataset.examples), "fingerprint": dataset.fingerprint()}
 
 
