@@ -40,9 +40,46 @@ def SEED(tooltip: str = "Random seed: the same seed gives the same result.") -> 
     return INT(0, 0, MAX_SEED, tooltip, control_after_generate=True)
 
 
+def check_numbers(cls, args: tuple, kwargs: dict) -> None:
+    """Every INT / FLOAT input of node ``cls`` against its declaration: finite, whole where it is an INT, within
+    min / max. ComfyUI checks ranges itself but lets NaN through (every comparison with NaN is false), and Python
+    callers and the runner check nothing: the error names the input, the value and the range."""
+    import math
+
+    spec = cls.INPUT_TYPES()
+    declared = {**spec.get("required", {}), **spec.get("optional", {})}
+    given = {**dict(zip(declared, args)), **kwargs}
+    for name, value in given.items():
+        kind = declared.get(name, ("",))[0]
+        if kind not in ("INT", "FLOAT") or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        opts = declared[name][1] if len(declared[name]) > 1 else {}
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+        if kind == "INT" and not float(value).is_integer():
+            raise ValueError(f"{name} must be a whole number, got {value}")
+        low, high = opts.get("min"), opts.get("max")
+        if low is not None and value < low:
+            raise ValueError(f"{name} must be at least {low:g}, got {value:g}")
+        if high is not None and value > high:
+            raise ValueError(f"{name} must be at most {high:g}, got {value:g}")
+
+
+def checked(fn: Callable) -> Callable:
+    """A node function whose numeric inputs are checked first (:func:`check_numbers`); :func:`torch_call` does the
+    same for the nodes that run torch."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args: Any, **kwargs: Any):
+        check_numbers(type(self), args, kwargs)
+        return fn(self, *args, **kwargs)
+
+    return wrapper
+
+
 def torch_call(fn: Callable) -> Callable:
     """Run a node function outside ComfyUI's inference mode, so models loaded or trained in it stay trainable,
-    and with the unique node id registered for progress events."""
+    and with the unique node id registered for progress events; its numeric inputs are checked first."""
 
     @functools.wraps(fn)
     def wrapper(self, *args: Any, unique_id: str | None = None, **kwargs: Any):
@@ -50,6 +87,7 @@ def torch_call(fn: Callable) -> Callable:
 
         from . import host
 
+        check_numbers(type(self), args, kwargs)
         with torch.inference_mode(False), host.executing_node(unique_id):
             return fn(self, *args, **kwargs)
 

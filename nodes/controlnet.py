@@ -8,7 +8,7 @@ ControlNetApplyAdvanced and PreviewImage.
 from __future__ import annotations
 
 from . import host
-from .base import COMBO, FLOAT, HIDDEN, INT, LINK, ROOT_CATEGORY, STRING, torch_call
+from .base import COMBO, FLOAT, HIDDEN, INT, LINK, ROOT_CATEGORY, STRING, checked, torch_call
 
 CATEGORY = f"{ROOT_CATEGORY}/controlnet"
 
@@ -171,6 +171,7 @@ class FT_ApplyControlNet:
                                           "several ControlNets).")},
         }
 
+    @checked
     def execute(self, control_net, image, strength, start_percent, end_percent, previous=None):
         from ..trainers.control import Control
         from ..trainers.preprocess import check_image
@@ -202,6 +203,7 @@ class FT_SaveControlNet:
             "dtype": COMBO(["fp16", "fp32", "bf16"], "Precision of the saved weights (fp16 halves the size)."),
         }}
 
+    @checked
     def execute(self, control_net, filename, layout="original", dtype="fp16"):
         from ..trainers.controlnet_files import save
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import host
-from .base import BOOLEAN, COMBO, FLOAT, INT, LINK, ROOT_CATEGORY, STRING, torch_call
+from .base import BOOLEAN, COMBO, FLOAT, INT, LINK, ROOT_CATEGORY, STRING, checked, torch_call
 
 CATEGORY = f"{ROOT_CATEGORY}/datasets"
 NO_FOLDER = "(no subfolder in ComfyUI's input folder)"
@@ -72,13 +72,14 @@ class FT_LoadImageDataset:
                     h.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}".encode())
         return h.hexdigest()
 
+    @checked
     def execute(self, folder, caption, token, **options):
         from ..trainers.data import load_folder
 
         if folder == NO_FOLDER:
             raise ValueError("folder: there is no subfolder in ComfyUI's input folder; put your pictures in "
                              "input/<name>/ and refresh the page")
-        path = host.input_dir() / host.safe_relative(folder, "folder")
+        path = host.inside(host.input_dir(), folder, "folder")
         return (_apply_options(load_folder(path, caption, token, options.get("repeats", 1)), options),)
 
 
@@ -130,6 +131,7 @@ class FT_Augment:
                                   "keep 0 when colour is part of the concept)."),
         }}
 
+    @checked
     def execute(self, dataset, flip, crop_scale, color_jitter):
         from ..trainers.data import Augment
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import host
-from .base import COMBO, FLOAT, INT, LINK, ROOT_CATEGORY, STRING, torch_call
+from .base import COMBO, FLOAT, INT, LINK, ROOT_CATEGORY, STRING, checked, torch_call
 
 CATEGORY = f"{ROOT_CATEGORY}/evaluate"
 
@@ -292,6 +292,7 @@ class FT_EvalReport:
             },
         }
 
+    @checked
     def execute(self, report, variant, clip_t=None, clip_i=None, kid=None, kid_std=None, notes=""):
         from ..trainers.reports import add_row, format_table
 

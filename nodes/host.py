@@ -75,13 +75,35 @@ def model_dirs(kind: str) -> list[Path]:
     return [(_fallback["models"] or Path.cwd() / "models") / kind]
 
 
+#: the longest name a workflow may give (a file system's limits are 255 per part and about 4096 in all)
+MAX_NAME = 1024
+
+
 def safe_relative(name: str, what: str) -> PurePosixPath:
-    """Check that a name from a workflow is a relative path with no '..': it must stay inside its folder."""
-    p = PurePosixPath(str(name).replace("\\", "/"))
-    if not str(name).strip() or p.is_absolute() or ".." in p.parts or (p.parts and ":" in p.parts[0]):
+    """Check that a name from a workflow is a relative path with no '..': it must stay inside its folder.
+    Windows separators count as separators; NUL bytes and over-long names are refused."""
+    text = str(name)
+    if "\x00" in text:
+        raise ValueError(f"{what} {text[:80]!r} contains a NUL byte: give a plain file or folder name")
+    if len(text) > MAX_NAME or any(len(part) > 255 for part in text.replace("\\", "/").split("/")):
+        raise ValueError(f"{what} is {len(text)} characters long (a name part may have 255, a path {MAX_NAME}): "
+                         "give a shorter name")
+    p = PurePosixPath(text.replace("\\", "/"))
+    if not text.strip() or p.is_absolute() or ".." in p.parts or (p.parts and ":" in p.parts[0]):
         raise ValueError(f"{what} {name!r} must be a name relative to its folder, without '..' or an absolute "
                          "path: workflows are shared, and a path must not reach outside ComfyUI's folders")
     return p
+
+
+def inside(root: Path, name: str, what: str) -> Path:
+    """``root / name`` for a name from a workflow, checked where it really leads: a name that passes
+    :func:`safe_relative` but resolves outside ``root`` (through a symbolic link) is refused."""
+    path = Path(root) / safe_relative(name, what)
+    real, base = path.resolve(), Path(root).resolve()
+    if real != base and base not in real.parents:
+        raise ValueError(f"{what} {name!r} leads outside its folder ({Path(root).name}/) through a symbolic link: "
+                         "copy the files into the folder instead of linking to them")
+    return path
 
 
 def save_folder(kind: str, filename: str, what: str = "filename") -> tuple[Path, PurePosixPath]:
@@ -91,6 +113,7 @@ def save_folder(kind: str, filename: str, what: str = "filename") -> tuple[Path,
     dirs = model_dirs(kind)
     if not dirs:
         raise FileNotFoundError(f"ComfyUI has no '{kind}' model folder configured (see extra_model_paths.yaml)")
+    inside(dirs[0], rel.as_posix(), what)  # an existing linked sub-folder must not lead out
     return dirs[0], rel
 
 
@@ -127,7 +150,7 @@ def model_path(kind: str, name: str) -> Path:
     for root in roots:
         p = root / rel
         if p.exists():
-            return p
+            return inside(root, rel.as_posix(), f"{kind} model")
     where = ", ".join(str(r) for r in roots) or f"(no '{kind}' folder is configured)"
     raise FileNotFoundError(f"{kind} model {name!r} was not found in {where}; put it there, or pick one from "
                             f"the list (refresh the page after adding files)")
@@ -137,8 +160,10 @@ def input_subfolders() -> list[str]:
     root = input_dir()
     if not root.is_dir():
         return []
+    real = root.resolve()
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_dir()
-                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts)
+                  and (p.resolve() == real or real in p.resolve().parents))
 
 
 # ------------------------------------------------------------------------------------------ progress / cancel --

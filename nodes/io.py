@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import host
-from .base import COMBO, FLOAT, LINK, ROOT_CATEGORY, STRING, torch_call
+from .base import COMBO, FLOAT, LINK, ROOT_CATEGORY, STRING, checked, torch_call
 
 CATEGORY = f"{ROOT_CATEGORY}/io"
 NONE = "none"
@@ -49,6 +49,7 @@ class FT_SaveLoRA:
             "filename": STRING("finetune/my_lora", "Subfolder and name inside models/loras (no extension)."),
         }}
 
+    @checked
     def execute(self, lora, filename):
         from ..trainers.export import lora_metadata, save_unique
 
@@ -126,11 +127,13 @@ class FT_SaveEmbedding:
             "filename": STRING("finetune/my_embedding", "Subfolder and name inside models/embeddings."),
         }}
 
+    @checked
     def execute(self, embedding, filename):
         from ..trainers.export import embedding_metadata, save_unique
 
         root, rel = host.save_folder("embeddings", filename)
-        path = save_unique(root / rel.parent, rel.name, {"emb_params": embedding.vectors}, embedding_metadata(embedding))
+        path = save_unique(root / rel.parent, rel.name, {"emb_params": embedding.vectors},
+                           embedding_metadata(embedding))
         name = path.relative_to(root).as_posix()
         return {"ui": {"text": [f"saved embeddings/{name}: write embedding:{name.removesuffix('.safetensors')} "
                                 "in a ComfyUI prompt"]}, "result": (name,)}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from . import host
-from .base import HIDDEN, LINK, ROOT_CATEGORY, STRING, recipe_inputs, torch_call
+from .base import HIDDEN, LINK, ROOT_CATEGORY, STRING, checked, recipe_inputs, torch_call
 
 CATEGORY = f"{ROOT_CATEGORY}/train"
 MODEL = LINK("FT_MODEL", "The base model to adapt (it is not changed; training works on a copy).")
@@ -54,8 +54,9 @@ def train_in_comfyui(train_fn, recipe, model, data, **kw):
     from ..trainers.runs import open_run
 
     root = host.output_dir() / "finetune"
-    resume = host.safe_relative(recipe.resume_run.strip(), "resume_run").as_posix() if recipe.resume_run.strip() \
-        else ""
+    resume = recipe.resume_run.strip()
+    if resume:
+        host.inside(root, resume, "resume_run")
     run = open_run(root, host.safe_relative(recipe.run_name.strip() or recipe.method, "run_name").name, resume,
                    default=recipe.method)
     cb = Callbacks(run, recipe.steps, recipe.method)
@@ -171,6 +172,7 @@ class FT_DreamBoothSubject:
             },
         }
 
+    @checked
     def execute(self, dataset, instance_prompt, class_prompt, previous=None, class_dataset=None):
         from ..trainers.dreambooth import Subject
 

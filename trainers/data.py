@@ -19,6 +19,13 @@ from PIL import Image, ImageOps
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+#: the largest picture a dataset loads, in pixels (8192 x 8192): a "decompression bomb" is refused by its size,
+#: read from the header, before any memory is spent on it
+MAX_PIXELS = 8192 * 8192
+
+
+class PictureTooLarge(ValueError):
+    """A picture over :data:`MAX_PIXELS`, refused from its header."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +121,7 @@ class Dataset:
 def load_image(path: Path) -> np.ndarray:
     """Decode any PNG/JPEG/WebP as 8-bit RGB: transparency is composited on white, 16-bit and float images are
     scaled, greyscale and CMYK are converted, and the EXIF orientation is applied."""
-    with Image.open(path) as im:
+    with _open_checked(path) as im:
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(im, dtype=np.float64)
@@ -131,27 +138,79 @@ def load_image(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
+def _open_checked(path: Path):
+    """Open a picture (only its header is read) and refuse it by its size before anything is decoded."""
+    try:
+        im = Image.open(path)
+    except Image.DecompressionBombError:  # Pillow's own limit (179 MP) came first: read the size to say so
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            with Image.open(path) as big:
+                im_size = big.size
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+        im = None
+    else:
+        im_size = im.size
+    w, h = im_size
+    if w * h > MAX_PIXELS:
+        if im is not None:
+            im.close()
+        raise PictureTooLarge(f"{w}x{h} is {w * h / 1e6:.0f} megapixels, over the limit of {MAX_PIXELS / 1e6:.0f} "
+                              "(a decompression bomb, or a picture to downscale first)")
+    return im
+
+
+def read_text(path: Path, what: str = "caption") -> str:
+    """A caption or metadata file's text: UTF-8 (with or without a byte-order mark); a file in another encoding is
+    read as Windows-1252 (the usual Latin-1 superset: "café" saved by an old editor) with a warning naming it;
+    bytes that are no text at all are an error naming the file and the fix."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        bad = e.start
+    try:
+        text = raw.decode("cp1252")
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} file {path.name} is not text in UTF-8 (byte 0x{raw[bad]:02x} at position {bad}) "
+                         "nor in Windows-1252: save it as UTF-8") from None
+    log.warning("%s file %s is not UTF-8 (byte 0x%02x at position %d): read as Windows-1252 (%r); save it as "
+                "UTF-8 to be sure", what, path.name, raw[bad], bad, text[:40])
+    return text
+
+
 def read_metadata(folder: Path) -> dict[str, str]:
     """Captions from ``metadata.jsonl`` / ``metadata.csv`` (Hugging Face imagefolder: ``file_name`` + ``text``)."""
     caps: dict[str, str] = {}
     jl, cs = folder / "metadata.jsonl", folder / "metadata.csv"
     rows: list[dict] = []
     if jl.is_file():
-        for i, line in enumerate(jl.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(read_text(jl, "metadata").splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{jl.name} line {i} is not valid JSON ({e.msg}); each line must be an "
                                      'object like {"file_name": "a.png", "text": "a caption"}') from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{jl.name} line {i} is a {type(row).__name__}, not an object like "
+                                     '{"file_name": "a.png", "text": "a caption"}')
+                rows.append(row)
+        source = jl.name
     elif cs.is_file():
-        with cs.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    for r in rows:
+        rows = list(csv.DictReader(read_text(cs, "metadata").splitlines()))
+        source = cs.name
+    else:
+        return caps
+    for i, r in enumerate(rows, 1):
         fn = r.get("file_name")
         text = r.get("text", r.get("caption"))
-        if fn and text is not None:
-            caps[Path(str(fn)).as_posix()] = str(text).strip()
+        if not fn or text is None:
+            raise ValueError(f"{source} row {i} lacks {'file_name' if not fn else 'text'}: each row needs "
+                             "file_name (the picture, relative to the folder) and text (its caption)")
+        caps[Path(str(fn).replace("\\", "/")).as_posix()] = str(text).strip()
     return caps
 
 
@@ -159,14 +218,25 @@ def load_folder(folder: str | Path, caption: str = "", token: str = "", repeats:
     """Load every image under ``folder`` (recursively) with its caption.
 
     Captions, in order of precedence: ``name.txt`` beside ``name.png``; ``metadata.jsonl`` / ``metadata.csv``;
-    else ``caption`` with ``{token}`` replaced by ``token``. Unreadable files are skipped with a warning.
+    else ``caption`` with ``{token}`` replaced by ``token``. Unreadable files are skipped with a warning; a file
+    that is a symbolic link leading out of the folder is an error (a shared workflow must not read elsewhere).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"dataset folder {folder} does not exist")
     meta = read_metadata(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    examples, skipped, uncaptioned = [], [], []
+    real = folder.resolve()
+    for p in files + sorted(folder.rglob("*.txt")) + [folder / "metadata.jsonl", folder / "metadata.csv"]:
+        if p.exists() and real not in p.resolve().parents:
+            raise ValueError(f"dataset folder {folder.name!r}: {p.relative_to(folder).as_posix()} is a link to a file "
+                             "outside the folder; copy the file in instead of linking to it")
+    names = {p.relative_to(folder).as_posix() for p in files}
+    unknown = sorted(set(meta) - names)
+    if unknown:
+        log.warning("dataset %s: the metadata names %d file(s) that are not in the folder, whose captions are not "
+                    "used: %s", folder.name, len(unknown), ", ".join(unknown[:5]))
+    examples, skipped, uncaptioned, reasons = [], [], [], {}
     for p in files:
         rel = p.relative_to(folder).as_posix()
         try:
@@ -174,10 +244,12 @@ def load_folder(folder: str | Path, caption: str = "", token: str = "", repeats:
         except Exception as e:  # any decoder failure: the file is unusable, the rest of the folder is not
             log.warning("skipping %s: not a readable image (%s)", rel, e)
             skipped.append(rel)
+            if isinstance(e, PictureTooLarge):
+                reasons[rel] = str(e)
             continue
         side = p.with_suffix(".txt")
         if side.is_file():
-            cap = side.read_text(encoding="utf-8").strip()
+            cap = read_text(side).strip()
         elif rel in meta:
             cap = meta[rel]
         else:
@@ -185,7 +257,8 @@ def load_folder(folder: str | Path, caption: str = "", token: str = "", repeats:
             uncaptioned.append(rel)
         examples.append(Example(img, cap, rel))
     if not examples:
-        what = f"{len(skipped)} unreadable file(s): {', '.join(skipped[:5])}" if skipped else "no image files"
+        big = "".join(f"; {k}: {v}" for k, v in list(reasons.items())[:3])
+        what = f"{len(skipped)} unreadable file(s): {', '.join(skipped[:5])}{big}" if skipped else "no image files"
         raise ValueError(f"dataset folder {folder.name!r} has no usable image ({what}); accepted formats: "
                          f"{', '.join(IMAGE_SUFFIXES)}")
     if uncaptioned and not caption.strip():

@@ -60,11 +60,20 @@ def check_subjects(subjects: list[Subject], prior_preservation: bool, prior_loss
         if prior_preservation and not s.class_prompt.strip():
             raise ValueError(f"subject {i}: class_prompt is empty but prior_preservation is on; give the class "
                              "(e.g. 'a dog'), or turn prior preservation off")
+        if prior_preservation and s.instance_prompt.strip().lower() == s.class_prompt.strip().lower():
+            raise ValueError(f"subject {i}: instance_prompt and class_prompt are the same ({s.class_prompt!r}), so "
+                             "prior preservation would pull the subject back to the class on the very same prompt; "
+                             f"add a rare identifier to the instance prompt, e.g. '{_with_identifier(s.class_prompt)}'")
         ident = s.identifier.lower()
         if ident in seen:
             raise ValueError(f"subjects {seen[ident]} and {i} use the same identifier {s.identifier!r}: each subject "
                              "needs its own rare word")
         seen[ident] = i
+
+
+def _with_identifier(class_prompt: str) -> str:
+    words = class_prompt.split()
+    return " ".join(words[:-1] + ["sks"] + words[-1:]) if words else "a sks dog"
 
 
 def instance_dataset(subjects: list[Subject]) -> Dataset:

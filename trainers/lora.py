@@ -97,11 +97,30 @@ class LoRAMethod(Method):
         from peft import LoraConfig
 
         self.model = model
+        self.check_rank(model)
         unet_t, te_t = TARGETS[self.targets]
         for part, mod in self._parts():
             cfg = LoraConfig(r=self.rank, lora_alpha=self.alpha, init_lora_weights="gaussian",
                              target_modules=list(unet_t if part == "unet" else te_t))
             adapters.inject(mod, cfg, self.adapter)
+
+    def check_rank(self, model: FTModel) -> None:
+        """A rank above every adapted layer's own rank only adds weights that cannot learn more: refuse it."""
+        unet_t, te_t = TARGETS[self.targets]
+        cap = 0
+        for part, mod in [("unet", model.unet)] + ([("text_encoder", model.text_encoder)]
+                                                   if self.trains_text_encoder else []):
+            wanted = unet_t if part == "unet" else te_t
+            for name, m in mod.named_modules():
+                if not any(name == t or name.endswith("." + t) for t in wanted):
+                    continue
+                w = getattr(m, "weight", None)
+                if w is not None and w.ndim >= 2:
+                    cap = max(cap, min(int(w.shape[0]), int(w[0].numel())))
+        if cap and self.rank > cap:
+            raise ValueError(f"rank {self.rank} is larger than any layer the LoRA adapts: the widest of this "
+                             f"{model.family} model's '{self.targets}' layers has rank {cap}, so a higher rank only "
+                             f"adds weights that cannot learn more; use a rank of at most {cap} (4-32 is usual)")
 
     def param_groups(self, cfg: TrainConfig) -> list[dict]:
         groups = []

@@ -67,6 +67,8 @@ class Recipe:
     method: ClassVar[str] = ""
     required: ClassVar[tuple[str, ...]] = ()
     optional: ClassVar[tuple[str, ...]] = ()
+    #: the options that give the trained weights their shape: a resume must keep them
+    shape: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self):
         self.check()
@@ -205,6 +207,7 @@ class LoRARecipe(TrainConfig):
     required = ("steps", "learning_rate", "batch_size", "rank", "alpha", "seed", "target_modules",
                 "train_text_encoder", "text_encoder_lr", "run_name")
     optional = TrainConfig.LOOP_OPTIONAL
+    shape = ("rank", "target_modules", "train_text_encoder")
 
 
 @dataclass
@@ -231,6 +234,7 @@ class TextualInversionRecipe(TrainConfig):
     required = ("token", "init_token", "num_vectors", "steps", "learning_rate", "batch_size", "seed", "caption_mode",
                 "run_name")
     optional = TrainConfig.LOOP_OPTIONAL
+    shape = ("token", "num_vectors")
 
     def check_more(self) -> None:
         if not self.token.strip():
@@ -271,6 +275,7 @@ class DreamBoothRecipe(TrainConfig):
     required = ("instance_prompt", "class_prompt", "prior_preservation", "prior_loss_weight", "num_class_images",
                 "mode", "train_text_encoder", "steps", "learning_rate", "batch_size", "seed", "run_name")
     optional = ("rank", "alpha", "target_modules", "pivotal_tuning", "embedding_lr") + TrainConfig.LOOP_OPTIONAL
+    shape = ("mode", "train_text_encoder", "rank", "target_modules", "pivotal_tuning")
 
     def check_more(self) -> None:
         if self.pivotal_tuning and self.mode != "lora":

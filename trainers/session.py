@@ -38,11 +38,45 @@ class Trained:
         return self.run.run_dir
 
 
+LABELS = {"lora": "LoRA", "textual_inversion": "Textual Inversion", "dreambooth": "DreamBooth",
+          "controlnet": "ControlNet"}
+
+
+def check_resume(run: RunDir, recipe: TrainConfig, model: FTModel) -> None:
+    """A resume must continue the same training: the same method, the same base model and the same shape of
+    trained weights. Every difference is named, with what the run had and what was asked."""
+    path = run.path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"resume_run {run.name!r} has no config.json: it is not a run this pack can resume")
+    try:
+        from .recipes import read_config
+
+        old, cfg = read_config(path)
+    except ValueError as e:
+        raise ValueError(f"resume_run {run.name!r}: {e}") from None
+    was = cfg.get("model", {})
+    if old.method != recipe.method:
+        raise ValueError(f"resume_run {run.name!r} was {LABELS.get(old.method, old.method)} on "
+                         f"{was.get('name', '?')}; resume it with the {LABELS.get(old.method, old.method)} node "
+                         f"(this is the {LABELS.get(recipe.method, recipe.method)} node)")
+    diffs = [f"{name} is {getattr(old, name)!r} in the run, {getattr(recipe, name)!r} here"
+             for name in recipe.shape if getattr(old, name) != getattr(recipe, name)]
+    if was.get("fingerprint") and was["fingerprint"] != model.fingerprint():
+        diffs.append(f"the run trained on {was.get('name', '?')} ({was.get('family', '?')}, weights "
+                     f"{was['fingerprint']}), this model is {model.name} ({model.family}, weights "
+                     f"{model.fingerprint()})")
+    if diffs:
+        raise ValueError(f"resume_run {run.name!r} cannot continue with other settings: " + "; ".join(diffs)
+                         + ". Set them as the run had them, or start a new run (empty resume_run)")
+
+
 def run_method(method: Method, recipe: TrainConfig, model: FTModel, dataset, run: RunDir,
                callbacks: Callbacks | None = None, shard: Shard = SINGLE, extra_config: dict | None = None,
                work_on: FTModel | None = None) -> TrainResult:
     """Train ``method`` on a copy of ``model`` (never ``model`` itself: ComfyUI caches it) in ``run``, resuming
-    when the recipe names a run to resume."""
+    when the recipe names a run to resume (after :func:`check_resume`)."""
+    if recipe.resume_run.strip():
+        check_resume(run, recipe, model)
     return train(work_on if work_on is not None else model.clone(), dataset, method, recipe, run, callbacks,
                  resume=bool(recipe.resume_run.strip()), extra_config=extra_config, shard=shard)
 
