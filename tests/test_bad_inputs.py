@@ -497,3 +497,27 @@ def test_every_node_number_check_names_the_input():
                 if s[0] == "FLOAT":
                     with pytest.raises(ValueError, match=f"{inp} must be a finite number"):
                         check_numbers(cls, (), {inp: math.nan})
+
+
+# ------------------------------------------------------------------------------------- the runner's graphs --
+GRAPHS = [
+    ({"1": {"class_type": "FT_Nope", "inputs": {}}}, "FT_Nope"),
+    ({"1": {"class_type": "FT_Sample", "inputs": {"model": ["2", 0]}},
+      "2": {"class_type": "FT_Sample", "inputs": {"model": ["1", 0]}}}, "cycle"),
+    ({"1": {"class_type": "PreviewImage", "inputs": {"images": ["9", 0]}}}, "9"),
+    ({"1": {"class_type": "FT_LoadBaseModel", "inputs": {"model_name": "toy (built-in)", "device": "cpu",
+                                                          "dtype": "auto"}},
+      "2": {"class_type": "FT_Sample", "inputs": {"model": ["1", 0], "prompt": "a red circle", "steps": "many"}},
+      "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}, "steps"),
+    ([1, 2, 3], "a JSON object mapping node ids to nodes"),
+]
+
+
+@pytest.mark.parametrize("graph, named", GRAPHS, ids=["unknown class", "cycle", "missing link", "wrong type", "list"])
+def test_the_runner_refuses_broken_graphs_before_running_anything(graph, named, folders):
+    from comfyui_finetune import runner
+
+    with pytest.raises(runner.WorkflowError) as e:
+        runner.run(graph)
+    assert named in str(e.value), str(e.value)
+    assert not list(folders["output"].rglob("*.png")), "nothing ran"
