@@ -97,7 +97,9 @@ def safe_relative(name: str, what: str) -> PurePosixPath:
 
 def inside(root: Path, name: str, what: str) -> Path:
     """``root / name`` for a name from a workflow, checked where it really leads: a name that passes
-    :func:`safe_relative` but resolves outside ``root`` (through a symbolic link) is refused."""
+    :func:`safe_relative` but resolves outside ``root`` (through a symbolic link) is refused. Used for input/ and
+    output/ (datasets, runs); in the model folders links are followed as ComfyUI follows them, since sharing model
+    files between tools by links is common, and only safetensors are ever read from them."""
     path = Path(root) / safe_relative(name, what)
     real, base = path.resolve(), Path(root).resolve()
     if real != base and base not in real.parents:
@@ -113,7 +115,6 @@ def save_folder(kind: str, filename: str, what: str = "filename") -> tuple[Path,
     dirs = model_dirs(kind)
     if not dirs:
         raise FileNotFoundError(f"ComfyUI has no '{kind}' model folder configured (see extra_model_paths.yaml)")
-    inside(dirs[0], rel.as_posix(), what)  # an existing linked sub-folder must not lead out
     return dirs[0], rel
 
 
@@ -149,8 +150,8 @@ def model_path(kind: str, name: str) -> Path:
     roots = model_dirs(kind)
     for root in roots:
         p = root / rel
-        if p.exists():
-            return inside(root, rel.as_posix(), f"{kind} model")
+        if p.exists():  # links inside model folders are followed, as ComfyUI follows them (models are shared so)
+            return p
     where = ", ".join(str(r) for r in roots) or f"(no '{kind}' folder is configured)"
     raise FileNotFoundError(f"{kind} model {name!r} was not found in {where}; put it there, or pick one from "
                             f"the list (refresh the page after adding files)")

@@ -91,13 +91,21 @@ def test_a_symlinked_file_inside_a_dataset_is_refused(folders, tmp_path):
         FT_LoadImageDataset().execute("mixed", "a photo", "sks")
 
 
-def test_a_symlinked_model_folder_out_of_models_is_refused(folders, tmp_path, toy):
+def test_links_in_model_folders_are_followed_as_comfyui_does_but_only_safetensors_are_read(folders, tmp_path, toy):
+    """Model files are often shared between tools by links; a link is followed, and what it leads to is still read
+    only as safetensors (a pickle behind a link never runs)."""
+    _, trained, _ = lora(toy, toy_set(), steps=1)
+    FT_SaveLoRA().execute(trained, "shared")
     (tmp_path / "far").mkdir()
-    (folders["models"] / "loras").mkdir(parents=True, exist_ok=True)
+    (folders["models"] / "loras" / "shared.safetensors").rename(tmp_path / "far" / "shared.safetensors")
     (folders["models"] / "loras" / "far").symlink_to(tmp_path / "far", target_is_directory=True)
-    (tmp_path / "far" / "x.safetensors").write_bytes(b"0")
-    with pytest.raises(ValueError, match="leads outside its folder"):
-        FT_ApplyLoRA().execute(toy, "far/x.safetensors", 1.0)
+    (tuned,) = FT_ApplyLoRA().execute(toy, "far/shared.safetensors", 1.0)
+    assert tuned.history[-1]["applied_lora"] == "shared"
+    marker = tmp_path / "ran"
+    write_pickle_payload(tmp_path / "far" / "evil.safetensors", marker)
+    with pytest.raises(Exception):
+        FT_ApplyLoRA().execute(toy, "far/evil.safetensors", 1.0)
+    assert not marker.exists()
 
 
 # ----------------------------------------------------------------------------- files of the wrong kind --
