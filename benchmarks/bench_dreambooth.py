@@ -1,0 +1,92 @@
+"""DreamBooth's trade-off on the toy, measured: subject rate and class drift with and without prior preservation,
+one subject and two at once, LoRA and full mode. Judged by the toy judge over 16 generations each.
+
+    python benchmarks/bench_dreambooth.py [--steps 200] [--only one|two]
+
+Subjects: six purple circles "a sks circle" (class "a circle"; the base never draws purple) and six yellow
+triangles "a zwx triangle" (class "a triangle"; a combination the base was never shown).
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SEEDS = list(range(2000, 2016))
+
+
+def rate(model, judge, prompt, color, shape):
+    from comfyui_finetune.trainers.sampling import sample
+
+    with torch.inference_mode(False):
+        res = judge.judge(sample(model, prompt, seeds=SEEDS, steps=20, cfg=4.0))
+    return float(np.mean([r["color"] == color and r["shape"] == shape for r in res]))
+
+
+def subject(color, shape, caption):
+    from comfyui_finetune.nodes.datasets import FT_ToyDataset
+
+    return FT_ToyDataset().execute(color, shape, 6, caption, 0, "narrow")[0]
+
+
+def train(model, subs, **kw):
+    from comfyui_finetune.nodes.train import FT_DreamBoothSubject, FT_TrainDreamBooth
+
+    chain = None
+    for ds, inst, cls in subs:
+        chain = FT_DreamBoothSubject().execute(ds, inst, cls, previous=chain)[0]
+    args = dict(instance_prompt=subs[0][1], class_prompt=subs[0][2], prior_preservation=False, prior_loss_weight=1.0,
+                num_class_images=16, mode="lora", train_text_encoder=False, steps=200, learning_rate=1e-3,
+                batch_size=4, seed=0, run_name="bench")
+    args.update(kw)
+    return FT_TrainDreamBooth().execute(model, subs[0][0], subjects=chain, **args)[0]
+
+
+def main() -> None:
+    from comfyui_finetune.nodes import host
+    from comfyui_finetune.trainers.toy.loader import load_toy_judge, load_toy_model
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--only", choices=["one", "two"], default=None)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        host.set_folders(output=Path(tmp) / "out", models=Path(tmp) / "models", input=Path(tmp) / "in")
+        base, judge = load_toy_model(), load_toy_judge()
+        a = (subject("purple", "circle", "x"), "a sks circle", "a circle")
+        b = (subject("yellow", "triangle", "x"), "a zwx triangle", "a triangle")
+        print(f"base: 'a sks circle' purple circle {rate(base, judge, 'a sks circle', 'purple', 'circle'):.2f}, "
+              f"'a circle' drawn purple {rate(base, judge, 'a circle', 'purple', 'circle'):.2f}")
+        if args.only != "two":
+            print("one subject (purple circle), LoRA, lr 1e-3, batch 4, 16 class pictures, lambda 1")
+            for pp in (False, True):
+                t0 = time.time()
+                m = train(base, [a], prior_preservation=pp, steps=args.steps)
+                print(f"  prior preservation {'on ' if pp else 'off'}: subject "
+                      f"{rate(m, judge, 'a sks circle', 'purple', 'circle'):.2f}, class drift "
+                      f"{rate(m, judge, 'a circle', 'purple', 'circle'):.2f}  ({time.time() - t0:.0f} s)")
+        if args.only != "one":
+            print("two subjects (purple circle + yellow triangle)")
+            alone = {}
+            for s, col, shp in ((a, "purple", "circle"), (b, "yellow", "triangle")):
+                m = train(base, [s], steps=args.steps)
+                alone[s[1]] = rate(m, judge, s[1], col, shp)
+            print(f"  alone (LoRA, no PP): {alone}")
+            for mode, lr in (("lora", 1e-3), ("full", 2e-4)):
+                for pp in (False, True):
+                    t0 = time.time()
+                    m = train(base, [a, b], mode=mode, learning_rate=lr, prior_preservation=pp,
+                              steps=int(args.steps * 1.5))
+                    print(f"  {mode}, PP {'on ' if pp else 'off'}: 'a sks circle' "
+                          f"{rate(m, judge, 'a sks circle', 'purple', 'circle'):.2f}, 'a zwx triangle' "
+                          f"{rate(m, judge, 'a zwx triangle', 'yellow', 'triangle'):.2f}, drift circle "
+                          f"{rate(m, judge, 'a circle', 'purple', 'circle'):.2f} triangle "
+                          f"{rate(m, judge, 'a triangle', 'yellow', 'triangle'):.2f}  ({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
