@@ -16,7 +16,7 @@ _COMMON = ("Progress shows on the node; Cancel writes a checkpoint first, and re
            "`python -m comfyui_finetune train output/finetune/<run>/config.json` repeats it from the shell.")
 
 
-class Callbacks:
+class ComfyCallbacks:
     """The loop's callbacks, wired to ComfyUI: a progress bar, throttled ``finetune.progress`` events, preview
     events and images, and Cancel."""
 
@@ -59,7 +59,7 @@ def train_in_comfyui(train_fn, recipe, model, data, **kw):
         host.inside(root, resume, "resume_run")
     run = open_run(root, host.safe_relative(recipe.run_name.strip() or recipe.method, "run_name").name, resume,
                    default=recipe.method)
-    cb = Callbacks(run, recipe.steps, recipe.method)
+    cb = ComfyCallbacks(run, recipe.steps, recipe.method)
     try:
         trained = train_fn(recipe, model, data, run, cb.loop_callbacks(), **kw)
     except Exception:
