@@ -1,7 +1,8 @@
 """DreamBooth's trade-off on the toy, measured: subject rate and class drift with and without prior preservation,
 one subject and two at once, LoRA and full mode. Judged by the toy judge over 16 generations each.
 
-    python benchmarks/bench_dreambooth.py [--steps 200] [--only one|two]
+    python benchmarks/bench_dreambooth.py [--steps 200] [--only one|two] [--class-images 16] [--prior-weight 1]
+                                          [--pp-only]
 
 Subjects: six purple circles "a sks circle" (class "a circle"; the base never draws purple) and six yellow
 triangles "a zwx triangle" (class "a triangle"; a combination the base was never shown).
@@ -53,7 +54,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--only", choices=["one", "two"], default=None)
+    ap.add_argument("--class-images", type=int, default=16)
+    ap.add_argument("--prior-weight", type=float, default=1.0)
+    ap.add_argument("--pp-only", action="store_true", help="only the runs with prior preservation")
     args = ap.parse_args()
+    extra = dict(num_class_images=args.class_images, prior_loss_weight=args.prior_weight)
     with tempfile.TemporaryDirectory() as tmp:
         host.set_folders(output=Path(tmp) / "out", models=Path(tmp) / "models", input=Path(tmp) / "in")
         base, judge = load_toy_model(), load_toy_judge()
@@ -62,25 +67,27 @@ def main() -> None:
         print(f"base: 'a sks circle' purple circle {rate(base, judge, 'a sks circle', 'purple', 'circle'):.2f}, "
               f"'a circle' drawn purple {rate(base, judge, 'a circle', 'purple', 'circle'):.2f}")
         if args.only != "two":
-            print("one subject (purple circle), LoRA, lr 1e-3, batch 4, 16 class pictures, lambda 1")
-            for pp in (False, True):
+            print(f"one subject (purple circle), LoRA, lr 1e-3, batch 4, {args.class_images} class pictures, "
+                  f"lambda {args.prior_weight}")
+            for pp in ((True,) if args.pp_only else (False, True)):
                 t0 = time.time()
-                m = train(base, [a], prior_preservation=pp, steps=args.steps)
+                m = train(base, [a], prior_preservation=pp, steps=args.steps, **extra)
                 print(f"  prior preservation {'on ' if pp else 'off'}: subject "
                       f"{rate(m, judge, 'a sks circle', 'purple', 'circle'):.2f}, class drift "
                       f"{rate(m, judge, 'a circle', 'purple', 'circle'):.2f}  ({time.time() - t0:.0f} s)")
         if args.only != "one":
             print("two subjects (purple circle + yellow triangle)")
-            alone = {}
-            for s, col, shp in ((a, "purple", "circle"), (b, "yellow", "triangle")):
-                m = train(base, [s], steps=args.steps)
-                alone[s[1]] = rate(m, judge, s[1], col, shp)
-            print(f"  alone (LoRA, no PP): {alone}")
+            if not args.pp_only:
+                alone = {}
+                for s, col, shp in ((a, "purple", "circle"), (b, "yellow", "triangle")):
+                    m = train(base, [s], steps=args.steps)
+                    alone[s[1]] = rate(m, judge, s[1], col, shp)
+                print(f"  alone (LoRA, no PP): {alone}")
             for mode, lr in (("lora", 1e-3), ("full", 2e-4)):
-                for pp in (False, True):
+                for pp in ((True,) if args.pp_only else (False, True)):
                     t0 = time.time()
                     m = train(base, [a, b], mode=mode, learning_rate=lr, prior_preservation=pp,
-                              steps=int(args.steps * 1.5))
+                              steps=int(args.steps * 1.5), **extra)
                     print(f"  {mode}, PP {'on ' if pp else 'off'}: 'a sks circle' "
                           f"{rate(m, judge, 'a sks circle', 'purple', 'circle'):.2f}, 'a zwx triangle' "
                           f"{rate(m, judge, 'a zwx triangle', 'yellow', 'triangle'):.2f}, drift circle "
