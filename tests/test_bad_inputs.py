@@ -533,3 +533,27 @@ def test_the_runner_refuses_broken_graphs_before_running_anything(graph, named, 
         runner.run(graph)
     assert named in str(e.value), str(e.value)
     assert not list(folders["output"].rglob("*.png")), "nothing ran"
+
+
+def test_a_replacement_stopped_half_way_puts_the_old_checkpoint_back(tmp_path):
+    from comfyui_finetune.trainers.atomic import clean_stale
+
+    (tmp_path / "step-4.old").mkdir()
+    (tmp_path / "step-4.old" / "manifest.json").write_text("{}")
+    (tmp_path / "step-6.old").mkdir()
+    (tmp_path / "step-6").mkdir()
+    done = clean_stale(tmp_path)
+    assert (tmp_path / "step-4" / "manifest.json").is_file() and not (tmp_path / "step-6.old").exists()
+    assert sorted(done) == ["step-4.old (put back as step-4)", "step-6.old"]
+
+
+def test_a_run_of_the_pack_before_recipes_still_resumes(toy, folders):
+    """Runs started before config.json had a format keep their checkpoints: they resume, and a wrong node is named."""
+    _, _, log = lora(toy, toy_set(), steps=2, run_name="legacy")
+    run = folders["output"] / "finetune" / log.run
+    (run / "config.json").write_text(json.dumps({"train": {"steps": 2}, "method": "lora", "rank": 4}))
+    _, _, resumed = lora(toy, toy_set(), steps=3, resume_run=log.run)
+    assert resumed.resumed_from == 2 and resumed.steps == 3
+    (run / "config.json").write_text(json.dumps({"train": {}, "method": "textual_inversion"}))
+    with pytest.raises(ValueError, match="was Textual Inversion; resume it with the Textual Inversion node"):
+        lora(toy, toy_set(), steps=4, resume_run=log.run)

@@ -94,7 +94,8 @@ def _alive(pid: int) -> bool:
 
 def clean_stale(folder: Path) -> list[str]:
     """Remove what a dead writer left in ``folder``: ``.<name>.<pid>.tmp`` files of processes that no longer run,
-    and unfinished ``*.tmp`` / ``*.old`` folders (checkpoints, dataset snapshots). Returns what was removed."""
+    and unfinished ``*.tmp`` folders (checkpoints, dataset snapshots). A ``X.old`` folder is the previous ``X`` of a
+    replacement that stopped half-way: it is put back when ``X`` is missing, else removed. Returns what was done."""
     removed = []
     if not Path(folder).is_dir():
         return removed
@@ -105,6 +106,9 @@ def clean_stale(folder: Path) -> list[str]:
             if pid.isdigit() and not _alive(int(pid)):
                 p.unlink(missing_ok=True)
                 removed.append(name)
+        elif p.is_dir() and name.endswith(".old") and not p.with_name(name[:-4]).exists():
+            p.replace(p.with_name(name[:-4]))
+            removed.append(f"{name} (put back as {name[:-4]})")
         elif p.is_dir() and name.endswith((".tmp", ".old")):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(name)

@@ -4,6 +4,7 @@ textual_inversion.train_textual_inversion, dreambooth.train_dreambooth, controln
 the loop's result into a :class:`Trained`: the tuned model, what was trained, and the log."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,14 @@ def check_resume(run: RunDir, recipe: TrainConfig, model: FTModel) -> None:
     path = run.path / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"resume_run {run.name!r} has no config.json: it is not a run this pack can resume")
+    legacy = json.loads(path.read_text())
+    if "format" not in legacy:  # a run of the pack before recipes: its checkpoints resume as they are
+        was = legacy.get("method")
+        if was is not None and was != recipe.method:
+            this = LABELS.get(recipe.method, recipe.method)
+            raise ValueError(f"resume_run {run.name!r} was {LABELS.get(was, was)}; resume it with the "
+                             f"{LABELS.get(was, was)} node (this is the {this} node)")
+        return
     try:
         from .recipes import read_config
 
