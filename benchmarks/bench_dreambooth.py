@@ -2,7 +2,7 @@
 one subject and two at once, LoRA and full mode. Judged by the toy judge over 16 generations each.
 
     python benchmarks/bench_dreambooth.py [--steps 200] [--only one|two] [--class-images 16] [--prior-weight 1]
-                                          [--pp-only]
+                                          [--pp-only] [--seed 0]
 
 Subjects: six purple circles "a sks circle" (class "a circle"; the base never draws purple) and six yellow
 triangles "a zwx triangle" (class "a triangle"; a combination the base was never shown).
@@ -57,8 +57,10 @@ def main() -> None:
     ap.add_argument("--class-images", type=int, default=16)
     ap.add_argument("--prior-weight", type=float, default=1.0)
     ap.add_argument("--pp-only", action="store_true", help="only the runs with prior preservation")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="training seed (it seeds the class pictures too; the judged samples keep theirs)")
     args = ap.parse_args()
-    extra = dict(num_class_images=args.class_images, prior_loss_weight=args.prior_weight)
+    extra = dict(num_class_images=args.class_images, prior_loss_weight=args.prior_weight, seed=args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         host.set_folders(output=Path(tmp) / "out", models=Path(tmp) / "models", input=Path(tmp) / "in")
         base, judge = load_toy_model(), load_toy_judge()
