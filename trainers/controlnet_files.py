@@ -164,6 +164,12 @@ def save(cn: ControlNet, folder: Path, stem: str, layout: str = "original", dtyp
     """Write ``folder/stem.safetensors`` (never over an existing file) in ``layout``; returns the path."""
     from .export import save_unique
 
+    return save_unique(folder, stem, *file_contents(cn, layout, dtype, metadata))
+
+
+def file_contents(cn: ControlNet, layout: str = "original", dtype: str = "fp16",
+                  metadata: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a ControlNet file in ``layout`` and ``dtype``."""
     if layout not in ("original", "diffusers"):
         raise ValueError(f"layout {layout!r} is not known; choose original or diffusers")
     dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
@@ -172,7 +178,7 @@ def save(cn: ControlNet, folder: Path, stem: str, layout: str = "original", dtyp
     cfg = {k: v for k, v in dict(cn.net.config).items() if not k.startswith("_")}
     meta = {CONFIG_KEY: json.dumps(cfg, default=_json_default), "finetune_layout": layout,
             "modelspec.architecture": f"{_version(cn)}/controlnet", **{k: str(v) for k, v in (metadata or {}).items()}}
-    return save_unique(folder, stem, state, meta)
+    return state, meta
 
 
 def _json_default(o):

@@ -95,8 +95,8 @@ def train_controlnet(recipe: ControlNetRecipe, model: FTModel, dataset, run: Run
     otherwise the recipe's preprocessor makes each condition."""
     import json
 
-    from .controlnet_files import save
-    from .session import Trained, run_method
+    from .controlnet_files import file_contents
+    from .session import Trained, run_method, save_in_run
 
     paired = any(e.condition is not None for e in dataset.examples)
     if paired:
@@ -111,9 +111,5 @@ def train_controlnet(recipe: ControlNetRecipe, model: FTModel, dataset, run: Run
         return Trained(None, None, res)
     cn = method.result(run.name, {"finetune_config": json.dumps(res.config, default=str)})
     cn.source = f"trained: run {run.name}, {res.step} steps"
-    if run.writes:
-        old = run.path / "controlnet.safetensors"
-        if old.exists():
-            old.unlink()
-        save(cn, run.path, "controlnet", layout="original", dtype="fp16")
+    save_in_run(run, "controlnet", *file_contents(cn, layout="original", dtype="fp16"))
     return Trained(model, cn, res)

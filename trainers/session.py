@@ -98,6 +98,7 @@ def save_in_run(run: RunDir, stem: str, tensors: dict, metadata: dict[str, str])
     """The trained file, also kept in the run folder (``<run>/<stem>.safetensors``), written by rank 0 only."""
     if not run.writes:
         return None
+    from .atomic import fsync_dir
     from .export import write_safetensors
 
     path = run.path / f"{stem}.safetensors"
@@ -106,4 +107,5 @@ def save_in_run(run: RunDir, stem: str, tensors: dict, metadata: dict[str, str])
         new.unlink()
     write_safetensors(new, tensors, metadata)
     new.replace(path)  # a resumed run replaces its own earlier result, never anything else
+    fsync_dir(path.parent)
     return path
