@@ -240,6 +240,7 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
         for folder in (run.path, run.path / "checkpoints"):
             for name in clean_stale(folder):
                 log.info("removed %s/%s, left unfinished by an earlier process", folder.name, name)
+    distributed.barrier(shard)  # every rank lists the checkpoints after rank 0 has tidied them
     step, log_rows, resumed_from = 0, [], None
     if resume:
         ckpts = run.checkpoints()
