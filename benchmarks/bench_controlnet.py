@@ -67,7 +67,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         method = ControlNetMethod("canny", control.CANNY)
         t = time.perf_counter()
-        r = train(model.clone(), ds, method, TrainConfig(steps=args.train_steps, learning_rate=1e-3, batch_size=16),
+        r = train(model.share(), ds, method, TrainConfig(steps=args.train_steps, learning_rate=1e-3, batch_size=16),
                   RunDir.create(Path(tmp), "bench"))
         total = time.perf_counter() - t
     steady = sorted(row["seconds"] for row in r.log[5:])

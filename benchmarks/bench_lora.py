@@ -50,7 +50,7 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats()
             cfg = TrainConfig(steps=args.steps, learning_rate=1e-3, batch_size=args.batch_size)
             t = time.perf_counter()
-            res = train(base.clone(), data, LoRAMethod(8, 8.0, "attention+feedforward"), cfg,
+            res = train(base.share(), data, LoRAMethod(8, 8.0, "attention+feedforward"), cfg,
                         RunDir.create(Path(tmp), "bench"))
             total = time.perf_counter() - t
             steady = sorted(r["seconds"] for r in res.log[5:])

@@ -66,12 +66,13 @@ class FT_SaveLoRA:
 
 class FT_ApplyLoRA:
     DESCRIPTION = ("Apply a LoRA to a model with a strength: a trained one (lora input) or a file from "
-                   "models/loras (lora_name). The input model is not changed; a copy with the LoRA merged in is "
-                   "returned. Chain several to stack LoRAs.")
+                   "models/loras (lora_name). The input model is not changed: the result shares its weights and "
+                   "adds the LoRA live (its own memory is the LoRA's few MB, not a copy of the model). Chain several "
+                   "to stack LoRAs.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("FT_MODEL",)
     RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("A copy of the model with the LoRA merged in.",)
+    OUTPUT_TOOLTIPS = ("The model with the LoRA applied (sharing the input's weights).",)
     FUNCTION = "execute"
 
     @classmethod
@@ -95,7 +96,7 @@ class FT_ApplyLoRA:
             if lora_name == NONE:
                 raise ValueError("no LoRA given: connect the lora input or choose a file in lora_name")
             lora = read_lora_file(lora_name)
-        return (apply_lora(model.clone(), lora, strength),)
+        return (apply_lora(model, lora, strength),)
 
 
 def embedding_choices() -> list[str]:
@@ -145,7 +146,7 @@ class FT_ApplyEmbedding:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("FT_MODEL",)
     RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("A copy of the model that knows the word.",)
+    OUTPUT_TOOLTIPS = ("The model that knows the word (sharing the input's weights).",)
     FUNCTION = "execute"
 
     @classmethod
@@ -171,7 +172,7 @@ class FT_ApplyEmbedding:
             embedding = read_embedding_file(embedding_name)
             if not token.strip() and not embedding.metadata.get("token"):
                 token = f"<{embedding.name}>"
-        return (apply_embedding(model.clone(), embedding, token.strip() or None),)
+        return (apply_embedding(model, embedding, token.strip() or None),)
 
 
 SAVE_FORMATS = ["single file (.safetensors)", "diffusers folder"]

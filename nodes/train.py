@@ -9,7 +9,8 @@ from . import host
 from .base import HIDDEN, LINK, ROOT_CATEGORY, STRING, checked, recipe_inputs, torch_call
 
 CATEGORY = f"{ROOT_CATEGORY}/train"
-MODEL = LINK("FT_MODEL", "The base model to adapt (it is not changed; training works on a copy).")
+MODEL = LINK("FT_MODEL", "The base model to adapt (not changed: training shares its frozen weights and copies "
+                         "only what trains).")
 DATASET = LINK("FT_DATASET", "Captioned pictures of the concept.")
 _COMMON = ("Progress shows on the node; Cancel writes a checkpoint first, and resume_run continues it. Each run keeps "
            "its config, dataset, log, checkpoints and samples in output/finetune/<run>; "
@@ -96,7 +97,7 @@ class FT_TrainLoRA:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("FT_MODEL", "FT_LORA", "FT_TRAINING_LOG")
     RETURN_NAMES = ("model", "lora", "log")
-    OUTPUT_TOOLTIPS = ("The base model with the trained LoRA merged in, ready for Sample.",
+    OUTPUT_TOOLTIPS = ("The base model with the trained LoRA applied (sharing the base's weights), ready for Sample.",
                        "The LoRA: connect Save LoRA to write it to models/loras, or Apply LoRA.",
                        "Loss per step, learning rate, timings and config: connect Loss Plot.")
     FUNCTION = "execute"
@@ -135,7 +136,7 @@ class FT_TrainTextualInversion:
         from ..trainers.recipes import TextualInversionRecipe
 
         return recipe_inputs(TextualInversionRecipe,
-                             {"model": LINK("FT_MODEL", "The base model (not changed; training works on a copy)."),
+                             {"model": MODEL,
                               "dataset": LINK("FT_DATASET", "Pictures of the concept.")}, hidden=HIDDEN)
 
     @torch_call
@@ -203,7 +204,7 @@ class FT_TrainDreamBooth:
 
         return recipe_inputs(
             DreamBoothRecipe,
-            {"model": LINK("FT_MODEL", "The base model (not changed; training works on a copy)."),
+            {"model": MODEL,
              "dataset": LINK("FT_DATASET", "The instance pictures (ignored when subjects is connected).")},
             {"class_dataset": LINK("FT_DATASET", "Your own class pictures (missing ones are generated)."),
              "subjects": LINK("FT_SUBJECTS", "Several subjects from chained DreamBooth Subject nodes.")},

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .deltas import has_deltas, plain_state_dict
 from .model import FTModel
 
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
@@ -121,15 +122,15 @@ def to_single_file(model: FTModel, dtype: torch.dtype = torch.float16) -> dict[s
     cfg = model.unet.config
     up_attn = ["CrossAttn" in t for t in cfg.up_block_types]
     out: dict[str, torch.Tensor] = {}
-    for k, v in model.unet.state_dict().items():
+    for k, v in plain_state_dict(model.unet).items():
         out["model.diffusion_model." + unet_key(k, cfg.layers_per_block, up_attn)] = v
     num_up = len(model.vae.config.up_block_types)
-    for k, v in model.vae.state_dict().items():
+    for k, v in plain_state_dict(model.vae).items():
         nk = vae_key(k, num_up)
         if ".mid.attn_1." in nk and nk.endswith(".weight") and v.ndim == 2:
             v = v[:, :, None, None]  # the original attention uses 1x1 convolutions
         out["first_stage_model." + nk] = v
-    te = model.text_encoder.state_dict()
+    te = plain_state_dict(model.text_encoder)
     if model.family == "sd2":
         out.update(open_clip_text_encoder(te))
     else:
@@ -149,9 +150,12 @@ def save_diffusers(model: FTModel, folder: Path, dtype: torch.dtype = torch.floa
     if folder.exists():
         raise FileExistsError(f"{folder.name} already exists; nothing was overwritten")
     tmp = folder.with_name(f".{folder.name}.tmp")
+    live = any(has_deltas(m) for m in (model.unet, model.vae, model.text_encoder))
+    if live:  # applied LoRAs are merged into a copy, the model keeps sharing its weights
+        model = model.clone()
     pipe = model.to_pipeline()
     if dtype != model.dtype:
-        pipe = copy.deepcopy(pipe).to(dtype=dtype)
+        pipe = (pipe if live else copy.deepcopy(pipe)).to(dtype=dtype)
     pipe.save_pretrained(str(tmp), safe_serialization=True)
     legacy_text_encoder_keys(tmp / "text_encoder")
     tmp.rename(folder)

@@ -92,7 +92,11 @@ def new_controlnet(model: FTModel, name: str = "controlnet") -> ControlNet:
     """A ControlNet initialised from ``model``'s UNet encoder; its output convolutions are zero (a no-op start)."""
     from diffusers import ControlNetModel
 
-    unet = model.unet if model.dtype == torch.float32 else copy.deepcopy(model.unet).float()  # fp32 weights
+    from .deltas import has_deltas, materialize
+
+    unet = model.unet  # fp32 weights, live LoRAs merged: from a copy only when needed
+    if model.dtype != torch.float32 or has_deltas(unet):
+        unet = materialize(unet).float()
     with torch.inference_mode(False):
         net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels_for(model))
     return ControlNet(net.to(model.device).eval(), name, source=f"from the UNet of {model.name}")

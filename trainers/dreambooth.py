@@ -19,7 +19,7 @@ import torch
 
 from .data import Dataset, Example, prepare
 from .distributed import SINGLE, Shard
-from .lora import LoRAMethod, apply_lora
+from .lora import LoRAMethod, attach_lora
 from .batches import encode_latent_dists
 from .loop import Callbacks, Method
 from .model import FTModel
@@ -144,6 +144,12 @@ class FullMethod(Method):
         self.model: FTModel | None = None
 
     def setup(self, model: FTModel) -> None:
+        """What trains gets weights of its own (the rest of the model stays shared with the input)."""
+        from .deltas import materialize
+
+        model.unet = materialize(model.unet)
+        if self.trains_text_encoder:
+            model.text_encoder = materialize(model.text_encoder)
         self.model = model
 
     def _modules(self):
@@ -353,7 +359,7 @@ def train_dreambooth(recipe: DreamBoothRecipe, model: FTModel, subjects: list[Su
         got = method.result(run.name, result_metadata(res, subjects[0].dataset.resolution or model.native_size))
         lora, emb = got if isinstance(got, tuple) else (got, None)
         save_in_run(run, "lora", lora.state, lora_metadata(lora))
-        tuned = apply_lora(tuned, lora, 1.0)
+        tuned = attach_lora(tuned, lora, 1.0)  # the training's own copy
         tuned.history = tuned.history[:-1]
         if emb is not None:
             save_in_run(run, "embedding", {"emb_params": emb.vectors}, embedding_metadata(emb))

@@ -197,7 +197,8 @@ def _prepare_method(model: FTModel, method: Method, cfg: TrainConfig) -> tuple[l
 def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, run: RunDir,
           callbacks: Callbacks | None = None, resume: bool = False, extra_config: dict | None = None,
           shard: Shard = SINGLE) -> TrainResult:
-    """Train ``method`` on ``model`` (changed in place: pass a copy) and return the result.
+    """Train ``method`` on ``model`` (changed in place: pass ``base.share()``, whose frozen weights stay the base's)
+    and return the result.
 
     ``resume`` continues from the newest complete checkpoint in ``run``. When ``callbacks.should_stop`` turns true
     (on rank 0) the loop writes a checkpoint at the current step and returns with ``cancelled=True``. ``cfg.batch_size``

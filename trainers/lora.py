@@ -8,8 +8,8 @@ LoraLoader, diffusers' ``load_lora_weights``, A1111 and Forge read:
     lora_unet_<diffusers module path, dots as underscores>.lora_down.weight / .lora_up.weight / .alpha
     lora_te_<transformers module path, dots as underscores>...
 
-Applying a LoRA merges ``strength * alpha / rank * up @ down`` into a copy's weights (as ComfyUI does), so an
-``FTModel`` never carries adapter wrappers outside training.
+Applying a LoRA adds ``strength * alpha / rank * up @ down`` to each adapted weight live (:mod:`.deltas`): the
+model it is applied to keeps its weights, and the result shares them instead of holding a merged copy.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import adapters
+from .deltas import LowRankDelta, attach
 from .distributed import SINGLE, Shard
 from .loop import Callbacks, Method
 from .model import FTModel
@@ -175,7 +176,7 @@ class LoRAMethod(Method):
 
 def train_lora(recipe: LoRARecipe, model: FTModel, dataset, run: RunDir, callbacks: Callbacks | None = None,
                shard: Shard = SINGLE):
-    """Train a LoRA: returns a Trained with the model (LoRA merged in, strength 1) and the LoRA; the LoRA is also
+    """Train a LoRA: returns a Trained with the model (LoRA applied, strength 1) and the LoRA; the LoRA is also
     kept in the run folder as ``lora.safetensors`` (kohya layout)."""
     from .export import lora_metadata
     from .session import Trained, result_metadata, run_method, save_in_run
@@ -186,20 +187,19 @@ def train_lora(recipe: LoRARecipe, model: FTModel, dataset, run: RunDir, callbac
         return Trained(None, None, res)
     lora = method.result(run.name, result_metadata(res, dataset.resolution or model.native_size))
     save_in_run(run, "lora", lora.state, lora_metadata(lora))
-    tuned = apply_lora(res.model, lora, 1.0)
+    tuned = attach_lora(res.model, lora, 1.0)  # res.model is the training's own copy
     tuned.history[-1] = {"trained": "lora", "run": run.name, "steps": res.step, "rank": recipe.rank}
     return Trained(tuned, lora, res)
 
 
 def lora_delta(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    if down.ndim == 2:
-        return up @ down
-    # conv: down (r, in, kh, kw), up (out, r, 1, 1)
-    return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
+    return LowRankDelta(down, up, 1.0).delta()
 
 
-def apply_lora(model: FTModel, lora: LoRA, strength: float = 1.0) -> FTModel:
-    """Merge ``lora`` into ``model``'s weights in place (pass a copy). Unknown module names are an error."""
+def attach_lora(model: FTModel, lora: LoRA, strength: float = 1.0) -> FTModel:
+    """Apply ``lora`` live to ``model`` itself (one this code owns, such as a training's copy): every adapted layer
+    computes ``weight + strength * alpha / rank * up @ down`` when it runs; its base weight is not changed. Unknown
+    module names and shapes are an error."""
     targets = {**kohya_names(model.unet, "unet"), **kohya_names(model.text_encoder, "text_encoder")}
     prefixes = sorted({k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in lora.state})
     unknown = [p for p in prefixes if p not in targets]
@@ -207,19 +207,28 @@ def apply_lora(model: FTModel, lora: LoRA, strength: float = 1.0) -> FTModel:
         raise ValueError(f"LoRA {lora.name!r} does not fit this {model.family} model: {len(unknown)} of its "
                          f"{len(prefixes)} modules are not in it (e.g. {', '.join(unknown[:3])}). Was it trained "
                          "for another base model?")
+    deltas = []
+    for p in prefixes:
+        down, up = lora.state[f"{p}.lora_down.weight"], lora.state[f"{p}.lora_up.weight"]
+        rank = down.shape[0]
+        alpha = float(lora.state[f"{p}.alpha"]) if f"{p}.alpha" in lora.state else float(rank)
+        d = LowRankDelta(down, up, strength * alpha / rank)
+        w = targets[p].weight
+        if d.delta().shape != w.shape:
+            raise ValueError(f"LoRA {lora.name!r}: module {p} has shape {tuple(d.delta().shape)}, the model's is "
+                             f"{tuple(w.shape)}: it was trained for another base model")
+        deltas.append((targets[p], d))
     with torch.no_grad():
-        for p in prefixes:
-            down, up = lora.state[f"{p}.lora_down.weight"], lora.state[f"{p}.lora_up.weight"]
-            rank = down.shape[0]
-            alpha = float(lora.state[f"{p}.alpha"]) if f"{p}.alpha" in lora.state else float(rank)
-            w = targets[p].weight
-            delta = lora_delta(down.float(), up.float()) * (strength * alpha / rank)
-            if delta.shape != w.shape:
-                raise ValueError(f"LoRA {lora.name!r}: module {p} has shape {tuple(delta.shape)}, the model's is "
-                                 f"{tuple(w.shape)}: it was trained for another base model")
-            w.add_(delta.to(w.device, w.dtype))
+        for module, d in deltas:
+            attach(module, d)
     model.history = model.history + [{"applied_lora": lora.name, "strength": strength, "rank": lora.rank}]
     return model
+
+
+def apply_lora(model: FTModel, lora: LoRA, strength: float = 1.0) -> FTModel:
+    """``model`` with ``lora`` applied at ``strength``, as a new model that shares every base weight with
+    ``model`` (which is not changed): chains of LoRAs cost only their own tensors."""
+    return attach_lora(model.share(), lora, strength)
 
 
 def lora_from_state(state: dict[str, torch.Tensor], name: str, metadata: dict | None = None) -> LoRA:

@@ -13,7 +13,7 @@ class FTModel:
     """The components of a Stable-Diffusion-like model plus what the pack needs to know about them.
 
     Nodes never mutate an FTModel they receive (ComfyUI caches node outputs): trainers and adapters work on a
-    copy made with :meth:`clone`.
+    :meth:`share` of it, whose modules are new but whose frozen weights are the same tensors (see :mod:`.deltas`).
     """
 
     family: str
@@ -40,8 +40,10 @@ class FTModel:
 
         h = hashlib.sha256(self.family.encode())
         with torch.no_grad():
+            from .deltas import delta_buffers
+
             for part in (self.unet, self.text_encoder, self.vae):
-                for name, p in part.named_parameters():
+                for name, p in [*part.named_parameters(), *delta_buffers(part)]:
                     flat = p.detach().reshape(-1)
                     h.update(f"{name}{tuple(p.shape)}".encode())
                     for piece in (flat[:64], flat[-64:]):
@@ -96,14 +98,22 @@ class FTModel:
                 m.to(self.device, self.dtype)
         return self
 
-    def clone(self) -> "FTModel":
-        """A deep copy of the weights (cheap for the toy, ~4 GB for SD1.5 in fp32: use sparingly)."""
+    def share(self, own: tuple[str, ...] = ()) -> "FTModel":
+        """A model to change without changing this one: new modules over the *same* weight tensors (no memory for
+        frozen weights), except the parts named in ``own`` ("unet", "vae", "text_encoder"), which get plain
+        copies of their own (what a full fine-tune trains). The tokenizer and the bookkeeping are copied."""
         import copy
 
-        return FTModel(self.family, self.name, copy.deepcopy(self.unet), copy.deepcopy(self.vae),
-                       copy.deepcopy(self.text_encoder), copy.deepcopy(self.tokenizer), dict(self.scheduler_config),
-                       self.device, self.dtype, list(self.history),
-                       {k: list(v) for k, v in self.token_vectors.items()}, self.source)
+        from .deltas import materialize, share
+
+        parts = {n: (materialize if n in own else share)(getattr(self, n)) for n in ("unet", "vae", "text_encoder")}
+        return FTModel(self.family, self.name, parts["unet"], parts["vae"], parts["text_encoder"],
+                       copy.deepcopy(self.tokenizer), dict(self.scheduler_config), self.device, self.dtype,
+                       list(self.history), {k: list(v) for k, v in self.token_vectors.items()}, self.source)
+
+    def clone(self) -> "FTModel":
+        """A copy with weights of its own (live adapters merged in): ~4 GB for SD1.5 in fp32. Prefer :meth:`share`."""
+        return self.share(own=("unet", "vae", "text_encoder"))
 
     def to_pipeline(self):
         """A diffusers StableDiffusionPipeline over the same modules (no copy)."""

@@ -9,6 +9,8 @@ from typing import Callable
 
 import torch
 
+from .deltas import cached
+
 #: sampler name -> (diffusers scheduler class, extra config). Node combos list these keys.
 SAMPLERS: dict[str, tuple[str, dict]] = {
     "ddim": ("DDIMScheduler", {}),
@@ -49,6 +51,7 @@ def check_size(model, width: int, height: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
+@cached()  # a live-applied LoRA's weights are computed once per call, not at every step
 def sample(
     model,
     prompts: list[str] | str,

@@ -1,5 +1,5 @@
 """One training, start to finish, the same from a node, the shell and torchrun: :func:`run_method` trains a method
-on a copy of the model in a run folder, and each method's ``train_<method>`` (lora.train_lora,
+on a share of the model in a run folder, and each method's ``train_<method>`` (lora.train_lora,
 textual_inversion.train_textual_inversion, dreambooth.train_dreambooth, controlnet_training.train_controlnet) turns
 the loop's result into a :class:`Trained`: the tuned model, what was trained, and the log."""
 from __future__ import annotations
@@ -82,11 +82,12 @@ def check_resume(run: RunDir, recipe: TrainConfig, model: FTModel) -> None:
 def run_method(method: Method, recipe: TrainConfig, model: FTModel, dataset, run: RunDir,
                callbacks: Callbacks | None = None, shard: Shard = SINGLE, extra_config: dict | None = None,
                work_on: FTModel | None = None) -> TrainResult:
-    """Train ``method`` on a copy of ``model`` (never ``model`` itself: ComfyUI caches it) in ``run``, resuming
-    when the recipe names a run to resume (after :func:`check_resume`)."""
+    """Train ``method`` on a share of ``model`` (never ``model`` itself: ComfyUI caches it; the share's frozen
+    weights are ``model``'s own tensors, and what trains is new or copied by the method) in ``run``, resuming when
+    the recipe names a run to resume (after :func:`check_resume`)."""
     if recipe.resume_run.strip():
         check_resume(run, recipe, model)
-    return train(work_on if work_on is not None else model.clone(), dataset, method, recipe, run, callbacks,
+    return train(work_on if work_on is not None else model.share(), dataset, method, recipe, run, callbacks,
                  resume=bool(recipe.resume_run.strip()), extra_config=extra_config, shard=shard)
 
 

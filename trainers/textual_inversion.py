@@ -182,7 +182,9 @@ def train_textual_inversion(recipe: TextualInversionRecipe, model: FTModel, data
 
 
 def apply_embedding(model: FTModel, emb: Embedding, token: str | None = None) -> FTModel:
-    """Add ``emb`` to ``model`` (a copy) under ``token`` (default: its own)."""
+    """``model`` with ``emb`` added under ``token`` (default: its own), as a new model sharing ``model``'s weights
+    but the grown embedding table (``model`` is not changed)."""
+    model = model.share()
     add_token(model, (token or emb.token).strip(), emb.vectors.float())
     model.history = model.history + [{"applied_embedding": emb.name, "token": token or emb.token}]
     return model

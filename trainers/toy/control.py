@@ -103,7 +103,7 @@ def train_controlnet(cfg, out: Path) -> dict:
                        seed=cfg.seed + 5, lr_scheduler="cosine", warmup_steps=50)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        result = train(model.clone(), ds, method, tcfg, RunDir.create(Path(tmp), "toy-controlnet"))
+        result = train(model.share(), ds, method, tcfg, RunDir.create(Path(tmp), "toy-controlnet"))
     seconds = time.time() - t0
     cn = method.result()
     folder = out / "controlnet"

@@ -1,0 +1,201 @@
+"""No second copy of frozen weights: every training and every applied adapter shares the input model's tensors, and
+the input model (what ComfyUI cached) is bit-identical afterwards."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfyui_finetune.nodes.datasets import FT_ToyDataset
+from comfyui_finetune.trainers import deltas
+from comfyui_finetune.trainers.recipes import ControlNetRecipe, DreamBoothRecipe, LoRARecipe, TextualInversionRecipe
+from comfyui_finetune.trainers.runs import RunDir
+
+
+def toy_set(color="purple", shape="star", n=4, caption="a sks star"):
+    return FT_ToyDataset().execute(color, shape, n, caption, 0, "narrow")[0]
+
+
+def snapshot(model) -> dict:
+    """Every tensor, flag and mode of ``model``, copied, to compare after."""
+    out = {}
+    for part in ("unet", "vae", "text_encoder"):
+        m = getattr(model, part)
+        for k, v in m.state_dict(keep_vars=True).items():
+            out[f"{part}.{k}"] = (v.detach().clone(), v.requires_grad, v.data_ptr(), v.device, v.dtype)
+        out[f"{part}.training"] = m.training
+        out[f"{part}.modules"] = [type(x).__name__ for x in m.modules()]
+    out["vocab"] = len(model.tokenizer)
+    out["tokens"] = dict(model.token_vectors)
+    out["history"] = list(model.history)
+    return out
+
+
+def assert_unchanged(model, before: dict) -> None:
+    after = snapshot(model)
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        if isinstance(v, tuple):
+            a = after[k]
+            assert torch.equal(a[0], v[0]), f"{k} changed value"
+            assert a[1:] == v[1:], f"{k} changed flags, storage, device or dtype"
+        else:
+            assert after[k] == v, f"{k} changed"
+
+
+def ptrs(module) -> set[int]:
+    return {t.data_ptr() for t in [*module.parameters(), *module.buffers()]}
+
+
+def shared_fraction(part_out, part_in) -> float:
+    """The share of ``part_in``'s tensors (by bytes) that ``part_out`` holds without a copy."""
+    mine = ptrs(part_out)
+    tensors = {t.data_ptr(): t for t in [*part_in.parameters(), *part_in.buffers()]}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    return sum(t.numel() * t.element_size() for p, t in tensors.items() if p in mine) / total
+
+
+def steps(cls, **kw):
+    base = dict(steps=3, batch_size=2, learning_rate=1e-3, seed=0)
+    base.update(kw)
+    return cls(**base)
+
+
+def run_dir(tmp_path, name):
+    return RunDir.create(tmp_path, name)
+
+
+def test_lora_training_shares_every_frozen_weight_and_leaves_the_input_bit_identical(toy, tmp_path):
+    from comfyui_finetune.trainers.lora import train_lora
+
+    before = snapshot(toy)
+    with torch.inference_mode(False):
+        t = train_lora(steps(LoRARecipe, train_text_encoder=True, target_modules="attention+feedforward+conv"), toy,
+                       toy_set(), run_dir(tmp_path, "lora"))
+    assert_unchanged(toy, before)
+    for part in ("unet", "vae", "text_encoder"):
+        assert shared_fraction(getattr(t.model, part), getattr(toy, part)) == 1.0, part
+    assert deltas.has_deltas(t.model.unet) and deltas.has_deltas(t.model.text_encoder)
+    assert not deltas.has_deltas(toy.unet)
+
+
+def test_textual_inversion_copies_only_the_embedding_table(toy, tmp_path):
+    from comfyui_finetune.trainers.textual_inversion import train_textual_inversion
+
+    before = snapshot(toy)
+    with torch.inference_mode(False):
+        t = train_textual_inversion(steps(TextualInversionRecipe, token="<sh>", init_token="star",
+                                          caption_mode="object templates"), toy, toy_set(), run_dir(tmp_path, "ti"))
+    assert_unchanged(toy, before)
+    assert shared_fraction(t.model.unet, toy.unet) == 1.0 and shared_fraction(t.model.vae, toy.vae) == 1.0
+    table = toy.text_encoder.get_input_embeddings().weight
+    assert table.data_ptr() not in ptrs(t.model.text_encoder)  # the grown table is the part that trained
+    rest = [p for p in toy.text_encoder.parameters() if p is not table]
+    assert all(p.data_ptr() in ptrs(t.model.text_encoder) for p in rest)
+    assert len(t.model.tokenizer) == len(toy.tokenizer) + 1
+
+
+@pytest.mark.parametrize("mode,pivotal", [("lora", True), ("full", False)])
+def test_dreambooth_copies_only_what_trains(toy, tmp_path, mode, pivotal):
+    from comfyui_finetune.trainers.dreambooth import Subject, train_dreambooth
+
+    ds = toy_set(caption="a <sks> star")
+    cls = toy_set(color="yellow", caption="a star")
+    subject = Subject(ds, "a <sks> star", "a star", cls)
+    before = snapshot(toy)
+    recipe = steps(DreamBoothRecipe, mode=mode, pivotal_tuning=pivotal, prior_preservation=True,
+                   num_class_images=4, instance_prompt="a <sks> star", class_prompt="a star",
+                   learning_rate=1e-3 if mode == "lora" else 1e-4)
+    with torch.inference_mode(False):
+        t = train_dreambooth(recipe, toy, [subject], run_dir(tmp_path, f"db-{mode}"))
+    assert_unchanged(toy, before)
+    assert shared_fraction(t.model.vae, toy.vae) == 1.0
+    if mode == "full":
+        assert shared_fraction(t.model.unet, toy.unet) == 0.0  # the trained UNet is its own
+        assert shared_fraction(t.model.text_encoder, toy.text_encoder) == 1.0
+        assert any(not torch.equal(a, b) for a, b in zip(t.model.unet.parameters(), toy.unet.parameters()))
+    else:
+        assert shared_fraction(t.model.unet, toy.unet) == 1.0
+        assert deltas.has_deltas(t.model.unet)
+
+
+def test_controlnet_training_shares_the_whole_model(toy, tmp_path):
+    from comfyui_finetune.trainers.controlnet_training import train_controlnet
+
+    before = snapshot(toy)
+    with torch.inference_mode(False):
+        t = train_controlnet(steps(ControlNetRecipe, low_threshold=0.1, high_threshold=0.2), toy, toy_set(),
+                             run_dir(tmp_path, "cn"))
+    assert_unchanged(toy, before)
+    assert t.model is toy  # a ControlNet changes nothing in the model: the input itself is handed on
+    cn = ptrs(t.result.net)
+    assert not cn & ptrs(toy.unet), "the ControlNet trains weights of its own"
+
+
+def test_a_chain_of_applied_loras_shares_the_base_and_equals_merging(toy, tmp_path):
+    from comfyui_finetune.trainers.lora import LoRA, apply_lora, lora_delta
+    from comfyui_finetune.trainers.textual_inversion import Embedding, apply_embedding
+
+    g = torch.Generator().manual_seed(0)
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+    q = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    w_conv = toy.unet.down_blocks[0].resnets[0].conv1.weight
+    w_q = toy.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight
+
+    def lora(name):
+        st = {f"{q}.lora_down.weight": torch.randn(2, w_q.shape[1], generator=g),
+              f"{q}.lora_up.weight": torch.randn(w_q.shape[0], 2, generator=g), f"{q}.alpha": torch.tensor(1.0),
+              f"{conv}.lora_down.weight": torch.randn(2, *w_conv.shape[1:], generator=g),
+              f"{conv}.lora_up.weight": torch.randn(w_conv.shape[0], 2, 1, 1, generator=g)}
+        return LoRA(st, 2, 1.0, name)
+
+    a, b = lora("a"), lora("b")
+    before = snapshot(toy)
+    one = apply_lora(toy, a, 0.5)
+    two = apply_lora(one, b, -1.5)
+    width = toy.text_encoder.get_input_embeddings().weight.shape[1]
+    three = apply_embedding(two, Embedding("<e>", torch.randn(1, width, generator=g), "e"))
+    assert_unchanged(toy, before)
+    for m in (one, two, three):
+        assert shared_fraction(m.unet, toy.unet) == 1.0 and shared_fraction(m.vae, toy.vae) == 1.0
+    merged = deltas.plain_state_dict(two.unet)
+    own = toy.unet.state_dict()
+    assert merged.keys() == own.keys()
+    key_q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    want_q = own[key_q] + 0.5 * 0.5 * lora_delta(a.state[f"{q}.lora_down.weight"], a.state[f"{q}.lora_up.weight"]) \
+        - 1.5 * 0.5 * lora_delta(b.state[f"{q}.lora_down.weight"], b.state[f"{q}.lora_up.weight"])
+    assert torch.allclose(merged[key_q], want_q, atol=1e-5)
+    key_c = "down_blocks.0.resnets.0.conv1.weight"
+    want_c = own[key_c] + 0.5 * lora_delta(a.state[f"{conv}.lora_down.weight"], a.state[f"{conv}.lora_up.weight"]) \
+        - 1.5 * lora_delta(b.state[f"{conv}.lora_down.weight"], b.state[f"{conv}.lora_up.weight"])
+    assert torch.allclose(merged[key_c], want_c, atol=1e-5)
+    assert all(torch.equal(merged[k], own[k]) for k in own if k not in (key_q, key_c))
+    # a live LoRA gives the same UNet output as the merged weights
+    x, t, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500]), toy.encode_prompts(["a star"])
+    plain = two.clone()
+    assert not deltas.has_deltas(plain.unet)
+    with torch.no_grad():
+        assert torch.allclose(two.unet(x, t, ctx).sample, plain.unet(x, t, ctx).sample, atol=1e-5)
+    # two models with different LoRAs on one base are told apart (resume checks use the fingerprint)
+    assert len({toy.fingerprint(), one.fingerprint(), two.fingerprint(), apply_lora(toy, b, 0.5).fingerprint()}) == 4
+
+
+def test_a_saved_diffusers_folder_of_a_live_lora_holds_the_merged_weights(toy, tmp_path):
+    from safetensors.torch import load_file
+
+    from comfyui_finetune.trainers.checkpoint import save_diffusers
+    from comfyui_finetune.trainers.lora import LoRA, apply_lora
+
+    q = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    w = toy.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight
+    lora = LoRA({f"{q}.lora_down.weight": torch.ones(1, w.shape[1]), f"{q}.lora_up.weight": torch.ones(w.shape[0], 1)},
+                1, 1.0, "ones")
+    live = apply_lora(toy, lora, 0.25)
+    before = snapshot(live)
+    save_diffusers(live, tmp_path / "out", torch.float32)
+    assert_unchanged(live, before)  # saving merges into a copy: the live model keeps sharing
+    saved = load_file(str(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors"))
+    own = toy.unet.state_dict()
+    assert saved.keys() == own.keys()
+    changed = [k for k in own if not torch.equal(saved[k], own[k])]
+    assert changed == ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"]
+    assert torch.allclose(saved[changed[0]], own[changed[0]] + 0.25)

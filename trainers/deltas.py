@@ -1,0 +1,114 @@
+"""Weights shared with the base model, and adapters applied live on top of them.
+
+ComfyUI caches every node's output, so a node never changes the model it receives; but a full copy of an SD 1.5
+model is ~4 GB in fp32 (SDXL: ~10 GB), so the pack never makes one either. :func:`share` gives a module whose
+every parameter and buffer *is* the base's tensor (new ``Parameter`` objects over the same storage, so
+``requires_grad`` and ``.to()`` stay private to the copy), and adapters are applied live as
+``torch.nn.utils.parametrize`` parametrizations (``weight = original + strength * delta``), recomputed when the
+layer runs (once per sampling run under :func:`cached`), as ComfyUI's ModelPatcher patches and restores instead of
+merging into a copy. Anything that trains its base weights takes a plain copy of just those parts first
+(:func:`materialize`), and files are written from :func:`plain_state_dict`, whose names and values are those of the
+merged weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch.nn.utils import parametrize
+
+
+def share(module: torch.nn.Module) -> torch.nn.Module:
+    """A structural copy of ``module`` whose parameters and buffers are the very tensors of ``module`` (no weight is
+    copied). Changing flags, devices or dtypes of the copy leaves ``module`` alone; changing values in place would
+    not: train only what :func:`materialize` copied, or what an adapter adds."""
+    memo: dict[int, object] = {}
+    for p in module.parameters():
+        memo[id(p)] = torch.nn.Parameter(p.data, requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = b
+    return _own_classes(copy.deepcopy(module, memo))
+
+
+def _own_classes(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy keeps the class torch made for each parametrized layer, shared with the original: adding or
+    removing a parametrization changes that class, so each copy gets its own."""
+    for m in module.modules():
+        if parametrize.is_parametrized(m):
+            cls = type(m)
+            body = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+            m.__class__ = type(cls.__name__, cls.__bases__, body)
+    return module
+
+
+def materialize(module: torch.nn.Module) -> torch.nn.Module:
+    """A plain copy with its own weights, live adapters merged in: what a full fine-tune trains, or a file is
+    written from when every value must be its own."""
+    out = _own_classes(copy.deepcopy(module))
+    for m in list(out.modules()):
+        if parametrize.is_parametrized(m):
+            for name in list(m.parametrizations):
+                parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+    return out
+
+
+def has_deltas(module: torch.nn.Module) -> bool:
+    return any(parametrize.is_parametrized(m) for m in module.modules())
+
+
+def plain_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` as if every live adapter were merged: the same key names as the plain module, the
+    merged values (computed per layer, without copying the rest)."""
+    if not has_deltas(module):
+        return module.state_dict()
+    out = {}
+    for k, v in module.state_dict().items():
+        if ".parametrizations." not in f".{k}":
+            out[k] = v
+    with torch.no_grad():
+        for path, m in module.named_modules():
+            if parametrize.is_parametrized(m):
+                for name in m.parametrizations:
+                    out[f"{path}.{name}" if path else name] = getattr(m, name).detach()
+    return out
+
+
+def delta_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of the live adapters (for fingerprints: two different LoRAs on one base are two models)."""
+    return [(n, b) for n, b in module.named_buffers() if ".parametrizations." in f".{n}"]
+
+
+@contextlib.contextmanager
+def cached():
+    """Compute each live-adapted weight once for the whole block (sampling), instead of at every forward."""
+    with parametrize.cached():
+        yield
+
+
+class LowRankDelta(torch.nn.Module):
+    """``weight + scale * up @ down``: a LoRA applied live (linear, or conv with a kernel-sized ``down``)."""
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float):
+        super().__init__()
+        self.register_buffer("down", down.detach().float().contiguous())
+        self.register_buffer("up", up.detach().float().contiguous())
+        self.scale = float(scale)
+
+    def delta(self) -> torch.Tensor:
+        down, up = self.down, self.up
+        if down.ndim == 2:
+            return up.flatten(1) @ down
+        # conv: down (r, in, kh, kw), up (out, r, 1, 1)
+        return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        d = self.delta()
+        return weight + (d.reshape(weight.shape) * self.scale).to(weight.dtype)
+
+
+def attach(module: torch.nn.Module, delta: torch.nn.Module, name: str = "weight") -> None:
+    """Apply ``delta`` (a parametrization such as :class:`LowRankDelta`) to ``module.<name>`` live; several stack."""
+    w = getattr(module, name)
+    delta.to(w.device)
+    parametrize.register_parametrization(module, name, delta)
