@@ -254,3 +254,34 @@ def send_event(event: str, data: dict) -> None:
         return
     if PromptServer.instance is not None:
         PromptServer.instance.send_sync(event, payload)
+
+
+# ---------------------------------------------------------------------------------------------------- GPU memory --
+def hand_over_gpu(device) -> None:
+    """Before training on a GPU inside ComfyUI: ComfyUI's own loaded models (a checkpoint sampled earlier in the
+    graph, say) leave the GPU and its cache is emptied, so the training gets the whole card. Outside ComfyUI, or on
+    the CPU, nothing happens."""
+    if getattr(device, "type", str(device)) != "cuda" or not in_comfyui():
+        return
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    mm.soft_empty_cache(force=True)
+    log.info("unloaded ComfyUI's models from the GPU before training")
+
+
+def give_back_gpu(device) -> None:
+    """After training on a GPU: free torch's cached blocks, so ComfyUI's next nodes (a native KSampler) can load."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return
+    import gc
+
+    import torch
+
+    gc.collect()
+    if in_comfyui():
+        import comfy.model_management as mm
+
+        mm.soft_empty_cache(force=True)
+    else:
+        torch.cuda.empty_cache()

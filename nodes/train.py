@@ -61,6 +61,7 @@ def train_in_comfyui(train_fn, recipe, model, data, **kw):
     run = open_run(root, host.safe_relative(recipe.run_name.strip() or recipe.method, "run_name").name, resume,
                    default=recipe.method)
     cb = ComfyCallbacks(run, recipe.steps, recipe.method)
+    host.hand_over_gpu(model.device)
     try:
         trained = train_fn(recipe, model, data, run, cb.loop_callbacks(), **kw)
     except Exception:
@@ -69,6 +70,7 @@ def train_in_comfyui(train_fn, recipe, model, data, **kw):
         raise
     finally:
         cb.bar.close()
+        host.give_back_gpu(model.device)
     if trained.cancelled:
         msg = f"cancelled at step {trained.run.step}; resume with resume_run='{run.name}'"
         host.log.info("%s (checkpoint written)", msg)

@@ -404,6 +404,33 @@ def test_a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(toy, fo
     assert (run / "checkpoints" / "step-2" / "manifest.json").is_file()
 
 
+def test_out_of_memory_names_what_to_lower_and_keeps_the_checkpoint(toy, folders, monkeypatch):
+    from comfyui_finetune.trainers.loop import Method
+
+    real = Method.loss
+    calls = {"n": 0}
+
+    def loss(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Method, "loss", loss)
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        lora(toy, toy_set(), steps=5, save_every=2, batch_size=2, run_name="oom")
+    msg = str(err.value)
+    assert msg.startswith("out of memory at step 3 (batch_size 2, resolution 32, frozen weights float32, "
+                          "gradient_checkpointing off)")
+    for fix in ("turn gradient_checkpointing on", "batch_size 1 with grad_accum 2 keeps the effective batch of 2",
+                "lower the dataset's resolution (now 32)", "resume_run 'oom' continues it"):
+        assert fix in msg
+    run = folders["output"] / "finetune" / "oom"
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "failed" and status["error"] == f"OutOfMemoryError: {msg}"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]
+
+
 def test_a_full_disk_leaves_the_earlier_checkpoint_whole(toy, folders, monkeypatch):
     import safetensors.torch
 

@@ -171,9 +171,11 @@ class FullMethod(Method):
             m.load_state_dict({k[len(n) + 1:]: v for k, v in state.items() if k.startswith(n + ".")})
 
     def result(self, name: str, metadata: dict) -> None:
-        """The weights stay in the model (nothing separate to hand over); they stop requiring gradients."""
+        """The weights stay in the model (nothing separate to hand over); they stop requiring gradients and go back
+        to the model's precision (they trained in fp32)."""
         for _, m in self._modules():
             m.requires_grad_(False)
+            m.to(self.model.dtype)
         return None
 
 

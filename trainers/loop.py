@@ -27,13 +27,19 @@ from .batches import Batches, Encoder
 from .data import Dataset, prepare
 from .distributed import SINGLE, Shard
 from .model import FTModel
+from .precision import autocast_for, gpu_options, memory_advice
 from .recipes import TrainConfig, run_config
 from .runs import RunDir, load_checkpoint, save_checkpoint, save_dataset
 
 log = logging.getLogger(__name__)
 
+def _on_gpu(groups: list[dict]) -> bool:
+    return all(p.is_cuda for grp in groups for p in grp["params"])
+
+
 OPTIMIZERS: dict[str, Callable] = {
-    "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
+    # fused on a GPU: one kernel for all tensors (the same update, a fraction of the launches)
+    "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd, fused=_on_gpu(params) or None),
     "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd),
     "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd),
     "rmsprop": lambda params, lr, wd: torch.optim.RMSprop(params, lr=lr, weight_decay=wd),
@@ -147,16 +153,6 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------------------ loop --
-def _autocast(model: FTModel, cfg: TrainConfig):
-    if model.device.type != "cuda" or cfg.mixed_precision == "no":
-        return contextlib.nullcontext(), None
-    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
-    if dt is None:  # auto
-        dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if dt == torch.float16 else None
-    return torch.autocast("cuda", dtype=dt), scaler
-
-
 class _Trainable(torch.nn.Module):
     """Every module whose weights may train, under one module for DistributedDataParallel: its forward runs the
     loss closure it is given, so DDP sees the forward and all-reduces the gradients of the backward."""
@@ -184,6 +180,7 @@ def _prepare_method(model: FTModel, method: Method, cfg: TrainConfig) -> tuple[l
         p.data = p.data.float()
     for m in method.train_modules(model):
         m.train()
+    gpu_options(model, cfg)
     if cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         if method.trains_text_encoder:
@@ -220,7 +217,7 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
     groups, params = _prepare_method(model, method, cfg)
     opt = OPTIMIZERS[cfg.optimizer](groups, cfg.learning_rate, cfg.weight_decay)
     sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
-    autocast, scaler = _autocast(model, cfg)
+    autocast, scaler = autocast_for(model, cfg)
     noise_sched = DDPMScheduler.from_config(model.scheduler_config)
     ddp = None
     if shard.world > 1:
@@ -338,7 +335,8 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
                 pending = []
                 checkpoint(step)
             if cfg.validation_prompt and cfg.validation_every and step % cfg.validation_every == 0 and shard.main:
-                _validate(model, method, cfg, run, step, cb)
+                with autocast:  # fp32 trainable weights in a half-precision model
+                    _validate(model, method, cfg, run, step, cb)
         run.append_log(pending)
         pending = []
         checkpoint(step)
@@ -353,8 +351,12 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
                 checkpoint(step)
             except Exception:  # never hide the original error behind a failed save
                 log.exception("could not write a checkpoint at step %d", step)
+        if isinstance(e, torch.OutOfMemoryError):
+            e = torch.OutOfMemoryError(memory_advice(model, cfg, dataset, step, run.name, checkpointed=step > 0))
         run.status("cancelled" if interrupt else "failed", step=step, total=cfg.steps,
                    error=f"{type(e).__name__}: {e}")
+        if isinstance(e, torch.OutOfMemoryError):
+            raise e from None
         raise
     distributed.barrier(shard)  # rank 0's last checkpoint is on disk before any rank returns
     for m in (model.unet, model.text_encoder):

@@ -165,20 +165,25 @@ class TrainConfig(Recipe):
                               "0 = off).", min=0.0, max=20.0, step=0.5)
     noise_offset: float = option(0.0, "Offset noise (0.05-0.1 helps very dark or bright pictures).", min=0.0,
                                  max=1.0)
-    mixed_precision: str = option("auto", "Autocast on a GPU (auto = bf16 where supported); the CPU always trains in "
-                                  "fp32.", choices="loop:PRECISIONS")
+    mixed_precision: str = option("auto", "Autocast on a GPU (auto = bf16 where supported, else fp16 with a grad "
+                                  "scaler); trainable weights stay fp32. On the CPU an fp32 model trains in fp32, a "
+                                  "bf16 model under bf16 autocast.", choices="loop:PRECISIONS")
     gradient_checkpointing: bool = option(False, "Save memory on large models at some speed cost.")
     weight_decay: float = option(1e-2, "Weight decay of the optimizer (decoupled for AdamW).", min=0.0, max=1.0,
                                  step=1e-3)
     huber_delta: float = option(0.1, "Huber loss: where it turns from quadratic to linear.", min=1e-3, max=10.0,
                                 step=0.01)
     validation_images: int = option(2, "Pictures per validation sample (seeds seed, seed + 1, ...).", min=1, max=16)
+    channels_last: bool = option(False, "On a GPU: run the UNet in channels-last memory order (often faster convolutions "
+                                 "under autocast; its convolution weights get a reordered copy).")
+    torch_compile: bool = option(False, "On a GPU: compile the UNet with torch.compile (the first steps are slow while it "
+                                 "compiles; faster after). Needs a working compiler toolchain.")
 
     #: the loop's options as optional node inputs, in the order saved workflows hold them
     LOOP_OPTIONAL: ClassVar[tuple[str, ...]] = (
         "save_every", "validation_prompt", "validation_every", "resume_run", "optimizer", "lr_scheduler",
         "warmup_steps", "grad_accum", "max_grad_norm", "loss", "snr_gamma", "noise_offset", "mixed_precision",
-        "gradient_checkpointing", "weight_decay", "huber_delta", "validation_images")
+        "gradient_checkpointing", "weight_decay", "huber_delta", "validation_images", "channels_last", "torch_compile")
     required = ("steps", "learning_rate", "batch_size", "seed", "run_name")
     optional = LOOP_OPTIONAL
 

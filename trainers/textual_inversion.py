@@ -110,6 +110,8 @@ class TextualInversionMethod(Method):
         self.frozen = model.text_encoder.get_input_embeddings().weight.detach().clone()
         self.keep = torch.ones(self.frozen.shape[0], dtype=torch.bool)
         self.keep[self.ids] = False
+        dtype = model.dtype  # the table trains in fp32: what it gives the (half-precision) encoder is in its dtype
+        model.text_encoder.get_input_embeddings().register_forward_hook(lambda m, i, out: out.to(dtype))
 
     def train_modules(self, model: FTModel) -> list[torch.nn.Module]:
         return []  # nothing switches to train mode: only embedding rows learn
@@ -134,16 +136,20 @@ class TextualInversionMethod(Method):
             w[self.ids] = state["emb_params"].to(w.device, w.dtype)
 
     def finish(self) -> None:
-        """Training is over: the embedding table stops requiring gradients."""
-        self.model.text_encoder.get_input_embeddings().weight.requires_grad_(False)
+        """Training is over: the embedding table stops requiring gradients and goes back to the model's precision
+        (it trained in fp32; the learned vectors are exported in fp32)."""
+        w = self.model.text_encoder.get_input_embeddings().weight
+        w.requires_grad_(False)
+        w.data = w.data.to(self.model.dtype)
 
     def export(self, name: str, metadata: dict | None = None) -> Embedding:
         return Embedding(self.token, self.trainable_state()["emb_params"], name, dict(metadata or {}))
 
     def result(self, name: str, metadata: dict) -> Embedding:
         """The learned word; the embedding table stops requiring gradients (the word stays in the model)."""
+        emb = self.export(name, metadata)  # the fp32 vectors, before the table goes back to the model's precision
         self.finish()
-        return self.export(name, metadata)
+        return emb
 
 
 def captioned_for(recipe: TextualInversionRecipe, dataset):

@@ -1,0 +1,65 @@
+"""The GPU side of the loop: autocast and its grad scaler, the UNet's memory order and compilation, and what to
+say when memory runs out. Every choice is a recipe option (mixed_precision, channels_last, torch_compile,
+gradient_checkpointing); on the CPU only a bf16 model changes anything (it trains under bf16 autocast)."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .data import Dataset
+from .model import FTModel
+from .recipes import TrainConfig
+
+
+def autocast_for(model: FTModel, cfg: TrainConfig):
+    """The autocast of the run and its grad scaler (fp16 only). Half-precision frozen weights with fp32 trainable
+    ones need autocast to meet in one dtype: on a GPU it is ``mixed_precision``'s, on the CPU bf16 for a bf16 model."""
+    if model.device.type == "cpu":
+        if model.dtype == torch.bfloat16:
+            return torch.autocast("cpu", dtype=torch.bfloat16), None
+        return contextlib.nullcontext(), None
+    if cfg.mixed_precision == "no" and model.dtype != torch.float32:
+        raise ValueError(f"mixed_precision 'no' trains in fp32, but this model's weights are "
+                         f"{str(model.dtype).removeprefix('torch.')}: choose auto, bf16 or fp16, or load the model "
+                         "with dtype fp32")
+    if model.device.type != "cuda" or cfg.mixed_precision == "no":
+        return contextlib.nullcontext(), None
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
+    if dt is None:  # auto
+        dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dt == torch.float16 else None
+    return torch.autocast("cuda", dtype=dt), scaler
+
+
+def gpu_options(model: FTModel, cfg: TrainConfig) -> None:
+    """channels_last and torch_compile on the UNet being trained (a share: the input model keeps its own)."""
+    if model.device.type != "cuda":
+        return
+    if cfg.channels_last:
+        model.unet.to(memory_format=torch.channels_last)
+    if cfg.torch_compile:
+        model.unet.compile()
+
+
+def memory_advice(model: FTModel, cfg: TrainConfig, dataset: Dataset, step: int, run: str,
+                  checkpointed: bool) -> str:
+    """What to lower when a step runs out of memory, from this run's own settings."""
+    res = dataset.resolution or model.native_size
+    ckpt = "on" if cfg.gradient_checkpointing else "off"
+    now = (f"batch_size {cfg.batch_size}, resolution {res}, frozen weights "
+           f"{str(model.dtype).removeprefix('torch.')}, gradient_checkpointing {ckpt}")
+    fixes = []
+    if not cfg.gradient_checkpointing:
+        fixes.append("turn gradient_checkpointing on")
+    if cfg.batch_size > 1:
+        eff = cfg.batch_size * cfg.grad_accum
+        fixes.append(f"lower batch_size (batch_size 1 with grad_accum {eff} keeps the effective batch of {eff})")
+    if model.dtype == torch.float32 and model.device.type == "cuda":
+        fixes.append("load the base model with dtype fp16 or bf16")
+    if model.device.type == "cuda" and cfg.mixed_precision == "no":
+        fixes.append("set mixed_precision to auto")
+    fixes.append(f"lower the dataset's resolution (now {res})")
+    kept = (f" The checkpoint of step {step} is kept: resume_run '{run}' continues it." if checkpointed else "")
+    return (f"out of {'GPU ' if model.device.type == 'cuda' else ''}memory at step {step + 1} ({now}). To fit: "
+            + "; ".join(fixes) + ". Other programs using the GPU also take its memory." + kept)
