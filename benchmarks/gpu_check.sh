@@ -16,6 +16,8 @@ echo "== tests marked cuda"
 python -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -15
 echo "== training step against the floor"
 python benchmarks/train_step.py --device cuda --rounds 2 --steps 12 --warmup 4
+echo "== the pack's model kept on the GPU (offload off)"
+python benchmarks/train_step.py --device cuda --rounds 1 --steps 12 --warmup 4 --no-offload --case sd15:512:1
 echo "== the same with gradient checkpointing"
 python benchmarks/train_step.py --device cuda --rounds 1 --steps 12 --warmup 4 --checkpointing \
     --case sd15:512:4 --case sdxl:1024:1

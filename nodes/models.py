@@ -27,10 +27,21 @@ def sd1_tokenizer_dir():
     return path if os.path.isfile(os.path.join(path, "vocab.json")) else None
 
 
-def load_base_model(model_name: str, device: str = "auto", dtype: str = "auto"):
-    """The model ``model_name`` names, remembering the name as its source (config.json records it)."""
+OFFLOAD = ["auto", "off"]
+
+
+def load_base_model(model_name: str, device: str = "auto", dtype: str = "auto", offload: str = "auto"):
+    """The model ``model_name`` names, remembering the name as its source (config.json records it). On a GPU with
+    ``offload`` auto its weights wait in CPU memory and visit the GPU while they run."""
+    if offload not in OFFLOAD:
+        raise ValueError(f"offload {offload!r} is not one of {', '.join(OFFLOAD)}")
     model = _load(model_name, device, dtype)
     model.source = TOY if model_name in (TOY, "toy") else model_name
+    if offload == "auto" and model.device.type == "cuda":
+        model.offload_weights()
+        import torch
+
+        torch.cuda.empty_cache()
     return model
 
 
@@ -70,9 +81,16 @@ class FT_LoadBaseModel:
                 "device": COMBO(DEVICES, "Where the model runs: auto picks the GPU when there is one."),
                 "dtype": COMBO(DTYPES, "Weight precision: auto is fp16 on a GPU for SD models and fp32 on the CPU."),
             },
+            "optional": {
+                "offload": COMBO(OFFLOAD, "On a GPU. auto: the weights wait in CPU memory and visit the GPU only "
+                                 "while they sample or train, as ComfyUI keeps its models (training keeps the UNet "
+                                 "there and lets the VAE and text encoder go once their outputs are cached), so the "
+                                 "GPU holds only what is in use. off: they stay on the GPU (no copy per run, more "
+                                 "GPU memory)."),
+            },
             "hidden": HIDDEN,
         }
 
     @torch_call
-    def execute(self, model_name, device="auto", dtype="auto"):
-        return (load_base_model(model_name, device, dtype),)
+    def execute(self, model_name, device="auto", dtype="auto", offload="auto"):
+        return (load_base_model(model_name, device, dtype, offload),)

@@ -140,6 +140,33 @@ def test_a_controlnet_in_half_precision_follows_its_condition(toy, device, preci
     assert float((ruled - plain).abs().mean()) > 0.01, "the ControlNet should change the picture"
 
 
+@pytest.mark.cuda
+@NO_GPU
+def test_an_offloaded_model_trains_on_the_gpu_and_leaves_nothing_there(tmp_path):
+    import gc
+
+    from comfyui_finetune.nodes.models import load_base_model
+    from comfyui_finetune.trainers.lora import train_lora
+
+    model = load_base_model("toy", "cuda", "auto")  # offload auto: the weights wait in CPU memory
+    assert model.offload and model.device.type == "cuda"
+    assert all(p.device.type == "cpu" for part in (model.unet, model.vae, model.text_encoder)
+               for p in part.parameters())
+    gc.collect()
+    torch.cuda.synchronize()
+    idle = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode(False):
+        t = train_lora(recipe(LoRARecipe, "auto"), model, toy_set(), RunDir.create(tmp_path, "offloaded"))
+    assert finite(t) and torch.cuda.max_memory_allocated() > idle  # it did train on the GPU
+    draws(t.model)
+    gc.collect()
+    assert t.model.offload
+    assert all(p.device.type == "cpu" for part in (t.model.unet, t.model.vae, t.model.text_encoder)
+               for p in part.parameters())
+    assert torch.cuda.memory_allocated() - idle < 2**20, "nothing of the run stays on the GPU"
+
+
 COMFYUI = os.environ.get("COMFYUI_PATH", "")
 HANDOFF = r"""
 import sys, torch

@@ -199,3 +199,61 @@ def test_a_saved_diffusers_folder_of_a_live_lora_holds_the_merged_weights(toy, t
     changed = [k for k in own if not torch.equal(saved[k], own[k])]
     assert changed == ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"]
     assert torch.allclose(saved[changed[0]], own[changed[0]] + 0.25)
+
+
+# ------------------------------------------------------------------------------------------ offloaded models --
+# On a GPU an offloaded model's weights wait in CPU memory and visit the GPU while they run. Here (CPU) the visit is
+# to the same device, so the tests check the decisions and the sharing; tests/test_cuda.py checks the GPU memory.
+def offloaded(toy):
+    model = toy.share()
+    model.offload = True
+    return model
+
+
+@pytest.mark.parametrize("dataset_opts,method,left", [
+    ({}, "lora", "VAE and text encoder"),
+    ({"shuffle_captions": True}, "lora", "VAE"),  # a caption never seen could come at any step
+    ({"augment": "flip"}, "lora", "text encoder"),  # every step encodes new pixels
+    ({}, "ti", "VAE"),  # the text encoder trains
+])
+def test_frozen_parts_leave_the_device_once_their_outputs_are_cached(toy, tmp_path, caplog, dataset_opts, method,
+                                                                      left):
+    import logging
+
+    from comfyui_finetune.trainers.data import Augment
+    from comfyui_finetune.trainers.lora import train_lora
+    from comfyui_finetune.trainers.textual_inversion import train_textual_inversion
+
+    ds = toy_set()
+    if dataset_opts.pop("augment", None):
+        ds = ds.with_options(augment=Augment(flip=True))
+    ds = ds.with_options(**dataset_opts)
+    model = offloaded(toy)
+    with caplog.at_level(logging.INFO, logger="comfyui_finetune.trainers.loop"), torch.inference_mode(False):
+        if method == "lora":
+            t = train_lora(steps(LoRARecipe), model, ds, run_dir(tmp_path, "lora"))
+        else:
+            t = train_textual_inversion(steps(TextualInversionRecipe, token="<sh>", init_token="star",
+                                              caption_mode="object templates"), model, ds, run_dir(tmp_path, "ti"))
+    said = [r.getMessage() for r in caplog.records if "once their outputs were cached" in r.getMessage()]
+    assert said == [f"{left} left cpu once their outputs were cached"]
+    assert t.model.offload  # the result is offloaded like its input, and shares what did not train
+    assert shared_fraction(t.model.unet, toy.unet) == 1.0 and shared_fraction(t.model.vae, toy.vae) == 1.0
+
+
+def test_an_offloaded_model_trains_and_samples_as_a_placed_one(toy, tmp_path):
+    from comfyui_finetune.trainers.lora import train_lora
+    from comfyui_finetune.trainers.sampling import sample
+
+    before = snapshot(toy)
+    with torch.inference_mode(False):
+        a = train_lora(steps(LoRARecipe, train_text_encoder=False), toy, toy_set(), run_dir(tmp_path, "placed"))
+        b = train_lora(steps(LoRARecipe, train_text_encoder=False), offloaded(toy), toy_set(),
+                       run_dir(tmp_path, "offloaded"))
+        pa = sample(a.model, "a sks star", seeds=[1, 2], steps=5)
+        pb = sample(b.model, "a sks star", seeds=[1, 2], steps=5)
+    assert_unchanged(toy, before)
+    assert a.result.state.keys() == b.result.state.keys()
+    for k in a.result.state:
+        assert torch.allclose(a.result.state[k], b.result.state[k], atol=1e-6), k
+    assert float((pa - pb).abs().max()) < 1e-4

@@ -75,6 +75,16 @@ class Encoder:
                                        dropout=ds.caption_dropout, generator=g))
         return out
 
+    def closed_captions(self) -> set[str]:
+        """Every caption a step can draw when captions are not shuffled: the pictures' own (or the templates'), and
+        the empty one when captions are dropped."""
+        ds = self.dataset
+        if ds.caption_templates:
+            caps = {t.format(ds.template_token) for t in ds.caption_templates}
+        else:
+            caps = {c for bucket in self.p.captions.values() for c in bucket}
+        return caps | ({""} if ds.caption_dropout else set())
+
     def text_embeddings(self, captions: list[str]) -> torch.Tensor:
         if self.method.trains_text_encoder:
             return self.model.encode_prompts(captions)
@@ -106,7 +116,7 @@ class Encoder:
             px = augment_batch(px, self.dataset.augment, self.g)
         px = shard.take(px)
         with torch.no_grad():
-            dist = model.vae.encode(px.to(model.device, model.dtype)).latent_dist
+            dist = model.vae.encode(px.to(model.vae.device, model.dtype)).latent_dist
             eps = diffusion.randn(dist.mean.shape, self.g, shard).to(dist.mean.device, dist.mean.dtype)
         return (dist.mean + dist.std * eps) * self.sf, {"pixels": px, "conditions": cond}
 

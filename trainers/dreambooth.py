@@ -152,6 +152,9 @@ class FullMethod(Method):
             model.text_encoder = materialize(model.text_encoder)
         self.model = model
 
+    def changed_parts(self) -> tuple[str, ...]:
+        return ("unet", "text_encoder") if self.trains_text_encoder else ("unet",)
+
     def _modules(self):
         return [("unet", self.model.unet)] + ([("text_encoder", self.model.text_encoder)]
                                               if self.trains_text_encoder else [])
@@ -195,6 +198,9 @@ class DreamBoothMethod(Method):
 
     def result(self, name: str, metadata: dict):
         return self.inner.result(name, metadata)
+
+    def changed_parts(self) -> tuple[str, ...]:
+        return self.inner.changed_parts()
 
     def setup(self, model: FTModel) -> None:
         self.inner.setup(model)
@@ -278,6 +284,9 @@ class PivotalMethod(Method):
     def train_modules(self, model):
         return self.lora.train_modules(model)
 
+    def changed_parts(self) -> tuple[str, ...]:
+        return self.ti.changed_parts()
+
     def after_step(self) -> None:
         self.ti.after_step()
 
@@ -340,7 +349,7 @@ def train_dreambooth(recipe: DreamBoothRecipe, model: FTModel, subjects: list[Su
     Class pictures come from ``class_sets`` when given (a repeated run), else from the subjects' class datasets and
     generation from the base model (cached under ``class_cache``)."""
     from .export import embedding_metadata, lora_metadata
-    from .session import Trained, result_metadata, run_method, save_in_run
+    from .session import Trained, result_metadata, run_method, save_in_run, settle
 
     check_subjects(subjects, recipe.prior_preservation, recipe.prior_loss_weight)
     inner = make_method(recipe, model, subjects)
@@ -359,6 +368,7 @@ def train_dreambooth(recipe: DreamBoothRecipe, model: FTModel, subjects: list[Su
     tuned, lora, out = res.model, None, {}
     if recipe.mode == "lora":
         got = method.result(run.name, result_metadata(res, subjects[0].dataset.resolution or model.native_size))
+        tuned = settle(tuned, model, method)
         lora, emb = got if isinstance(got, tuple) else (got, None)
         save_in_run(run, "lora", lora.state, lora_metadata(lora))
         tuned = attach_lora(tuned, lora, 1.0)  # the training's own copy
@@ -368,6 +378,7 @@ def train_dreambooth(recipe: DreamBoothRecipe, model: FTModel, subjects: list[Su
             out["embedding"] = emb
     else:
         method.result(run.name, {})
+        tuned = settle(tuned, model, method)
     tuned.history = tuned.history + [{"trained": f"dreambooth-{recipe.mode}", "run": run.name, "steps": res.step,
                                       "subjects": extra["subjects"]}]
     return Trained(tuned, lora, res, out)

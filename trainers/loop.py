@@ -27,7 +27,7 @@ from .batches import Batches, Encoder
 from .data import Dataset, prepare
 from .distributed import SINGLE, Shard
 from .model import FTModel
-from .precision import autocast_for, gpu_options, memory_advice
+from .precision import autocast_for, gpu_options, memory_advice, place_for_training, release_frozen
 from .recipes import TrainConfig, run_config
 from .runs import RunDir, load_checkpoint, save_checkpoint, save_dataset
 
@@ -85,6 +85,11 @@ class Method:
 
     def after_step(self) -> None:
         """Called after every optimizer step (Textual Inversion restores the frozen embedding rows here)."""
+
+    def changed_parts(self) -> tuple[str, ...]:
+        """The model's parts whose own weights the training changes (a full fine-tune's UNet, Textual Inversion's
+        embedding table); the others end as they began, and an offloaded model's share them with the input again."""
+        return ()
 
     def train_modules(self, model: FTModel) -> list[torch.nn.Module]:
         """Modules to put in train mode (default: those holding trainable parameters)."""
@@ -214,6 +219,7 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
                          f"repeats): lower batch_size or raise the dataset's repeats")
     identity = model.identity()  # the base model as given, before the method adds anything
     g = torch.Generator().manual_seed(cfg.seed)
+    home = place_for_training(model)  # an offloaded model's parts visit the device for the run
     groups, params = _prepare_method(model, method, cfg)
     opt = OPTIMIZERS[cfg.optimizer](groups, cfg.learning_rate, cfg.weight_decay)
     sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
@@ -223,7 +229,9 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
     if shard.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        trainable = _Trainable([model.unet, model.text_encoder, *method.train_modules(model)])
+        frozen_te = not method.trains_text_encoder  # may leave the device (offload): DDP must not hold it
+        trainable = _Trainable([model.unet, *([] if frozen_te else [model.text_encoder]),
+                                *method.train_modules(model)])
         ddp = DistributedDataParallel(trainable, broadcast_buffers=False,
                                       device_ids=[model.device.index] if model.device.type == "cuda" else None)
 
@@ -231,6 +239,9 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
     prepared = prepare(dataset, model.native_size, mult)
     batches = Batches(prepared, global_batch, g)
     enc = Encoder(model, dataset, method, prepared, g, shard)
+    left = release_frozen(model, enc, method, dataset, home)
+    if left:
+        log.info("%s left %s once their outputs were cached", " and ".join(left), model.device)
 
     if run.writes:  # what a killed run left half-written: unfinished checkpoints and temporary files
         from .atomic import clean_stale

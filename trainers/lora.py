@@ -179,7 +179,7 @@ def train_lora(recipe: LoRARecipe, model: FTModel, dataset, run: RunDir, callbac
     """Train a LoRA: returns a Trained with the model (LoRA applied, strength 1) and the LoRA; the LoRA is also
     kept in the run folder as ``lora.safetensors`` (kohya layout)."""
     from .export import lora_metadata
-    from .session import Trained, result_metadata, run_method, save_in_run
+    from .session import Trained, result_metadata, run_method, save_in_run, settle
 
     method = LoRAMethod.from_recipe(recipe)
     res = run_method(method, recipe, model, dataset, run, callbacks, shard)
@@ -187,7 +187,7 @@ def train_lora(recipe: LoRARecipe, model: FTModel, dataset, run: RunDir, callbac
         return Trained(None, None, res)
     lora = method.result(run.name, result_metadata(res, dataset.resolution or model.native_size))
     save_in_run(run, "lora", lora.state, lora_metadata(lora))
-    tuned = attach_lora(res.model, lora, 1.0)  # res.model is the training's own copy
+    tuned = attach_lora(settle(res.model, model, method), lora, 1.0)  # res.model is the training's own share
     tuned.history[-1] = {"trained": "lora", "run": run.name, "steps": res.step, "rank": recipe.rank}
     return Trained(tuned, lora, res)
 

@@ -1,6 +1,7 @@
 """FT_MODEL: a text-to-image model the pack can sample and train, with the family it belongs to."""
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,10 @@ class FTModel:
     token_vectors: dict[str, list[str]] = field(default_factory=dict)
     #: how to load it again: "toy (built-in)", "diffusers/<folder>" or "checkpoints/<file>" ("" = made in memory)
     source: str = ""
+    #: the weights wait in CPU memory and visit ``device`` only while they run (as ComfyUI keeps its models), so a
+    #: GPU holds what is in use: sampling places the whole model (:meth:`placed`), training keeps the UNet there and
+    #: lets the VAE and text encoder go once their outputs are cached
+    offload: bool = False
 
     def fingerprint(self) -> str:
         """A hash of the weights' shapes and of the first and last values of every UNet, text-encoder and VAE tensor:
@@ -85,18 +90,44 @@ class FTModel:
                               return_tensors="pt").input_ids
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings (B, tokens, width) as the UNet's cross-attention expects them."""
-        ids = self.tokenize(prompts).to(self.device)
-        return self.text_encoder(ids)[0]
+        """Text embeddings (B, tokens, width) as the UNet's cross-attention expects them, on ``device`` (computed
+        where the text encoder is: in CPU memory when it was offloaded)."""
+        ids = self.tokenize(prompts).to(self.text_encoder.device)
+        return self.text_encoder(ids)[0].to(self.device)
 
     def to(self, device, dtype=None) -> "FTModel":
+        """Every part on ``device`` (in ``dtype``), in place; the model is no longer offloaded."""
         self.device = torch.device(device)
+        self.offload = False
         if dtype is not None:
             self.dtype = dtype
         for m in (self.unet, self.vae, self.text_encoder):
             if m.device != self.device or m.dtype != self.dtype:
                 m.to(self.device, self.dtype)
         return self
+
+    def offload_weights(self) -> "FTModel":
+        """Keep the weights in CPU memory (in place); they visit ``device`` while they run."""
+        for m in (self.unet, self.vae, self.text_encoder):
+            m.to("cpu")
+        self.offload = self.device.type != "cpu"
+        return self
+
+    @contextlib.contextmanager
+    def placed(self):
+        """The model with every part on ``device``: itself when it is not offloaded, else a share whose parts are
+        copied to the device for the block and dropped after it (nothing stays on the GPU)."""
+        if not self.offload:
+            yield self
+            return
+        here = self.share()
+        here.offload = False
+        for m in (here.unet, here.vae, here.text_encoder):
+            m.to(self.device)
+        try:
+            yield here
+        finally:
+            del here
 
     def share(self, own: tuple[str, ...] = ()) -> "FTModel":
         """A model to change without changing this one: new modules over the *same* weight tensors (no memory for
@@ -109,7 +140,8 @@ class FTModel:
         parts = {n: (materialize if n in own else share)(getattr(self, n)) for n in ("unet", "vae", "text_encoder")}
         return FTModel(self.family, self.name, parts["unet"], parts["vae"], parts["text_encoder"],
                        copy.deepcopy(self.tokenizer), dict(self.scheduler_config), self.device, self.dtype,
-                       list(self.history), {k: list(v) for k, v in self.token_vectors.items()}, self.source)
+                       list(self.history), {k: list(v) for k, v in self.token_vectors.items()}, self.source,
+                       self.offload)
 
     def clone(self) -> "FTModel":
         """A copy with weights of its own (live adapters merged in): ~4 GB for SD1.5 in fp32. Prefer :meth:`share`."""

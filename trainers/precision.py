@@ -63,3 +63,45 @@ def memory_advice(model: FTModel, cfg: TrainConfig, dataset: Dataset, step: int,
     kept = (f" The checkpoint of step {step} is kept: resume_run '{run}' continues it." if checkpointed else "")
     return (f"out of {'GPU ' if model.device.type == 'cuda' else ''}memory at step {step + 1} ({now}). To fit: "
             + "; ".join(fixes) + ". Other programs using the GPU also take its memory." + kept)
+
+
+# ------------------------------------------------------------------------------------ offloaded models --
+def place_for_training(model: FTModel) -> dict:
+    """An offloaded model's parts go to the training device for the run (the model is the training's share: the
+    input keeps its weights in CPU memory). Returns CPU shares of the VAE and text encoder to fall back on."""
+    if not model.offload:
+        return {}
+    from .deltas import share
+
+    home = {"vae": share(model.vae), "text_encoder": share(model.text_encoder)}
+    for m in (model.unet, model.vae, model.text_encoder):
+        m.to(model.device)
+    return home
+
+
+def release_frozen(model: FTModel, enc, method, dataset: Dataset, home: dict) -> list[str]:
+    """Once their outputs are cached, the VAE and the text encoder leave the training device (back to the shares of
+    the CPU weights in ``home``): the VAE when the latents are cached, the text encoder when it does not train and
+    the captions are a closed set (no shuffling), whose embeddings are computed first. A caption met later is
+    encoded in CPU memory. Validation samples place the whole model for their time."""
+    if not home:
+        return []
+    import gc
+
+    left = []
+    if enc.cache_latents:
+        model.vae = home["vae"]
+        left.append("VAE")
+    if not method.trains_text_encoder and not dataset.shuffle_captions:
+        with torch.no_grad():
+            enc.text_embeddings(sorted(enc.closed_captions() | {c for _, c in _extra_captions(method)}))
+        model.text_encoder = home["text_encoder"]
+        left.append("text encoder")
+    gc.collect()
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return left
+
+
+def _extra_captions(method) -> list[tuple[None, str]]:
+    return [(None, cap) for pics in method.extra_sets().values() for _, cap in pics]

@@ -52,7 +52,14 @@ def check_size(model, width: int, height: int) -> tuple[int, int]:
 
 @torch.no_grad()
 @cached()  # a live-applied LoRA's weights are computed once per call, not at every step
-def sample(
+def sample(model, prompts: list[str] | str, **kw) -> torch.Tensor:
+    """Generate ``len(seeds)`` images (see :func:`sample_placed`), with the model placed on its device for the
+    call (an offloaded model's weights visit the GPU and leave it after)."""
+    with model.placed() as here:
+        return sample_placed(here, prompts, **kw)
+
+
+def sample_placed(
     model,
     prompts: list[str] | str,
     *,

@@ -110,3 +110,28 @@ def save_in_run(run: RunDir, stem: str, tensors: dict, metadata: dict[str, str])
     new.replace(path)  # a resumed run replaces its own earlier result, never anything else
     fsync_dir(path.parent)
     return path
+
+
+def settle(model: FTModel, base: FTModel, method: Method) -> FTModel:
+    """After training an offloaded ``base`` (its weights in CPU memory): the parts the method did not change share
+    ``base``'s weights again (their copies on the device go), the changed ones move to CPU memory, and the model is
+    offloaded like its base. Call it once the method's scaffolding is out (after ``method.result``)."""
+    if not base.offload:
+        return model
+    import gc
+
+    import torch
+
+    from .deltas import share
+
+    changed = method.changed_parts()
+    for part in ("unet", "vae", "text_encoder"):
+        if part in changed:
+            getattr(model, part).to("cpu")
+        else:
+            setattr(model, part, share(getattr(base, part)))
+    model.offload = True
+    gc.collect()
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return model

@@ -116,6 +116,9 @@ class TextualInversionMethod(Method):
     def train_modules(self, model: FTModel) -> list[torch.nn.Module]:
         return []  # nothing switches to train mode: only embedding rows learn
 
+    def changed_parts(self) -> tuple[str, ...]:
+        return ("text_encoder",)  # its embedding table grew by the new word
+
     def param_groups(self, cfg: TrainConfig) -> list[dict]:
         w = self.model.text_encoder.get_input_embeddings().weight
         w.requires_grad_(True)
@@ -170,7 +173,7 @@ def train_textual_inversion(recipe: TextualInversionRecipe, model: FTModel, data
     """Learn a new word: returns a Trained with the model that knows it and the Embedding (also kept in the run
     folder as ``embedding.safetensors``)."""
     from .export import embedding_metadata
-    from .session import Trained, run_method, save_in_run
+    from .session import Trained, run_method, save_in_run, settle
 
     method = TextualInversionMethod.from_recipe(recipe)
     method.validate(model)
@@ -181,7 +184,7 @@ def train_textual_inversion(recipe: TextualInversionRecipe, model: FTModel, data
     emb = method.result(run.name, {"token": method.token, "init_token": method.init_token, "steps": res.step,
                                    "finetune_config": res.config})
     save_in_run(run, "embedding", {"emb_params": emb.vectors}, embedding_metadata(emb))
-    tuned = res.model
+    tuned = settle(res.model, model, method)
     tuned.history = tuned.history + [{"trained": "textual_inversion", "run": run.name, "token": method.token,
                                       "steps": res.step}]
     return Trained(tuned, emb, res)
