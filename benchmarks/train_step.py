@@ -8,8 +8,9 @@
 The **floor** is the least a LoRA step can do: a diffusers UNet with a peft LoRA (rank 4 on attention), latents and
 text embeddings encoded once, then the VAE and text encoder freed, and per step noise, a forward, the loss, a
 backward, gradient clipping and AdamW. The **pack** is ``FT_TrainLoRA`` on the same model, data, batch, precision
-and LoRA placement (its log's per-step seconds; on a GPU offloaded, as FT_LoadBaseModel's default keeps it). Each measurement runs in a fresh process (peak memory is per
-process), floor and pack alternating for ``--rounds`` rounds; the medians and the pack / floor ratios are printed.
+and LoRA placement (its log's per-step seconds; on a GPU offloaded, as FT_LoadBaseModel's default keeps it).
+Each measurement runs in a fresh process (peak memory is per process), floor and pack alternating for ``--rounds``
+rounds; the medians and the pack / floor ratios are printed.
 SD1.5 and SDXL are their architectures with random weights (configs shipped in ``configs/``; SDXL's UNet config
 is written here), so nothing is downloaded. SDXL is measured for the floor only until the pack trains SDXL.
 
@@ -320,8 +321,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of each median")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"], help="GPU only")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both")
-    ap.add_argument("--no-offload", action="store_true", help="GPU: the pack's model stays on the GPU (FT_LoadBaseModel "
-                    "offload off); by default its weights wait in CPU memory and the VAE and text encoder leave the "
+    ap.add_argument("--no-offload", action="store_true", help="GPU: the pack's model stays on the GPU "
+                    "(FT_LoadBaseModel offload off); by default its weights wait in CPU memory and the VAE and text encoder leave the "
                     "GPU once their outputs are cached, as the node's default does")
     ap.add_argument("--growth", choices=["toy", "sd15", "sdxl"], help="also: step time against batch and size")
     ap.add_argument("--peak-tflops", type=float, default=0.0)

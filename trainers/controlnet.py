@@ -10,7 +10,6 @@ small convolutional embedding and adds its features to the frozen UNet's skip co
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import dataclass, field

@@ -174,10 +174,10 @@ class TrainConfig(Recipe):
     huber_delta: float = option(0.1, "Huber loss: where it turns from quadratic to linear.", min=1e-3, max=10.0,
                                 step=0.01)
     validation_images: int = option(2, "Pictures per validation sample (seeds seed, seed + 1, ...).", min=1, max=16)
-    channels_last: bool = option(False, "On a GPU: run the UNet in channels-last memory order (often faster convolutions "
-                                 "under autocast; its convolution weights get a reordered copy).")
-    torch_compile: bool = option(False, "On a GPU: compile the UNet with torch.compile (the first steps are slow while it "
-                                 "compiles; faster after). Needs a working compiler toolchain.")
+    channels_last: bool = option(False, "On a GPU: run the UNet in channels-last memory order (often faster "
+                                 "convolutions under autocast; its convolution weights get a reordered copy).")
+    torch_compile: bool = option(False, "On a GPU: compile the UNet with torch.compile (the first steps are slow while "
+                                 "it compiles; faster after). Needs a working compiler toolchain.")
 
     #: the loop's options as optional node inputs, in the order saved workflows hold them
     LOOP_OPTIONAL: ClassVar[tuple[str, ...]] = (
