@@ -93,3 +93,16 @@ def test_comfyui_log_reader_counts_only_the_packs_own_import_line():
     assert pack_import(LOG.replace("comfyui-finetune", "other-pack")) is None
     windows = "   2.5 seconds: C:\\ComfyUI\\custom_nodes\\comfyui-finetune\n"
     assert pack_import(windows) == (2.5, False)
+
+
+def test_the_test_extra_holds_the_optional_optimizers_at_their_floors():
+    """CI installs ".[test]": the optimizers extra is in it, so every optimizer is tested, at the pinned floor."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    extras = tomllib.loads((PACK / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(extras["optimizers"]) <= set(extras["test"])
+    pins = {_name(p): p.split("==", 1)[1] for p in lines(PACK / ".ci" / "oldest.txt")}
+    for req in extras["optimizers"]:
+        assert _release(_floor(req)) == _release(pins[_name(req)]), req

@@ -53,7 +53,8 @@ def test_node_inputs_are_what_the_recipe_declares(node):
 
 def test_choices_come_from_the_library_tables():
     from comfyui_finetune.trainers.dreambooth import MODES
-    from comfyui_finetune.trainers.loop import LOSSES, LR_SCHEDULERS, OPTIMIZERS, PRECISIONS
+    from comfyui_finetune.trainers.loop import LOSSES, PRECISIONS
+    from comfyui_finetune.trainers.optimizers import LR_SCHEDULERS, OPTIMIZERS
     from comfyui_finetune.trainers.lora import TARGETS
     from comfyui_finetune.trainers.preprocess import PREPROCESSORS
     from comfyui_finetune.trainers.textual_inversion import CAPTION_MODES

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import diffusion
+from . import diffusion, optimizers
 from .batches import Batches, Encoder
 from .data import Dataset, prepare
 from .distributed import SINGLE, Shard
@@ -33,19 +33,6 @@ from .runs import RunDir, load_checkpoint, save_checkpoint, save_dataset
 
 log = logging.getLogger(__name__)
 
-def _on_gpu(groups: list[dict]) -> bool:
-    return all(p.is_cuda for grp in groups for p in grp["params"])
-
-
-OPTIMIZERS: dict[str, Callable] = {
-    # fused on a GPU: one kernel for all tensors (the same update, a fraction of the launches)
-    "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd, fused=_on_gpu(params) or None),
-    "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd),
-    "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd),
-    "rmsprop": lambda params, lr, wd: torch.optim.RMSprop(params, lr=lr, weight_decay=wd),
-}
-#: names understood by diffusers.optimization.get_scheduler
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 LOSSES = ("mse", "huber")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 
@@ -207,7 +194,6 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
     is per process: the global batch of a distributed run is ``batch_size × shard.world``.
     """
     from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
 
     from . import distributed
 
@@ -221,8 +207,7 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
     g = torch.Generator().manual_seed(cfg.seed)
     home = place_for_training(model)  # an offloaded model's parts visit the device for the run
     groups, params = _prepare_method(model, method, cfg)
-    opt = OPTIMIZERS[cfg.optimizer](groups, cfg.learning_rate, cfg.weight_decay)
-    sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
+    opt, sched = optimizers.make(groups, cfg)
     autocast, scaler = autocast_for(model, cfg)
     noise_sched = DDPMScheduler.from_config(model.scheduler_config)
     ddp = None
@@ -266,6 +251,7 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
         batches.load(st["data"])
         resumed_from = step
         log.info("resumed %s from step %d", run.path.name, step)
+    optimizers.for_training(opt)  # schedule-free: the weights at their training values (checkpoints hold those)
     snapshot = {}
     if run.writes and not (run.path / "dataset" / "dataset.json").is_file():
         snapshot = save_dataset(run.path / "dataset", dataset, method.extra_sets())
@@ -330,7 +316,7 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
                 scaler.update()
             else:
                 opt.step()
-            lr = sched.get_last_lr()[0]
+            lr = float(sched.get_last_lr()[0])  # Adafactor's own schedule gives a tensor
             sched.step()
             opt.zero_grad(set_to_none=True)
             method.after_step()
@@ -346,12 +332,13 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
                 pending = []
                 checkpoint(step)
             if cfg.validation_prompt and cfg.validation_every and step % cfg.validation_every == 0 and shard.main:
-                with autocast:  # fp32 trainable weights in a half-precision model
+                with autocast, optimizers.Averaged(opt, params):  # fp32 trainable weights, averaged if schedule-free
                     _validate(model, method, cfg, run, step, cb)
         run.append_log(pending)
         pending = []
         checkpoint(step)
         run.status("cancelled" if cancelled else "finished", step=step, total=cfg.steps)
+        optimizers.finish(opt)  # schedule-free: what is handed on is the averaged weights
     except BaseException as e:
         # ComfyUI's Cancel arrives as an exception from a progress callback, between steps: keep that step
         interrupt = isinstance(e, KeyboardInterrupt) or type(e).__name__ in ("InterruptProcessingException",

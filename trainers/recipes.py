@@ -6,7 +6,7 @@ input (:meth:`Recipe.check`), the run's ``config.json`` (:func:`run_config`, wri
 a config back into the same typed object (:func:`read_config`). :class:`TrainConfig` holds the options of the shared
 loop; each method's recipe extends it, overriding a shared option's default or help with :func:`like`.
 
-Combo choices name a table of the library (``"loop:OPTIMIZERS"``), read when first needed, so the lists are never
+Combo choices name a table of the library (``"optimizers:OPTIMIZERS"``), read when first needed, so the lists are never
 copied and this module imports no torch: ComfyUI lists the nodes without loading the library.
 """
 from __future__ import annotations
@@ -153,8 +153,13 @@ class TrainConfig(Recipe):
     validation_every: int = option(0, "Steps between validation samples (0 = none).", min=0, max=1_000_000)
     resume_run: str = option("", "Name of a run folder under output/finetune to continue from its last checkpoint "
                              "(empty = start a new run). Raise steps to train further.", record=False)
-    optimizer: str = option("adamw", "The optimizer.", choices="loop:OPTIMIZERS")
-    lr_scheduler: str = option("constant", "How the learning rate changes over the run.", choices="loop:LR_SCHEDULERS")
+    optimizer: str = option("adamw", "The optimizer. adamw, adam, sgd, rmsprop: torch's. prodigy: finds its own step "
+                            "size (learning_rate 1.0 = as found). adafactor: little memory. adamw8bit: 8-bit states "
+                            "(bitsandbytes). schedulefree_adamw: no schedule needed (lr_scheduler constant). lion: "
+                            "sign updates, use a 3-10x lower learning rate. The last four but adafactor need "
+                            "pip install \"comfyui-finetune[optimizers]\".", choices="optimizers:OPTIMIZERS")
+    lr_scheduler: str = option("constant", "How the learning rate changes over the run (adafactor: Adafactor's own "
+                               "relative-step schedule, with optimizer adafactor).", choices="optimizers:LR_SCHEDULERS")
     warmup_steps: int = option(0, "Steps of linear learning-rate warm-up (schedulers with warm-up).", min=0,
                                max=100_000)
     grad_accum: int = option(1, "Micro-batches per optimizer step (a bigger effective batch at the same memory).",
@@ -178,6 +183,18 @@ class TrainConfig(Recipe):
                                  "convolutions under autocast; its convolution weights get a reordered copy).")
     torch_compile: bool = option(False, "On a GPU: compile the UNet with torch.compile (the first steps are slow while "
                                  "it compiles; faster after). Needs a working compiler toolchain.")
+
+    def check_more(self) -> None:
+        """Optimizer and schedule combinations that cannot work, named before any work."""
+        if self.lr_scheduler == "adafactor" and self.optimizer != "adafactor":
+            raise ValueError(f"lr_scheduler 'adafactor' is Adafactor's own schedule; with optimizer {self.optimizer!r} "
+                             "choose another lr_scheduler, or optimizer adafactor")
+        if self.optimizer == "schedulefree_adamw" and self.lr_scheduler != "constant":
+            raise ValueError(f"optimizer schedulefree_adamw schedules itself: set lr_scheduler to constant (got "
+                             f"{self.lr_scheduler!r}); its warm-up is warmup_steps")
+        if self.optimizer == "prodigy" and self.learning_rate < 0.1:
+            raise ValueError(f"optimizer prodigy finds its own step size: learning_rate is a multiplier of it, "
+                             f"usually 1.0 (got {_fmt(self.learning_rate)}, which would barely train)")
 
     #: the loop's options as optional node inputs, in the order saved workflows hold them
     LOOP_OPTIONAL: ClassVar[tuple[str, ...]] = (
@@ -242,6 +259,7 @@ class TextualInversionRecipe(TrainConfig):
     shape = ("token", "num_vectors")
 
     def check_more(self) -> None:
+        super().check_more()
         if not self.token.strip():
             raise ValueError("token is empty: give the new word, e.g. <my-cat>")
 
@@ -283,6 +301,7 @@ class DreamBoothRecipe(TrainConfig):
     shape = ("mode", "train_text_encoder", "rank", "target_modules", "pivotal_tuning")
 
     def check_more(self) -> None:
+        super().check_more()
         if self.pivotal_tuning and self.mode != "lora":
             raise ValueError("pivotal_tuning needs mode 'lora' (a full fine-tune has no separate adapter)")
 
@@ -310,6 +329,7 @@ class ControlNetRecipe(TrainConfig):
     optional = ("low_threshold", "high_threshold") + TrainConfig.LOOP_OPTIONAL
 
     def check_more(self) -> None:
+        super().check_more()
         if self.low_threshold > self.high_threshold:
             raise ValueError(f"low_threshold {self.low_threshold} must not exceed high_threshold "
                              f"{self.high_threshold}")
