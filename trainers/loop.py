@@ -25,6 +25,7 @@ import torch
 from . import diffusion, optimizers
 from .batches import Batches, Encoder
 from .data import Dataset, prepare
+from .ema import EMA, Swapped
 from .distributed import SINGLE, Shard
 from .model import FTModel
 from .precision import autocast_for, gpu_options, memory_advice, place_for_training, release_frozen
@@ -208,6 +209,7 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
     home = place_for_training(model)  # an offloaded model's parts visit the device for the run
     groups, params = _prepare_method(model, method, cfg)
     opt, sched = optimizers.make(groups, cfg)
+    ema = EMA(params, cfg.ema_decay, cfg.ema_start, cfg.ema_every) if cfg.ema_decay else None
     autocast, scaler = autocast_for(model, cfg)
     noise_sched = DDPMScheduler.from_config(model.scheduler_config)
     ddp = None
@@ -245,6 +247,11 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
         method.load_trainable_state(trainable_state)
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["lr_scheduler"])
+        if ema is not None:
+            if not st.get("ema"):
+                raise ValueError(f"resume_run {run.path.name!r} was trained without ema_decay: resume it with "
+                                 "ema_decay 0, or start a new run")
+            ema.load_state_dict(st["ema"])
         if scaler is not None and st.get("scaler"):
             scaler.load_state_dict(st["scaler"])
         g.set_state(st["rng"])
@@ -267,7 +274,7 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
             return None
         state = {"optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None, "rng": g.get_state(),
-                 "data": batches.state()}
+                 "data": batches.state(), "ema": ema.state_dict() if ema is not None else None}
         folder = save_checkpoint(run, at, method.name, method.trainable_state(), state, log_rows)
         if cb.on_checkpoint:
             cb.on_checkpoint(at, folder)
@@ -320,6 +327,8 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
             sched.step()
             opt.zero_grad(set_to_none=True)
             method.after_step()
+            if ema is not None:
+                ema.update(step + 1)
             step += 1
             row = {"step": step, "loss": total, "lr": lr, "seconds": round(time.time() - t0, 4)}
             log_rows.append(row)
@@ -332,13 +341,15 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
                 pending = []
                 checkpoint(step)
             if cfg.validation_prompt and cfg.validation_every and step % cfg.validation_every == 0 and shard.main:
-                with autocast, optimizers.Averaged(opt, params):  # fp32 trainable weights, averaged if schedule-free
+                with autocast, optimizers.Averaged(opt, params), Swapped(ema):  # the weights the result will be
                     _validate(model, method, cfg, run, step, cb)
         run.append_log(pending)
         pending = []
         checkpoint(step)
         run.status("cancelled" if cancelled else "finished", step=step, total=cfg.steps)
         optimizers.finish(opt)  # schedule-free: what is handed on is the averaged weights
+        if ema is not None and not cancelled:
+            ema.copy_to_params()  # the moving average is the result
     except BaseException as e:
         # ComfyUI's Cancel arrives as an exception from a progress callback, between steps: keep that step
         interrupt = isinstance(e, KeyboardInterrupt) or type(e).__name__ in ("InterruptProcessingException",

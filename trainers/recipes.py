@@ -196,11 +196,19 @@ class TrainConfig(Recipe):
             raise ValueError(f"optimizer prodigy finds its own step size: learning_rate is a multiplier of it, "
                              f"usually 1.0 (got {_fmt(self.learning_rate)}, which would barely train)")
 
+    ema_decay: float = option(0.0, "Exponential moving average of the trained weights (0 = off; 0.999 is usual for "
+                              "long runs, 0.99 for short ones): validation pictures and the result use the average.",
+                              min=0.0, max=0.99999, step=0.001, round=False)
+    ema_start: int = option(0, "Step from which the average starts (before it, it follows the weights).", min=0,
+                            max=1_000_000)
+    ema_every: int = option(1, "Update the average every N steps.", min=1, max=10_000)
+
     #: the loop's options as optional node inputs, in the order saved workflows hold them
     LOOP_OPTIONAL: ClassVar[tuple[str, ...]] = (
         "save_every", "validation_prompt", "validation_every", "resume_run", "optimizer", "lr_scheduler",
         "warmup_steps", "grad_accum", "max_grad_norm", "loss", "snr_gamma", "noise_offset", "mixed_precision",
-        "gradient_checkpointing", "weight_decay", "huber_delta", "validation_images", "channels_last", "torch_compile")
+        "gradient_checkpointing", "weight_decay", "huber_delta", "validation_images", "channels_last", "torch_compile",
+        "ema_decay", "ema_start", "ema_every")
     required = ("steps", "learning_rate", "batch_size", "seed", "run_name")
     optional = LOOP_OPTIONAL
 
