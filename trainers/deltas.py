@@ -112,3 +112,40 @@ def attach(module: torch.nn.Module, delta: torch.nn.Module, name: str = "weight"
     w = getattr(module, name)
     delta.to(w.device)
     parametrize.register_parametrization(module, name, delta)
+
+
+class HadamardDelta(LowRankDelta):
+    """LoHa (LyCORIS): ``weight + scale * (w1_a @ w1_b) * (w2_a @ w2_b)``, the product taken element by element."""
+
+    def __init__(self, w1_a, w1_b, w2_a, w2_b, scale: float):
+        torch.nn.Module.__init__(self)
+        for name, t in (("w1_a", w1_a), ("w1_b", w1_b), ("w2_a", w2_a), ("w2_b", w2_b)):
+            self.register_buffer(name, t.detach().float().contiguous())
+        self.scale = float(scale)
+
+    def delta(self) -> torch.Tensor:
+        return (self.w1_a @ self.w1_b) * (self.w2_a @ self.w2_b)
+
+
+class KroneckerDelta(LowRankDelta):
+    """LoKr (LyCORIS): ``weight + scale * kron(w1, w2)``, each factor whole or as a low-rank pair."""
+
+    def __init__(self, w1, w2, scale: float):
+        torch.nn.Module.__init__(self)
+        for name, t in (("w1", w1), ("w2", w2)):
+            if isinstance(t, tuple):
+                self.register_buffer(f"{name}_a", t[0].detach().float().contiguous())
+                self.register_buffer(f"{name}_b", t[1].detach().float().contiguous())
+            else:
+                self.register_buffer(name, t.detach().float().contiguous())
+        self.scale = float(scale)
+
+    def _factor(self, name: str) -> torch.Tensor:
+        whole = getattr(self, name, None)
+        return whole if whole is not None else getattr(self, f"{name}_a") @ getattr(self, f"{name}_b")
+
+    def delta(self) -> torch.Tensor:
+        w1, w2 = self._factor("w1"), self._factor("w2")
+        if w2.ndim == 4:
+            w1 = w1[:, :, None, None]
+        return torch.kron(w1, w2)

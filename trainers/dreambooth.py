@@ -249,9 +249,10 @@ class DreamBoothMethod(Method):
         return loss + self.lam * super().loss(model, cl, ctx.to(context.dtype), noise_sched, g, cfg, batch)
 
 
-def make_inner(mode: str, train_text_encoder: bool, rank: int, alpha: float, targets: str) -> Method:
+def make_inner(mode: str, train_text_encoder: bool, rank: int, alpha: float, targets: str,
+               kind: str = "lora") -> Method:
     if mode == "lora":
-        return LoRAMethod(rank, alpha, targets, train_text_encoder)
+        return LoRAMethod(rank, alpha, targets, train_text_encoder, kind=kind)
     return FullMethod(train_text_encoder)
 
 
@@ -304,7 +305,8 @@ def make_method(recipe: DreamBoothRecipe, model: FTModel, subjects: list[Subject
     """The inner method of a DreamBooth run: a LoRA, a full fine-tune, or a LoRA with pivotal tuning."""
     from .textual_inversion import TextualInversionMethod
 
-    inner = make_inner(recipe.mode, recipe.train_text_encoder, recipe.rank, recipe.alpha, recipe.target_modules)
+    inner = make_inner(recipe.mode, recipe.train_text_encoder, recipe.rank, recipe.alpha, recipe.target_modules,
+                       recipe.adapter)
     if not recipe.pivotal_tuning:
         return inner
     if len(subjects) != 1:

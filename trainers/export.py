@@ -79,7 +79,8 @@ def lora_metadata(lora, dtype: str = "float32") -> dict[str, str]:
     data = cfg.get("dataset", {})
     model = cfg.get("model", {})
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "networks.lora" if getattr(lora, "kind", "lora") == "lora" else "lycoris.kohya",
+        **({"ss_network_args": json.dumps({"algo": lora.kind})} if getattr(lora, "kind", "lora") != "lora" else {}),
         "ss_network_dim": lora.rank,
         "ss_network_alpha": lora.alpha,
         "ss_base_model_version": BASE_MODEL_VERSION.get(model.get("family", ""), model.get("family", "")),
@@ -105,7 +106,8 @@ def lora_metadata(lora, dtype: str = "float32") -> dict[str, str]:
         "ss_mixed_precision": train.get("mixed_precision", ""),
         "ss_save_dtype": dtype,
         "finetune_config": json.dumps(cfg, default=str),
-        "modelspec.architecture": f"{BASE_MODEL_VERSION.get(model.get('family', ''), 'unknown')}/lora",
+        "modelspec.architecture": f"{BASE_MODEL_VERSION.get(model.get('family', ''), 'unknown')}/"
+                                  f"{'lora' if getattr(lora, 'kind', 'lora') == 'lora' else 'lycoris'}",
     }
     return {k: str(v) for k, v in meta.items()}
 

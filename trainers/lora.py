@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import adapters
-from .deltas import LowRankDelta, attach
+from .deltas import HadamardDelta, KroneckerDelta, LowRankDelta, attach
 from .distributed import SINGLE, Shard
 from .loop import Callbacks, Method
 from .model import FTModel
@@ -36,6 +36,16 @@ TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                                    ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")),
 }
 PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+#: adapter kinds (peft's own configs) and what each is for; all save under kohya names that ComfyUI's LoraLoader,
+#: A1111/Forge and LyCORIS read
+KINDS = {
+    "lora": "low-rank up @ down: the usual choice",
+    "loha": "LyCORIS LoHa, the Hadamard product of two low-rank pairs: more capacity at the same rank and size",
+    "lokr": "LyCORIS LoKr, a Kronecker product: the smallest files, good for styles",
+}
+#: the tensors of each kind in a file, after the module's kohya name (``<name>.<suffix>``)
+SUFFIXES = {"loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+            "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")}
 
 
 @dataclass
@@ -47,12 +57,14 @@ class LoRA:
     alpha: float
     name: str = "lora"
     metadata: dict = field(default_factory=dict)
+    kind: str = "lora"  #: "lora", "loha" or "lokr" (see KINDS)
 
     def modules(self) -> list[str]:
         return sorted({k.split(".")[0] for k in self.state})
 
     def __repr__(self) -> str:
-        return f"LoRA({self.name!r}, rank {self.rank}, alpha {self.alpha}, {len(self.modules())} modules)"
+        kind = "" if self.kind == "lora" else f"{self.kind}, "
+        return f"LoRA({self.name!r}, {kind}rank {self.rank}, alpha {self.alpha}, {len(self.modules())} modules)"
 
 
 def kohya_key(part: str, module_path: str) -> str:
@@ -72,13 +84,16 @@ class LoRAMethod(Method):
     name = "lora"
 
     def __init__(self, rank: int = 8, alpha: float = 8.0, targets: str = "attention", train_text_encoder: bool = False,
-                 text_encoder_lr: float = 0.0, adapter_name: str = "ft_lora"):
+                 text_encoder_lr: float = 0.0, adapter_name: str = "ft_lora", kind: str = "lora"):
         if rank < 1:
             raise ValueError(f"rank must be at least 1, got {rank}")
         if alpha <= 0:
             raise ValueError(f"alpha must be positive, got {alpha} (alpha = rank keeps the scale at 1)")
         if targets not in TARGETS:
             raise ValueError(f"target modules {targets!r} not known; choose one of: {', '.join(TARGETS)}")
+        if kind not in KINDS:
+            raise ValueError(f"adapter {kind!r} not known; choose one of: {', '.join(KINDS)}")
+        self.kind = kind
         self.rank, self.alpha, self.targets = rank, float(alpha), targets
         self.trains_text_encoder = train_text_encoder
         self.text_encoder_lr = text_encoder_lr
@@ -87,7 +102,7 @@ class LoRAMethod(Method):
 
     @classmethod
     def from_recipe(cls, r: LoRARecipe) -> "LoRAMethod":
-        return cls(r.rank, r.alpha, r.target_modules, r.train_text_encoder, r.text_encoder_lr)
+        return cls(r.rank, r.alpha, r.target_modules, r.train_text_encoder, r.text_encoder_lr, kind=r.adapter)
 
     def _parts(self) -> list[tuple[str, torch.nn.Module]]:
         parts = [("unet", self.model.unet)]
@@ -96,14 +111,20 @@ class LoRAMethod(Method):
         return parts
 
     def setup(self, model: FTModel) -> None:
-        from peft import LoraConfig
+        from peft import LoHaConfig, LoKrConfig, LoraConfig
 
         self.model = model
         self.check_rank(model)
         unet_t, te_t = TARGETS[self.targets]
         for part, mod in self._parts():
-            cfg = LoraConfig(r=self.rank, lora_alpha=self.alpha, init_lora_weights="gaussian",
-                             target_modules=list(unet_t if part == "unet" else te_t))
+            targets = list(unet_t if part == "unet" else te_t)
+            if self.kind == "loha":
+                cfg = LoHaConfig(r=self.rank, alpha=self.alpha, target_modules=targets)
+            elif self.kind == "lokr":
+                cfg = LoKrConfig(r=self.rank, alpha=self.alpha, target_modules=targets)
+            else:
+                cfg = LoraConfig(r=self.rank, lora_alpha=self.alpha, init_lora_weights="gaussian",
+                                 target_modules=targets)
             adapters.inject(mod, cfg, self.adapter)
 
     def check_rank(self, model: FTModel) -> None:
@@ -147,20 +168,29 @@ class LoRAMethod(Method):
             adapters.load_state(mod, sub, self.adapter)
 
     def export(self, name: str = "lora", metadata: dict | None = None) -> LoRA:
-        """The trained adapter in the kohya layout."""
+        """The trained adapter in the kohya layout (LyCORIS key names for LoHa and LoKr)."""
         state: dict[str, torch.Tensor] = {}
         for k, v in self.trainable_state().items():
             part, rest = k.split(".", 1)
-            if ".lora_A." in rest:
-                mod, kind = rest.split(".lora_A.")[0], "lora_down"
-            elif ".lora_B." in rest:
-                mod, kind = rest.split(".lora_B.")[0], "lora_up"
+            if self.kind == "lora":
+                if ".lora_A." in rest:
+                    mod, suffix = rest.split(".lora_A.")[0], "lora_down.weight"
+                elif ".lora_B." in rest:
+                    mod, suffix = rest.split(".lora_B.")[0], "lora_up.weight"
+                else:
+                    continue
             else:
-                continue
+                mod, _, suffix = rest.rpartition(".")
+                if suffix not in SUFFIXES[self.kind]:
+                    continue
             key = kohya_key(part, mod)
-            state[f"{key}.{kind}.weight"] = v.detach().float().cpu().contiguous()
+            state[f"{key}.{suffix}"] = v.detach().float().cpu().contiguous()
             state[f"{key}.alpha"] = torch.tensor(self.alpha)
-        return LoRA(state, self.rank, self.alpha, name, dict(metadata or {}))
+        if self.kind == "lokr":  # readers scale by alpha / rank only where a factor is low-rank: fold it in elsewhere
+            for key in {k.rsplit(".", 1)[0] for k in state}:
+                if f"{key}.lokr_w1_a" not in state and f"{key}.lokr_w2_a" not in state:
+                    state[f"{key}.lokr_w2"] = state[f"{key}.lokr_w2"] * (self.alpha / self.rank)
+        return LoRA(state, self.rank, self.alpha, name, dict(metadata or {}), kind=self.kind)
 
     def remove(self) -> None:
         """Take the peft layers out again, leaving the model exactly as before setup."""
@@ -198,8 +228,8 @@ def lora_delta(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def attach_lora(model: FTModel, lora: LoRA, strength: float = 1.0) -> FTModel:
     """Apply ``lora`` live to ``model`` itself (one this code owns, such as a training's copy): every adapted layer
-    computes ``weight + strength * alpha / rank * up @ down`` when it runs; its base weight is not changed. Unknown
-    module names and shapes are an error."""
+    computes ``weight + strength * delta`` when it runs (:func:`module_delta`); its base weight is not changed.
+    Unknown module names and shapes are an error."""
     targets = {**kohya_names(model.unet, "unet"), **kohya_names(model.text_encoder, "text_encoder")}
     prefixes = sorted({k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in lora.state})
     unknown = [p for p in prefixes if p not in targets]
@@ -209,12 +239,9 @@ def attach_lora(model: FTModel, lora: LoRA, strength: float = 1.0) -> FTModel:
                          "for another base model?")
     deltas = []
     for p in prefixes:
-        down, up = lora.state[f"{p}.lora_down.weight"], lora.state[f"{p}.lora_up.weight"]
-        rank = down.shape[0]
-        alpha = float(lora.state[f"{p}.alpha"]) if f"{p}.alpha" in lora.state else float(rank)
-        d = LowRankDelta(down, up, strength * alpha / rank)
+        d = module_delta(lora.state, p, strength)
         w = targets[p].weight
-        if d.delta().shape != w.shape:
+        if d.delta().numel() != w.numel() or (d.delta().ndim == w.ndim and d.delta().shape != w.shape):
             raise ValueError(f"LoRA {lora.name!r}: module {p} has shape {tuple(d.delta().shape)}, the model's is "
                              f"{tuple(w.shape)}: it was trained for another base model")
         deltas.append((targets[p], d))
@@ -225,6 +252,30 @@ def attach_lora(model: FTModel, lora: LoRA, strength: float = 1.0) -> FTModel:
     return model
 
 
+def module_delta(state: dict[str, torch.Tensor], p: str, strength: float) -> LowRankDelta:
+    """The weight change of module ``p`` of a file, as ComfyUI's LoraLoader computes it: LoRA ``alpha / rank * up @
+    down``; LoHa ``alpha / rank * (w1_a @ w1_b) * (w2_a @ w2_b)``; LoKr ``kron(w1, w2)``, times ``alpha / rank``
+    when a factor is a low-rank pair (no ``alpha``: rank for rank, a scale of 1)."""
+    alpha = float(state[f"{p}.alpha"]) if f"{p}.alpha" in state else None
+    if f"{p}.hada_w1_a" in state:
+        w1_b = state[f"{p}.hada_w1_b"]
+        return HadamardDelta(state[f"{p}.hada_w1_a"], w1_b, state[f"{p}.hada_w2_a"], state[f"{p}.hada_w2_b"],
+                             strength * (alpha / w1_b.shape[0] if alpha is not None else 1.0))
+    if any(f"{p}.{k}" in state for k in SUFFIXES["lokr"]):
+        factors, dim = {}, None
+        for f in ("w1", "w2"):
+            if f"{p}.lokr_{f}" in state:
+                factors[f] = state[f"{p}.lokr_{f}"]
+            else:
+                factors[f] = (state[f"{p}.lokr_{f}_a"], state[f"{p}.lokr_{f}_b"])
+                dim = factors[f][1].shape[0]
+        return KroneckerDelta(factors["w1"], factors["w2"],
+                              strength * (alpha / dim if alpha is not None and dim else 1.0))
+    down, up = state[f"{p}.lora_down.weight"], state[f"{p}.lora_up.weight"]
+    rank = down.shape[0]
+    return LowRankDelta(down, up, strength * (alpha if alpha is not None else rank) / rank)
+
+
 def apply_lora(model: FTModel, lora: LoRA, strength: float = 1.0) -> FTModel:
     """``model`` with ``lora`` applied at ``strength``, as a new model that shares every base weight with
     ``model`` (which is not changed): chains of LoRAs cost only their own tensors."""
@@ -232,17 +283,25 @@ def apply_lora(model: FTModel, lora: LoRA, strength: float = 1.0) -> FTModel:
 
 
 def lora_from_state(state: dict[str, torch.Tensor], name: str, metadata: dict | None = None) -> LoRA:
-    downs = [v for k, v in state.items() if k.endswith(".lora_down.weight")]
-    if not downs or not all(k.startswith(tuple(PREFIX.values())) for k in state):
-        bad = [k for k in state if not k.startswith(tuple(PREFIX.values()))][:3]
-        raise ValueError(f"{name}: not a kohya-layout SD LoRA (expected keys lora_unet_*/lora_te_* with "
-                         f".lora_down.weight/.lora_up.weight; found {bad or list(state)[:3]})")
-    rank = int(downs[0].shape[0])
-    alphas = [float(v) for k, v in state.items() if k.endswith(".alpha")]
+    """A LoRA, LoHa or LoKr file in the kohya / LyCORIS layout (``lora_unet_*`` / ``lora_te_*`` module names)."""
+    known = (".lora_down.weight", ".lora_up.weight", ".alpha") + tuple(f".{x}" for xs in SUFFIXES.values() for x in xs)
+    bad = [k for k in state if not k.startswith(tuple(PREFIX.values())) or not k.endswith(known)]
+    if not state or bad:
+        raise ValueError(f"{name}: not a kohya-layout SD LoRA, LoHa or LoKr (expected keys lora_unet_*/lora_te_* "
+                         f"ending in .lora_down.weight/.lora_up.weight, .hada_w1_a..., .lokr_w1...; found "
+                         f"{(bad or list(state))[:3]})")
+    if any(k.endswith(".hada_w1_a") for k in state):
+        kind, ranks = "loha", [v.shape[0] for k, v in state.items() if k.endswith(".hada_w1_b")]
+    elif any(".lokr_" in k for k in state):
+        kind, ranks = "lokr", [v.shape[0] for k, v in state.items() if k.endswith((".lokr_w1_b", ".lokr_w2_b"))]
+    else:
+        kind, ranks = "lora", [v.shape[0] for k, v in state.items() if k.endswith(".lora_down.weight")]
     meta = dict(metadata or {})
+    rank = int(ranks[0]) if ranks else int(meta.get("ss_network_dim", 0) or 0)
+    alphas = [float(v) for k, v in state.items() if k.endswith(".alpha")]
     if "finetune_config" in meta:
         try:
             meta["finetune_config"] = json.loads(meta["finetune_config"])
         except ValueError:
             pass
-    return LoRA(state, rank, alphas[0] if alphas else float(rank), name, meta)
+    return LoRA(state, rank, alphas[0] if alphas else float(rank), name, meta, kind=kind)

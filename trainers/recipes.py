@@ -233,11 +233,15 @@ class LoRARecipe(TrainConfig):
                                       "token, more drift).")
     text_encoder_lr: float = option(0.0, "Learning rate of the text encoder (0 = same as learning_rate).", min=0.0,
                                     max=1.0, step=1e-5, round=False)
+    adapter: str = option("lora", "The adapter's kind. lora: low-rank up @ down, the usual choice. loha (LyCORIS): "
+                          "the Hadamard product of two low-rank pairs, more capacity at the same rank and size. lokr "
+                          "(LyCORIS): a Kronecker product, the smallest files, good for styles. Each saves a file "
+                          "ComfyUI's LoraLoader, A1111/Forge and LyCORIS read.", choices="lora:KINDS")
 
     required = ("steps", "learning_rate", "batch_size", "rank", "alpha", "seed", "target_modules",
                 "train_text_encoder", "text_encoder_lr", "run_name")
-    optional = TrainConfig.LOOP_OPTIONAL
-    shape = ("rank", "target_modules", "train_text_encoder")
+    optional = TrainConfig.LOOP_OPTIONAL + ("adapter",)
+    shape = ("rank", "target_modules", "train_text_encoder", "adapter")
 
 
 @dataclass
@@ -305,8 +309,11 @@ class DreamBoothRecipe(TrainConfig):
 
     required = ("instance_prompt", "class_prompt", "prior_preservation", "prior_loss_weight", "num_class_images",
                 "mode", "train_text_encoder", "steps", "learning_rate", "batch_size", "seed", "run_name")
-    optional = ("rank", "alpha", "target_modules", "pivotal_tuning", "embedding_lr") + TrainConfig.LOOP_OPTIONAL
-    shape = ("mode", "train_text_encoder", "rank", "target_modules", "pivotal_tuning")
+    adapter: str = like(LoRARecipe, "adapter", help="lora mode: the adapter's kind (lora, LyCORIS loha or lokr).")
+
+    optional = ("rank", "alpha", "target_modules", "pivotal_tuning", "embedding_lr") + TrainConfig.LOOP_OPTIONAL + (
+        "adapter",)
+    shape = ("mode", "train_text_encoder", "rank", "target_modules", "pivotal_tuning", "adapter")
 
     def check_more(self) -> None:
         super().check_more()
