@@ -115,7 +115,8 @@ def random_sd15(server):
     return FTModel("sd15", "random-sd15", unet, vae, te, tok, dict(sched.config))
 
 
-def test_trained_lora_loads_in_comfyui_loraloader_with_every_key(server, random_sd15, tmp_path):
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
+def test_trained_lora_loads_in_comfyui_loraloader_with_every_key(server, random_sd15, tmp_path, kind):
     import torch
 
     from comfyui_finetune.nodes import host
@@ -129,8 +130,9 @@ def test_trained_lora_loads_in_comfyui_loraloader_with_every_key(server, random_
         ds = FT_DatasetFromImages().execute(torch.rand(2, 64, 64, 3), "a photo of sks", resolution=64)[0]
         _, lora, _ = FT_TrainLoRA().execute(random_sd15, ds, steps=2, learning_rate=1e-4, batch_size=1, rank=4,
                                             alpha=4.0, seed=0, target_modules="attention+feedforward+conv",
-                                            train_text_encoder=True, text_encoder_lr=0.0, run_name="sd15")
-        (name,) = FT_SaveLoRA().execute(lora, "ft_test/random_sd15_lora")["result"]
+                                            train_text_encoder=True, text_encoder_lr=0.0, run_name="sd15",
+                                            adapter=kind)
+        (name,) = FT_SaveLoRA().execute(lora, f"ft_test/random_sd15_{kind}")["result"]
     finally:
         host._fallback.update(saved)
     n_modules = len(lora.modules())
@@ -148,12 +150,14 @@ def test_trained_lora_loads_in_comfyui_loraloader_with_every_key(server, random_
         "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
         "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}},
     }
+    seen = len(server.log())
     entry = server.run_prompt(prompt, timeout=900)
-    log = server.log()
+    log = server.log()[seen:]
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:] + log[-3000:]
-    missed = [ln for ln in log.splitlines() if "lora key not loaded" in ln]
-    assert not missed, f"{len(missed)} of {n_modules} LoRA modules not loaded, e.g. {missed[:3]}"
-    print(f"ComfyUI LoraLoader applied all {n_modules} modules of {name}")
+    missed = [ln for ln in log.splitlines() if "lora key not loaded" in ln or "ERROR" in ln]
+    assert not missed, f"{len(missed)} of {n_modules} {kind} modules not loaded, e.g. {missed[:3]}"
+    assert lora.kind == kind
+    print(f"ComfyUI LoraLoader applied all {n_modules} modules of {name} ({kind})")
 
 
 def test_single_file_checkpoint_written_by_comfyui_loads_in_the_pack(server, random_sd15, tmp_path):
