@@ -37,6 +37,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
                         help="stop cleanly after step N with a checkpoint (resume later with --resume)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="where to train (auto: the GPU when there is one)")
+    parser.add_argument("--scorer", default=None, metavar="FOLDER",
+                        help="a CLIP model folder (transformers layout, safetensors) to score checkpoints with, for "
+                             "a config with keep_best")
 
 
 class ShellCallbacks:
@@ -90,7 +93,7 @@ def load_model(cfg: dict, device: str):
     return model
 
 
-def run_training(recipe, cfg: dict, src: Path, model, run, callbacks, shard):
+def run_training(recipe, cfg: dict, src: Path, model, run, callbacks, shard, scorer=None):
     """Call the method's train function with what the run folder kept."""
     from .trainers.runs import read_dataset
 
@@ -99,11 +102,11 @@ def run_training(recipe, cfg: dict, src: Path, model, run, callbacks, shard):
     if method == "lora":
         from .trainers.lora import train_lora
 
-        return train_lora(recipe, model, dataset, run, callbacks, shard)
+        return train_lora(recipe, model, dataset, run, callbacks, shard, scorer=scorer)
     if method == "textual_inversion":
         from .trainers.textual_inversion import train_textual_inversion
 
-        return train_textual_inversion(recipe, model, dataset, run, callbacks, shard)
+        return train_textual_inversion(recipe, model, dataset, run, callbacks, shard, scorer=scorer)
     if method == "dreambooth":
         from .trainers.dreambooth import Subject, train_dreambooth
 
@@ -113,7 +116,7 @@ def run_training(recipe, cfg: dict, src: Path, model, run, callbacks, shard):
         class_sets = [([p for p, _ in extra[k]], extra[k][0][1] if extra[k] else "")
                       for k in sorted(extra, key=lambda k: int(k.split("-")[1]))]
         return train_dreambooth(recipe, model, subjects, run, callbacks, shard, class_sets=class_sets,
-                                instance=dataset)
+                                instance=dataset, scorer=scorer)
     if method == "controlnet":
         from .trainers.controlnet_training import train_controlnet
 
@@ -122,7 +125,7 @@ def run_training(recipe, cfg: dict, src: Path, model, run, callbacks, shard):
             raise ValueError(f"config.json: controlnet.init is {init!r}: the run continued a ControlNet given in the "
                              "graph, which the run folder does not keep; the shell repeats runs that start from the "
                              "UNet")
-        return train_controlnet(recipe, model, dataset, run, callbacks, shard)
+        return train_controlnet(recipe, model, dataset, run, callbacks, shard, scorer=scorer)
     raise ValueError(f"config.json: method {method!r} has no shell training")
 
 
@@ -159,7 +162,12 @@ def main_train(args: argparse.Namespace) -> int:
             run = RunDir(host.output_dir() / "finetune" / name, writes=shard.main)
         cb = ShellCallbacks(recipe.steps, args.stop_after, quiet=not shard.main)
         signal.signal(signal.SIGINT, cb.interrupt)
-        trained = run_training(recipe, cfg, src, model, run, cb.loop_callbacks(), shard)
+        scorer = None
+        if args.scorer:
+            from .trainers.metrics import load_clip_scorer
+
+            scorer = load_clip_scorer(args.scorer, device)
+        trained = run_training(recipe, cfg, src, model, run, cb.loop_callbacks(), shard, scorer)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,8 @@ CATEGORY = f"{ROOT_CATEGORY}/train"
 MODEL = LINK("FT_MODEL", "The base model to adapt (not changed: training shares its frozen weights and copies "
                          "only what trains).")
 DATASET = LINK("FT_DATASET", "Captioned pictures of the concept.")
+SCORER = {"scorer": LINK("FT_CLIP_SCORER", "With keep_best: the CLIP model that scores each save point's validation "
+                         "pictures (Load CLIP Scorer); the best-scoring checkpoint becomes the result.")}
 _COMMON = ("Progress shows on the node; Cancel writes a checkpoint first, and resume_run continues it. Each run keeps "
            "its config, dataset, log, checkpoints and samples in output/finetune/<run>; "
            "`python -m comfyui_finetune train output/finetune/<run>/config.json` repeats it from the shell.")
@@ -108,14 +110,15 @@ class FT_TrainLoRA:
     def INPUT_TYPES(cls):
         from ..trainers.recipes import LoRARecipe
 
-        return recipe_inputs(LoRARecipe, {"model": MODEL, "dataset": DATASET}, hidden=HIDDEN)
+        return recipe_inputs(LoRARecipe, {"model": MODEL, "dataset": DATASET}, SCORER, hidden=HIDDEN)
 
     @torch_call
     def execute(self, model, dataset, *args, **inputs):
         from ..trainers.lora import train_lora
         from ..trainers.recipes import LoRARecipe
 
-        t = train_in_comfyui(train_lora, recipe_from(LoRARecipe, args, inputs), model, dataset)
+        t = train_in_comfyui(train_lora, recipe_from(LoRARecipe, args, inputs), model, dataset,
+                             scorer=inputs.get("scorer"))
         return (t.model, t.result, t.log)
 
 
@@ -139,7 +142,7 @@ class FT_TrainTextualInversion:
 
         return recipe_inputs(TextualInversionRecipe,
                              {"model": MODEL,
-                              "dataset": LINK("FT_DATASET", "Pictures of the concept.")}, hidden=HIDDEN)
+                              "dataset": LINK("FT_DATASET", "Pictures of the concept.")}, SCORER, hidden=HIDDEN)
 
     @torch_call
     def execute(self, model, dataset, *args, **inputs):
@@ -147,7 +150,7 @@ class FT_TrainTextualInversion:
         from ..trainers.textual_inversion import train_textual_inversion
 
         t = train_in_comfyui(train_textual_inversion, recipe_from(TextualInversionRecipe, args, inputs), model,
-                             dataset)
+                             dataset, scorer=inputs.get("scorer"))
         return (t.model, t.result, t.log)
 
 
@@ -209,7 +212,7 @@ class FT_TrainDreamBooth:
             {"model": MODEL,
              "dataset": LINK("FT_DATASET", "The instance pictures (ignored when subjects is connected).")},
             {"class_dataset": LINK("FT_DATASET", "Your own class pictures (missing ones are generated)."),
-             "subjects": LINK("FT_SUBJECTS", "Several subjects from chained DreamBooth Subject nodes.")},
+             "subjects": LINK("FT_SUBJECTS", "Several subjects from chained DreamBooth Subject nodes."), **SCORER},
             hidden=HIDDEN)
 
     @torch_call
@@ -221,7 +224,8 @@ class FT_TrainDreamBooth:
         subs = list(subjects) if subjects else [Subject(dataset, recipe.instance_prompt.strip(),
                                                         recipe.class_prompt.strip(), class_dataset)]
         t = train_in_comfyui(train_dreambooth, recipe, model, subs,
-                             class_cache=host.output_dir() / "finetune" / "class_images", progress=host.Progress)
+                             class_cache=host.output_dir() / "finetune" / "class_images", progress=host.Progress,
+                             scorer=inputs.get("scorer"))
         return (t.model, t.result, t.log, t.extra.get("embedding"))
 
 
@@ -252,7 +256,7 @@ class FT_TrainControlNet:
                                 "(any extension), instead of the preprocessor: load their folder with Load Image "
                                 "Dataset (its caption is not used; put any, e.g. 'condition')."),
              "control_net": LINK("FT_CONTROLNET", "Continue training this ControlNet instead of starting from the "
-                                 "UNet.")},
+                                 "UNet."), **SCORER},
             hidden=HIDDEN)
 
     @torch_call
@@ -264,5 +268,5 @@ class FT_TrainControlNet:
         recipe = recipe_from(ControlNetRecipe, args, inputs)
         if conditions is not None:
             dataset = pair_conditions(dataset, conditions)
-        t = train_in_comfyui(train_controlnet, recipe, model, dataset, init=control_net)
+        t = train_in_comfyui(train_controlnet, recipe, model, dataset, init=control_net, scorer=inputs.get("scorer"))
         return (t.result, t.log)

@@ -89,7 +89,8 @@ class ControlNetMethod(Method):
 
 
 def train_controlnet(recipe: ControlNetRecipe, model: FTModel, dataset, run: RunDir,
-                     callbacks: Callbacks | None = None, shard: Shard = SINGLE, *, init: ControlNet | None = None):
+                     callbacks: Callbacks | None = None, shard: Shard = SINGLE, *, init: ControlNet | None = None,
+                     scorer=None):
     """Train a ControlNet for ``model``: returns a Trained whose result is the ControlNet (also kept in the run
     folder as ``controlnet.safetensors``, original layout, fp16). A dataset with paired conditions trains on them;
     otherwise the recipe's preprocessor makes each condition."""
@@ -106,7 +107,7 @@ def train_controlnet(recipe: ControlNetRecipe, model: FTModel, dataset, run: Run
     dataset = dataset.with_options(caption_dropout=recipe.caption_dropout)
     extra = {"controlnet": {"condition": "paired conditions" if paired else recipe.preprocessor,
                             "init": init.name if init is not None else "base UNet encoder"}}
-    res = run_method(method, recipe, model, dataset, run, callbacks, shard, extra_config=extra)
+    res = run_method(method, recipe, model, dataset, run, callbacks, shard, extra_config=extra, scorer=scorer)
     if res.cancelled:
         return Trained(None, None, res)
     cn = method.result(run.name, {"finetune_config": json.dumps(res.config, default=str)})

@@ -344,7 +344,7 @@ def gather_class_sets(recipe: DreamBoothRecipe, model: FTModel, subjects: list[S
 def train_dreambooth(recipe: DreamBoothRecipe, model: FTModel, subjects: list[Subject], run: RunDir,
                      callbacks: Callbacks | None = None, shard: Shard = SINGLE, *, class_cache: Path | None = None,
                      class_sets: list | None = None, instance: Dataset | None = None,
-                     progress: Callable | None = None):
+                     progress: Callable | None = None, scorer=None):
     """DreamBooth on one or several subjects: returns a Trained whose result is the LoRA (lora mode; None in full
     mode, whose weights are the model's) and ``extra["embedding"]`` the identifier's embedding (pivotal tuning).
 
@@ -364,7 +364,7 @@ def train_dreambooth(recipe: DreamBoothRecipe, model: FTModel, subjects: list[Su
                            "identifier": s.identifier, "images": len(s.dataset.examples)} for s in subjects],
              "class_images": sum(len(p) for p, _ in class_sets)}
     res = run_method(method, recipe, model, instance or instance_dataset(subjects), run, callbacks, shard,
-                     extra_config=extra)
+                     extra_config=extra, scorer=scorer)
     if res.cancelled:
         return Trained(None, None, res)
     tuned, lora, out = res.model, None, {}

@@ -22,10 +22,11 @@ from typing import Any, Callable
 
 import torch
 
-from . import diffusion, optimizers
+from . import diffusion, optimizers, validation
 from .batches import Batches, Encoder
 from .data import Dataset, prepare
 from .ema import EMA, Swapped
+from .validation import BestKeeper
 from .distributed import SINGLE, Shard
 from .model import FTModel
 from .precision import autocast_for, gpu_options, memory_advice, place_for_training, release_frozen
@@ -143,6 +144,7 @@ class TrainResult:
     cancelled: bool
     seconds: float
     resumed_from: int | None = None
+    best_step: int | None = None  #: keep_best: the step whose checkpoint is the result
 
 
 # ------------------------------------------------------------------------------------------------------ loop --
@@ -186,7 +188,7 @@ def _prepare_method(model: FTModel, method: Method, cfg: TrainConfig) -> tuple[l
 
 def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, run: RunDir,
           callbacks: Callbacks | None = None, resume: bool = False, extra_config: dict | None = None,
-          shard: Shard = SINGLE) -> TrainResult:
+          shard: Shard = SINGLE, scorer=None) -> TrainResult:
     """Train ``method`` on ``model`` (changed in place: pass ``base.share()``, whose frozen weights stay the base's)
     and return the result.
 
@@ -204,6 +206,7 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
     if len(dataset) < global_batch:
         raise ValueError(f"batch_size {global_batch} is larger than the dataset ({len(dataset)} pictures with "
                          f"repeats): lower batch_size or raise the dataset's repeats")
+    validation.check(cfg, scorer)
     identity = model.identity()  # the base model as given, before the method adds anything
     g = torch.Generator().manual_seed(cfg.seed)
     home = place_for_training(model)  # an offloaded model's parts visit the device for the run
@@ -280,7 +283,34 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
             cb.on_checkpoint(at, folder)
         return folder
 
-    cancelled = False
+    keeper = BestKeeper.create(cfg, scorer, dataset)
+    if keeper is not None and resume:
+        keeper.replay(log_rows)
+
+    def see(at: int, row: dict, show: bool, score: bool) -> bool:
+        """Validation pictures of step ``at`` (shown when asked, scored for keep_best into ``row``); True when the
+        score says stop."""
+        if not shard.main or not (show or score):
+            return False
+        contexts = [autocast, optimizers.Averaged(opt, params), Swapped(ema)]  # the weights the result would be
+        imgs = validation.pictures(model, method, cfg, run, at, contexts)
+        if show and cb.on_preview:
+            cb.on_preview(at, imgs)
+        if not score:
+            return False
+        scores = keeper.score(imgs, cfg.validation_prompt)
+        row.update(scores)
+        return keeper.record(at, scores)
+
+    def restore(at: int) -> None:
+        trainable, st, _ = load_checkpoint(dict(run.checkpoints())[at])
+        method.load_trainable_state(trainable)
+        opt.load_state_dict(st["optimizer"])
+        if ema is not None and st.get("ema"):
+            ema.load_state_dict(st["ema"])
+        log.info("the result is step %d's checkpoint (best %s %.4f)", at, keeper.ranking, keeper.best_value)
+
+    cancelled = stopped_early = False
     pending: list[dict] = []
     at_boundary = True  # the state is consistent (between steps): a checkpoint taken now resumes exactly
     try:
@@ -336,17 +366,26 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
             at_boundary = True
             if cb.on_step:
                 cb.on_step(StepInfo(step, cfg.steps, total, lr, row["seconds"]))
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            save_now = bool(cfg.save_every) and step % cfg.save_every == 0 and step < cfg.steps
+            show_now = bool(cfg.validation_prompt and cfg.validation_every) and step % cfg.validation_every == 0
+            stop_early = see(step, row, show_now, save_now and keeper is not None)
+            if save_now:
                 run.append_log(pending)
                 pending = []
                 checkpoint(step)
-            if cfg.validation_prompt and cfg.validation_every and step % cfg.validation_every == 0 and shard.main:
-                with autocast, optimizers.Averaged(opt, params), Swapped(ema):  # the weights the result will be
-                    _validate(model, method, cfg, run, step, cb)
+                if distributed.agree(stop_early, shard):
+                    stopped_early = True
+                    break
+        if keeper is not None and not cancelled and (not keeper.history or keeper.history[-1]["step"] != step):
+            see(step, log_rows[-1], False, True)  # the last step is a candidate too
         run.append_log(pending)
         pending = []
         checkpoint(step)
-        run.status("cancelled" if cancelled else "finished", step=step, total=cfg.steps)
+        best = keeper.status() if keeper is not None else {}
+        run.status("cancelled" if cancelled else "finished", step=step, total=cfg.steps, **best,
+                   **({"stopped_early": True} if stopped_early else {}))
+        if keeper is not None and not cancelled and shard.main and keeper.best_step not in (None, step):
+            restore(keeper.best_step)  # the result is the best-scoring checkpoint's weights
         optimizers.finish(opt)  # schedule-free: what is handed on is the averaged weights
         if ema is not None and not cancelled:
             ema.copy_to_params()  # the moving average is the result
@@ -371,24 +410,4 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
     for m in (model.unet, model.text_encoder):
         m.eval()
     return TrainResult(model, method, log_rows, full_config, run.path, step, cancelled, time.time() - t_start,
-                       resumed_from)
-
-
-def _validate(model: FTModel, method: Method, cfg: TrainConfig, run: RunDir, step: int, cb: Callbacks) -> None:
-    from .grids import to_pil
-    from .sampling import sample
-
-    mods = method.train_modules(model)
-    for m in mods:
-        m.eval()
-    with torch.no_grad():
-        imgs = sample(model, cfg.validation_prompt, seeds=[cfg.seed + i for i in range(cfg.validation_images)],
-                      steps=20, **method.sample_kwargs())
-    for m in mods:
-        m.train()
-    folder = run.path / "samples"
-    folder.mkdir(exist_ok=True)
-    for i, im in enumerate(imgs):
-        to_pil(im).save(folder / f"step-{step}-{i}.png")
-    if cb.on_preview:
-        cb.on_preview(step, imgs)
+                       resumed_from, keeper.best_step if keeper is not None else None)

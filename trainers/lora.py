@@ -205,14 +205,14 @@ class LoRAMethod(Method):
 
 
 def train_lora(recipe: LoRARecipe, model: FTModel, dataset, run: RunDir, callbacks: Callbacks | None = None,
-               shard: Shard = SINGLE):
+               shard: Shard = SINGLE, *, scorer=None):
     """Train a LoRA: returns a Trained with the model (LoRA applied, strength 1) and the LoRA; the LoRA is also
     kept in the run folder as ``lora.safetensors`` (kohya layout)."""
     from .export import lora_metadata
     from .session import Trained, result_metadata, run_method, save_in_run, settle
 
     method = LoRAMethod.from_recipe(recipe)
-    res = run_method(method, recipe, model, dataset, run, callbacks, shard)
+    res = run_method(method, recipe, model, dataset, run, callbacks, shard, scorer=scorer)
     if res.cancelled:
         return Trained(None, None, res)
     lora = method.result(run.name, result_metadata(res, dataset.resolution or model.native_size))

@@ -202,13 +202,19 @@ class TrainConfig(Recipe):
     ema_start: int = option(0, "Step from which the average starts (before it, it follows the weights).", min=0,
                             max=1_000_000)
     ema_every: int = option(1, "Update the average every N steps.", min=1, max=10_000)
+    keep_best: str = option("off", "Keep the best checkpoint as the result: at every save point the validation "
+                            "pictures are scored with CLIP (connect a CLIP scorer) against validation_prompt "
+                            "(clip_t), the training pictures (clip_i) or both; off = the last step.",
+                            choices="validation:RANKINGS")
+    early_stop_after: int = option(0, "With keep_best: stop after this many save points without a better score "
+                                   "(0 = never).", min=0, max=10_000)
 
     #: the loop's options as optional node inputs, in the order saved workflows hold them
     LOOP_OPTIONAL: ClassVar[tuple[str, ...]] = (
         "save_every", "validation_prompt", "validation_every", "resume_run", "optimizer", "lr_scheduler",
         "warmup_steps", "grad_accum", "max_grad_norm", "loss", "snr_gamma", "noise_offset", "mixed_precision",
         "gradient_checkpointing", "weight_decay", "huber_delta", "validation_images", "channels_last", "torch_compile",
-        "ema_decay", "ema_start", "ema_every")
+        "ema_decay", "ema_start", "ema_every", "keep_best", "early_stop_after")
     required = ("steps", "learning_rate", "batch_size", "seed", "run_name")
     optional = LOOP_OPTIONAL
 

@@ -81,14 +81,14 @@ def check_resume(run: RunDir, recipe: TrainConfig, model: FTModel) -> None:
 
 def run_method(method: Method, recipe: TrainConfig, model: FTModel, dataset, run: RunDir,
                callbacks: Callbacks | None = None, shard: Shard = SINGLE, extra_config: dict | None = None,
-               work_on: FTModel | None = None) -> TrainResult:
+               work_on: FTModel | None = None, scorer=None) -> TrainResult:
     """Train ``method`` on a share of ``model`` (never ``model`` itself: ComfyUI caches it; the share's frozen
     weights are ``model``'s own tensors, and what trains is new or copied by the method) in ``run``, resuming when
     the recipe names a run to resume (after :func:`check_resume`)."""
     if recipe.resume_run.strip():
         check_resume(run, recipe, model)
     return train(work_on if work_on is not None else model.share(), dataset, method, recipe, run, callbacks,
-                 resume=bool(recipe.resume_run.strip()), extra_config=extra_config, shard=shard)
+                 resume=bool(recipe.resume_run.strip()), extra_config=extra_config, shard=shard, scorer=scorer)
 
 
 def result_metadata(res: TrainResult, resolution: int) -> dict:

@@ -169,7 +169,7 @@ def captioned_for(recipe: TextualInversionRecipe, dataset):
 
 
 def train_textual_inversion(recipe: TextualInversionRecipe, model: FTModel, dataset, run: RunDir,
-                            callbacks: Callbacks | None = None, shard: Shard = SINGLE):
+                            callbacks: Callbacks | None = None, shard: Shard = SINGLE, *, scorer=None):
     """Learn a new word: returns a Trained with the model that knows it and the Embedding (also kept in the run
     folder as ``embedding.safetensors``)."""
     from .export import embedding_metadata
@@ -178,7 +178,7 @@ def train_textual_inversion(recipe: TextualInversionRecipe, model: FTModel, data
     method = TextualInversionMethod.from_recipe(recipe)
     method.validate(model)
     dataset = captioned_for(recipe, dataset)
-    res = run_method(method, recipe, model, dataset, run, callbacks, shard)
+    res = run_method(method, recipe, model, dataset, run, callbacks, shard, scorer=scorer)
     if res.cancelled:
         return Trained(None, None, res)
     emb = method.result(run.name, {"token": method.token, "init_token": method.init_token, "steps": res.step,
