@@ -18,15 +18,16 @@ from pathlib import Path
 
 #: (adapter, optimizer) -> learning rate
 LR = {("lora", "adamw"): 1e-3, ("loha", "adamw"): 3e-3, ("lokr", "adamw"): 1e-3,
-      ("lora", "adam"): 1e-3, ("lora", "sgd"): 1e-1, ("lora", "rmsprop"): 1e-4, ("lora", "prodigy"): 1.0,
-      ("lora", "adafactor"): 1e-3, ("lora", "adamw8bit"): 1e-3, ("lora", "schedulefree_adamw"): 1e-3,
-      ("lora", "lion"): 1e-4}
+      ("lora", "adam"): 1e-3, ("lora", "sgd"): 1e-1, ("lora", "rmsprop"): 1e-3, ("lora", "prodigy"): 1.0,
+      ("lora", "adafactor"): 1e-3, ("lora", "adamw8bit"): 1e-3, ("lora", "schedulefree_adamw"): 3e-3,
+      ("lora", "lion"): 3e-4}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--only", choices=["kinds", "optimizers"])
+    ap.add_argument("--runs", default="", help="only these, e.g. lora:lion,loha:adamw (lora:adamw is the reference)")
     args = ap.parse_args()
     os.environ.setdefault("FT_NO_PROGRESS", "1")
 
@@ -42,6 +43,9 @@ def main() -> None:
     toy, judge = load_toy_model(), load_toy_judge()
     ds = FT_ToyDataset().execute("purple", "star", 8, "a sks star", 0, "narrow")[0]
     runs = [k for k in LR if args.only is None or (args.only == "kinds") == (k[1] == "adamw")]
+    if args.runs:
+        wanted = {tuple(r.split(":")) for r in args.runs.split(",")} | {("lora", "adamw")}
+        runs = [k for k in runs if k in wanted]
 
     def rate(model, prompt, color, shape, seeds):
         res = judge.judge(sample(model, prompt, seeds=seeds, steps=20, cfg=4.0))
