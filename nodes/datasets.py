@@ -37,7 +37,8 @@ class FT_LoadImageDataset:
     DESCRIPTION = ("Load a folder of pictures from ComfyUI's input folder as a training dataset. Captions come from "
                    "name.txt beside name.png, or metadata.jsonl / metadata.csv (file_name, text), or the caption "
                    "input for pictures without one. PNG, JPEG and WebP; transparency, greyscale, 16-bit and CMYK "
-                   "are converted; unreadable files are skipped with a warning.")
+                   "are converted; unreadable files are skipped with a warning. A picture's alpha channel, or a "
+                   "name.mask.png beside it (white trains), is its loss mask (see the trainers' unmasked_weight).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("FT_DATASET",)
     RETURN_NAMES = ("dataset",)
@@ -85,7 +86,8 @@ class FT_LoadImageDataset:
 
 class FT_DatasetFromImages:
     DESCRIPTION = ("Make a training dataset from an IMAGE batch made or loaded in the graph, with one caption for "
-                   "all pictures or one caption per line, one line per picture.")
+                   "all pictures or one caption per line, one line per picture, and optionally a MASK for a masked "
+                   "loss.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("FT_DATASET",)
     RETURN_NAMES = ("dataset",)
@@ -100,15 +102,22 @@ class FT_DatasetFromImages:
                 "captions": STRING("a photo of sks", "One caption for every picture, or one line per picture.",
                                    multiline=True),
             },
-            "optional": dict(OPTIONS),
+            "optional": {"masks": LINK("MASK", "Where the loss counts (white = trains; the training's "
+                                       "unmasked_weight sets the rest): one mask for all pictures or one per picture. "
+                                       "Load Image's mask is white where a picture is transparent: invert it to train "
+                                       "the opaque part."), **OPTIONS},
         }
 
     @torch_call
-    def execute(self, images, captions, **options):
+    def execute(self, images, captions, masks=None, **options):
         from ..trainers.data import from_images
 
         lines = [ln for ln in str(captions).splitlines() if ln.strip()] or [""]
         ds = from_images(images.detach().cpu().float().numpy(), lines)
+        if masks is not None:
+            from ..trainers.masks import attach
+
+            ds = attach(ds, masks.detach().cpu().float().numpy())
         return (_apply_options(ds, options),)
 
 

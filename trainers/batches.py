@@ -103,22 +103,28 @@ class Encoder:
         idx = torch.tensor([i for _, i in items])
         px = self.p.pixels[b][idx]
         cond = self.p.conditions[b][idx] if self.p.conditions else None
+        mask = self.p.masks[b][idx] if self.p.masks else None
         if self.cache_latents:
             mean, std = self.latents[b]
             mine = shard.take(idx)
             eps = diffusion.randn(mean[mine].shape, self.g, shard).to(mean.device)
             return ((mean[mine] + std[mine] * eps) * self.sf).to(model.dtype), \
-                {"pixels": shard.take(px), "conditions": None if cond is None else shard.take(cond)}
-        if cond is not None:
-            px, cond = augment_batch(px, self.dataset.augment, self.g, condition=cond)
-            cond = shard.take(cond)
+                {"pixels": shard.take(px), "conditions": None if cond is None else shard.take(cond),
+                 "masks": None if mask is None else shard.take(mask)}
+        moved = [t for t in (cond, mask) if t is not None]  # crops and flips move them with the picture
+        if moved:
+            px, both = augment_batch(px, self.dataset.augment, self.g, condition=torch.cat(moved, dim=1))
+            if cond is not None:
+                cond = shard.take(both[:, :3])
+            if mask is not None:
+                mask = shard.take(both[:, -1:])
         else:
             px = augment_batch(px, self.dataset.augment, self.g)
         px = shard.take(px)
         with torch.no_grad():
             dist = model.vae.encode(px.to(model.vae.device, model.dtype)).latent_dist
             eps = diffusion.randn(dist.mean.shape, self.g, shard).to(dist.mean.device, dist.mean.dtype)
-        return (dist.mean + dist.std * eps) * self.sf, {"pixels": px, "conditions": cond}
+        return (dist.mean + dist.std * eps) * self.sf, {"pixels": px, "conditions": cond, "masks": mask}
 
 
 def encode_latent_dists(model: FTModel, pixels: dict, chunk: int = 16) -> dict:

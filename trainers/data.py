@@ -15,19 +15,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+from .images import (IMAGE_SUFFIXES, MAX_PIXELS, PictureTooLarge, is_mask_file,  # noqa: F401 (names of data)
+                     load_image, load_mask)
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-#: the largest picture a dataset loads, in pixels (8192 x 8192): a "decompression bomb" is refused by its size,
-#: read from the header, before any memory is spent on it
-MAX_PIXELS = 8192 * 8192
-
-
-class PictureTooLarge(ValueError):
-    """A picture over :data:`MAX_PIXELS`, refused from its header."""
-
-
 @dataclass(frozen=True)
 class Augment:
     """On-the-fly kornia augmentation, applied to each batch before encoding."""
@@ -52,6 +45,8 @@ class Example:
     name: str
     #: a paired ControlNet condition (H', W', 3) uint8, resized and cropped with the picture
     condition: np.ndarray | None = field(default=None, repr=False)
+    #: where the loss counts (H', W') uint8, 255 = fully (trainers.masks); resized and cropped with the picture
+    mask: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -93,8 +88,9 @@ class Dataset:
         h = hashlib.sha256()
         for e in self.examples:
             h.update(e.caption.encode()); h.update(str(e.image.shape).encode()); h.update(e.image.tobytes())
-            if e.condition is not None:
-                h.update(b"condition"); h.update(str(e.condition.shape).encode()); h.update(e.condition.tobytes())
+            for tag, extra in ((b"condition", e.condition), (b"mask", e.mask)):
+                if extra is not None:
+                    h.update(tag); h.update(str(extra.shape).encode()); h.update(extra.tobytes())
         h.update(json.dumps(self.options(), sort_keys=True).encode())
         return h.hexdigest()[:16]
 
@@ -118,50 +114,6 @@ class Dataset:
 
 
 # ---------------------------------------------------------------------------------------------------- loading --
-def load_image(path: Path) -> np.ndarray:
-    """Decode any PNG/JPEG/WebP as 8-bit RGB: transparency is composited on white, 16-bit and float images are
-    scaled, greyscale and CMYK are converted, and the EXIF orientation is applied."""
-    with _open_checked(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(im, dtype=np.float64)
-            peak = 65535.0 if arr.max() > 255 else 255.0
-            im = Image.fromarray(np.clip(arr / peak * 255, 0, 255).astype(np.uint8))
-        elif im.mode == "F":
-            arr = np.asarray(im, dtype=np.float64)
-            peak = 1.0 if arr.max() <= 1.0 else arr.max()
-            im = Image.fromarray(np.clip(arr / peak * 255, 0, 255).astype(np.uint8))
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            rgba = im.convert("RGBA")
-            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(bg, rgba)
-        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-
-
-def _open_checked(path: Path):
-    """Open a picture (only its header is read) and refuse it by its size before anything is decoded."""
-    try:
-        im = Image.open(path)
-    except Image.DecompressionBombError:  # Pillow's own limit (179 MP) came first: read the size to say so
-        saved = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None
-        try:
-            with Image.open(path) as big:
-                im_size = big.size
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
-        im = None
-    else:
-        im_size = im.size
-    w, h = im_size
-    if w * h > MAX_PIXELS:
-        if im is not None:
-            im.close()
-        raise PictureTooLarge(f"{w}x{h} is {w * h / 1e6:.0f} megapixels, over the limit of {MAX_PIXELS / 1e6:.0f} "
-                              "(a decompression bomb, or a picture to downscale first)")
-    return im
-
-
 def read_text(path: Path, what: str = "caption") -> str:
     """A caption or metadata file's text: UTF-8 (with or without a byte-order mark); a file in another encoding is
     read as Windows-1252 (the usual Latin-1 superset: "café" saved by an old editor) with a warning naming it;
@@ -225,7 +177,8 @@ def load_folder(folder: str | Path, caption: str = "", token: str = "", repeats:
     if not folder.is_dir():
         raise FileNotFoundError(f"dataset folder {folder} does not exist")
     meta = read_metadata(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not is_mask_file(p))
     real = folder.resolve()
     for p in files + sorted(folder.rglob("*.txt")) + [folder / "metadata.jsonl", folder / "metadata.csv"]:
         if p.exists() and real not in p.resolve().parents:
@@ -240,7 +193,7 @@ def load_folder(folder: str | Path, caption: str = "", token: str = "", repeats:
     for p in files:
         rel = p.relative_to(folder).as_posix()
         try:
-            img = load_image(p)
+            img, mask = load_image(p), load_mask(p)
         except Exception as e:  # any decoder failure: the file is unusable, the rest of the folder is not
             log.warning("skipping %s: not a readable image (%s)", rel, e)
             skipped.append(rel)
@@ -255,7 +208,10 @@ def load_folder(folder: str | Path, caption: str = "", token: str = "", repeats:
         else:
             cap = caption.replace("{token}", token).strip()
             uncaptioned.append(rel)
-        examples.append(Example(img, cap, rel))
+        if mask is not None and mask.shape != img.shape[:2]:
+            raise ValueError(f"dataset folder {folder.name!r}: the mask of {rel} is {mask.shape[1]}x{mask.shape[0]}, "
+                             f"the picture {img.shape[1]}x{img.shape[0]}; a mask must have its picture's size")
+        examples.append(Example(img, cap, rel, mask=mask))
     if not examples:
         big = "".join(f"; {k}: {v}" for k, v in list(reasons.items())[:3])
         what = f"{len(skipped)} unreadable file(s): {', '.join(skipped[:5])}{big}" if skipped else "no image files"
@@ -358,6 +314,8 @@ class Prepared:
     pixels: dict[tuple[int, int], "object"] = field(default_factory=dict)  # bucket -> (N, 3, h, w) tensor [-1, 1]
     #: paired ControlNet conditions, bucket -> (N, 3, h, w) tensor [0, 1]; empty when the dataset has none
     conditions: dict[tuple[int, int], "object"] = field(default_factory=dict)
+    #: loss masks, bucket -> (N, 1, h, w) tensor [0, 1] (1 where a picture has none); empty when no picture has one
+    masks: dict[tuple[int, int], "object"] = field(default_factory=dict)
     captions: dict[tuple[int, int], list[str]] = field(default_factory=dict)
     index: list[tuple[tuple[int, int], int]] = field(default_factory=list)  # one entry per (repeated) example
 
@@ -368,6 +326,7 @@ def prepare(dataset: Dataset, native_size: int, multiple: int) -> Prepared:
     res = dataset.resolution or native_size
     out = Prepared()
     paired = any(e.condition is not None for e in dataset.examples)
+    masked = any(e.mask is not None for e in dataset.examples)
     if paired and any(e.condition is None for e in dataset.examples):
         lone = [e.name for e in dataset.examples if e.condition is None]
         raise ValueError(f"{len(lone)} picture(s) have no paired condition ({', '.join(lone[:3])}): every picture "
@@ -388,10 +347,13 @@ def prepare(dataset: Dataset, native_size: int, multiple: int) -> Prepared:
         if paired:
             c = resize_cover(e.condition, bh, bw)
             out.conditions.setdefault((bh, bw), []).append(torch.from_numpy(c).permute(2, 0, 1).float() / 255)
-    for b in out.pixels:
-        out.pixels[b] = torch.stack(out.pixels[b])
-    for b in out.conditions:
-        out.conditions[b] = torch.stack(out.conditions[b])
+        if masked:
+            m = np.full((h, w), 255, np.uint8) if e.mask is None else e.mask
+            m = resize_cover(np.repeat(m[..., None], 3, axis=2), bh, bw)[..., :1]
+            out.masks.setdefault((bh, bw), []).append(torch.from_numpy(m).permute(2, 0, 1).float() / 255)
+    for store in (out.pixels, out.conditions, out.masks):
+        for b in store:
+            store[b] = torch.stack(store[b])
     for b, caps in out.captions.items():
         for _ in range(dataset.repeats):
             out.index.extend((b, i) for i in range(len(caps)))

@@ -69,15 +69,22 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     return torch.ones_like(s)
 
 
-def diffusion_loss(pred, target, *, weights=None, loss_type: str = "mse", huber_delta: float = 0.1):
-    """Per-sample loss (mean over all but the batch dimension), weighted, then averaged."""
+def diffusion_loss(pred, target, *, weights=None, loss_type: str = "mse", huber_delta: float = 0.1,
+                   pixel_weights=None):
+    """Per-sample loss (mean over all but the batch dimension, or the ``pixel_weights``-weighted mean: a masked
+    loss), weighted per sample, then averaged."""
     if loss_type == "mse":
         per = F.mse_loss(pred.float(), target.float(), reduction="none")
     elif loss_type == "huber":
         per = F.huber_loss(pred.float(), target.float(), reduction="none", delta=huber_delta)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}: expected 'mse' or 'huber'")
-    per = per.mean(dim=tuple(range(1, per.ndim)))
+    if pixel_weights is not None:
+        from .masks import weighted_mean
+
+        per = weighted_mean(per, pixel_weights)
+    else:
+        per = per.mean(dim=tuple(range(1, per.ndim)))
     if weights is not None:
         per = per * weights
     return per.mean()

@@ -246,7 +246,8 @@ class DreamBoothMethod(Method):
         cl = ((mean[idx] + std[idx] * eps) * model.vae.config.scaling_factor).to(latents.device, latents.dtype)
         caps = [self.class_captions[i] for i in idx.tolist()]
         ctx = batch["encode_text"](caps)
-        return loss + self.lam * super().loss(model, cl, ctx.to(context.dtype), noise_sched, g, cfg, batch)
+        return loss + self.lam * super().loss(model, cl, ctx.to(context.dtype), noise_sched, g, cfg,
+                                                  {**batch, "masks": None})  # class pictures: no mask
 
 
 def make_inner(mode: str, train_text_encoder: bool, rank: int, alpha: float, targets: str,

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import diffusion, optimizers, validation
+from . import diffusion, masks, optimizers, validation
 from .batches import Batches, Encoder
 from .data import Dataset, prepare
 from .ema import EMA, Swapped
@@ -103,7 +103,11 @@ class Method:
         pred = self.predict(model, noisy, t, context, batch)
         target = diffusion.target_for(noise_sched, latents, noise, t)
         w = diffusion.min_snr_weights(noise_sched, t, cfg.snr_gamma) if cfg.snr_gamma else None
-        return diffusion.diffusion_loss(pred, target, weights=w, loss_type=cfg.loss, huber_delta=cfg.huber_delta)
+        mask = batch.get("masks")
+        px_w = None if mask is None else masks.latent_weights(mask.to(latents.device), latents.shape[-2:],
+                                                                cfg.unmasked_weight)
+        return diffusion.diffusion_loss(pred, target, weights=w, loss_type=cfg.loss, huber_delta=cfg.huber_delta,
+                                        pixel_weights=px_w)
 
     def extra_sets(self) -> dict[str, list]:
         """Pictures the method trains on beside the dataset (name -> list of (uint8 picture, caption)); they are

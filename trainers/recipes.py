@@ -208,13 +208,16 @@ class TrainConfig(Recipe):
                             choices="validation:RANKINGS")
     early_stop_after: int = option(0, "With keep_best: stop after this many save points without a better score "
                                    "(0 = never).", min=0, max=10_000)
+    unmasked_weight: float = option(0.0, "Pictures with a mask (alpha channel, name.mask.png, or a MASK input): the "
+                                    "loss weight outside the mask (0 = only the masked part trains, 1 = the mask is "
+                                    "ignored).", min=0.0, max=1.0, step=0.05)
 
     #: the loop's options as optional node inputs, in the order saved workflows hold them
     LOOP_OPTIONAL: ClassVar[tuple[str, ...]] = (
         "save_every", "validation_prompt", "validation_every", "resume_run", "optimizer", "lr_scheduler",
         "warmup_steps", "grad_accum", "max_grad_norm", "loss", "snr_gamma", "noise_offset", "mixed_precision",
         "gradient_checkpointing", "weight_decay", "huber_delta", "validation_images", "channels_last", "torch_compile",
-        "ema_decay", "ema_start", "ema_every", "keep_best", "early_stop_after")
+        "ema_decay", "ema_start", "ema_every", "keep_best", "early_stop_after", "unmasked_weight")
     required = ("steps", "learning_rate", "batch_size", "seed", "run_name")
     optional = LOOP_OPTIONAL
 

@@ -163,19 +163,21 @@ def save_dataset(folder: Path, dataset, extra_sets: dict | None = None) -> dict:
     def write(sub: str, items) -> list[dict]:
         (tmp / sub).mkdir()
         rows = []
-        for i, (img, caption, name, cond) in enumerate(items):
+        for i, (img, caption, name, cond, mask) in enumerate(items):
             row = {"file": f"{sub}/{i:05d}.png", "caption": caption, "name": name}
             Image.fromarray(img).save(tmp / row["file"], compress_level=1)
-            if cond is not None:
-                row["condition"] = f"{sub}/{i:05d}.condition.png"
-                Image.fromarray(cond).save(tmp / row["condition"], compress_level=1)
+            for kind, extra in (("condition", cond), ("mask", mask)):
+                if extra is not None:
+                    row[kind] = f"{sub}/{i:05d}.{kind}.png"
+                    Image.fromarray(extra).save(tmp / row[kind], compress_level=1)
             rows.append(row)
         return rows
 
     index = {"name": dataset.name, "source": dataset.source, "options": dataset.options(),
-             "examples": write("images", [(e.image, e.caption, e.name, e.condition) for e in dataset.examples])}
+             "examples": write("images", [(e.image, e.caption, e.name, e.condition, e.mask)
+                                          for e in dataset.examples])}
     for key, items in (extra_sets or {}).items():
-        index[key] = write(key, [(img, cap, f"{key} {i}", None) for i, (img, cap) in enumerate(items)])
+        index[key] = write(key, [(img, cap, f"{key} {i}", None, None) for i, (img, cap) in enumerate(items)])
     (tmp / "dataset.json").write_text(json.dumps(index, indent=1))
     publish_folder(tmp, folder, f"the dataset snapshot of {folder.parent.name}")
     return {"snapshot": folder.name, "images": len(dataset.examples), "fingerprint": dataset.fingerprint()}
@@ -197,8 +199,12 @@ def read_dataset(folder: Path):
         with Image.open(folder / rel) as im:
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
-    examples = [Example(pic(r["file"]), r["caption"], r["name"], pic(r["condition"]) if "condition" in r else None)
-                for r in index["examples"]]
+    def grey(rel: str):
+        with Image.open(folder / rel) as im:
+            return np.asarray(im.convert("L"), dtype=np.uint8).copy()
+
+    examples = [Example(pic(r["file"]), r["caption"], r["name"], pic(r["condition"]) if "condition" in r else None,
+                        grey(r["mask"]) if "mask" in r else None) for r in index["examples"]]
     opts = dict(index["options"])
     aug = opts.pop("augment", None)
     templates = tuple(opts.pop("caption_templates", ()))
