@@ -1,8 +1,8 @@
 """LoRA, LoHa and LoKr: train with peft, export in the kohya / LyCORIS layout, apply live to a model with a strength.
 
-Training attaches peft ``LoraConfig`` (``LoHaConfig``, ``LoKrConfig``) adapters to the UNet (and optionally the text encoder) with peft's own
-model-agnostic API (:mod:`.adapters`), never through diffusers' or transformers' adapter wrappers. The result is
-kept as a :class:`LoRA` value holding the kohya-layout state dict that ComfyUI's
+Training attaches peft ``LoraConfig`` (``LoHaConfig``, ``LoKrConfig``) adapters to the UNet (and optionally the
+text encoder) with peft's own model-agnostic API (:mod:`.adapters`), never through diffusers' or transformers'
+adapter wrappers. The result is kept as a :class:`LoRA` value holding the kohya-layout state dict that ComfyUI's
 LoraLoader, diffusers' ``load_lora_weights``, A1111 and Forge read:
 
     lora_unet_<diffusers module path, dots as underscores>.lora_down.weight / .lora_up.weight / .alpha
