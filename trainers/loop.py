@@ -31,7 +31,8 @@ from .distributed import SINGLE, Shard
 from .model import FTModel
 from .precision import autocast_for, gpu_options, memory_advice, place_for_training, release_frozen
 from .recipes import TrainConfig, run_config
-from .runs import RunDir, load_checkpoint, save_checkpoint, save_dataset
+from .runs import RunDir, save_dataset
+from .state import LoopState
 
 log = logging.getLogger(__name__)
 
@@ -245,24 +246,13 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
                 log.info("removed %s/%s, left unfinished by an earlier process", folder.name, name)
     distributed.barrier(shard)  # every rank lists the checkpoints after rank 0 has tidied them
     step, log_rows, resumed_from = 0, [], None
+    state = LoopState(method, opt, sched, scaler, g, batches, ema)
     if resume:
         ckpts = run.checkpoints()
         if not ckpts:
             raise FileNotFoundError(f"nothing to resume in run {run.path.name}: it has no complete checkpoint")
         step, folder = ckpts[-1]
-        trainable_state, st, log_rows = load_checkpoint(folder)
-        method.load_trainable_state(trainable_state)
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["lr_scheduler"])
-        if ema is not None:
-            if not st.get("ema"):
-                raise ValueError(f"resume_run {run.path.name!r} was trained without ema_decay: resume it with "
-                                 "ema_decay 0, or start a new run")
-            ema.load_state_dict(st["ema"])
-        if scaler is not None and st.get("scaler"):
-            scaler.load_state_dict(st["scaler"])
-        g.set_state(st["rng"])
-        batches.load(st["data"])
+        log_rows = state.load(folder, run.path.name)
         resumed_from = step
         log.info("resumed %s from step %d", run.path.name, step)
     optimizers.for_training(opt)  # schedule-free: the weights at their training values (checkpoints hold those)
@@ -279,10 +269,7 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
     def checkpoint(at: int) -> Path | None:
         if not run.writes:
             return None
-        state = {"optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
-                 "scaler": scaler.state_dict() if scaler is not None else None, "rng": g.get_state(),
-                 "data": batches.state(), "ema": ema.state_dict() if ema is not None else None}
-        folder = save_checkpoint(run, at, method.name, method.trainable_state(), state, log_rows)
+        folder = state.save(run, at, log_rows)
         if cb.on_checkpoint:
             cb.on_checkpoint(at, folder)
         return folder
@@ -307,11 +294,7 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
         return keeper.record(at, scores)
 
     def restore(at: int) -> None:
-        trainable, st, _ = load_checkpoint(dict(run.checkpoints())[at])
-        method.load_trainable_state(trainable)
-        opt.load_state_dict(st["optimizer"])
-        if ema is not None and st.get("ema"):
-            ema.load_state_dict(st["ema"])
+        state.load(dict(run.checkpoints())[at], run.path.name)
         log.info("the result is step %d's checkpoint (best %s %.4f)", at, keeper.ranking, keeper.best_value)
 
     cancelled = stopped_early = False
