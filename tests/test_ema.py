@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from comfyui_finetune.nodes.datasets import FT_ToyDataset
-from comfyui_finetune.trainers.ema import EMA, Swapped
+from comfyui_finetune.trainers.ema import EMA, swapped_in
 from comfyui_finetune.trainers.recipes import LoRARecipe
 from comfyui_finetune.trainers.runs import RunDir
 
@@ -26,7 +26,7 @@ def test_the_average_follows_the_formula():
             want = 0.5 * want + 0.5 * v
         assert torch.equal(ema.shadow[0], torch.full((3,), want)), (step, ema.shadow[0], want)
     assert want == 0.5 * (0.5 * 2.0 + 0.5 * 8.0) + 0.5 * 32.0  # follows 1, 2; averages at steps 4 and 6
-    with Swapped(ema):
+    with swapped_in(ema):
         assert torch.equal(p.detach(), ema.shadow[0])
     assert torch.equal(p.detach(), torch.full((3,), 32.0))  # exactly back
     with pytest.raises(ValueError, match="ema_decay must be between 0 and 1"):

@@ -8,6 +8,8 @@ run continues the same average.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -46,21 +48,15 @@ class EMA:
                 p.copy_(s.to(p.dtype))
 
 
-class Swapped:
-    """The average's values in the weights for a while (validation pictures), then exactly the weights they were."""
+@contextlib.contextmanager
+def swapped_in(ema: EMA | None):
+    """The average's values in the weights for the block (validation pictures), then exactly the weights they were;
+    a no-op without an average."""
+    if ema is None:
+        yield
+        return
+    from .state import weights_kept
 
-    def __init__(self, ema: EMA | None):
-        self.ema, self.saved = ema, None
-
-    def __enter__(self):
-        if self.ema is not None:
-            self.saved = [p.detach().clone() for p in self.ema.params]
-            self.ema.copy_to_params()
-        return self
-
-    def __exit__(self, *exc):
-        if self.saved is not None:
-            with torch.no_grad():
-                for p, s in zip(self.ema.params, self.saved):
-                    p.copy_(s)
-        return False
+    with weights_kept(ema.params):
+        ema.copy_to_params()
+        yield

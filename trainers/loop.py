@@ -25,7 +25,7 @@ import torch
 from . import diffusion, masks, optimizers, validation
 from .batches import Batches, Encoder
 from .data import Dataset, prepare
-from .ema import EMA, Swapped
+from .ema import EMA, swapped_in
 from .validation import BestKeeper
 from .distributed import SINGLE, Shard
 from .model import FTModel
@@ -283,7 +283,7 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
         score says stop."""
         if not shard.main or not (show or score):
             return False
-        contexts = [autocast, optimizers.Averaged(opt, params), Swapped(ema)]  # the weights the result would be
+        contexts = [autocast, optimizers.averaged(opt, params), swapped_in(ema)]  # the weights the result would be
         imgs = validation.pictures(model, method, cfg, run, at, contexts)
         if show and cb.on_preview:
             cb.on_preview(at, imgs)

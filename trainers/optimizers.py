@@ -16,6 +16,7 @@ Choosing one whose package is missing is an error that names the ``pip install``
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
 from typing import Callable
@@ -116,26 +117,21 @@ def for_training(opt) -> None:
         opt.train()
 
 
-class Averaged:
-    """A schedule-free optimizer's weights at their averaged values for a while (validation samples), then back to
-    exactly the training values they had (so a validation never changes the run); a no-op for other optimizers."""
+@contextlib.contextmanager
+def averaged(opt, params: list[torch.nn.Parameter]):
+    """A schedule-free optimizer's weights at their averaged values for the block (validation pictures), then back to
+    exactly the training values they had; a no-op for other optimizers."""
+    if not is_schedule_free(opt):
+        yield
+        return
+    from .state import weights_kept
 
-    def __init__(self, opt, params: list[torch.nn.Parameter]):
-        self.opt, self.params, self.saved = opt, params, None
-
-    def __enter__(self):
-        if is_schedule_free(self.opt):
-            self.saved = [p.detach().clone() for p in self.params]
-            self.opt.eval()
-        return self
-
-    def __exit__(self, *exc):
-        if self.saved is not None:
-            self.opt.train()
-            with torch.no_grad():
-                for p, s in zip(self.params, self.saved):
-                    p.copy_(s)
-        return False
+    with weights_kept(params):
+        opt.eval()
+        try:
+            yield
+        finally:
+            opt.train()
 
 
 def finish(opt) -> None:

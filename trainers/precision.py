@@ -94,14 +94,11 @@ def release_frozen(model: FTModel, enc, method, dataset: Dataset, home: dict) ->
         left.append("VAE")
     if not method.trains_text_encoder and not dataset.shuffle_captions:
         with torch.no_grad():
-            enc.text_embeddings(sorted(enc.closed_captions() | {c for _, c in _extra_captions(method)}))
+            extra = {cap for pics in method.extra_sets().values() for _, cap in pics}  # DreamBooth's class prompts
+            enc.text_embeddings(sorted(enc.closed_captions() | extra))
         model.text_encoder = home["text_encoder"]
         left.append("text encoder")
     gc.collect()
     if model.device.type == "cuda":
         torch.cuda.empty_cache()
     return left
-
-
-def _extra_captions(method) -> list[tuple[None, str]]:
-    return [(None, cap) for pics in method.extra_sets().values() for _, cap in pics]

@@ -4,11 +4,27 @@ method's trainable tensors and reads it back, so a resumed run (or the best chec
 bit for bit on the CPU."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .runs import load_checkpoint, save_checkpoint
+
+
+@contextlib.contextmanager
+def weights_kept(params: list[torch.nn.Parameter]):
+    """The trained weights exactly as they are now, put back after the block whatever it did to them (a validation
+    with averaged weights swapped in never changes the run)."""
+    saved = [p.detach().clone() for p in params]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
 
 
 @dataclass

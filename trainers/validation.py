@@ -58,7 +58,7 @@ class BestKeeper:
 
     @classmethod
     def create(cls, cfg, scorer, dataset) -> "BestKeeper | None":
-        check(cfg, scorer)
+        """The keeper of a run (None with keep_best off); :func:`check` has vetted ``cfg`` and ``scorer`` first."""
         if cfg.keep_best == "off":
             return None
         return cls(cfg.keep_best, scorer, reference_pictures(dataset, scorer.image_size), cfg.early_stop_after)
