@@ -27,6 +27,47 @@ def _inputs(cls) -> list[tuple[str, tuple]]:
     return list(spec.get("required", {}).items()) + list(spec.get("optional", {}).items())
 
 
+#: layout, in canvas pixels: a node's width, column pitch, the gap between nodes, the title bar above a node's pos
+WIDTH, COLUMN, GAP, TITLE, MARGIN = 360, 400, 40, 30, 40
+#: the front end's slot row and widget row heights; a multiline text box takes about three widget rows
+SLOT, ROW, MULTILINE = 20, 24, 3
+#: room for what a node shows after it runs, so a grown node pushes nothing under its neighbour: the training
+#: nodes' chart (150) + "advanced" button + validation preview (256 + caption), pictures, text results
+SHOWS = {"chart": 150 + ROW + 300, "images": 300, "thumbnails": 240, "text": 110}
+
+
+def _shows(cls) -> int:
+    name = cls.__name__
+    if name.startswith("FT_Train"):
+        return SHOWS["chart"]
+    if name in ("SaveImage", "PreviewImage"):
+        return SHOWS["images"]
+    if getattr(cls, "FUNCTION", "") == "load":  # the dataset loaders show thumbnails and a summary
+        return SHOWS["thumbnails"] + SHOWS["text"]
+    if name.startswith(("FT_Save", "FT_CLIP", "FT_KID", "FT_Eval")):
+        return SHOWS["text"]
+    return 0
+
+
+def node_size(cls) -> list[int]:
+    """[width, height] that holds the node's slots, its visible widgets and what it shows after a run (the title bar
+    is above this box). Inputs declared ``advanced`` are folded away by the front end and take no room."""
+    slots, widgets = 0, 0
+    for name, spec in _inputs(cls):
+        opts = spec[1] if len(spec) > 1 else {}
+        if _is_widget(spec):
+            if opts.get("advanced"):
+                continue  # folded away until the user shows them
+            if opts.get("multiline"):
+                widgets += MULTILINE
+            else:
+                widgets += 2 if opts.get("control_after_generate") or name in ("seed", "noise_seed") else 1
+        else:
+            slots += 1  # the front end gives every socket its row, connected or not
+    rows = max(slots, len(cls.RETURN_TYPES))
+    return [WIDTH, 8 + rows * SLOT + widgets * ROW + _shows(cls)]
+
+
 def api_to_ui(api: dict, mappings: dict) -> dict:
     """Build a UI-format (litegraph, version 0.4) workflow from an API-format graph."""
     ids = {nid: i + 1 for i, nid in enumerate(sorted(api, key=lambda n: int(n) if str(n).isdigit() else n))}
@@ -48,12 +89,13 @@ def api_to_ui(api: dict, mappings: dict) -> dict:
                 src = mappings[api[str(v[0])]["class_type"]]
                 links.append([len(links) + 1, ids[str(v[0])], v[1], ids[nid], slot, src.RETURN_TYPES[v[1]]])
                 out_links.setdefault((str(v[0]), v[1]), []).append(len(links))
-    rows: dict[int, int] = {}
+    tops: dict[int, int] = {}
     for nid in sorted(api, key=lambda n: (d(n), ids[n])):
         node, cls = api[nid], mappings[api[nid]["class_type"]]
         col = d(nid)
-        row = rows.get(col, 0)
-        rows[col] = row + 1
+        size = node_size(cls)
+        top = tops.get(col, MARGIN)
+        tops[col] = top + size[1] + TITLE + GAP
         inputs, widgets = [], []
         for name, spec in _inputs(cls):
             if _is_widget(spec):
@@ -70,8 +112,8 @@ def api_to_ui(api: dict, mappings: dict) -> dict:
         names = getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)
         outputs = [{"name": n, "type": t, "links": out_links.get((nid, i), []), "slot_index": i}
                    for i, (n, t) in enumerate(zip(names, cls.RETURN_TYPES))]
-        entry = {"id": ids[nid], "type": node["class_type"], "pos": [40 + 380 * col, 40 + 330 * row],
-                 "size": [340, 290], "flags": {}, "order": 0, "mode": 0, "inputs": inputs, "outputs": outputs,
+        entry = {"id": ids[nid], "type": node["class_type"], "pos": [MARGIN + COLUMN * col, top + TITLE],
+                 "size": size, "flags": {}, "order": 0, "mode": 0, "inputs": inputs, "outputs": outputs,
                  "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets}
         if node.get("_meta", {}).get("title"):
             entry["title"] = node["_meta"]["title"]

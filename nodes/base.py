@@ -99,6 +99,13 @@ HIDDEN = {"unique_id": "UNIQUE_ID"}
 
 def recipe_input(recipe: type, name: str) -> tuple:
     """The ComfyUI input spec of one recipe field: its type, default, range, choices and tooltip, as declared."""
+    spec = _recipe_input(recipe, name)
+    if name in getattr(recipe, "advanced", ()):
+        spec[1]["advanced"] = True  # folded away by the front end until "Show Advanced"; its value is kept
+    return spec
+
+
+def _recipe_input(recipe: type, name: str) -> tuple:
     from ..trainers.recipes import choices_of
 
     f = recipe.options()[name]

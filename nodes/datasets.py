@@ -33,7 +33,47 @@ def _folder_choices() -> list[str]:
     return host.input_subfolders() or [NO_FOLDER]
 
 
-class FT_LoadImageDataset:
+#: thumbnails a dataset node shows after it runs
+SHOWN = 4
+
+
+def dataset_ui(ds) -> dict:
+    """What a dataset node shows after it runs: the count, the first pictures' captions and any warnings as text,
+    and (inside ComfyUI) the first pictures as thumbnails in ComfyUI's temp folder."""
+    import uuid
+
+    from PIL import Image
+
+    lines = [f"{len(ds.examples)} pictures x {ds.repeats} repeats ({ds.name})"]
+    lines += [f"{e.name}: {e.caption}" for e in ds.examples[:SHOWN]]
+    lines += [f"warning: {w}" for w in ds.warnings]
+    ui: dict = {"text": ["\n".join(lines)]}
+    folder = host.temp_dir()
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        ui["images"] = []
+        tag = uuid.uuid4().hex[:8]
+        for i, e in enumerate(ds.examples[:SHOWN]):
+            pic = Image.fromarray(e.image)
+            pic.thumbnail((128, 128))
+            name = f"ft_dataset_{tag}_{i}.png"
+            pic.save(folder / name)
+            ui["images"].append({"filename": name, "subfolder": "", "type": "temp"})
+    return ui
+
+
+class ShowsDataset:
+    """Base of the dataset loaders: ``execute`` returns the dataset (Python callers); ComfyUI calls ``load``, which
+    also shows what was loaded in the node."""
+
+    FUNCTION = "load"
+
+    def load(self, *args, **kwargs):
+        out = self.execute(*args, **kwargs)
+        return {"ui": dataset_ui(out[0]), "result": out}
+
+
+class FT_LoadImageDataset(ShowsDataset):
     DESCRIPTION = ("Load a folder of pictures from ComfyUI's input folder as a training dataset. Captions come from "
                    "name.txt beside name.png, or metadata.jsonl / metadata.csv (file_name, text), or the caption "
                    "input for pictures without one. PNG, JPEG and WebP; transparency, greyscale, 16-bit and CMYK "
@@ -43,7 +83,6 @@ class FT_LoadImageDataset:
     RETURN_TYPES = ("FT_DATASET",)
     RETURN_NAMES = ("dataset",)
     OUTPUT_TOOLTIPS = ("The pictures with their captions and training options.",)
-    FUNCTION = "execute"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -84,7 +123,7 @@ class FT_LoadImageDataset:
         return (_apply_options(load_folder(path, caption, token, options.get("repeats", 1)), options),)
 
 
-class FT_DatasetFromImages:
+class FT_DatasetFromImages(ShowsDataset):
     DESCRIPTION = ("Make a training dataset from an IMAGE batch made or loaded in the graph, with one caption for "
                    "all pictures or one caption per line, one line per picture, and optionally a MASK for a masked "
                    "loss.")
@@ -92,7 +131,6 @@ class FT_DatasetFromImages:
     RETURN_TYPES = ("FT_DATASET",)
     RETURN_NAMES = ("dataset",)
     OUTPUT_TOOLTIPS = ("The pictures with their captions and training options.",)
-    FUNCTION = "execute"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -183,7 +221,7 @@ class FT_DatasetPreview:
         return (torch.from_numpy(np.asarray(img, dtype=np.float32) / 255)[None],)
 
 
-class FT_ToyDataset:
+class FT_ToyDataset(ShowsDataset):
     DESCRIPTION = ("Pictures from the built-in toy world, for trying training without any files: a colour and a "
                    "shape (purple and cross are concepts the toy base model has never seen), with a caption such "
                    "as 'a sks star'.")
@@ -191,7 +229,6 @@ class FT_ToyDataset:
     RETURN_TYPES = ("FT_DATASET", "IMAGE")
     RETURN_NAMES = ("dataset", "images")
     OUTPUT_TOOLTIPS = ("The pictures with the caption.", "The same pictures as an IMAGE batch.")
-    FUNCTION = "execute"
 
     @classmethod
     def INPUT_TYPES(cls):

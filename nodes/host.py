@@ -62,6 +62,12 @@ def output_dir() -> Path:
     return Path(fp.get_output_directory()) if fp else (_fallback["output"] or Path.cwd() / "output")
 
 
+def temp_dir() -> Path | None:
+    """ComfyUI's temp folder (previews it serves and clears at start), or None outside ComfyUI."""
+    fp = _comfy()
+    return Path(fp.get_temp_directory()) if fp else None
+
+
 def model_dirs(kind: str) -> list[Path]:
     """Every folder ComfyUI searches for models of ``kind`` (first = where new files are written)."""
     if kind not in MODEL_KINDS:

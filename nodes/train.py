@@ -19,12 +19,19 @@ _COMMON = ("Progress shows on the node; Cancel writes a checkpoint first, and re
            "`python -m comfyui_finetune train output/finetune/<run>/config.json` repeats it from the shell.")
 
 
+#: events per second at most while a run trains (each carries every step since the last one, so none is lost)
+EVENTS_PER_S = 4
+#: the most chart points a node's ui output keeps (a long run is thinned evenly; the first and last step stay)
+CHART_POINTS = 400
+
+
 class ComfyCallbacks:
-    """The loop's callbacks, wired to ComfyUI: a progress bar, throttled ``finetune.progress`` events, preview
-    events and images, and Cancel."""
+    """The loop's callbacks, wired to ComfyUI: a progress bar, throttled ``finetune.progress`` events (each with the
+    steps since the previous one), preview events and images, and Cancel."""
 
     def __init__(self, run, steps: int, label: str):
-        self.run, self.t0, self.last = run, time.time(), 0.0
+        self.run, self.t0, self.last, self.pending = run, time.time(), 0.0, []
+        self.first_step: int | None = None
         self.bar = host.Progress(steps, desc=f"{label} {run.name}")
 
     def loop_callbacks(self):
@@ -34,11 +41,17 @@ class ComfyCallbacks:
 
     def on_step(self, info) -> None:
         now = time.time()
-        if now - self.last > 0.25 or info.step == info.total:
+        if self.first_step is None:
+            self.first_step = info.step - 1  # a resumed run starts its clock at the step it resumed from
+        self.pending.append([info.step, info.loss, info.lr])
+        if now - self.last >= 1.0 / EVENTS_PER_S or info.step == info.total:
             self.last = now
-            host.send_event("finetune.progress", {"run": self.run.name, "step": info.step, "total": info.total,
-                                                  "loss": info.loss, "lr": info.lr,
-                                                  "it_per_s": round(info.step / max(now - self.t0, 1e-6), 3)})
+            rate = (info.step - self.first_step) / max(now - self.t0, 1e-6)
+            host.send_event("finetune.progress", {
+                "run": self.run.name, "step": info.step, "total": info.total, "loss": info.loss, "lr": info.lr,
+                "it_per_s": round(rate, 3), "eta_s": round((info.total - info.step) / max(rate, 1e-9), 1),
+                "points": self.pending})
+            self.pending = []
         if not host.interrupted():  # ComfyUI's bar raises on Cancel; the loop checks should_stop itself
             self.bar.update(info.step)
 
@@ -81,6 +94,34 @@ def train_in_comfyui(train_fn, recipe, model, data, **kw):
     return trained
 
 
+def chart_ui(log, limit: int = CHART_POINTS) -> dict:
+    """A training node's ``ui`` output: the loss history (at most ``limit`` points) for the node's chart, so the chart
+    comes back from the queue history and a reopened workflow, and the run's last validation pictures."""
+    rows = log.rows
+    keep = rows if len(rows) <= limit else [rows[round(i * (len(rows) - 1) / (limit - 1))] for i in range(limit)]
+    total = int((log.config.get("recipe") or {}).get("steps", log.steps))
+    chart = {"run": log.run, "step": log.steps, "total": total, "seconds": log.seconds,
+             "points": [[r["step"], r["loss"], r.get("lr", 0.0)] for r in keep]}
+    samples = host.output_dir() / "finetune" / log.run / "samples"
+    shots = sorted(samples.glob("step-*-*.png")) if samples.is_dir() else []
+    last = max((int(p.name.split("-")[1]) for p in shots), default=None)
+    images = [{"filename": p.name, "subfolder": f"finetune/{log.run}/samples", "type": "output"}
+              for p in shots if int(p.name.split("-")[1]) == last]
+    return {"finetune_chart": [chart], "images": images}
+
+
+class Trainer:
+    """Base of the training nodes. ``execute`` returns the outputs (what Python callers use); ComfyUI calls
+    ``train``, which adds the node's ``ui``: the chart's loss history and the last validation pictures."""
+
+    FUNCTION = "train"
+
+    def train(self, *args, **kwargs):
+        out = self.execute(*args, **kwargs)
+        log = out[self.RETURN_TYPES.index("FT_TRAINING_LOG")]
+        return {"ui": chart_ui(log), "result": out}
+
+
 def recipe_from(recipe_cls, args: tuple, inputs: dict):
     """The node's widget values as the method's recipe (range and choice errors name the input). ComfyUI passes
     them by name; a Python caller may pass the required ones by position, in the node's order."""
@@ -94,7 +135,7 @@ def recipe_from(recipe_cls, args: tuple, inputs: dict):
     return recipe_cls(**{k: v for k, v in {**given, **inputs}.items() if k in recipe_cls.options()})
 
 
-class FT_TrainLoRA:
+class FT_TrainLoRA(Trainer):
     RECIPE = "lora"  # trainers.recipes.RECIPES: its inputs, config.json and the shell's train
     DESCRIPTION = ("Train a LoRA (low-rank adapter, through peft; or LyCORIS LoHa / LoKr with the adapter option) on a "
                    "captioned dataset. Outputs the model with the LoRA applied, the LoRA itself (save it with Save "
@@ -105,7 +146,6 @@ class FT_TrainLoRA:
     OUTPUT_TOOLTIPS = ("The base model with the trained LoRA applied (sharing the base's weights), ready for Sample.",
                        "The LoRA: connect Save LoRA to write it to models/loras, or Apply LoRA.",
                        "Loss per step, learning rate, timings and config: connect Loss Plot.")
-    FUNCTION = "execute"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -123,7 +163,7 @@ class FT_TrainLoRA:
         return (t.model, t.result, t.log)
 
 
-class FT_TrainTextualInversion:
+class FT_TrainTextualInversion(Trainer):
     RECIPE = "textual_inversion"  # trainers.recipes.RECIPES: its inputs, config.json and the shell's train
     DESCRIPTION = ("Textual Inversion: teach the model a new word (e.g. <my-cat>) from pictures, by learning only that "
                    "word's embedding vectors; every other weight stays exactly as it was. Outputs the model with the "
@@ -135,7 +175,6 @@ class FT_TrainTextualInversion:
     OUTPUT_TOOLTIPS = ("The model with the new word added, ready for Sample.",
                        "The learned vectors: connect Save Embedding or Apply Embedding.",
                        "Loss per step, learning rate, timings and config.")
-    FUNCTION = "execute"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -187,7 +226,7 @@ class FT_DreamBoothSubject:
                                                 class_dataset)],)
 
 
-class FT_TrainDreamBooth:
+class FT_TrainDreamBooth(Trainer):
     RECIPE = "dreambooth"  # trainers.recipes.RECIPES: its inputs, config.json and the shell's train
     DESCRIPTION = ("DreamBooth: bind a rare identifier ('a sks dog') to a subject from a few pictures, as a LoRA or a "
                    "full fine-tune. With prior preservation each step also trains on class pictures ('a dog'), which "
@@ -202,7 +241,6 @@ class FT_TrainDreamBooth:
                        "Loss per step, learning rate, timings and config.",
                        "With pivotal tuning: the identifier's embedding; save it beside the LoRA with Save "
                        "Embedding (ComfyUI and A1111 then load both).")
-    FUNCTION = "execute"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -230,7 +268,7 @@ class FT_TrainDreamBooth:
         return (t.model, t.result, t.log, t.extra.get("embedding"))
 
 
-class FT_TrainControlNet:
+class FT_TrainControlNet(Trainer):
     RECIPE = "controlnet"  # trainers.recipes.RECIPES: its inputs, config.json and the shell's train
     DESCRIPTION = ("Train a ControlNet for a model: it starts as a copy of the model's UNet encoder with zero output "
                    "convolutions (so it changes nothing at first) and learns to make the picture follow a condition. "
@@ -242,7 +280,6 @@ class FT_TrainControlNet:
     RETURN_NAMES = ("control_net", "log")
     OUTPUT_TOOLTIPS = ("The trained ControlNet: connect Apply ControlNet or Save ControlNet.",
                        "Loss per step, learning rate, timings and config: connect Loss Plot.")
-    FUNCTION = "execute"
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -68,6 +68,8 @@ class Dataset:
     #: when set, every step draws one of these captions ("{}" = the token) instead of the example's own
     caption_templates: tuple[str, ...] = ()
     template_token: str = ""
+    #: what loading noticed (skipped files, captions without a picture), shown in the loader node
+    warnings: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not self.examples:
@@ -223,11 +225,18 @@ def load_folder(folder: str | Path, caption: str = "", token: str = "", repeats:
                          "caption input (e.g. 'a photo of {token}')")
     orphans = [t.relative_to(folder).as_posix() for t in folder.rglob("*.txt")
                if not any(t.with_suffix(s).is_file() for s in IMAGE_SUFFIXES + tuple(x.upper() for x in IMAGE_SUFFIXES))]
+    notes = []
     if orphans:
         log.warning("caption files without an image in %s: %s", folder.name, ", ".join(orphans[:5]))
+        notes.append(f"{len(orphans)} caption file(s) without a picture: {', '.join(orphans[:5])}")
     if skipped:
         log.warning("dataset %s: %d image(s) loaded, %d skipped", folder.name, len(examples), len(skipped))
-    return Dataset(examples, name=folder.name, repeats=repeats, source=str(folder.name))
+        notes.append(f"{len(skipped)} file(s) skipped, not readable images: {', '.join(skipped[:5])}")
+    if unknown:
+        notes.append(f"the metadata names {len(unknown)} file(s) not in the folder: {', '.join(unknown[:5])}")
+    if uncaptioned:
+        notes.append(f"{len(uncaptioned)} picture(s) without a caption file use the caption input")
+    return Dataset(examples, name=folder.name, repeats=repeats, source=str(folder.name), warnings=tuple(notes))
 
 
 def from_images(images: np.ndarray, captions: list[str], name: str = "images") -> Dataset:

@@ -218,6 +218,10 @@ class TrainConfig(Recipe):
         "warmup_steps", "grad_accum", "max_grad_norm", "loss", "snr_gamma", "noise_offset", "mixed_precision",
         "gradient_checkpointing", "weight_decay", "huber_delta", "validation_images", "channels_last", "torch_compile",
         "ema_decay", "ema_start", "ema_every", "keep_best", "early_stop_after", "unmasked_weight")
+    #: the loop's options a first run leaves alone: ComfyUI's front end folds them away (the node's "Show Advanced"
+    #: toggle) and keeps their values; validation_prompt / validation_every and resume_run stay in view
+    advanced: ClassVar[tuple[str, ...]] = tuple(n for n in LOOP_OPTIONAL if n not in (
+        "validation_prompt", "validation_every", "resume_run"))
     required = ("steps", "learning_rate", "batch_size", "seed", "run_name")
     optional = LOOP_OPTIONAL
 
@@ -250,6 +254,7 @@ class LoRARecipe(TrainConfig):
     required = ("steps", "learning_rate", "batch_size", "rank", "alpha", "seed", "target_modules",
                 "train_text_encoder", "text_encoder_lr", "run_name")
     optional = TrainConfig.LOOP_OPTIONAL + ("adapter",)
+    advanced = TrainConfig.advanced + ("text_encoder_lr",)
     shape = ("rank", "target_modules", "train_text_encoder", "adapter")
 
 
@@ -322,6 +327,7 @@ class DreamBoothRecipe(TrainConfig):
 
     optional = ("rank", "alpha", "target_modules", "pivotal_tuning", "embedding_lr") + TrainConfig.LOOP_OPTIONAL + (
         "adapter",)
+    advanced = TrainConfig.advanced + ("embedding_lr",)
     shape = ("mode", "train_text_encoder", "rank", "target_modules", "pivotal_tuning", "adapter")
 
     def check_more(self) -> None:

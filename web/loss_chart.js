@@ -1,69 +1,276 @@
-// Live loss chart on the pack's training nodes, fed by the "finetune.progress" events the server pushes
-// while a run trains ({node, run, step, total, loss, lr, it_per_s}). Nothing is stored: a reload starts empty.
+// The chart on the pack's training nodes: loss per step (raw and smoothed) and the learning rate, with step / total,
+// it/s and time left. It updates live from the "finetune.progress" events (at most a few per second, each carrying
+// every step since the previous one), and it is kept: the node's ui output carries the run's loss history, which is
+// stored in the node's properties, so the chart comes back after a reload, in a reopened workflow and from the queue
+// history. After a reload during a run, the steps before it are read back from the run's log.jsonl.
+// The chart is a DOM widget: it has its own place among the widgets, and ComfyUI draws previews below it.
+// The advanced loop options are folded away (the front end's "advanced" inputs); a button shows or hides them.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const MAX_POINTS = 2000;
-const CHART_HEIGHT = 90;
+const MAX_POINTS = 2000; // live points kept per node (thinned evenly beyond)
+const KEPT_POINTS = 400; // points stored in the workflow (the ui output already holds at most this many)
+const HEIGHT = 150;
+const SMOOTH = 0.9; // exponential smoothing of the loss line
+const stats = { events: 0, points: 0, draws: 0, restored: 0, backfilled: 0 };
+window.finetuneChartStats = stats; // read by the browser test
 
-function ensureChart(node) {
-  if (!node.__ftLoss) node.__ftLoss = { run: null, points: [], last: null };
-  return node.__ftLoss;
+function isTrainer(name) {
+  return name.startsWith("FT_Train");
 }
 
-function drawChart(node, ctx) {
-  const state = node.__ftLoss;
-  if (!state || !state.points.length) return;
-  const w = node.size[0] - 20;
-  const y0 = node.size[1] - CHART_HEIGHT - 8;
-  const pts = state.points;
-  let lo = Infinity, hi = -Infinity;
-  for (const p of pts) { lo = Math.min(lo, p); hi = Math.max(hi, p); }
-  if (hi - lo < 1e-12) { hi = lo + 1; }
-  ctx.save();
-  ctx.fillStyle = "rgba(0,0,0,0.25)";
-  ctx.fillRect(10, y0, w, CHART_HEIGHT);
-  ctx.strokeStyle = "#7fb0ff";
+function thin(points, limit) {
+  if (points.length <= limit) return points;
+  const out = [];
+  for (let i = 0; i < limit; i++) out.push(points[Math.round((i * (points.length - 1)) / (limit - 1))]);
+  return out;
+}
+
+function fmtTime(s) {
+  if (!isFinite(s) || s < 0) return "?";
+  if (s < 60) return `${Math.round(s)} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
+  return `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min`;
+}
+
+function fmtNum(v) {
+  if (v == null || !isFinite(v)) return "?";
+  const a = Math.abs(v);
+  return a !== 0 && (a < 1e-3 || a >= 1e4) ? v.toExponential(2) : v.toFixed(4);
+}
+
+function chartOf(node) {
+  if (!node.__ftChart) node.__ftChart = { run: null, total: 0, points: [], last: null, pending: false };
+  return node.__ftChart;
+}
+
+function draw(node) {
+  const st = chartOf(node);
+  st.pending = false;
+  const canvas = node.__ftCanvas;
+  if (!canvas) return;
+  const w = Math.max(100, canvas.clientWidth || node.size[0] - 20);
+  const h = HEIGHT;
+  const dpr = window.devicePixelRatio || 1;
+  if (canvas.width !== Math.round(w * dpr) || canvas.height !== Math.round(h * dpr)) {
+    canvas.width = Math.round(w * dpr);
+    canvas.height = Math.round(h * dpr);
+  }
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  ctx.clearRect(0, 0, w, h);
+  ctx.fillStyle = "rgba(0,0,0,0.35)";
+  ctx.fillRect(0, 0, w, h);
+  ctx.font = "11px sans-serif";
+  const pts = st.points;
+  if (!pts.length) {
+    ctx.fillStyle = "#999";
+    ctx.fillText("loss chart: queue the workflow to train", 8, 16);
+    return;
+  }
+  stats.draws++;
+  const top = 20, bottom = h - 14, left = 6, right = w - 6;
+  const s0 = pts[0][0], s1 = Math.max(pts[pts.length - 1][0], st.total || 0, s0 + 1);
+  let lo = Infinity, hi = -Infinity, lrHi = 0;
+  for (const p of pts) {
+    if (isFinite(p[1])) { lo = Math.min(lo, p[1]); hi = Math.max(hi, p[1]); }
+    lrHi = Math.max(lrHi, p[2] || 0);
+  }
+  if (!isFinite(lo)) { lo = 0; hi = 1; }
+  if (hi - lo < 1e-12) hi = lo + 1e-6;
+  const X = (s) => left + ((s - s0) / (s1 - s0 || 1)) * (right - left);
+  const Y = (v) => bottom - ((v - lo) / (hi - lo)) * (bottom - top);
+  // learning rate: dashed, scaled to its own maximum
+  if (lrHi > 0) {
+    ctx.strokeStyle = "rgba(255,200,90,0.7)";
+    ctx.setLineDash([3, 3]);
+    ctx.beginPath();
+    pts.forEach((p, i) => {
+      const y = bottom - ((p[2] || 0) / lrHi) * (bottom - top);
+      i ? ctx.lineTo(X(p[0]), y) : ctx.moveTo(X(p[0]), y);
+    });
+    ctx.stroke();
+    ctx.setLineDash([]);
+  }
+  // raw loss: thin and faint
+  ctx.strokeStyle = "rgba(127,176,255,0.45)";
   ctx.lineWidth = 1;
   ctx.beginPath();
+  pts.forEach((p, i) => (i ? ctx.lineTo(X(p[0]), Y(p[1])) : ctx.moveTo(X(p[0]), Y(p[1]))));
+  ctx.stroke();
+  // smoothed loss (debiased exponential average)
+  ctx.strokeStyle = "#7fb0ff";
+  ctx.lineWidth = 2;
+  ctx.beginPath();
+  let avg = 0;
   pts.forEach((p, i) => {
-    const x = 10 + (pts.length === 1 ? w / 2 : (i / (pts.length - 1)) * w);
-    const y = y0 + CHART_HEIGHT - ((p - lo) / (hi - lo)) * (CHART_HEIGHT - 14) - 4;
-    i ? ctx.lineTo(x, y) : ctx.moveTo(x, y);
+    avg = SMOOTH * avg + (1 - SMOOTH) * p[1];
+    const y = Y(avg / (1 - Math.pow(SMOOTH, i + 1)));
+    i ? ctx.lineTo(X(p[0]), y) : ctx.moveTo(X(p[0]), y);
   });
   ctx.stroke();
-  const d = state.last;
+  ctx.lineWidth = 1;
+  // text: run, step / total, loss, speed, time left; axis ends
+  const last = pts[pts.length - 1];
+  const d = st.last;
+  let head = `${st.run ?? ""}  step ${last[0]}/${st.total || "?"}  loss ${fmtNum(last[1])}`;
+  if (d && d.step < d.total) head += `  ${d.it_per_s} it/s  ${fmtTime(d.eta_s)} left`;
+  else if (st.seconds) head += `  done in ${fmtTime(st.seconds)}`;
   ctx.fillStyle = "#ddd";
-  ctx.font = "11px sans-serif";
-  ctx.fillText(`${d.run}  step ${d.step}/${d.total}  loss ${d.loss.toFixed(4)}  ${d.it_per_s} it/s`, 14, y0 + 12);
-  ctx.restore();
+  ctx.fillText(head, 8, 14);
+  ctx.fillStyle = "#999";
+  ctx.fillText(`${fmtNum(hi)}`, left + 2, top + 10);
+  ctx.fillText(`${fmtNum(lo)}`, left + 2, bottom - 2);
+  ctx.fillText("loss (raw, smoothed)", left + 2, h - 2);
+  if (lrHi > 0) {
+    ctx.fillStyle = "rgba(255,200,90,0.9)";
+    const t = `lr (max ${fmtNum(lrHi)})`;
+    ctx.fillText(t, right - ctx.measureText(t).width - 2, h - 2);
+  }
+}
+
+function schedule(node) {
+  const st = chartOf(node);
+  if (st.pending) return;
+  st.pending = true;
+  requestAnimationFrame(() => draw(node));
+}
+
+function keep(node) {
+  const st = chartOf(node);
+  node.properties = node.properties || {};
+  node.properties.ft_chart = { run: st.run, total: st.total, seconds: st.seconds ?? null,
+                               points: thin(st.points, KEPT_POINTS) };
+  // tell the front end the workflow changed, so the browser's copy (restored on reload) holds the chart
+  app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
+}
+
+function restore(node, saved) {
+  if (!saved || !Array.isArray(saved.points)) return;
+  const st = chartOf(node);
+  st.run = saved.run ?? null;
+  st.total = saved.total ?? 0;
+  st.seconds = saved.seconds ?? null;
+  st.points = saved.points.filter((p) => Array.isArray(p) && p.length >= 2).map((p) => [+p[0], +p[1], +(p[2] ?? 0)]);
+  st.last = null;
+  schedule(node);
+}
+
+async function backfill(node, run, before) {
+  // a run that was already going when the page was (re)loaded: its earlier steps come from its log.jsonl
+  try {
+    const res = await api.fetchApi(`/finetune/runs/${encodeURIComponent(run)}/log.jsonl`);
+    if (!res.ok) return;
+    const rows = (await res.text()).split("\n").filter((l) => l.trim()).map((l) => JSON.parse(l));
+    const st = chartOf(node);
+    if (st.run !== run) return;
+    const older = rows.filter((r) => r.step < before).map((r) => [r.step, r.loss, r.lr ?? 0]);
+    st.points = thin(older.concat(st.points.filter((p) => p[0] >= before)), MAX_POINTS);
+    stats.backfilled++;
+    schedule(node);
+  } catch (e) {
+    console.debug("finetune: no log to backfill the chart from", e);
+  }
+}
+
+function addChart(node) {
+  const canvas = document.createElement("canvas");
+  canvas.className = "ft-loss-chart";
+  canvas.style.width = "100%";
+  canvas.style.height = `${HEIGHT}px`;
+  node.__ftCanvas = canvas;
+  const widget = node.addDOMWidget("ft_chart", "ft_chart", canvas, {
+    serialize: false, getMinHeight: () => HEIGHT + 4, getMaxHeight: () => HEIGHT + 4,
+  });
+  widget.serialize = false;
+  const advanced = (node.widgets ?? []).filter((w) => w.options?.advanced);
+  if (advanced.length) {
+    // fold the advanced loop options away: hidden widgets take no room and keep their values (saved and queued);
+    // the front end's own "advanced" flag is not used, since its layout still makes room for those widgets
+    const shown = () => !!node.properties?.ft_show_advanced;
+    const label = () => `${shown() ? "Hide" : "Show"} advanced options (${advanced.length})`;
+    const apply = (resize) => {
+      for (const w of advanced) w.hidden = !shown();
+      button.label = label();
+      if (resize) { // showing grows the node by the folded widgets' height; hiding gives that height back
+        const before = node.size[1];
+        const h = node.computeSize()[1];
+        node.setSize([node.size[0], shown() ? Math.max(h, before) : Math.max(h, before - advancedHeight())]);
+      }
+      node.setDirtyCanvas(true, true);
+    };
+    const advancedHeight = () => advanced.reduce((sum, w) => sum + (w.computedHeight || 24), 0);
+    const button = node.addWidget("button", "ft_advanced", null, () => {
+      node.properties = node.properties || {};
+      node.properties.ft_show_advanced = !shown();
+      apply(true);
+    }, { serialize: false });
+    button.serialize = false;
+    node.__ftAdvanced = apply;
+    for (const w of advanced) w.hidden = true;
+    button.label = label();
+  }
+  schedule(node);
+}
+
+function nodeFor(detail) {
+  if (!detail || detail.node == null) return null;
+  const id = String(detail.node).split(":").pop();
+  return app.graph?.getNodeById(Number(id)) ?? app.graph?.getNodeById(id) ?? null;
+}
+
+function onProgress({ detail }) {
+  const node = nodeFor(detail);
+  if (!node || !node.__ftCanvas) return;
+  stats.events++;
+  const st = chartOf(node);
+  const points = Array.isArray(detail.points) && detail.points.length ? detail.points
+    : [[detail.step, detail.loss, detail.lr]];
+  if (st.run !== detail.run || (st.points.length && points[0][0] <= st.points[0][0])) {
+    // a new run on this node (or the same run restarted): start over, and fetch what came before this event
+    st.run = detail.run;
+    st.points = [];
+    st.seconds = null;
+    if (points[0][0] > 1) backfill(node, detail.run, points[0][0]);
+  }
+  st.total = detail.total;
+  st.last = detail;
+  for (const p of points) st.points.push([+p[0], +p[1], +(p[2] ?? 0)]);
+  stats.points += points.length;
+  if (st.points.length > MAX_POINTS) st.points = thin(st.points, MAX_POINTS / 2);
+  schedule(node);
 }
 
 app.registerExtension({
   name: "finetune.lossChart",
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (!nodeData.name.startsWith("FT_Train")) return;
-    const onDrawForeground = nodeType.prototype.onDrawForeground;
-    nodeType.prototype.onDrawForeground = function (ctx) {
-      const r = onDrawForeground?.apply(this, arguments);
-      if (!this.flags?.collapsed) drawChart(this, ctx);
+    if (!isTrainer(nodeData.name)) return;
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const r = onNodeCreated?.apply(this, arguments);
+      addChart(this);
+      return r;
+    };
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function (info) {
+      const r = onConfigure?.apply(this, arguments);
+      restore(this, info?.properties?.ft_chart);
+      if (info?.properties?.ft_chart) stats.restored++;
+      this.__ftAdvanced?.(false);
+      return r;
+    };
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      const r = onExecuted?.apply(this, arguments);
+      const kept = message?.finetune_chart?.[0];
+      if (kept) {
+        restore(this, kept);
+        keep(this);
+      }
       return r;
     };
   },
   setup() {
-    const onProgress = ({ detail }) => {
-      if (!detail || detail.node == null) return;
-      const id = String(detail.node).split(":").pop();
-      const node = app.graph?.getNodeById(Number(id)) ?? app.graph?.getNodeById(id);
-      if (!node) return;
-      const state = ensureChart(node);
-      if (state.run !== detail.run) { state.run = detail.run; state.points = []; }
-      state.points.push(detail.loss);
-      if (state.points.length > MAX_POINTS) state.points.splice(0, state.points.length - MAX_POINTS);
-      state.last = detail;
-      if (node.size[1] < CHART_HEIGHT + 200) node.setSize([node.size[0], node.size[1] + CHART_HEIGHT + 16]);
-      node.setDirtyCanvas(true, false);
-    };
     api.addEventListener("finetune.progress", onProgress);
   },
 });
