@@ -9,6 +9,7 @@ by its "control after generate" value), links, and a left-to-right layout by dep
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parent / "example_workflows"
@@ -27,8 +28,9 @@ def _inputs(cls) -> list[tuple[str, tuple]]:
     return list(spec.get("required", {}).items()) + list(spec.get("optional", {}).items())
 
 
-#: layout, in canvas pixels: a node's width, column pitch, the gap between nodes, the title bar above a node's pos
-WIDTH, COLUMN, GAP, TITLE, MARGIN = 360, 400, 40, 30, 40
+#: layout, in canvas pixels: a node's least width, the gap between nodes, the title bar above a node's pos, the
+#: margin; a title widens its node by about TITLE_CHAR pixels a character (measured in the front end: 7.0 or less)
+WIDTH, GAP, TITLE, MARGIN, TITLE_CHAR = 360, 40, 30, 40, 7.2
 #: the front end's slot row and widget row heights; a multiline text box takes about three widget rows
 SLOT, ROW, MULTILINE = 20, 24, 3
 #: room for what a node shows after it runs, so a grown node pushes nothing under its neighbour: the training
@@ -49,9 +51,9 @@ def _shows(cls) -> int:
     return 0
 
 
-def node_size(cls) -> list[int]:
-    """[width, height] that holds the node's slots, its visible widgets and what it shows after a run (the title bar
-    is above this box). Inputs declared ``advanced`` are folded away by the front end and take no room."""
+def node_size(cls, title: str = "") -> list[int]:
+    """[width, height] that holds the node's title, slots, visible widgets and what it shows after a run (the title
+    bar is above this box). Inputs declared ``advanced`` are folded away by the front end and take no room."""
     slots, widgets = 0, 0
     for name, spec in _inputs(cls):
         opts = spec[1] if len(spec) > 1 else {}
@@ -65,7 +67,7 @@ def node_size(cls) -> list[int]:
         else:
             slots += 1  # the front end gives every socket its row, connected or not
     rows = max(slots, len(cls.RETURN_TYPES))
-    return [WIDTH, 8 + rows * SLOT + widgets * ROW + _shows(cls)]
+    return [max(WIDTH, math.ceil(TITLE_CHAR * len(title)) + 40), 14 + rows * SLOT + widgets * ROW + _shows(cls)]
 
 
 def api_to_ui(api: dict, mappings: dict) -> dict:
@@ -89,11 +91,16 @@ def api_to_ui(api: dict, mappings: dict) -> dict:
                 src = mappings[api[str(v[0])]["class_type"]]
                 links.append([len(links) + 1, ids[str(v[0])], v[1], ids[nid], slot, src.RETURN_TYPES[v[1]]])
                 out_links.setdefault((str(v[0]), v[1]), []).append(len(links))
+    sizes = {nid: node_size(mappings[n["class_type"]], n.get("_meta", {}).get("title", "")) for nid, n in api.items()}
+    widths: dict[int, int] = {}
+    for nid in api:
+        widths[d(nid)] = max(widths.get(d(nid), 0), sizes[nid][0])
+    lefts = {c: MARGIN + sum(widths.get(k, WIDTH) + GAP for k in range(c)) for c in widths}
     tops: dict[int, int] = {}
     for nid in sorted(api, key=lambda n: (d(n), ids[n])):
         node, cls = api[nid], mappings[api[nid]["class_type"]]
         col = d(nid)
-        size = node_size(cls)
+        size = sizes[nid]
         top = tops.get(col, MARGIN)
         tops[col] = top + size[1] + TITLE + GAP
         inputs, widgets = [], []
@@ -104,15 +111,13 @@ def api_to_ui(api: dict, mappings: dict) -> dict:
                 if spec[1].get("control_after_generate") or name in ("seed", "noise_seed"):
                     widgets.append("fixed")
             else:
-                v = node["inputs"].get(name)
+                # every socket, connected or not, as the front end saves it: a link's target slot is its index here
                 link = next((ln[0] for ln in links if ln[3] == ids[nid] and ln[4] == len(inputs)), None)
-                if link is None and name not in node["inputs"]:
-                    continue
                 inputs.append({"name": name, "type": spec[0], "link": link})
         names = getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)
         outputs = [{"name": n, "type": t, "links": out_links.get((nid, i), []), "slot_index": i}
                    for i, (n, t) in enumerate(zip(names, cls.RETURN_TYPES))]
-        entry = {"id": ids[nid], "type": node["class_type"], "pos": [MARGIN + COLUMN * col, top + TITLE],
+        entry = {"id": ids[nid], "type": node["class_type"], "pos": [lefts[col], top + TITLE],
                  "size": size, "flags": {}, "order": 0, "mode": 0, "inputs": inputs, "outputs": outputs,
                  "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets}
         if node.get("_meta", {}).get("title"):
