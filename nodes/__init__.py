@@ -4,6 +4,8 @@ Only the standard library is imported here: torch, diffusers and the trainers lo
 """
 from __future__ import annotations
 
+from . import host
+from .bridges import FT_ApplyLoRAToComfy, FT_ModelFromComfy, FT_ModelToComfy
 from .controlnet import (FT_ApplyControlNet, FT_CannyEdges, FT_Grayscale, FT_LoadControlNet, FT_SaveControlNet,
                          FT_Scribble, FT_SoftEdges, FT_TileBlur)
 from .datasets import FT_Augment, FT_DatasetFromImages, FT_DatasetPreview, FT_LoadImageDataset, FT_ToyDataset
@@ -51,6 +53,12 @@ NODES = [
     (FT_CompareGrid, "Compare Grid (finetune)"),
     (FT_EvalReport, "Eval Report (finetune)"),
 ]
+if host.in_comfyui():  # the bridges to ComfyUI's MODEL / CLIP / VAE call its own loaders
+    NODES += [
+        (FT_ApplyLoRAToComfy, "Apply LoRA to ComfyUI Model (finetune)"),
+        (FT_ModelFromComfy, "Model from ComfyUI (finetune)"),
+        (FT_ModelToComfy, "Model to ComfyUI (finetune)"),
+    ]
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls, _ in NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {cls.__name__: name for cls, name in NODES}

@@ -74,22 +74,34 @@ def read_checkpoint_header(path: Path) -> dict[str, tuple[int, ...]]:
 
 def load_single_file(path: str | Path, tokenizer_dir: str | Path | None, device: str = "auto",
                      dtype: str = "auto") -> FTModel:
-    """Load an original-layout SD 1.x/2.x checkpoint with diffusers' ``from_single_file`` and shipped configs."""
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTokenizer
+    """Load an original-layout SD 1.x/2.x checkpoint file (:func:`model_from_single_file_state` on its tensors)."""
+    from safetensors.torch import load_file
 
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"{path.name}: only .safetensors checkpoints are loaded; a {path.suffix} file is a pickle "
                          "that can run code when opened. Convert it to safetensors first")
     try:
-        fam = family_for_checkpoint(read_checkpoint_header(path))
+        family_for_checkpoint(read_checkpoint_header(path))
     except ValueError as e:
         raise ValueError(f"{path.name}: {e}") from None
+    return model_from_single_file_state(load_file(str(path)), path.stem, tokenizer_dir, device, dtype)
+
+
+def model_from_single_file_state(state: dict[str, torch.Tensor], name: str, tokenizer_dir: str | Path | None,
+                                 device: str = "auto", dtype: str = "auto") -> FTModel:
+    """An FTModel from an original-layout SD 1.x/2.x state dict (a checkpoint file's tensors, or a model ComfyUI
+    holds), converted by diffusers' single-file loaders with the family's shipped configs."""
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    fam = family_for_checkpoint({k: tuple(v.shape) for k, v in state.items()})
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else fam.config_dir / "tokenizer"
     if not (tok_dir / "vocab.json").is_file():
         raise FileNotFoundError(
-            f"{path.name} is a {fam.label} checkpoint, which needs the CLIP tokenizer files vocab.json and "
+            f"{name} is a {fam.label} checkpoint, which needs the CLIP tokenizer files vocab.json and "
             f"merges.txt. Inside ComfyUI they are taken from ComfyUI's comfy/sd1_tokenizer; outside it, copy "
             f"them into {fam.config_dir / 'tokenizer'}")
     tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77,
@@ -97,10 +109,13 @@ def load_single_file(path: str | Path, tokenizer_dir: str | Path | None, device:
                         ["pad_token"])
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, fam.name)
+    cfg = str(fam.config_dir)
     with torch.inference_mode(False):
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(fam.config_dir), tokenizer=tok, local_files_only=True, safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
-    sched = {k: v for k, v in pipe.scheduler.config.items()}
-    model = FTModel(fam.name, path.stem, pipe.unet.eval(), pipe.vae.eval(), pipe.text_encoder.eval(), tok, sched)
+        unet = UNet2DConditionModel.from_single_file(state, config=cfg, subfolder="unet", local_files_only=True)
+        vae = AutoencoderKL.from_single_file(state, config=cfg, subfolder="vae", local_files_only=True)
+        te = create_diffusers_clip_model_from_ldm(CLIPTextModel, state, subfolder="text_encoder", config=cfg,
+                                                  local_files_only=True)
+    scheduler = json.loads((fam.config_dir / "model_index.json").read_text())["scheduler"][1]
+    sched = dict(getattr(diffusers, scheduler).from_pretrained(cfg, subfolder="scheduler").config)
+    model = FTModel(fam.name, name, unet.eval(), vae.eval(), te.eval(), tok, sched)
     return model.to(dev, dt)
