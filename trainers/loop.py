@@ -298,7 +298,7 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
         log.info("the result is step %d's checkpoint (best %s %.4f)", at, keeper.ranking, keeper.best_value)
 
     cancelled = stopped_early = False
-    pending: list[dict] = []
+    pending = run.log_writer(log_rows, cfg.steps)  # log.jsonl every few seconds, cut back on resume
     at_boundary = True  # the state is consistent (between steps): a checkpoint taken now resumes exactly
     try:
         while step < cfg.steps:
@@ -357,16 +357,14 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
             show_now = bool(cfg.validation_prompt and cfg.validation_every) and step % cfg.validation_every == 0
             stop_early = see(step, row, show_now, save_now and keeper is not None)
             if save_now:
-                run.append_log(pending)
-                pending = []
+                pending.flush()
                 checkpoint(step)
                 if distributed.agree(stop_early, shard):
                     stopped_early = True
                     break
         if keeper is not None and not cancelled and (not keeper.history or keeper.history[-1]["step"] != step):
             see(step, log_rows[-1], False, True)  # the last step is a candidate too
-        run.append_log(pending)
-        pending = []
+        pending.flush()
         checkpoint(step)
         best = keeper.status() if keeper is not None else {}
         run.status("cancelled" if cancelled else "finished", step=step, total=cfg.steps, **best,
@@ -380,7 +378,7 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
         # ComfyUI's Cancel arrives as an exception from a progress callback, between steps: keep that step
         interrupt = isinstance(e, KeyboardInterrupt) or type(e).__name__ in ("InterruptProcessingException",
                                                                              "Interrupted")
-        run.append_log(pending)
+        pending.flush()
         if at_boundary and step > 0:
             try:
                 checkpoint(step)

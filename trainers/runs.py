@@ -54,7 +54,14 @@ class RunDir:
         return json.loads((self.path / name).read_text())
 
     def status(self, state: str, **extra) -> None:
-        self.write_json("status.json", {"status": state, "time": time.time(), **extra})
+        """Write status.json; ``started`` (when the run first began) is kept across resumes."""
+        if not self.writes:
+            return
+        try:
+            started = float(self.read_json("status.json")["started"])
+        except (OSError, ValueError, KeyError, TypeError):
+            started = time.time()
+        self.write_json("status.json", {"status": state, "time": time.time(), "started": started, **extra})
 
     def append_log(self, rows: list[dict]) -> None:
         if not self.writes or not rows:
@@ -62,6 +69,9 @@ class RunDir:
         with (self.path / "log.jsonl").open("a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
+
+    def log_writer(self, history: list[dict], total: int) -> LogWriter:
+        return LogWriter(self, history, total)
 
     def checkpoints(self) -> list[tuple[int, Path]]:
         """Complete checkpoints (their manifest was written last), oldest first."""
@@ -71,6 +81,38 @@ class RunDir:
             if (p / "manifest.json").is_file() and p.name[5:].isdigit():
                 found.append((int(p.name[5:]), p))
         return sorted(found)
+
+
+class LogWriter:
+    """log.jsonl while the run goes: each row waits in memory until the next one arrives at least ``EVERY`` seconds
+    after the last write (a row may still gain scores during its own step), then the waiting rows are appended and
+    status.json says how far the run is; :meth:`flush` writes the rest at checkpoints and at the end. So a running
+    run's curve is on disk, and a killed run keeps all but its last few seconds. ``history`` is what the run's log
+    holds already (a resumed checkpoint's rows): the file is cut back to exactly those, since a killed or failed run
+    may have logged steps past its last checkpoint, and a resume logs them again."""
+
+    EVERY = 5.0  #: seconds between appends while the run goes
+
+    def __init__(self, run: RunDir, history: list[dict], total: int):
+        self.run, self.total, self.rows, self.last = run, total, [], time.monotonic()
+        path = run.path / "log.jsonl"
+        if run.writes and (history or path.exists()):
+            from .atomic import write_text
+
+            write_text(path, "".join(json.dumps(r) + "\n" for r in history), f"{run.name}/log.jsonl")
+
+    def append(self, row: dict) -> None:
+        if self.rows and time.monotonic() - self.last >= self.EVERY:
+            self.flush()
+            self.run.status("running", step=self.run_step, total=self.total)
+        self.rows.append(row)
+
+    def flush(self) -> None:
+        """Append every waiting row now."""
+        self.last = time.monotonic()
+        if self.rows:
+            self.run.append_log(self.rows)
+            self.run_step, self.rows = self.rows[-1]["step"], []
 
 
 def open_run(root: Path, run_name: str, resume_run: str = "", default: str = "run") -> RunDir:
