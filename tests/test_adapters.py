@@ -15,7 +15,9 @@ WRAPPERS = {"add_adapter", "load_adapter", "set_adapter", "set_adapters", "enabl
             "unfuse_lora", "unload_lora_weights", "load_lora_adapter", "save_lora_adapter", "set_lora_device",
             "enable_lora", "disable_lora"}
 #: integration modules and helpers of diffusers / transformers around peft
-WRAPPER_MODULES = ("diffusers.utils.peft_utils", "diffusers.loaders", "transformers.integrations.peft")
+#: diffusers' and transformers' peft glue (diffusers.loaders' single-file converters are not: they only map keys)
+WRAPPER_MODULES = ("diffusers.utils.peft_utils", "diffusers.loaders.peft", "diffusers.loaders.lora",
+                   "diffusers.loaders.unet", "transformers.integrations.peft")
 WRAPPER_NAMES = {"recurse_remove_peft_layers", "scale_lora_layers", "unscale_lora_layers", "set_weights_and_activate_adapters",
                  "PeftAdapterMixin"}
 
@@ -35,7 +37,7 @@ def wrapper_uses(path: Path) -> list[str]:
             if not (isinstance(node.func.value, ast.Name) and node.func.value.id == "peft"):
                 found.append(f"{path.name}:{node.lineno} .{node.func.attr}()")
         if isinstance(node, ast.ImportFrom) and node.module:
-            if node.module.startswith(WRAPPER_MODULES):
+            if node.module.startswith(WRAPPER_MODULES) or node.module == "diffusers.loaders":
                 found.append(f"{path.name}:{node.lineno} from {node.module}")
             names = {a.name for a in node.names} & WRAPPER_NAMES
             if names:
@@ -56,8 +58,10 @@ def test_the_scan_finds_a_wrapper_call(tmp_path):
     """The scan above could fail: the code the pack had before it used peft directly is caught."""
     bad = tmp_path / "bad.py"
     bad.write_text("from diffusers.utils import recurse_remove_peft_layers\n"
+                   "from diffusers.loaders import PeftAdapterMixin\n"
+                   "from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin\n"
                    "def setup(mod, cfg):\n    mod.add_adapter(cfg, adapter_name='x')\n")
-    assert len(wrapper_uses(bad)) == 2
+    assert len(wrapper_uses(bad)) == 5  # the first import, the second twice (module and name), the third, the call
 
 
 def test_text_encoder_lora_trains_with_the_wrappers_broken(toy, folders, monkeypatch):
