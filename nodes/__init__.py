@@ -53,12 +53,14 @@ NODES = [
     (FT_CompareGrid, "Compare Grid (finetune)"),
     (FT_EvalReport, "Eval Report (finetune)"),
 ]
-if host.in_comfyui():  # the bridges to ComfyUI's MODEL / CLIP / VAE call its own loaders
-    NODES += [
-        (FT_ApplyLoRAToComfy, "Apply LoRA to ComfyUI Model (finetune)"),
-        (FT_ModelFromComfy, "Model from ComfyUI (finetune)"),
-        (FT_ModelToComfy, "Model to ComfyUI (finetune)"),
-    ]
+#: the bridges to ComfyUI's MODEL / CLIP / VAE call its own loaders: registered only inside ComfyUI
+BRIDGES = [
+    (FT_ApplyLoRAToComfy, "Apply LoRA to ComfyUI Model (finetune)"),
+    (FT_ModelFromComfy, "Model from ComfyUI (finetune)"),
+    (FT_ModelToComfy, "Model to ComfyUI (finetune)"),
+]
+if host.in_comfyui():
+    NODES += BRIDGES
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls, _ in NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {cls.__name__: name for cls, name in NODES}

@@ -215,12 +215,12 @@ def node_page(cls, display_name: str | None = None, uses: dict[str, list[str]] |
 
 
 def all_nodes(extra: Iterable = ()) -> list[tuple[type, str]]:
-    """(class, display name) of every node in NODES, then of ``extra`` (classes, or (class, display name) pairs:
-    nodes registered only inside ComfyUI)."""
-    from . import NODES
+    """(class, display name) of every node in NODES, the bridges (registered only inside ComfyUI, documented
+    everywhere), then ``extra`` (classes, or (class, display name) pairs)."""
+    from . import BRIDGES, NODES
 
     out, seen = [], set()
-    for item in [*NODES, *extra]:
+    for item in [*NODES, *BRIDGES, *extra]:
         cls, name = item if isinstance(item, tuple) else (item, None)
         if cls.__name__ not in seen:
             seen.add(cls.__name__)

@@ -120,3 +120,12 @@ def test_example_ui_links_point_at_the_sockets_they_name(path):
     for i, a in enumerate(boxes):
         for b in boxes[i + 1:]:
             assert not (a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3])
+
+
+def test_every_template_has_its_thumbnail():
+    """ComfyUI's template browser shows example_workflows/<name>.jpg beside <name>.json (a square card)."""
+    for wf in sorted((PACK / "example_workflows").glob("*.json")):
+        thumb = wf.with_suffix(".jpg")
+        assert thumb.is_file(), f"{wf.name} has no thumbnail {thumb.name}"
+        with Image.open(thumb) as im:
+            assert im.format == "JPEG" and im.size[0] == im.size[1] >= 256, (thumb.name, im.format, im.size)
