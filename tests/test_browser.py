@@ -216,13 +216,17 @@ def test_train_lora_chart_previews_reload_and_runs_panel(server, browser, artefa
         assert chart["distinct"] > 5, chart
         assert page.js("() => window.finetuneChartStats.restored") >= 1
         page.screenshot(artefacts / "toy_train_lora_after_reload.png", node=nid)
-        _check_runs_panel(page, run, artefacts)
+        final_loss = page.js(f"() => app.graph.getNodeById({nid}).__ftChart.points.at(-1)[1]")
+        _check_runs_panel(page, run, steps, final_loss, artefacts)
+        for url in ("/api/workflow_templates/comfyui-finetune/toy_train_lora.jpg",
+                    "/extensions/comfyui-finetune/docs/FT_TrainLoRA.md"):
+            assert page.js("(u) => fetch(u).then(r => r.status)", url) == 200, url
         assert not page.errors, page.errors
     finally:
         page.close()
 
 
-def _check_runs_panel(page: Page, run: str, artefacts: Path) -> None:
+def _check_runs_panel(page: Page, run: str, steps: int, final_loss: float, artefacts: Path) -> None:
     tabs = page.js("() => app.extensionManager.getSidebarTabs().map(t => t.id)")
     if "finetune-runs" not in tabs:
         pytest.fail(f"the runs panel is not registered as a sidebar tab (tabs: {tabs})")
@@ -230,30 +234,35 @@ def _check_runs_panel(page: Page, run: str, artefacts: Path) -> None:
     page.page.wait_for_selector(f'.ft-run[data-run="{run}"]', timeout=20_000)
     row = page.js("""(run) => { const el = document.querySelector(`.ft-run[data-run="${run}"]`);
         return {status: el.querySelector('.ft-run-status')?.textContent ?? '',
-                loss: el.querySelector('.ft-run-loss')?.textContent ?? ''}; }""", run)
-    assert "finished" in row["status"], row
-    assert any(ch.isdigit() for ch in row["loss"]), row
+                loss: Number(el.querySelector('.ft-run-loss')?.dataset.loss), text: el.textContent,
+                steps: el.querySelector('.ft-run-steps')?.textContent ?? '',
+                curve: Number(el.querySelector('canvas.ft-run-curve')?.dataset.points ?? 0),
+                samples: el.querySelectorAll('img.ft-run-sample').length}; }""", run)
+    assert row["status"] == "finished", row
+    assert abs(row["loss"] - final_loss) < 1e-9, (row, final_loss)  # the run's last logged loss, from disk
+    assert row["steps"].startswith(f"{steps} / {steps}") and row["curve"] > 1 and row["samples"] >= 1, row
     page.page.screenshot(path=str(artefacts / "runs_panel.png"))
 
 
 def test_chart_takes_a_flood_of_events(server, browser):
-    """Frames per second of the page while synthetic progress events arrive at rising rates (printed; the page must
-    keep drawing at the highest rate the server can send, EVENTS_PER_S, with ease)."""
+    """Frames per second of the page while synthetic progress events arrive at 4 (what a training node sends), 50, 500
+    and 2000 a second (printed; the page must keep drawing)."""
     page = Page(browser, server)
     try:
         page.load(PACK / "example_workflows" / "toy_train_lora.json")
         nid = _train_node(page)
         measured = page.js("""async (nid) => {
           const api = window.comfyAPI.api.api, out = {};
-          for (const rate of [4, 50, 500]) {
+          for (const rate of [4, 50, 500, 2000]) {
             let frames = 0, running = true, step = 0;
             const tick = () => { frames++; if (running) requestAnimationFrame(tick); };
             requestAnimationFrame(tick);
             const t0 = performance.now();
-            const timer = setInterval(() => { for (let k = 0; k < Math.max(1, rate / 50); k++) { step++;
+            const every = Math.max(20, 1000 / rate), burst = Math.max(1, Math.round(rate * every / 1000));
+            const timer = setInterval(() => { for (let k = 0; k < burst; k++) { step++;
               api.dispatchEvent(new CustomEvent('finetune.progress', {detail: {node: String(nid), run: 'flood',
                 step, total: 100000, loss: Math.random(), lr: 1e-4, it_per_s: 10, eta_s: 100,
-                points: [[step, Math.random(), 1e-4]]}})); } }, 20);
+                points: [[step, Math.random(), 1e-4]]}})); } }, every);
             await new Promise(r => setTimeout(r, 2000));
             clearInterval(timer); running = false;
             out[rate] = {fps: Math.round(frames * 1000 / (performance.now() - t0)), events: step};
@@ -261,7 +270,7 @@ def test_chart_takes_a_flood_of_events(server, browser):
           return out; }""", nid)
         print(f"chart under synthetic events (events/s: page fps): {measured}")
         assert measured["4"]["fps"] >= 10, measured
-        assert measured["500"]["fps"] >= 5, measured
+        assert measured["500"]["fps"] >= 5, measured  # 125 times what a training node sends
         assert not page.errors, page.errors
     finally:
         page.close()
