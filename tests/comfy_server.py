@@ -118,3 +118,33 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def random_sd15_model(base: Path):
+    """An SD1.5-architecture model with random weights, from the pack's shipped config, in ComfyUI's
+    models/diffusers folder (ComfyUI's DiffusersLoader reads it). The tokenizer comes from ComfyUI's copy."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from comfyui_finetune.trainers.families import FAMILIES
+    from comfyui_finetune.trainers.model import FTModel
+
+    cfg = FAMILIES["sd15"].config_dir
+    torch.manual_seed(0)
+    with torch.inference_mode(False):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(cfg / "unet")))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(cfg / "vae")))
+        te = CLIPTextModel(CLIPTextConfig.from_pretrained(str(cfg / "text_encoder")))
+    tok_dir = comfyui_path() / "comfy" / "sd1_tokenizer"
+    tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77,
+                        pad_token="<|endoftext|>")
+    sched = DDIMScheduler.from_pretrained(str(cfg / "scheduler"))
+    folder = base / "models" / "diffusers" / "random-sd15"
+    StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(str(folder))
+    from comfyui_finetune.trainers.export import legacy_text_encoder_keys
+
+    legacy_text_encoder_keys(folder / "text_encoder")
+    return FTModel("sd15", "random-sd15", unet, vae, te, tok, dict(sched.config))

@@ -1,0 +1,216 @@
+"""Integration: the bridges between the pack's types and ComfyUI's MODEL / CLIP / VAE, in a real ComfyUI server.
+
+A server of their own: each test holds several SD 1.5 copies, which next to test_comfyui.py's server and models
+would not fit a 24 GB machine."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from comfy_server import ComfyServer, comfyui_path, random_sd15_model, skip_reason
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(comfyui_path() is None, reason=skip_reason())]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = ComfyServer(tmp_path_factory.mktemp("comfy-bridges")).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def random_sd15(server):
+    return random_sd15_model(server.base)
+
+
+# ------------------------------------------------------------------------- bridges to ComfyUI's own types --
+def free(server) -> None:
+    """Unload ComfyUI's models and cached outputs (each bridge test holds several SD 1.5 copies)."""
+    import gc
+    import time
+
+    server.post("/free", {"unload_models": True, "free_memory": True})
+    time.sleep(5)  # ComfyUI's prompt worker applies the flags on its next turn
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def bridge_ckpt(server, random_sd15):
+    """The random SD1.5 model as a single fp16 file in models/checkpoints, for CheckpointLoaderSimple and
+    FT_LoadBaseModel alike."""
+    from comfyui_finetune.nodes import host
+    from comfyui_finetune.nodes.io import FT_SaveCheckpoint
+
+    saved = dict(host._fallback)
+    host.set_folders(models=server.base / "models")
+    try:
+        (name,) = FT_SaveCheckpoint().execute(random_sd15, "ft_test/bridge_sd15", "single file (.safetensors)",
+                                              "fp16")["result"]
+    finally:
+        host._fallback.update(saved)
+    return name
+
+
+def native_sample(graph: dict, tag: str, model: list, clip: list, vae: list, prompt: str = "a photo of sks") -> dict:
+    """Add ComfyUI's own CLIPTextEncode -> KSampler (64 px, 2 euler steps, seed 0) -> VAEDecode -> SaveImage."""
+    graph.update({
+        f"{tag}1": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": prompt}},
+        f"{tag}2": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": ""}},
+        f"{tag}3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        f"{tag}4": {"class_type": "KSampler", "inputs": {
+            "model": model, "positive": [f"{tag}1", 0], "negative": [f"{tag}2", 0], "latent_image": [f"{tag}3", 0],
+            "seed": 0, "steps": 2, "cfg": 2.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        f"{tag}5": {"class_type": "VAEDecode", "inputs": {"samples": [f"{tag}4", 0], "vae": vae}},
+        f"{tag}6": {"class_type": "SaveImage", "inputs": {"images": [f"{tag}5", 0], "filename_prefix": f"ft_{tag}"}},
+    })
+    return graph
+
+
+def ft_sample(graph: dict, tag: str, model: list) -> dict:
+    """Add FT_Sample (64 px, 2 ddim steps, seed 0) -> SaveImage."""
+    graph.update({
+        f"{tag}1": {"class_type": "FT_Sample", "inputs": {
+            "model": model, "prompt": "a photo of sks", "negative_prompt": "", "seed": 0, "steps": 2, "cfg": 2.0,
+            "sampler": "ddim", "width": 64, "height": 64, "batch_size": 1}},
+        f"{tag}2": {"class_type": "SaveImage", "inputs": {"images": [f"{tag}1", 0], "filename_prefix": f"ft_{tag}"}},
+    })
+    return graph
+
+
+def run_ok(server, graph: dict) -> dict:
+    entry = server.run_prompt(graph, timeout=900)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:] + server.log()[-3000:]
+    return entry
+
+
+def picture(server, entry: dict, save_node: str):
+    """The first picture a SaveImage node wrote, as floats 0..255."""
+    import numpy as np
+    from PIL import Image
+
+    img = entry["outputs"][save_node]["images"][0]
+    return np.asarray(Image.open(server.base / "output" / img["subfolder"] / img["filename"]), dtype=np.float64)
+
+
+def test_bridge_lora_trained_in_the_graph_samples_as_loraloader_does(server, bridge_ckpt):
+    """Load Checkpoint -> Model from ComfyUI -> Train LoRA (2 steps) -> Apply LoRA to ComfyUI Model -> KSampler
+    gives the picture that Save LoRA's file gives through ComfyUI's own LoraLoader, and another than no LoRA; and
+    Model from ComfyUI bakes LoraLoader's patches in: FT_Sample draws what the pack's Apply LoRA on the file draws."""
+    import time
+
+    free(server)
+    start = time.time()
+    ckpt = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": bridge_ckpt}}
+    graph = {
+        "1": ckpt,
+        "2": {"class_type": "FT_ModelFromComfy", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
+                                                            "device": "cpu", "dtype": "fp32"}},
+        "3": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0x884422}},
+        "4": {"class_type": "FT_DatasetFromImages", "inputs": {"images": ["3", 0], "captions": "a photo of sks",
+                                                               "resolution": 64}},
+        "5": {"class_type": "FT_TrainLoRA", "inputs": {
+            "model": ["2", 0], "dataset": ["4", 0], "steps": 2, "learning_rate": 1e-3, "batch_size": 1, "rank": 4,
+            "alpha": 4.0, "seed": 0, "target_modules": "attention", "train_text_encoder": True,
+            "text_encoder_lr": 0.0, "run_name": "bridge"}},
+        "6": {"class_type": "FT_SaveLoRA", "inputs": {"lora": ["5", 1], "filename": "ft_test/bridge_lora"}},
+        "7": {"class_type": "FT_ApplyLoRAToComfy", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora": ["5", 1],
+                                                              "strength_model": 1.0, "strength_clip": 1.0}},
+    }
+    native_sample(graph, "bridged", ["7", 0], ["7", 1], ["1", 2])
+    native_sample(graph, "plain", ["1", 0], ["1", 1], ["1", 2])
+    entry = run_ok(server, graph)
+    lora_name = entry["outputs"]["6"]["text"][0].removeprefix("saved loras/")
+    loader = {"1": ckpt, "2": {"class_type": "LoraLoader", "inputs": {
+        "model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name, "strength_model": 1.0, "strength_clip": 1.0}}}
+    native_sample(loader, "loraloader", ["2", 0], ["2", 1], ["1", 2])
+    # the other way: LoraLoader's patches baked into Model from ComfyUI = the pack's own Apply LoRA on the file
+    loader["3"] = {"class_type": "FT_ModelFromComfy", "inputs": {"model": ["2", 0], "clip": ["2", 1],
+                                                                 "vae": ["1", 2], "device": "cpu", "dtype": "fp32"}}
+    loader["4"] = {"class_type": "FT_LoadBaseModel", "inputs": {"model_name": f"checkpoints/{bridge_ckpt}",
+                                                                "device": "cpu", "dtype": "fp32"}}
+    loader["5"] = {"class_type": "FT_ApplyLoRA", "inputs": {"model": ["4", 0], "lora_name": lora_name,
+                                                            "strength": 1.0}}
+    ft_sample(ft_sample(loader, "patchedfrom", ["3", 0]), "ftapplied", ["5", 0])
+    seen = len(server.log())
+    again = run_ok(server, loader)
+    assert "lora key not loaded" not in server.log()[seen:]
+    bridged, plain = picture(server, entry, "bridged6"), picture(server, entry, "plain6")
+    native = picture(server, again, "loraloader6")
+    gap, change = abs(bridged - native).max(), abs(bridged - plain).max()
+    baked = abs(picture(server, again, "patchedfrom2") - picture(server, again, "ftapplied2")).max()
+    print(f"Apply LoRA to ComfyUI Model vs LoraLoader on the saved file: max pixel difference {gap:g}/255; "
+          f"the LoRA changes the picture by up to {change:g}/255; Model from ComfyUI on LoraLoader's model vs "
+          f"Apply LoRA (finetune) in FT_Sample: {baked:g}/255 ({time.time() - start:.0f} s)")
+    assert gap < 1, f"the bridge and LoraLoader differ by {gap}/255"
+    assert change > 0, "the LoRA did not change KSampler's picture"
+    assert baked <= 2, f"LoraLoader's patches were not baked into Model from ComfyUI: {baked}/255 apart"
+
+
+def test_bridge_model_from_comfyui_samples_as_load_base_model_does(server, bridge_ckpt):
+    """FT_ModelFromComfy on CheckpointLoaderSimple's outputs draws in FT_Sample the picture FT_LoadBaseModel draws
+    from the same file."""
+    import time
+
+    free(server)
+    start = time.time()
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": bridge_ckpt}},
+        "2": {"class_type": "FT_ModelFromComfy", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
+                                                            "device": "cpu", "dtype": "fp32"}},
+        "3": {"class_type": "FT_LoadBaseModel", "inputs": {"model_name": f"checkpoints/{bridge_ckpt}",
+                                                           "device": "cpu", "dtype": "fp32"}},
+    }
+    ft_sample(graph, "fromcomfy", ["2", 0])
+    ft_sample(graph, "loadbase", ["3", 0])
+    entry = run_ok(server, graph)
+    gap = abs(picture(server, entry, "fromcomfy2") - picture(server, entry, "loadbase2")).max()
+    print(f"Model from ComfyUI vs Load Base Model in FT_Sample: max pixel difference {gap:g}/255 "
+          f"({time.time() - start:.0f} s)")
+    assert gap < 1, f"the pictures differ by {gap}/255"
+
+
+def test_bridge_model_to_comfyui_round_trips(server, bridge_ckpt):
+    """FT_LoadBaseModel -> FT_ModelToComfy samples in KSampler as CheckpointLoaderSimple on the same file does, and
+    CheckpointLoaderSimple -> FT_ModelFromComfy -> FT_ModelToComfy -> CheckpointSave keeps every weight."""
+    import time
+
+    from safetensors import safe_open
+
+    free(server)
+    start = time.time()
+    graph = {
+        "1": {"class_type": "FT_LoadBaseModel", "inputs": {"model_name": f"checkpoints/{bridge_ckpt}",
+                                                           "device": "cpu", "dtype": "fp32"}},
+        "2": {"class_type": "FT_ModelToComfy", "inputs": {"model": ["1", 0]}},
+        "3": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": bridge_ckpt}},
+    }
+    native_sample(graph, "tocomfy", ["2", 0], ["2", 1], ["2", 2])
+    native_sample(graph, "native", ["3", 0], ["3", 1], ["3", 2])
+    entry = run_ok(server, graph)
+    gap = abs(picture(server, entry, "tocomfy6") - picture(server, entry, "native6")).max()
+    print(f"Model to ComfyUI vs CheckpointLoaderSimple in KSampler: max pixel difference {gap:g}/255")
+    assert gap < 1, f"the pictures differ by {gap}/255"
+    free(server)
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": bridge_ckpt}},
+        "2": {"class_type": "FT_ModelFromComfy", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
+                                                            "device": "cpu", "dtype": "fp32"}},
+        "3": {"class_type": "FT_ModelToComfy", "inputs": {"model": ["2", 0]}},
+        "4": {"class_type": "CheckpointSave", "inputs": {"model": ["3", 0], "clip": ["3", 1], "vae": ["3", 2],
+                                                         "filename_prefix": "checkpoints/ft_bridge_round_trip"}},
+    }
+    run_ok(server, graph)
+    (saved,) = sorted((server.base / "output" / "checkpoints").glob("ft_bridge_round_trip*.safetensors"))
+    worst, compared = 0.0, 0
+    with safe_open(str(server.base / "models" / "checkpoints" / bridge_ckpt), framework="pt") as a, \
+            safe_open(str(saved), framework="pt") as b:
+        theirs = set(b.keys())
+        for k in a.keys():
+            assert k in theirs, f"{k} did not come back"
+            worst = max(worst, float((a.get_tensor(k).float() - b.get_tensor(k).float()).abs().max()))
+            compared += 1
+    print(f"Model from ComfyUI -> Model to ComfyUI: {compared} weights, largest difference {worst:g} "
+          f"({time.time() - start:.0f} s)")
+    assert worst == 0, f"a weight changed by {worst}"  # fp16 in the file: every fp32 copy holds it exactly
