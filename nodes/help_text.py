@@ -10,6 +10,10 @@ PICTURES = {
     "FT_TrainLoRA": ("toy_lora.png", ("A LoRA trained on 8 pictures of a purple star ('a sks star', 200 steps): the "
                      "toy base model has never drawn purple; with the LoRA every seed does. The toy judge's verdict is "
                      "under each picture.")),
+    "FT_TrainTextualInversion": ("toy_textual_inversion.png", ("Textual Inversion on 8 yellow triangles (the "
+                                 "template toy_textual_inversion, 300 steps): the base model does not know the word "
+                                 "<yt> and draws green shapes for 'a <yt>'; the learned word (started from "
+                                 "'triangle') draws yellow triangles, a pairing the base model never saw.")),
     "FT_TrainDreamBooth": ("toy_dreambooth.png", ("DreamBooth (full) on 8 purple stars, without and with prior "
                            "preservation (PP). Both learn 'a sks star'; without PP the class prompt 'a star' turns "
                            "purple too, with PP it keeps the base model's stars.")),
