@@ -1,6 +1,7 @@
 """Example workflows: keep each UI-format file (what the canvas loads) in step with its API-format twin.
 
-    python -m comfyui_finetune.workflows            # regenerate every example_workflows/<name>.json from api/
+    python -m comfyui_finetune.workflows                # regenerate every example_workflows/<name>.json from api/
+    python -m comfyui_finetune.workflows --thumbnails   # also <name>.jpg, the template browser's card: its result
 
 The API twin is the source of truth (it is what ``POST /prompt`` and the headless runner take); the UI file is
 generated from it and the nodes' ``INPUT_TYPES``: widget values in ComfyUI's order (a ``seed`` input is followed
@@ -44,8 +45,8 @@ def _shows(cls) -> int:
         return SHOWS["chart"]
     if name in ("SaveImage", "PreviewImage"):
         return SHOWS["images"]
-    if getattr(cls, "FUNCTION", "") == "load":  # the dataset loaders show thumbnails and a summary
-        return SHOWS["thumbnails"] + SHOWS["text"]
+    if hasattr(cls, "SHOWS"):  # what the node says it shows (the dataset loaders: thumbnails and a summary)
+        return sum(SHOWS[kind] for kind in cls.SHOWS)
     if name.startswith(("FT_Save", "FT_CLIP", "FT_KID", "FT_Eval")):
         return SHOWS["text"]
     return 0
@@ -149,6 +150,76 @@ def regenerate(folder: Path = EXAMPLES) -> list[Path]:
     return written
 
 
-if __name__ == "__main__":
+#: the template browser's card is square and shows a .jpg of at most 256 px high (contained); twice that is sharp
+THUMBNAIL = 512
+
+
+def _result_images(graph: dict, ui: dict, output: Path) -> list[Path]:
+    """The pictures that best stand for what an example makes: what its Compare Grid shows, else what a saved or
+    previewed Sample shows, else what the last output node shows."""
+    def source_class(nid: str) -> str:
+        images = graph[nid].get("inputs", {}).get("images")
+        return graph.get(str(images[0]), {}).get("class_type", "") if isinstance(images, list) else ""
+
+    ranked = sorted(ui, key=lambda nid: (source_class(nid) != "FT_CompareGrid", source_class(nid) != "FT_Sample",
+                                         -int(nid) if str(nid).isdigit() else 0))
+    for nid in ranked:
+        paths = [output / ("preview" if image.get("type") == "temp" else "") / image.get("subfolder", "") /
+                 image["filename"] for image in ui[nid].get("images", [])]
+        if paths and all(p.is_file() for p in paths):
+            return paths
+    return []
+
+
+def thumbnail(name: str, target: Path, work: Path, size: int = THUMBNAIL) -> Path:
+    """Run the example ``name`` headless on the toy model (its API twin, in ``work``) and write its result (a grid's
+    figure, or up to 4 of the pictures it generates, tiled), centred on a white square of ``size`` px, as the JPEG
+    ``target``: the template browser's card for the example."""
+    from PIL import Image
+
+    from . import runner
+
+    graph = runner.load_workflow(EXAMPLES / "api" / f"{name}.json")
+    out = work / name
+    out.mkdir(parents=True, exist_ok=True)
+    pictures = _result_images(graph, runner.run(graph, output_dir=out), out)[:4]
+    if not pictures:
+        raise RuntimeError(f"example {name} showed no picture")
+    shots = [Image.open(p).convert("RGB") for p in pictures]
+    cols = 1 if len(shots) == 1 else 2
+    rows = -(-len(shots) // cols)
+    w, h, gap = max(s.width for s in shots), max(s.height for s in shots), 2 if len(shots) > 1 else 0
+    image = Image.new("RGB", (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), "white")
+    for i, shot in enumerate(shots):
+        image.paste(shot, ((i % cols) * (w + gap), (i // cols) * (h + gap)))
+    scale = min(size / image.width, size / image.height)
+    resample = Image.NEAREST if scale >= 2 else Image.LANCZOS  # the toy's 32 px pictures stay crisp
+    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), resample)
+    square = Image.new("RGB", (size, size), "white")
+    square.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    square.save(target, "JPEG", quality=90)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(prog="python -m comfyui_finetune.workflows",
+                                     description="Regenerate every example's UI file from its API twin.")
+    parser.add_argument("--thumbnails", action="store_true",
+                        help="also run every example on the toy model and write its result as <name>.jpg, the "
+                             "template browser's thumbnail (a few minutes on a CPU)")
+    args = parser.parse_args(argv)
     for p in regenerate():
         print(p.relative_to(EXAMPLES.parent))
+    if args.thumbnails:
+        with tempfile.TemporaryDirectory() as work:
+            for api in sorted((EXAMPLES / "api").glob("*.json")):
+                print(thumbnail(api.stem, EXAMPLES / f"{api.stem}.jpg", Path(work)).relative_to(EXAMPLES.parent))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

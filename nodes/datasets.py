@@ -67,6 +67,7 @@ class ShowsDataset:
     also shows what was loaded in the node."""
 
     FUNCTION = "load"
+    SHOWS = ("thumbnails", "text")  # room the example layouts leave for it (workflows.py)
 
     def load(self, *args, **kwargs):
         out = self.execute(*args, **kwargs)

@@ -1,7 +1,6 @@
 """Help pages: one Markdown page per node, rendered from the node's own declarations, for ComfyUI's node help panel.
 
     python -m comfyui_finetune.nodes.help_pages                  # (re)write web/docs/<NodeClass>.md and its pictures
-    python -m comfyui_finetune.nodes.help_pages --thumbnails     # also a fallback template thumbnail per example
 
 Where the front end looks (comfyui-frontend-package 1.35, ``NodeHelpService.fetchCustomNodeHelp``): for a node whose
 ``python_module`` is ``custom_nodes.<folder>`` it fetches ``/extensions/<folder>/docs/<NodeClass>/<locale>.md``,
@@ -259,74 +258,13 @@ def write_pages(folder: Path = DOCS, extra: Iterable = ()) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------- thumbnails --
-#: the template browser's card is square and shows a .jpg of at most 256 px high (contained); twice that is sharp
-THUMBNAIL = 512
-
-
-def _result_images(graph: dict, ui: dict, output: Path) -> list[Path]:
-    """The pictures that best stand for what an example makes: what its Compare Grid shows, else what a saved or
-    previewed Sample shows, else what the last output node shows."""
-    def source_class(nid: str) -> str:
-        images = graph[nid].get("inputs", {}).get("images")
-        return graph.get(str(images[0]), {}).get("class_type", "") if isinstance(images, list) else ""
-
-    ranked = sorted(ui, key=lambda nid: (source_class(nid) != "FT_CompareGrid", source_class(nid) != "FT_Sample",
-                                         -int(nid) if str(nid).isdigit() else 0))
-    for nid in ranked:
-        paths = [output / ("preview" if image.get("type") == "temp" else "") / image.get("subfolder", "") /
-                 image["filename"] for image in ui[nid].get("images", [])]
-        if paths and all(p.is_file() for p in paths):
-            return paths
-    return []
-
-
-def fallback_thumbnail(name: str, target: Path, work: Path, size: int = THUMBNAIL) -> Path:
-    """Run the example ``name`` headless on the toy model (its API twin, in ``work``) and write its result (a grid's
-    figure, or up to 4 of the pictures it generates, tiled), centred on a white square of ``size`` px, as the JPEG
-    ``target``: an honest stand-in until a screenshot of the canvas replaces it."""
-    from PIL import Image
-
-    from .. import runner
-
-    graph = runner.load_workflow(EXAMPLES / "api" / f"{name}.json")
-    out = work / name
-    out.mkdir(parents=True, exist_ok=True)
-    pictures = _result_images(graph, runner.run(graph, output_dir=out), out)[:4]
-    if not pictures:
-        raise RuntimeError(f"example {name} showed no picture")
-    shots = [Image.open(p).convert("RGB") for p in pictures]
-    cols = 1 if len(shots) == 1 else 2
-    rows = -(-len(shots) // cols)
-    w, h, gap = max(s.width for s in shots), max(s.height for s in shots), 2 if len(shots) > 1 else 0
-    image = Image.new("RGB", (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), "white")
-    for i, shot in enumerate(shots):
-        image.paste(shot, ((i % cols) * (w + gap), (i // cols) * (h + gap)))
-    scale = min(size / image.width, size / image.height)
-    resample = Image.NEAREST if scale >= 2 else Image.LANCZOS  # the toy's 32 px pictures stay crisp
-    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), resample)
-    square = Image.new("RGB", (size, size), "white")
-    square.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    square.save(target, "JPEG", quality=90)
-    return target
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m comfyui_finetune.nodes.help_pages",
                                      description="Write the nodes' help pages into web/docs/.")
     parser.add_argument("--out", type=Path, default=DOCS, help="folder for the pages (default: the pack's web/docs)")
-    parser.add_argument("--thumbnails", nargs="?", const=EXAMPLES, type=Path, metavar="DIR",
-                        help="also run every example workflow on the toy and write <name>.jpg of its result into DIR "
-                             "(default: example_workflows/, where the template browser looks)")
     args = parser.parse_args(argv)
     for path in write_pages(args.out):
         print(path.relative_to(args.out.parent) if args.out.parent in path.parents else path)
-    if args.thumbnails is not None:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as work:
-            for api in sorted((EXAMPLES / "api").glob("*.json")):
-                print(fallback_thumbnail(api.stem, args.thumbnails / f"{api.stem}.jpg", Path(work)))
     return 0
 
 
