@@ -86,7 +86,7 @@ def load_model(cfg: dict, device: str):
                          "the graph (a LoRA or embedding applied, or an earlier training) before this run. Save that "
                          "model with Save Checkpoint, load it with Load Base Model and train from it to repeat the "
                          "run from the shell")
-    model = load_base_model(source, device, "auto")
+    model = load_base_model(source, device, "auto", prediction=ident.get("prediction_type") or "auto")
     if ident.get("fingerprint") and model.fingerprint() != ident["fingerprint"]:
         raise ValueError(f"config.json: model.fingerprint {ident['fingerprint']} does not match {source!r} as it is "
                          f"now ({model.fingerprint()}): the file changed since the run, or --models points elsewhere")

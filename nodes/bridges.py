@@ -148,11 +148,10 @@ class FT_ModelFromComfy:
         # copies of our own: ComfyUI patches and restores its weights in place when another LoRA or merge runs
         state = {k: v.detach().to("cpu", copy=True) for k, v in state.items() if k.startswith(
             ("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))}
-        ft = model_from_single_file_state(state, f"comfy:{config}", sd1_tokenizer_dir(), device, dtype)
+        ft = model_from_single_file_state(state, f"comfy:{config}", sd1_tokenizer_dir(), device, dtype,
+                                          prediction)  # what ComfyUI samples it as
+        ft.prediction_source = "as ComfyUI samples it"
         del state
-        if ft.scheduler_config.get("prediction_type") != prediction:
-            host.log.info("%s predicts %s in ComfyUI: the pack trains and samples it so", config, prediction)
-            ft.scheduler_config["prediction_type"] = prediction
         if offload == "auto" and ft.device.type == "cuda":
             ft.offload_weights()
             torch.cuda.empty_cache()

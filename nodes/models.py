@@ -28,14 +28,19 @@ def sd1_tokenizer_dir():
 
 
 OFFLOAD = ["auto", "off"]
+PREDICTION = ["auto", "epsilon", "v_prediction"]  # auto + trainers.families.PREDICTIONS (tested)
 
 
-def load_base_model(model_name: str, device: str = "auto", dtype: str = "auto", offload: str = "auto"):
+def load_base_model(model_name: str, device: str = "auto", dtype: str = "auto", offload: str = "auto",
+                    prediction: str = "auto"):
     """The model ``model_name`` names, remembering the name as its source (config.json records it). On a GPU with
-    ``offload`` auto its weights wait in CPU memory and visit the GPU while they run."""
+    ``offload`` auto its weights wait in CPU memory and visit the GPU while they run. ``prediction`` auto: what the
+    model predicts comes from its weights (a single file) or its scheduler config (a diffusers folder)."""
     if offload not in OFFLOAD:
         raise ValueError(f"offload {offload!r} is not one of {', '.join(OFFLOAD)}")
-    model = _load(model_name, device, dtype)
+    if prediction not in PREDICTION:
+        raise ValueError(f"prediction {prediction!r} is not one of {', '.join(PREDICTION)}")
+    model = _load(model_name, device, dtype, prediction)
     model.source = TOY if model_name in (TOY, "toy") else model_name
     if offload == "auto" and model.device.type == "cuda":
         model.offload_weights()
@@ -45,7 +50,7 @@ def load_base_model(model_name: str, device: str = "auto", dtype: str = "auto", 
     return model
 
 
-def _load(model_name: str, device: str, dtype: str):
+def _load(model_name: str, device: str, dtype: str, prediction: str = "auto"):
     from ..trainers import loading
 
     if model_name == TOY or model_name == "toy":
@@ -53,12 +58,17 @@ def _load(model_name: str, device: str, dtype: str):
 
         dev = loading.resolve_device(device)
         model = load_toy_model(device=dev)
+        if prediction not in ("auto", model.prediction_type):
+            raise ValueError(f"prediction {prediction!r}: the built-in toy model was trained to predict "
+                             f"{model.prediction_type}; leave prediction on auto")
+        model.prediction_source = "the toy's own"
         return model.to(dev, loading.resolve_dtype(dtype, dev, "toy"))
     kind, _, name = model_name.partition("/")
     if kind == "diffusers" and name:
-        return loading.load_diffusers_folder(host.model_path("diffusers", name), device, dtype)
+        return loading.load_diffusers_folder(host.model_path("diffusers", name), device, dtype, prediction)
     if kind == "checkpoints" and name:
-        return loading.load_single_file(host.model_path("checkpoints", name), sd1_tokenizer_dir(), device, dtype)
+        return loading.load_single_file(host.model_path("checkpoints", name), sd1_tokenizer_dir(), device, dtype,
+                                        prediction)
     raise ValueError(f"model_name {model_name!r} is not '{TOY}', 'diffusers/<folder>' or 'checkpoints/<file>'")
 
 
@@ -70,7 +80,8 @@ class FT_LoadBaseModel:
     RETURN_TYPES = ("FT_MODEL",)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The loaded model, for FT_Sample and the training nodes.",)
-    FUNCTION = "execute"
+    FUNCTION = "load"
+    SHOWS = ("text",)  # room the example layouts leave for its line (workflows.py)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -87,10 +98,20 @@ class FT_LoadBaseModel:
                                  "there and lets the VAE and text encoder go once their outputs are cached), so the "
                                  "GPU holds only what is in use. off: they stay on the GPU (no copy per run, more "
                                  "GPU memory)."),
+                "prediction": COMBO(PREDICTION, "What the model predicts, which sets the training target and the "
+                                    "sampler. auto: detected from a single file's weights (SD 2.x: the 512 px base "
+                                    "models predict epsilon, the 768 px ones v-prediction, as ComfyUI tells them "
+                                    "apart), or a diffusers folder's scheduler config. Set it when a fine-tune's "
+                                    "card says otherwise; the node shows what was chosen."),
             },
             "hidden": HIDDEN,
         }
 
     @torch_call
-    def execute(self, model_name, device="auto", dtype="auto", offload="auto"):
-        return (load_base_model(model_name, device, dtype, offload),)
+    def execute(self, model_name, device="auto", dtype="auto", offload="auto", prediction="auto"):
+        return (load_base_model(model_name, device, dtype, offload, prediction),)
+
+    def load(self, *args, **kwargs):
+        """What ComfyUI calls: the model, and a line in the node saying what it is (family, size, prediction)."""
+        out = self.execute(*args, **kwargs)
+        return {"ui": {"text": [out[0].describe()]}, "result": out}

@@ -5,8 +5,10 @@ trainers and nodes ask this registry instead of branching on a family's name.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 #: the toy's shipped weights (trainers/toy/weights), whose folders carry their own configs
@@ -24,6 +26,14 @@ class Family:
     context_dim: int
     #: dtype for sampling and frozen weights on a GPU
     gpu_dtype: str = "fp16"
+    #: what a single file's weights predict: state dict -> "epsilon" or "v_prediction" (None: the shipped config's)
+    detect: Callable[[dict[str, Any]], str] | None = None
+    #: native size per prediction type, where it differs from native_size (SD 2.x: the 512 px base models predict
+    #: epsilon, the 768 px models v)
+    sizes: tuple[tuple[str, int], ...] = ()
+
+    def size_for(self, prediction: str) -> int:
+        return dict(self.sizes).get(prediction, self.native_size)
 
     @property
     def config_dir(self) -> Path | None:
@@ -35,10 +45,28 @@ class Family:
         return (self.config_dir or TOY_WEIGHTS) / "controlnet" / "config.json"
 
 
+#: prediction types a model may have (the scheduler's prediction_type); FT_LoadBaseModel's "auto" detects it
+PREDICTIONS = ("epsilon", "v_prediction")
+#: ComfyUI's test for SD 2.x single files (comfy/supported_models.py, SD20.model_type): the v-prediction models'
+#: last output block has a wide spread in this norm's bias (std > 0.09), the epsilon base models a narrow one;
+#: inpainting models (9 input channels) predict epsilon
+SD2_MARKER = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+SD2_SPREAD = 0.09
+
+
+def sd2_prediction(state: dict[str, Any]) -> str:
+    marker = state.get(SD2_MARKER)
+    first = state.get("model.diffusion_model.input_blocks.0.0.weight")
+    if marker is None or (first is not None and tuple(first.shape)[1] != 4):
+        return "epsilon"
+    return "v_prediction" if float(marker.float().std(unbiased=False)) > SD2_SPREAD else "epsilon"
+
+
 FAMILIES: dict[str, Family] = {
     "toy": Family("toy", "built-in toy model (32x32 shapes)", None, 32, 64, gpu_dtype="fp32"),
-    "sd15": Family("sd15", "Stable Diffusion 1.x", "sd15", 512, 768),
-    "sd2": Family("sd2", "Stable Diffusion 2.x (768, v-prediction)", "sd2", 768, 1024),
+    "sd15": Family("sd15", "Stable Diffusion 1.x", "sd15", 512, 768, detect=lambda state: "epsilon"),
+    "sd2": Family("sd2", "Stable Diffusion 2.x", "sd2", 768, 1024, detect=sd2_prediction,
+                  sizes=(("epsilon", 512), ("v_prediction", 768))),
 }
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .families import FAMILIES, family_for_checkpoint, family_for_unet
+from .families import FAMILIES, PREDICTIONS, family_for_checkpoint, family_for_unet
 from .model import FTModel
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,9 @@ def resolve_dtype(dtype: str, device: torch.device, family: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_diffusers_folder(folder: str | Path, device: str = "auto", dtype: str = "auto") -> FTModel:
+def load_diffusers_folder(folder: str | Path, device: str = "auto", dtype: str = "auto",
+                          prediction: str = "auto") -> FTModel:
+    """A diffusers folder; its scheduler config says what it predicts, unless ``prediction`` names it."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -62,6 +64,10 @@ def load_diffusers_folder(folder: str | Path, device: str = "auto", dtype: str =
     tok = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     model = FTModel(fam.name, folder.name, unet.eval(), vae.eval(), te.eval(), tok, sched)
+    if prediction == "auto":
+        set_prediction(model, sched.get("prediction_type", "epsilon"), None, "the folder's scheduler config")
+    else:
+        set_prediction(model, prediction, None, "set by the prediction input")
     return model.to(dev, dt)
 
 
@@ -73,7 +79,7 @@ def read_checkpoint_header(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def load_single_file(path: str | Path, tokenizer_dir: str | Path | None, device: str = "auto",
-                     dtype: str = "auto") -> FTModel:
+                     dtype: str = "auto", prediction: str = "auto") -> FTModel:
     """Load an original-layout SD 1.x/2.x checkpoint file (:func:`model_from_single_file_state` on its tensors)."""
     from safetensors.torch import load_file
 
@@ -85,13 +91,15 @@ def load_single_file(path: str | Path, tokenizer_dir: str | Path | None, device:
         family_for_checkpoint(read_checkpoint_header(path))
     except ValueError as e:
         raise ValueError(f"{path.name}: {e}") from None
-    return model_from_single_file_state(load_file(str(path)), path.stem, tokenizer_dir, device, dtype)
+    return model_from_single_file_state(load_file(str(path)), path.stem, tokenizer_dir, device, dtype, prediction)
 
 
 def model_from_single_file_state(state: dict[str, torch.Tensor], name: str, tokenizer_dir: str | Path | None,
-                                 device: str = "auto", dtype: str = "auto") -> FTModel:
+                                 device: str = "auto", dtype: str = "auto", prediction: str = "auto") -> FTModel:
     """An FTModel from an original-layout SD 1.x/2.x state dict (a checkpoint file's tensors, or a model ComfyUI
-    holds), converted by diffusers' single-file loaders with the family's shipped configs."""
+    holds), converted by diffusers' single-file loaders with the family's shipped configs. Its prediction type (and
+    with it the native size, for SD 2.x) is detected from the weights by the family, unless ``prediction`` names
+    it."""
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
@@ -118,4 +126,21 @@ def model_from_single_file_state(state: dict[str, torch.Tensor], name: str, toke
     scheduler = json.loads((fam.config_dir / "model_index.json").read_text())["scheduler"][1]
     sched = dict(getattr(diffusers, scheduler).from_pretrained(cfg, subfolder="scheduler").config)
     model = FTModel(fam.name, name, unet.eval(), vae.eval(), te.eval(), tok, sched)
+    how = "set by the prediction input"
+    if prediction == "auto":
+        prediction, how = (fam.detect(state), "detected from the weights") if fam.detect else (
+            sched["prediction_type"], "the family's config")
+    set_prediction(model, prediction, fam.size_for(prediction), how)
     return model.to(dev, dt)
+
+
+def set_prediction(model: FTModel, prediction: str, native_size: int | None = None, how: str = "") -> None:
+    """Make ``model`` train and sample as a ``prediction`` model ("epsilon" / "v_prediction") of ``native_size``
+    pixels (None: as its UNet config says)."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction {prediction!r} is not one of auto, {', '.join(PREDICTIONS)}")
+    model.scheduler_config["prediction_type"] = prediction
+    if native_size is not None and native_size != model.native_size:
+        model.unet.register_to_config(sample_size=native_size // model.vae_scale_factor)
+    model.prediction_source = how
+    log.info("%s: %s, %d px (%s)", model.name, prediction, model.native_size, how or "as configured")

@@ -35,6 +35,8 @@ class FTModel:
     #: GPU holds what is in use: sampling places the whole model (:meth:`placed`), training keeps the UNet there and
     #: lets the VAE and text encoder go once their outputs are cached
     offload: bool = False
+    #: how the prediction type was chosen ("detected from the weights", "set by the prediction input", ...)
+    prediction_source: str = ""
 
     def fingerprint(self) -> str:
         """A hash of the weights' shapes and of the first and last values of every UNet, text-encoder and VAE tensor:
@@ -59,7 +61,22 @@ class FTModel:
         """What config.json records about the base model: enough to load it again and to check it is the same."""
         return {"family": self.family, "name": self.name, "source": self.source, "fingerprint": self.fingerprint(),
                 "dtype": str(self.dtype).removeprefix("torch."), "history": list(self.history),
-                "token_vectors": {k: list(v) for k, v in self.token_vectors.items()}}
+                "token_vectors": {k: list(v) for k, v in self.token_vectors.items()},
+                "prediction_type": self.prediction_type}
+
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts: "epsilon" (the noise) or "v_prediction" (the velocity); it sets the training
+        target and the sampler."""
+        return str(self.scheduler_config.get("prediction_type", "epsilon"))
+
+    def describe(self) -> str:
+        """One line for the loader node: family, native size and prediction type (and how it was chosen)."""
+        from .families import FAMILIES
+
+        how = f" ({self.prediction_source})" if self.prediction_source else ""
+        label = FAMILIES[self.family].label if self.family in FAMILIES else self.family
+        return f"{self.name}: {label}, {self.native_size} px, {self.prediction_type}{how}"
 
     @property
     def vae_scale_factor(self) -> int:
@@ -141,7 +158,7 @@ class FTModel:
         return FTModel(self.family, self.name, parts["unet"], parts["vae"], parts["text_encoder"],
                        copy.deepcopy(self.tokenizer), dict(self.scheduler_config), self.device, self.dtype,
                        list(self.history), {k: list(v) for k, v in self.token_vectors.items()}, self.source,
-                       self.offload)
+                       self.offload, self.prediction_source)
 
     def clone(self) -> "FTModel":
         """A copy with weights of its own (live adapters merged in): ~4 GB for SD1.5 in fp32. Prefer :meth:`share`."""

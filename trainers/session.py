@@ -74,6 +74,9 @@ def check_resume(run: RunDir, recipe: TrainConfig, model: FTModel) -> None:
         diffs.append(f"the run trained on {was.get('name', '?')} ({was.get('family', '?')}, weights "
                      f"{was['fingerprint']}), this model is {model.name} ({model.family}, weights "
                      f"{model.fingerprint()})")
+    if was.get("prediction_type") and was["prediction_type"] != model.prediction_type:
+        diffs.append(f"the run trained {was['prediction_type']}, this model predicts {model.prediction_type} "
+                     "(Load Base Model's prediction input)")
     if diffs:
         raise ValueError(f"resume_run {run.name!r} cannot continue with other settings: " + "; ".join(diffs)
                          + ". Set them as the run had them, or start a new run (empty resume_run)")
