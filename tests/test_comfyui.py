@@ -331,14 +331,59 @@ def test_sd2_single_file_checkpoint_loads_in_comfyui_and_back(server, tmp_path):
     entry = server.run_prompt(prompt, timeout=900)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
     server.post("/free", {"unload_models": True, "free_memory": True})
-    back = loading.load_single_file(server.base / "models" / "checkpoints" / name, tok_dir, "cpu", "fp32")
+    path = server.base / "models" / "checkpoints" / name
+    back = loading.load_single_file(path, tok_dir, "cpu", "fp32")
     assert back.family == "sd2"
+    # what it predicts, told from the weights as ComfyUI tells it: a fresh model's norm biases are zero (no spread),
+    # as in the 512 px base models (epsilon); the same file with a wide spread there is read as a 768 px v model
+    assert (back.prediction_type, back.native_size) == ("epsilon", 512), back.describe()
+    _check_sd2_prediction_like_comfyui(path, tok_dir)
     for part, ref in reference.items():
         a = getattr(back, part).state_dict()
         shared = [k for k in ref if k in a]
         assert len(shared) >= 0.95 * len(ref), f"{part}: {len(shared)} of {len(ref)} weights matched by name"
         worst = max(float((a[k] - ref[k]).abs().max()) for k in shared)
         assert worst < 1e-3, f"{part} differs by {worst}"
+
+
+def _check_sd2_prediction_like_comfyui(path, tok_dir) -> None:
+    """The pack's and ComfyUI's reading of an SD 2.x file agree: epsilon as written, v-prediction once the marker
+    bias has the spread of a v model (ComfyUI's model detection run in its own python on the same two files)."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from comfyui_finetune.trainers import loading
+    from comfyui_finetune.trainers.families import SD2_MARKER
+
+    state = load_file(str(path))
+    state[SD2_MARKER] = (torch.randn(state[SD2_MARKER].shape) * 0.3).to(state[SD2_MARKER].dtype)
+    v_path = path.with_name(path.stem + "_v.safetensors")
+    save_file(state, str(v_path))
+    del state
+    v_model = loading.load_single_file(v_path, tok_dir, "cpu", "fp32")
+    assert (v_model.prediction_type, v_model.native_size) == ("v_prediction", 768), v_model.describe()
+    assert "detected from the weights" in v_model.describe()
+    forced = loading.load_single_file(v_path, tok_dir, "cpu", "fp32", prediction="epsilon")
+    assert (forced.prediction_type, forced.native_size) == ("epsilon", 512), forced.describe()
+    del v_model, forced
+    probe = ("import sys\n"
+             "paths, sys.argv = sys.argv[1:], [sys.argv[0], '--cpu']  # ComfyUI reads its flags when imported\n"
+             "import comfy.options\n"
+             "comfy.options.enable_args_parsing()\n"
+             "import comfy.utils, comfy.model_detection as d\n"
+             "for p in paths:\n"
+             "    sd = comfy.utils.load_torch_file(p)\n"
+             "    cfg = d.model_config_from_unet(sd, 'model.diffusion_model.')\n"
+             "    print(type(cfg).__name__, cfg.model_type(sd, 'model.diffusion_model.').name)\n")
+    out = subprocess.run([os.environ.get("COMFYUI_PYTHON", sys.executable), "-c", probe, str(path), str(v_path)],
+                         cwd=comfyui_path(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["SD20", "EPS", "SD20", "V_PREDICTION"], out.stdout + out.stderr[-2000:]
+    v_path.unlink()
 
 
 def test_preprocessors_run_in_comfyui(server):
