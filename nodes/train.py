@@ -3,6 +3,7 @@
 Progress, events, previews and Cancel are wired to ComfyUI here (or to the fallback outside it)."""
 from __future__ import annotations
 
+import re
 import time
 
 from . import host
@@ -23,6 +24,8 @@ _COMMON = ("Progress shows on the node; Cancel writes a checkpoint first, and re
 EVENTS_PER_S = 4
 #: the most chart points a node's ui output keeps (a long run is thinned evenly; the first and last step stay)
 CHART_POINTS = 400
+#: a validation picture in a run's samples/: step-<step>-<index>.png
+SAMPLE = re.compile(r"step-(\d+)-(\d+)\.png")
 
 
 class ComfyCallbacks:
@@ -103,10 +106,11 @@ def chart_ui(log, limit: int = CHART_POINTS) -> dict:
     chart = {"run": log.run, "step": log.steps, "total": total, "seconds": log.seconds,
              "points": [[r["step"], r["loss"], r.get("lr", 0.0)] for r in keep]}
     samples = host.output_dir() / "finetune" / log.run / "samples"
-    shots = sorted(samples.glob("step-*-*.png")) if samples.is_dir() else []
-    last = max((int(p.name.split("-")[1]) for p in shots), default=None)
-    images = [{"filename": p.name, "subfolder": f"finetune/{log.run}/samples", "type": "output"}
-              for p in shots if int(p.name.split("-")[1]) == last]
+    found = [(int(m[1]), int(m[2]), p.name) for p in (samples.glob("*.png") if samples.is_dir() else [])
+             if (m := SAMPLE.fullmatch(p.name))]
+    last = max((step for step, _, _ in found), default=None)
+    images = [{"filename": name, "subfolder": f"finetune/{log.run}/samples", "type": "output"}
+              for step, _, name in sorted(found) if step == last]
     return {"finetune_chart": [chart], "images": images}
 
 

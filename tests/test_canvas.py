@@ -54,6 +54,12 @@ def test_chart_history_is_bounded_and_keeps_both_ends(folders):
     assert steps == sorted(set(steps)) and chart["total"] == 6000
     short = train_nodes.chart_ui(TrainingLog(rows[:30], {"recipe": {"steps": 30}}, "short", 30, 3.0))
     assert len(short["finetune_chart"][0]["points"]) == 30 and short["images"] == []
+    samples = folders["output"] / "finetune" / "short" / "samples"
+    samples.mkdir(parents=True)
+    for name in ("step-9-0.png", "step-30-10.png", "step-30-2.png", "step-best.png", "notes.png"):
+        (samples / name).write_bytes(b"")
+    shown = train_nodes.chart_ui(TrainingLog(rows[:30], {"recipe": {"steps": 30}}, "short", 30, 3.0))["images"]
+    assert [i["filename"] for i in shown] == ["step-30-2.png", "step-30-10.png"]  # the last step's, in order
 
 
 def test_advanced_options_are_folded_and_the_essentials_stay_in_view():
