@@ -214,8 +214,10 @@ class FT_SaveCheckpoint:
         if format == SAVE_FORMATS[0]:
             root, rel = host.save_folder("checkpoints", filename)
             tensors = to_single_file(model, dt)
-            arch = "stable-diffusion-v2" if model.family == "sd2" else "stable-diffusion-v1"
-            meta = {"modelspec.architecture": arch, "finetune_history": json.dumps(model.history)}
+            from ..trainers.families import FAMILIES
+
+            meta = {"modelspec.architecture": FAMILIES[model.family].architecture,
+                    "finetune_history": json.dumps(model.history)}
             path = save_unique(root / rel.parent, rel.name, tensors, meta)
         else:
             root, rel = host.save_folder("diffusers", filename)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .deltas import has_deltas, plain_state_dict
+from .families import FAMILIES
 from .model import FTModel
 
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
@@ -116,9 +117,11 @@ def open_clip_text_encoder(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 def to_single_file(model: FTModel, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """The model's weights under original SD 1.x / 2.x single-file names."""
-    if model.family not in ("sd15", "sd2"):
-        raise ValueError(f"a single-file checkpoint is written for SD 1.x and 2.x models; this is a {model.family} "
-                         "model: save it as a diffusers folder")
+    fam = FAMILIES.get(model.family)
+    if fam is None or fam.single_file_text_encoder is None:
+        which = " and ".join(f.label for f in FAMILIES.values() if f.single_file_text_encoder)
+        raise ValueError(f"a single-file checkpoint is written for {which} models; this is the "
+                         f"{fam.label if fam else model.family}: save it as a diffusers folder")
     cfg = model.unet.config
     up_attn = ["CrossAttn" in t for t in cfg.up_block_types]
     out: dict[str, torch.Tensor] = {}
@@ -131,7 +134,7 @@ def to_single_file(model: FTModel, dtype: torch.dtype = torch.float16) -> dict[s
             v = v[:, :, None, None]  # the original attention uses 1x1 convolutions
         out["first_stage_model." + nk] = v
     te = plain_state_dict(model.text_encoder)
-    if model.family == "sd2":
+    if fam.single_file_text_encoder == "open_clip":
         out.update(open_clip_text_encoder(te))
     else:
         for k, v in te.items():

@@ -186,7 +186,5 @@ def _json_default(o):
 
 
 def _version(cn: ControlNet) -> str:
-    from .export import BASE_MODEL_VERSION
-
     fam = family_of(cn.net.config)
-    return BASE_MODEL_VERSION.get(fam.name, fam.name) if fam else "unknown"
+    return fam.base_model_version if fam else "unknown"

@@ -19,6 +19,7 @@ import torch
 
 from .data import Dataset, Example, prepare
 from .distributed import SINGLE, Shard
+from .families import FAMILIES
 from .lora import LoRAMethod, attach_lora
 from .batches import encode_latent_dists
 from .loop import Callbacks, Method
@@ -114,7 +115,7 @@ def class_images(model: FTModel, prompt: str, count: int, resolution: int, seed:
     with torch.no_grad():
         for start in range(0, count, batch):
             seeds = [seed + i for i in range(start, min(count, start + batch))]
-            imgs = sample(model, prompt, seeds=seeds, steps=25, cfg=4.0 if model.family == "toy" else 7.0,
+            imgs = sample(model, prompt, seeds=seeds, steps=25, cfg=FAMILIES[model.family].class_cfg,
                           width=resolution, height=resolution)
             pics += [(im.numpy() * 255).round().astype(np.uint8) for im in imgs]
             if on_progress:

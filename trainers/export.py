@@ -7,7 +7,13 @@ from pathlib import Path
 
 import torch
 
-BASE_MODEL_VERSION = {"toy": "finetune_toy", "sd15": "sd_v1", "sd2": "sd_v2"}
+
+
+def base_model_version(family: str) -> str:
+    """kohya's ss_base_model_version for a family (the family's name when the registry does not know it)."""
+    from .families import FAMILIES
+
+    return FAMILIES[family].base_model_version if family in FAMILIES else family
 
 
 def unique_path(folder: Path, stem: str, suffix: str) -> Path:
@@ -83,7 +89,7 @@ def lora_metadata(lora, dtype: str = "float32") -> dict[str, str]:
         **({"ss_network_args": json.dumps({"algo": lora.kind})} if getattr(lora, "kind", "lora") != "lora" else {}),
         "ss_network_dim": lora.rank,
         "ss_network_alpha": lora.alpha,
-        "ss_base_model_version": BASE_MODEL_VERSION.get(model.get("family", ""), model.get("family", "")),
+        "ss_base_model_version": base_model_version(model.get("family", "")),
         "ss_sd_model_name": model.get("name", ""),
         "ss_steps": lora.metadata.get("steps", train.get("steps", "")),
         "ss_max_train_steps": train.get("steps", ""),
@@ -106,7 +112,7 @@ def lora_metadata(lora, dtype: str = "float32") -> dict[str, str]:
         "ss_mixed_precision": train.get("mixed_precision", ""),
         "ss_save_dtype": dtype,
         "finetune_config": json.dumps(cfg, default=str),
-        "modelspec.architecture": f"{BASE_MODEL_VERSION.get(model.get('family', ''), 'unknown')}/"
+        "modelspec.architecture": f"{base_model_version(model.get('family', '')) or 'unknown'}/"
                                   f"{'lora' if getattr(lora, 'kind', 'lora') == 'lora' else 'lycoris'}",
     }
     return {k: str(v) for k, v in meta.items()}

@@ -32,6 +32,16 @@ class Family:
     #: epsilon, the 768 px models v)
     sizes: tuple[tuple[str, int], ...] = ()
 
+    #: the text encoder's layout in a single-file checkpoint ("clip": SD 1.x's transformers names, "open_clip": SD
+    #: 2.x's fused OpenCLIP resblocks); None: the family has no single-file layout (save a diffusers folder)
+    single_file_text_encoder: str | None = None
+    #: modelspec.architecture of its single-file checkpoints
+    architecture: str = ""
+    #: kohya's ss_base_model_version in its LoRA files (A1111 and the LoRA browsers group by it)
+    base_model_version: str = ""
+    #: guidance of the class pictures DreamBooth generates from it
+    class_cfg: float = 7.0
+
     def size_for(self, prediction: str) -> int:
         return dict(self.sizes).get(prediction, self.native_size)
 
@@ -63,10 +73,13 @@ def sd2_prediction(state: dict[str, Any]) -> str:
 
 
 FAMILIES: dict[str, Family] = {
-    "toy": Family("toy", "built-in toy model (32x32 shapes)", None, 32, 64, gpu_dtype="fp32"),
-    "sd15": Family("sd15", "Stable Diffusion 1.x", "sd15", 512, 768, detect=lambda state: "epsilon"),
+    "toy": Family("toy", "built-in toy model (32x32 shapes)", None, 32, 64, gpu_dtype="fp32",
+                  base_model_version="finetune_toy", class_cfg=4.0),
+    "sd15": Family("sd15", "Stable Diffusion 1.x", "sd15", 512, 768, detect=lambda state: "epsilon",
+                   single_file_text_encoder="clip", architecture="stable-diffusion-v1", base_model_version="sd_v1"),
     "sd2": Family("sd2", "Stable Diffusion 2.x", "sd2", 768, 1024, detect=sd2_prediction,
-                  sizes=(("epsilon", 512), ("v_prediction", 768))),
+                  sizes=(("epsilon", 512), ("v_prediction", 768)), single_file_text_encoder="open_clip",
+                  architecture="stable-diffusion-v2", base_model_version="sd_v2"),
 }
 
 
