@@ -120,31 +120,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def random_sd15_model(base: Path):
-    """An SD1.5-architecture model with random weights, from the pack's shipped config, in ComfyUI's
-    models/diffusers folder (ComfyUI's DiffusersLoader reads it). The tokenizer comes from ComfyUI's copy."""
+def random_model(family: str, seed: int = 0, pad_token: str = "<|endoftext|>"):
+    """An FTModel of ``family``'s architecture with random weights, from the pack's shipped config; the tokenizer
+    comes from ComfyUI's copy."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from comfyui_finetune.trainers.families import FAMILIES
     from comfyui_finetune.trainers.model import FTModel
 
-    cfg = FAMILIES["sd15"].config_dir
-    torch.manual_seed(0)
+    cfg = FAMILIES[family].config_dir
+    torch.manual_seed(seed)
     with torch.inference_mode(False):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(cfg / "unet")))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(cfg / "vae")))
         te = CLIPTextModel(CLIPTextConfig.from_pretrained(str(cfg / "text_encoder")))
     tok_dir = comfyui_path() / "comfy" / "sd1_tokenizer"
     tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77,
-                        pad_token="<|endoftext|>")
+                        pad_token=pad_token)
     sched = DDIMScheduler.from_pretrained(str(cfg / "scheduler"))
-    folder = base / "models" / "diffusers" / "random-sd15"
-    StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
-                            safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(str(folder))
+    return FTModel(family, f"random-{family}", unet, vae, te, tok, dict(sched.config))
+
+
+def random_sd15_model(base: Path):
+    """An SD1.5-architecture model with random weights, also saved in ComfyUI's models/diffusers folder (ComfyUI's
+    DiffusersLoader reads it)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
     from comfyui_finetune.trainers.export import legacy_text_encoder_keys
 
+    model = random_model("sd15")
+    folder = base / "models" / "diffusers" / "random-sd15"
+    StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                            unet=model.unet, scheduler=DDIMScheduler.from_config(model.scheduler_config),
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(str(folder))
     legacy_text_encoder_keys(folder / "text_encoder")
-    return FTModel("sd15", "random-sd15", unet, vae, te, tok, dict(sched.config))
+    return model

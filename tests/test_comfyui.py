@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from comfy_server import PACK, ComfyServer, comfyui_path, pack_import, random_sd15_model, skip_reason
+from comfy_server import (PACK, ComfyServer, comfyui_path, pack_import, random_model, random_sd15_model,
+                         skip_reason)
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(comfyui_path() is None, reason=skip_reason())]
 
@@ -293,29 +294,15 @@ def test_sd2_single_file_checkpoint_loads_in_comfyui_and_back(server, tmp_path):
     import gc
     import time
 
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
     from comfyui_finetune.nodes import host
     from comfyui_finetune.nodes.io import FT_SaveCheckpoint
     from comfyui_finetune.trainers import loading
-    from comfyui_finetune.trainers.families import FAMILIES
-    from comfyui_finetune.trainers.model import FTModel
 
     server.post("/free", {"unload_models": True, "free_memory": True})
     time.sleep(5)
     gc.collect()
-    cfg = FAMILIES["sd2"].config_dir
-    torch.manual_seed(1)
-    with torch.inference_mode(False):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(cfg / "unet")))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(cfg / "vae")))
-        te = CLIPTextModel(CLIPTextConfig.from_pretrained(str(cfg / "text_encoder")))
+    model = random_model("sd2", seed=1, pad_token="!")
     tok_dir = comfyui_path() / "comfy" / "sd1_tokenizer"
-    tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77, pad_token="!")
-    model = FTModel("sd2", "random-sd2", unet, vae, te, tok,
-                    dict(DDIMScheduler.from_pretrained(str(cfg / "scheduler")).config))
     saved = dict(host._fallback)
     host.set_folders(output=tmp_path, models=server.base / "models")
     try:
@@ -325,7 +312,7 @@ def test_sd2_single_file_checkpoint_loads_in_comfyui_and_back(server, tmp_path):
         host._fallback.update(saved)
     reference = {part: {k: v.half().float() for k, v in getattr(model, part).state_dict().items()}
                  for part in ("unet", "vae", "text_encoder")}
-    del model, unet, vae, te
+    del model
     gc.collect()
     prompt = load_checkpoint_and_sample(name)
     entry = server.run_prompt(prompt, timeout=900)
