@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 #: (adapter, optimizer) -> learning rate
-LR = {("lora", "adamw"): 1e-3, ("loha", "adamw"): 3e-3, ("lokr", "adamw"): 1e-3,
+LR = {("lora", "adamw"): 1e-3, ("loha", "adamw"): 3e-3, ("lokr", "adamw"): 1e-3, ("dora", "adamw"): 1e-3,
       ("lora", "adam"): 1e-3, ("lora", "sgd"): 1e-1, ("lora", "rmsprop"): 1e-3, ("lora", "prodigy"): 1.0,
       ("lora", "adafactor"): 1e-3, ("lora", "adamw8bit"): 1e-3, ("lora", "schedulefree_adamw"): 3e-3,
       ("lora", "lion"): 3e-4}

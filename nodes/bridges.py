@@ -54,7 +54,7 @@ def unsupported_reason(state: dict, comfy_config: str) -> str | None:
 
 
 class FT_ApplyLoRAToComfy:
-    DESCRIPTION = ("Apply a LoRA trained in this graph (LoRA, LoHa or LoKr) to ComfyUI's MODEL and CLIP through "
+    DESCRIPTION = ("Apply a LoRA trained in this graph (LoRA, LoHa, LoKr or DoRA) to ComfyUI's MODEL and CLIP through "
                    "ComfyUI's own LoRA loading, so the native KSampler samples with it: the same result as saving "
                    "it with Save LoRA and loading the file with LoraLoader, without the file. A LoRA with layers the "
                    "model lacks (trained on another family) is an error naming them." + ONLY_IN_COMFYUI)

@@ -43,7 +43,8 @@ EXTRA = {
 A LoRA is a small adapter (a few MB on SD 1.5) that teaches a style, an object or a character from tens of captioned
 pictures. The base model is not changed; the LoRA can be saved (Save LoRA), stacked with others (Apply LoRA) and
 loaded by ComfyUI's own LoraLoader, A1111/Forge and diffusers. It is the usual first choice. `adapter` picks the kind:
-`lora`, or LyCORIS `loha` (more capacity at the same rank) and `lokr` (the smallest files, good for styles).
+`lora`, LyCORIS `loha` (more capacity at the same rank) and `lokr` (the smallest files, good for styles), or `dora`
+(a LoRA plus a learned magnitude per input channel: closer to a full fine-tune at the same rank, a little slower).
 
 ## First settings
 

@@ -141,9 +141,9 @@ def recipe_from(recipe_cls, args: tuple, inputs: dict):
 
 class FT_TrainLoRA(Trainer):
     RECIPE = "lora"  # trainers.recipes.RECIPES: its inputs, config.json and the shell's train
-    DESCRIPTION = ("Train a LoRA (low-rank adapter, through peft; or LyCORIS LoHa / LoKr with the adapter option) on a "
-                   "captioned dataset. Outputs the model with the LoRA applied, the LoRA itself (save it with Save "
-                   "LoRA) and the training log. " + _COMMON)
+    DESCRIPTION = ("Train a LoRA (low-rank adapter, through peft; or LyCORIS LoHa / LoKr, or DoRA, with the adapter "
+                   "option) on a captioned dataset. Outputs the model with the LoRA applied, the LoRA itself (save it "
+                   "with Save LoRA) and the training log. " + _COMMON)
     CATEGORY = CATEGORY
     RETURN_TYPES = ("FT_MODEL", "FT_LORA", "FT_TRAINING_LOG")
     RETURN_NAMES = ("model", "lora", "log")

@@ -1,6 +1,8 @@
-"""LoHa and LoKr beside LoRA: the file a training writes reproduces what peft trained (every layer type, text
+"""LoHa, LoKr and DoRA beside LoRA: the file a training writes reproduces what peft trained (every layer type, text
 encoder included), loads back with the same weights, and each kind learns the toy concept."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -41,6 +43,7 @@ def test_the_saved_file_computes_what_peft_trained(toy, kind, alpha):
     assert lora.kind == kind
     suffixes = {k.split(".", 1)[1] for k in lora.state}
     expected = {"lora": {"lora_down.weight", "lora_up.weight", "alpha"},
+                "dora": {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"},
                 "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"}}.get(kind)
     if expected:
         assert suffixes == expected
@@ -56,7 +59,7 @@ def test_the_saved_file_computes_what_peft_trained(toy, kind, alpha):
     assert float((got - base).abs().max()) > 1e-3, "the adapter should change the output"
 
 
-@pytest.mark.parametrize("kind", ["loha", "lokr"])
+@pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
 def test_a_saved_file_loads_back_with_the_same_weights(toy, folders, kind):
     from comfyui_finetune.nodes.datasets import FT_ToyDataset
     from comfyui_finetune.nodes.train import FT_TrainLoRA
@@ -77,16 +80,18 @@ def test_a_saved_file_loads_back_with_the_same_weights(toy, folders, kind):
 
     with safe_open(str(folders["models"] / "loras" / name), framework="pt") as f:
         meta = f.metadata()
-    assert meta["ss_network_module"] == "lycoris.kohya" and f'"algo": "{kind}"' in meta["ss_network_args"]
+    args = json.loads(meta["ss_network_args"])
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    assert args == ({"algo": "lora", "dora_wd": "True"} if kind == "dora" else {"algo": kind})
 
 
 #: the learning rate each kind is trained with here (LoRA's test uses 1e-3): the product of two low-rank pairs
 #: starts from a zero factor and moves slower, as LyCORIS' guides say
-LEARNING_RATES = {"loha": 3e-3, "lokr": 1e-3}
+LEARNING_RATES = {"loha": 3e-3, "lokr": 1e-3, "dora": 1e-3}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["loha", "lokr"])
+@pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
 def test_each_kind_teaches_the_concept(toy, judge, folders, kind):
     from test_lora import SEEDS, rate, toy_set, train
 

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from comfyui_finetune.trainers.recipes import LoRARecipe
 from comfy_server import (PACK, ComfyServer, comfyui_path, pack_import, random_model, random_sd15_model,
                          skip_reason)
 
@@ -94,7 +95,7 @@ def random_sd15(server):
     return random_sd15_model(server.base)
 
 
-@pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr", "dora"])
 def test_trained_lora_loads_in_comfyui_loraloader_with_every_key(server, random_sd15, tmp_path, kind):
     import torch
 
@@ -137,6 +138,74 @@ def test_trained_lora_loads_in_comfyui_loraloader_with_every_key(server, random_
     assert not missed, f"{len(missed)} of {n_modules} {kind} modules not loaded, e.g. {missed[:3]}"
     assert lora.kind == kind
     print(f"ComfyUI LoraLoader applied all {n_modules} modules of {name} ({kind})")
+
+
+#: ComfyUI's own patch arithmetic, in its own python: for each module of a file, the weight LoraLoader would give
+#: at each strength (``comfy.lora.load_lora`` + ``calculate_weight``, the functions ModelPatcher calls)
+PATCH_PROBE = """
+import json, sys
+lora_path, weights_path, strengths = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+sys.argv = [sys.argv[0], '--cpu']  # ComfyUI reads its flags when imported
+import comfy.options
+comfy.options.enable_args_parsing()
+import comfy.lora, comfy.utils
+lora, ref = comfy.utils.load_torch_file(lora_path), comfy.utils.load_torch_file(weights_path)
+names = sorted({k.split('.')[0] for k in lora})
+patches = comfy.lora.load_lora(lora, {n: n for n in names})
+worst = 0.0
+for s in strengths:
+    for n in names:
+        got = comfy.lora.calculate_weight([(s, patches[n], 1.0, None, None)], ref['base.' + n].clone(), n)
+        want = ref[f'pack{s}.' + n]
+        worst = max(worst, float((got.reshape(want.shape) - want).abs().max() / (want.abs().max() + 1e-12)))
+print(json.dumps({'modules': len(patches), 'of': len(names), 'worst': worst}))
+"""
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr", "dora"])
+def test_the_pack_applies_each_kind_as_comfyui_computes_it(toy, tmp_path, kind):
+    """Not only every key matched: the weights the pack's FT_ApplyLoRA computes from a file equal the weights
+    ComfyUI's own code computes from it, module by module, at strength 1 and 0.6 (DoRA's decomposition included)."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import save_file
+
+    from comfyui_finetune.trainers.lora import LoRAMethod, attach_lora, kohya_names
+
+    model = toy.share()
+    method = LoRAMethod(4, 3.0, "attention+feedforward+conv", train_text_encoder=True, kind=kind)
+    with torch.inference_mode(False):
+        torch.manual_seed(0)
+        method.setup(model)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for grp in method.param_groups(LoRARecipe()):
+                for p in grp["params"]:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (p.abs().mean() if p.ndim and
+                                                                         p.shape[0] == 1 else 0.0))
+        lora = method.result("probe", {})
+    weights = {}
+    for s in (1.0, 0.6):
+        tuned = attach_lora(toy.share(), lora, s)
+        mods = {**kohya_names(tuned.unet, "unet"), **kohya_names(tuned.text_encoder, "text_encoder")}
+        base = {**kohya_names(toy.unet, "unet"), **kohya_names(toy.text_encoder, "text_encoder")}
+        for n in lora.modules():
+            weights[f"pack{s}.{n}"] = mods[n].weight.detach().float().contiguous()
+            weights[f"base.{n}"] = base[n].weight.detach().float().contiguous()
+    save_file(lora.state, str(tmp_path / "probe.safetensors"))
+    save_file(weights, str(tmp_path / "weights.safetensors"))
+    out = subprocess.run([os.environ.get("COMFYUI_PYTHON", sys.executable), "-c", PATCH_PROBE,
+                          str(tmp_path / "probe.safetensors"), str(tmp_path / "weights.safetensors"), "[1.0, 0.6]"],
+                         cwd=comfyui_path(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"{kind}: ComfyUI patched {res['modules']} of {res['of']} modules; worst relative difference to the "
+          f"pack {res['worst']:.2e}")
+    assert res["modules"] == res["of"] == len(lora.modules())
+    assert res["worst"] < 1e-5
 
 
 def test_single_file_checkpoint_written_by_comfyui_loads_in_the_pack(server, random_sd15, tmp_path):

@@ -79,6 +79,13 @@ def has_adapters(module: torch.nn.Module) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in module.modules())
 
 
+def tuner_layers(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The outermost peft layers of ``module`` with their paths."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return _tuner_layers(module, BaseTunerLayer)
+
+
 def _tuner_layers(module: torch.nn.Module, cls) -> list[tuple[str, torch.nn.Module]]:
     """The outermost peft layers of ``module`` with their paths (a layer's own ``base_layer`` is not listed)."""
     found: list[tuple[str, torch.nn.Module]] = []

@@ -149,3 +149,40 @@ class KroneckerDelta(LowRankDelta):
         if w2.ndim == 4:
             w1 = w1[:, :, None, None]
         return torch.kron(w1, w2)
+
+
+def input_norm(w: torch.Tensor) -> torch.Tensor:
+    """The norm of each input channel of weight ``w`` (out, in, ...), shaped (1, in, 1...) like a ``dora_scale``."""
+    cols = w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1, keepdim=True)
+    return cols.reshape(w.shape[1], *[1] * (w.ndim - 1)).transpose(0, 1)
+
+
+class DecomposedDelta(torch.nn.Module):
+    """DoRA: ``inner`` (a LoRA, LoHa or LoKr at strength 1) merged, then rescaled by ``dora_scale`` over its norm,
+    as ComfyUI's ``weight_decompose`` computes it: an input-axis ``dora_scale`` (1, in, ...) divides by each input
+    channel's norm of the merged weight (as A1111, Forge and LyCORIS do too); an output-axis one (out, 1, ...) by
+    each output row's norm of the weight before the change. ``strength`` then moves from the weight to that result."""
+
+    def __init__(self, inner: LowRankDelta, dora_scale: torch.Tensor, strength: float):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("dora_scale", dora_scale.detach().float().contiguous())
+        self.strength = float(strength)
+
+    def delta(self) -> torch.Tensor:
+        return self.inner.delta()
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        w = weight.float()  # ComfyUI patches in float32, whatever the model's dtype
+        merged = w + self.inner.delta().reshape(weight.shape) * self.inner.scale
+        m = self.dora_scale
+        m = m.reshape(m.shape[:2] if m.ndim > 1 else (-1, 1))
+        m = m.reshape(*m.shape, *[1] * (w.ndim - 2))
+        if m.shape[0] == w.shape[0]:  # output axis: the norm of the weight before the change
+            norm = w.reshape(w.shape[0], -1).norm(dim=1, keepdim=True).reshape(w.shape[0], *[1] * (w.ndim - 1))
+        else:
+            norm = input_norm(merged)
+        out = merged * (m / (norm + torch.finfo(torch.float32).eps))
+        if self.strength != 1.0:
+            out = w + self.strength * (out - w)
+        return out.to(weight.dtype)

@@ -78,6 +78,11 @@ def save_unique(folder: Path, stem: str, tensors: dict[str, torch.Tensor], metad
     raise FileExistsError(f"could not find a free name for {stem} in {folder}")
 
 
+def network_args(kind: str) -> dict:
+    """LyCORIS' ``ss_network_args`` for an adapter kind (DoRA is LyCORIS' lora algorithm with ``dora_wd``)."""
+    return {"algo": "lora", "dora_wd": "True"} if kind == "dora" else {"algo": kind}
+
+
 def lora_metadata(lora, dtype: str = "float32") -> dict[str, str]:
     """kohya's ``ss_*`` keys (what LoRA managers show) plus the pack's full training config as JSON."""
     cfg = lora.metadata.get("finetune_config", {}) or {}
@@ -86,7 +91,8 @@ def lora_metadata(lora, dtype: str = "float32") -> dict[str, str]:
     model = cfg.get("model", {})
     meta = {
         "ss_network_module": "networks.lora" if getattr(lora, "kind", "lora") == "lora" else "lycoris.kohya",
-        **({"ss_network_args": json.dumps({"algo": lora.kind})} if getattr(lora, "kind", "lora") != "lora" else {}),
+        **({"ss_network_args": json.dumps(network_args(lora.kind))} if getattr(lora, "kind", "lora") != "lora"
+           else {}),
         "ss_network_dim": lora.rank,
         "ss_network_alpha": lora.alpha,
         "ss_base_model_version": base_model_version(model.get("family", "")),

@@ -1,4 +1,4 @@
-"""LoRA, LoHa and LoKr: train with peft, export in the kohya / LyCORIS layout, apply live to a model with a strength.
+"""LoRA, LoHa, LoKr and DoRA: train with peft, export in the kohya / LyCORIS layout, apply live with a strength.
 
 Training attaches peft ``LoraConfig`` (``LoHaConfig``, ``LoKrConfig``) adapters to the UNet (and optionally the
 text encoder) with peft's own model-agnostic API (:mod:`.adapters`), never through diffusers' or transformers'
@@ -7,7 +7,8 @@ LoraLoader, diffusers' ``load_lora_weights``, A1111 and Forge read:
 
     lora_unet_<diffusers module path, dots as underscores>.lora_down.weight / .lora_up.weight / .alpha
     lora_te_<transformers module path, dots as underscores>...
-    (LoHa: .hada_w1_a / .hada_w1_b / .hada_w2_a / .hada_w2_b; LoKr: .lokr_w1[_a/_b] / .lokr_w2[_a/_b]; both .alpha)
+    (LoHa: .hada_w1_a / .hada_w1_b / .hada_w2_a / .hada_w2_b; LoKr: .lokr_w1[_a/_b] / .lokr_w2[_a/_b]; both .alpha;
+    DoRA: a LoRA's tensors plus .dora_scale, the input-axis magnitude of :mod:`.dora`)
 
 Applying a LoRA adds ``strength * alpha / rank * up @ down`` to each adapted weight live (:mod:`.deltas`): the
 model it is applied to keeps its weights, and the result shares them instead of holding a merged copy.
@@ -19,8 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import adapters
-from .deltas import HadamardDelta, KroneckerDelta, LowRankDelta, attach
+from . import adapters, dora
+from .deltas import DecomposedDelta, HadamardDelta, KroneckerDelta, LowRankDelta, attach
 from .distributed import SINGLE, Shard
 from .loop import Callbacks, Method
 from .model import FTModel
@@ -43,6 +44,8 @@ KINDS = {
     "lora": "low-rank up @ down: the usual choice",
     "loha": "LyCORIS LoHa, the Hadamard product of two low-rank pairs: more capacity at the same rank and size",
     "lokr": "LyCORIS LoKr, a Kronecker product: the smallest files, good for styles",
+    "dora": "DoRA, a LoRA whose weight is split into direction and a learned magnitude per input channel: closer "
+            "to a full fine-tune at the same rank, a little larger and slower",
 }
 #: the tensors of each kind in a file, after the module's kohya name (``<name>.<suffix>``)
 SUFFIXES = {"loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
@@ -58,7 +61,7 @@ class LoRA:
     alpha: float
     name: str = "lora"
     metadata: dict = field(default_factory=dict)
-    kind: str = "lora"  #: "lora", "loha" or "lokr" (see KINDS)
+    kind: str = "lora"  #: "lora", "loha", "lokr" or "dora" (see KINDS)
 
     def modules(self) -> list[str]:
         return sorted({k.split(".")[0] for k in self.state})
@@ -100,6 +103,7 @@ class LoRAMethod(Method):
         self.text_encoder_lr = text_encoder_lr
         self.adapter = adapter_name
         self.model: FTModel | None = None
+        self.magnitudes: dict[str, dora.Magnitudes] = {}  #: DoRA: part -> its magnitudes
 
     @classmethod
     def from_recipe(cls, r: LoRARecipe) -> "LoRAMethod":
@@ -127,6 +131,8 @@ class LoRAMethod(Method):
                 cfg = LoraConfig(r=self.rank, lora_alpha=self.alpha, init_lora_weights="gaussian",
                                  target_modules=targets)
             adapters.inject(mod, cfg, self.adapter)
+            if self.kind == "dora":
+                self.magnitudes[part] = dora.Magnitudes(mod, self.adapter)
 
     def check_rank(self, model: FTModel) -> None:
         """A rank above every adapted layer's own rank only adds weights that cannot learn more: refuse it."""
@@ -150,6 +156,8 @@ class LoRAMethod(Method):
         groups = []
         for part, mod in self._parts():
             ps = adapters.parameters(mod, self.adapter)
+            if part in self.magnitudes:
+                ps = ps + self.magnitudes[part].parameters()
             for p in ps:
                 p.requires_grad_(True)
             lr = self.text_encoder_lr if part == "text_encoder" and self.text_encoder_lr else cfg.learning_rate
@@ -159,21 +167,30 @@ class LoRAMethod(Method):
     def trainable_state(self) -> dict[str, torch.Tensor]:
         out = {}
         for part, mod in self._parts():
-            for k, v in adapters.state(mod, self.adapter).items():
+            tensors = adapters.state(mod, self.adapter)
+            if part in self.magnitudes:  # some peft versions list every tensor on their layers: ours go by name
+                tensors = {k: v for k, v in tensors.items() if not k.endswith("." + dora.ATTR)}
+                tensors.update(self.magnitudes[part].state())
+            for k, v in tensors.items():
                 out[f"{part}.{k}"] = v
         return out
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         for part, mod in self._parts():
             sub = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
+            if part in self.magnitudes:
+                self.magnitudes[part].load_state({k: v for k, v in sub.items() if k.endswith("." + dora.SUFFIX)})
+                sub = {k: v for k, v in sub.items() if not k.endswith("." + dora.SUFFIX)}
             adapters.load_state(mod, sub, self.adapter)
 
     def export(self, name: str = "lora", metadata: dict | None = None) -> LoRA:
-        """The trained adapter in the kohya layout (LyCORIS key names for LoHa and LoKr)."""
+        """The trained adapter in the kohya layout (LyCORIS key names for LoHa and LoKr, ``dora_scale`` for DoRA)."""
         state: dict[str, torch.Tensor] = {}
         for k, v in self.trainable_state().items():
             part, rest = k.split(".", 1)
-            if self.kind == "lora":
+            if rest.endswith("." + dora.SUFFIX):
+                mod, suffix = rest[:-len(dora.SUFFIX) - 1], dora.SUFFIX
+            elif self.kind in ("lora", "dora"):
                 if ".lora_A." in rest:
                     mod, suffix = rest.split(".lora_A.")[0], "lora_down.weight"
                 elif ".lora_B." in rest:
@@ -195,6 +212,9 @@ class LoRAMethod(Method):
 
     def remove(self) -> None:
         """Take the peft layers out again, leaving the model exactly as before setup."""
+        for m in self.magnitudes.values():
+            m.remove()
+        self.magnitudes = {}
         for _, mod in self._parts():
             adapters.remove(mod)
 
@@ -253,10 +273,17 @@ def attach_lora(model: FTModel, lora: LoRA, strength: float = 1.0) -> FTModel:
     return model
 
 
-def module_delta(state: dict[str, torch.Tensor], p: str, strength: float) -> LowRankDelta:
+def module_delta(state: dict[str, torch.Tensor], p: str, strength: float) -> LowRankDelta | DecomposedDelta:
     """The weight change of module ``p`` of a file, as ComfyUI's LoraLoader computes it: LoRA ``alpha / rank * up @
     down``; LoHa ``alpha / rank * (w1_a @ w1_b) * (w2_a @ w2_b)``; LoKr ``kron(w1, w2)``, times ``alpha / rank``
-    when a factor is a low-rank pair (no ``alpha``: rank for rank, a scale of 1)."""
+    when a factor is a low-rank pair (no ``alpha``: rank for rank, a scale of 1). With a ``dora_scale`` the change
+    is weight-decomposed (DoRA, :class:`.deltas.DecomposedDelta`) and ``strength`` applies to the result."""
+    if f"{p}.{dora.SUFFIX}" in state:
+        return DecomposedDelta(_delta(state, p, 1.0), state[f"{p}.{dora.SUFFIX}"], strength)
+    return _delta(state, p, strength)
+
+
+def _delta(state: dict[str, torch.Tensor], p: str, strength: float) -> LowRankDelta:
     alpha = float(state[f"{p}.alpha"]) if f"{p}.alpha" in state else None
     if f"{p}.hada_w1_a" in state:
         w1_b = state[f"{p}.hada_w1_b"]
@@ -284,11 +311,12 @@ def apply_lora(model: FTModel, lora: LoRA, strength: float = 1.0) -> FTModel:
 
 
 def lora_from_state(state: dict[str, torch.Tensor], name: str, metadata: dict | None = None) -> LoRA:
-    """A LoRA, LoHa or LoKr file in the kohya / LyCORIS layout (``lora_unet_*`` / ``lora_te_*`` module names)."""
-    known = (".lora_down.weight", ".lora_up.weight", ".alpha") + tuple(f".{x}" for xs in SUFFIXES.values() for x in xs)
+    """A LoRA, LoHa, LoKr or DoRA file in the kohya / LyCORIS layout (``lora_unet_*`` / ``lora_te_*`` module names)."""
+    known = (".lora_down.weight", ".lora_up.weight", ".alpha", f".{dora.SUFFIX}")
+    known += tuple(f".{x}" for xs in SUFFIXES.values() for x in xs)
     bad = [k for k in state if not k.startswith(tuple(PREFIX.values())) or not k.endswith(known)]
     if not state or bad:
-        raise ValueError(f"{name}: not a kohya-layout SD LoRA, LoHa or LoKr (expected keys lora_unet_*/lora_te_* "
+        raise ValueError(f"{name}: not a kohya-layout SD LoRA, LoHa, LoKr or DoRA (expected keys lora_unet_*/lora_te_* "
                          f"ending in .lora_down.weight/.lora_up.weight, .hada_w1_a..., .lokr_w1...; found "
                          f"{(bad or list(state))[:3]})")
     if any(k.endswith(".hada_w1_a") for k in state):
@@ -296,7 +324,8 @@ def lora_from_state(state: dict[str, torch.Tensor], name: str, metadata: dict | 
     elif any(".lokr_" in k for k in state):
         kind, ranks = "lokr", [v.shape[0] for k, v in state.items() if k.endswith((".lokr_w1_b", ".lokr_w2_b"))]
     else:
-        kind, ranks = "lora", [v.shape[0] for k, v in state.items() if k.endswith(".lora_down.weight")]
+        kind = "dora" if any(k.endswith(f".{dora.SUFFIX}") for k in state) else "lora"
+        ranks = [v.shape[0] for k, v in state.items() if k.endswith(".lora_down.weight")]
     meta = dict(metadata or {})
     rank = int(ranks[0]) if ranks else int(meta.get("ss_network_dim", 0) or 0)
     alphas = [float(v) for k, v in state.items() if k.endswith(".alpha")]
