@@ -110,7 +110,7 @@ def test_a_dora_run_resumes_bit_exact_with_an_average(toy, folders, monkeypatch,
     assert again.kind == "dora" and again.rank == 8
 
 
-def test_dora_refuses_layers_it_cannot_decompose(toy):
+def test_every_adapted_layer_gets_a_magnitude_and_remove_restores_the_model(toy):
     method = LoRAMethod(4, 4.0, kind="dora")
     model = toy.share()
     with torch.inference_mode(False):
@@ -119,3 +119,24 @@ def test_dora_refuses_layers_it_cannot_decompose(toy):
     assert len(method.magnitudes["unet"].layers) == len([k for k in method.trainable_state() if "lora_A" in k])
     method.remove()
     assert not adapters.has_adapters(model.unet)
+
+
+def test_dreambooth_and_pivotal_tuning_train_a_dora_that_reloads(toy, folders):
+    """DreamBooth's lora mode (here with pivotal tuning) trains the DoRA kind too, and the saved file, applied
+    with its embedding, draws what the training drew."""
+    from comfyui_finetune.nodes.io import FT_ApplyEmbedding, FT_ApplyLoRA, FT_SaveEmbedding, FT_SaveLoRA
+    from comfyui_finetune.trainers import sampling
+
+    from test_dreambooth import db, stars
+
+    tuned, lora, _, emb = db(toy, stars(), instance_prompt="a <dv> star", mode="lora", learning_rate=2e-3,
+                             steps=4, pivotal_tuning=True, embedding_lr=2e-2, adapter="dora")
+    assert lora.kind == "dora" and any(k.endswith(".dora_scale") for k in lora.state)
+    (lname,) = FT_SaveLoRA().execute(lora, "dv/lora")["result"]
+    (ename,) = FT_SaveEmbedding().execute(emb, "dv/embedding")["result"]
+    (rebuilt,) = FT_ApplyEmbedding().execute(toy, ename, "<dv>")
+    (rebuilt,) = FT_ApplyLoRA().execute(rebuilt, lname, 1.0)
+    with torch.inference_mode(False):
+        a = sampling.sample(tuned, "a <dv> star", seeds=[1], steps=6)
+        b = sampling.sample(rebuilt, "a <dv> star", seeds=[1], steps=6)
+    assert float((a - b).abs().max()) < 1e-4
