@@ -236,6 +236,9 @@ def run_summary(folder: Path) -> dict | None:
         "sample_step": last_sample,
         "samples": [f"samples/{name}" for step, _, name in samples if step == last_sample],
         "last_checkpoint": max(checkpoints) if checkpoints else None,
+        "best_step": _number(status.get("best_step"), int),  # keep_best: the checkpoint that is the result
+        "best_score": _number(status.get("best_score")),
+        "ranking": _text(status.get("ranking")),
         "results": sorted(p.name for p in folder.glob("*.safetensors")),
     }
 

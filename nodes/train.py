@@ -40,7 +40,8 @@ class ComfyCallbacks:
     def loop_callbacks(self):
         from ..trainers.loop import Callbacks as LoopCallbacks
 
-        return LoopCallbacks(on_step=self.on_step, should_stop=host.interrupted, on_preview=self.on_preview)
+        return LoopCallbacks(on_step=self.on_step, should_stop=host.interrupted, on_preview=self.on_preview,
+                             on_score=self.on_score)
 
     def on_step(self, info) -> None:
         now = time.time()
@@ -57,6 +58,9 @@ class ComfyCallbacks:
             self.pending = []
         if not host.interrupted():  # ComfyUI's bar raises on Cancel; the loop checks should_stop itself
             self.bar.update(info.step)
+
+    def on_score(self, step: int, scores: dict, best_step: int) -> None:
+        host.send_event("finetune.score", {"run": self.run.name, "step": step, **scores, "best_step": best_step})
 
     def on_preview(self, step: int, images) -> None:
         from ..trainers.grids import to_pil
@@ -104,7 +108,9 @@ def chart_ui(log, limit: int = CHART_POINTS) -> dict:
     keep = rows if len(rows) <= limit else [rows[round(i * (len(rows) - 1) / (limit - 1))] for i in range(limit)]
     total = int((log.config.get("recipe") or {}).get("steps", log.steps))
     chart = {"run": log.run, "step": log.steps, "total": total, "seconds": log.seconds,
-             "points": [[r["step"], r["loss"], r.get("lr", 0.0)] for r in keep]}
+             "points": [[r["step"], r["loss"], r.get("lr", 0.0)] for r in keep],
+             "scores": [[r["step"], r["score"], r.get("clip_t"), r.get("clip_i")] for r in rows if "score" in r],
+             "best_step": log.best_step}
     samples = host.output_dir() / "finetune" / log.run / "samples"
     found = [(int(m[1]), int(m[2]), p.name) for p in (samples.glob("*.png") if samples.is_dir() else [])
              if (m := SAMPLE.fullmatch(p.name))]

@@ -244,6 +244,39 @@ def _check_runs_panel(page: Page, run: str, steps: int, final_loss: float, artef
     page.page.screenshot(path=str(artefacts / "runs_panel.png"))
 
 
+def test_keep_best_scores_and_the_best_step_on_the_chart(server, browser, artefacts):
+    """keep_best on the toy LoRA (a Load CLIP Scorer linked in the page, a save point every 50 steps): each save
+    point's score reaches the chart live, the best step is marked, and both are kept through a reload."""
+    page = Page(browser, server)
+    try:
+        page.load(PACK / "example_workflows" / "toy_train_lora.json")
+        nid = _train_node(page)
+        page.js("""(nid) => { const t = app.graph.getNodeById(nid), s = LiteGraph.createNode('FT_LoadCLIPScorer');
+            s.pos = [t.pos[0], t.pos[1] + t.size[1] + 40]; app.graph.add(s);
+            s.connect(0, t, t.inputs.findIndex(i => i.name === 'scorer'));
+            const set = (k, v) => { t.widgets.find(w => w.name === k).value = v; };
+            set('keep_best', 'clip_i'); set('run_name', 'toy_keep_best'); }""", nid)
+        page.run()
+        got = page.js(f"""() => {{ const n = app.graph.getNodeById({nid}), st = n.__ftChart;
+            return {{scores: st.scores, best: st.best, kept: n.properties.ft_chart.scores,
+                     keptBest: n.properties.ft_chart.best_step, live: window.finetuneChartStats.scores}}; }}""")
+        print(f"keep_best on the chart: {got['scores']} best {got['best']}")
+        assert [p[0] for p in got["scores"]] == [50, 100, 150, 200], got
+        assert got["live"] >= 4, got  # each score arrived as its own event while the run went on
+        best = max(got["scores"], key=lambda p: p[1])
+        assert got["best"] == got["keptBest"] == best[0] and got["kept"] == got["scores"], got
+        row = next(r for r in server.get("/finetune/runs")["runs"] if r["name"] == "toy_keep_best")
+        assert row["best_step"] == best[0] and row["ranking"] == "clip_i", row  # the runs panel shows it
+        page.screenshot(artefacts / "toy_keep_best_node.png", node=nid)
+        page.page.wait_for_timeout(1500)
+        page.reload()
+        again = page.js(f"() => {{ const st = app.graph.getNodeById({nid}).__ftChart; return [st.scores, st.best]; }}")
+        assert again == [got["scores"], got["best"]], again
+        assert not page.errors, page.errors
+    finally:
+        page.close()
+
+
 def test_chart_takes_a_flood_of_events(server, browser):
     """Frames per second of the page while synthetic progress events arrive at 4 (what a training node sends), 50, 500
     and 2000 a second (printed; the page must keep drawing)."""

@@ -42,14 +42,15 @@ def spoil_after(monkeypatch, step: int) -> None:
     monkeypatch.setattr(LoRAMethod, "after_step", after_step)
 
 
-def run(toy, tmp_path, name, scorer, **kw):
+def run(toy, tmp_path, name, scorer, callbacks=None, **kw):
     from comfyui_finetune.trainers.lora import train_lora
 
     args = dict(steps=90, batch_size=4, learning_rate=1e-3, seed=0, rank=8, target_modules="attention+feedforward",
                 save_every=30, validation_prompt="a sks star", validation_images=4, keep_best="clip_i", run_name=name)
     args.update(kw)
     with torch.inference_mode(False):
-        return train_lora(LoRARecipe(**args), toy, toy_set(), RunDir.create(tmp_path, name), scorer=scorer)
+        return train_lora(LoRARecipe(**args), toy, toy_set(), RunDir.create(tmp_path, name), callbacks,
+                          scorer=scorer)
 
 
 def checkpoint_lora(run_dir, step: int) -> dict:
@@ -70,8 +71,13 @@ def scores(run_dir) -> dict[int, dict]:
 
 
 def test_a_worse_late_checkpoint_leaves_the_result_at_the_best_one(toy, tmp_path, scorer, monkeypatch):
+    from comfyui_finetune.nodes.train import chart_ui
+    from comfyui_finetune.trainers.loop import Callbacks
+    from comfyui_finetune.trainers.runs import TrainingLog
+
     spoil_after(monkeypatch, 60)
-    t = run(toy, tmp_path, "best", scorer)
+    seen = []
+    t = run(toy, tmp_path, "best", scorer, Callbacks(on_score=lambda step, s, best: seen.append((step, s, best))))
     folder = tmp_path / "best"
     got = scores(folder)
     assert sorted(got) == [30, 60, 90]
@@ -83,6 +89,12 @@ def test_a_worse_late_checkpoint_leaves_the_result_at_the_best_one(toy, tmp_path
     want = checkpoint_lora(folder, best)
     assert all(torch.equal(t.result.state[k], want[k]) for k in want), "the result is the best checkpoint's LoRA"
     assert (folder / "samples" / f"step-{best}-0.png").is_file()
+    # the node's chart: live events as each save point is scored, and the kept history with the best step
+    assert [(s, sc["score"]) for s, sc, _ in seen] == [(s, got[s]["score"]) for s in (30, 60, 90)]
+    assert seen[-1][2] == best
+    chart = chart_ui(TrainingLog.from_result(t.run))["finetune_chart"][0]
+    assert chart["best_step"] == best
+    assert chart["scores"] == [[s, got[s]["score"], got[s]["clip_t"], got[s]["clip_i"]] for s in (30, 60, 90)]
 
 
 def test_early_stopping_ends_the_run_after_saves_without_improvement(toy, tmp_path, scorer, monkeypatch):

@@ -47,7 +47,8 @@ def runs(tmp_path):
     a = root / "lora-cat"
     write(a / "config.json", config("lora", "lora-cat", "cats"), 800)
     write(a / "status.json", json.dumps({"status": "finished", "time": 1000.0, "started": 900.0, "step": 10,
-                                         "total": 10}), 1000)
+                                         "total": 10, "best_step": 5, "best_score": 0.75, "ranking": "clip_i"}),
+          1000)
     write(a / "log.jsonl", lines([{"step": i, "loss": 1.0 / i, "lr": 1e-3, "seconds": 0.1} for i in range(1, 11)]),
           990)
     for name in ("step-5-0.png", "step-10-1.png", "step-10-0.png", "notes.png"):
@@ -92,12 +93,13 @@ def test_the_listing_of_fake_runs_is_exact(runs):
     got = list_runs(runs)
     assert [r["name"] for r in got] == ["big", "ti-running", "failed-run", "lora-cat", "no-status"]
     common = {"model": "toy", "model_source": "toy (built-in)", "family": "toy", "images": 4, "error": None,
-              "sample_step": None, "samples": [], "last_checkpoint": None, "results": []}
+              "sample_step": None, "samples": [], "last_checkpoint": None, "results": [], "best_step": None,
+              "best_score": None, "ranking": None}
     assert got[3] == {**common, "name": "lora-cat", "method": "lora", "dataset": "cats", "status": "finished",
                       "step": 10, "total": 10, "final_loss": 0.1, "started": 900.0, "updated": 1000.0,
                       "curve": [[i, 1.0 / i] for i in range(1, 11)], "sample_step": 10,
                       "samples": ["samples/step-10-0.png", "samples/step-10-1.png"], "last_checkpoint": 10,
-                      "results": ["lora.safetensors"]}
+                      "results": ["lora.safetensors"], "best_step": 5, "best_score": 0.75, "ranking": "clip_i"}
     assert got[1] == {**common, "name": "ti-running", "method": "textual_inversion", "dataset": "toy-purple-star",
                       "status": "running", "step": 3, "total": 100, "final_loss": 0.5, "started": 2000.0,
                       "updated": 2011.0, "curve": [[1, 0.5], [2, 0.5], [3, 0.5]]}

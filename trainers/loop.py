@@ -136,6 +136,8 @@ class Callbacks:
     should_stop: Callable[[], bool] | None = None
     on_checkpoint: Callable[[int, Path], None] | None = None
     on_preview: Callable[[int, torch.Tensor], None] | None = None
+    #: keep_best: (step, its scores, the best step so far) after each save point is scored
+    on_score: Callable[[int, dict, int], None] | None = None
 
 
 @dataclass
@@ -291,7 +293,10 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
             return False
         scores = keeper.score(imgs, cfg.validation_prompt)
         row.update(scores)
-        return keeper.record(at, scores)
+        stop = keeper.record(at, scores)
+        if cb.on_score:
+            cb.on_score(at, scores, keeper.best_step)
+        return stop
 
     def restore(at: int) -> None:
         state.load(dict(run.checkpoints())[at], run.path.name)

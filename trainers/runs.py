@@ -175,10 +175,12 @@ class TrainingLog:
     steps: int
     seconds: float
     resumed_from: int | None = None
+    best_step: int | None = None  #: keep_best: the step whose checkpoint became the result
 
     @classmethod
     def from_result(cls, r) -> "TrainingLog":
-        return cls(list(r.log), r.config, r.run_dir.name, r.step, round(r.seconds, 2), r.resumed_from)
+        return cls(list(r.log), r.config, r.run_dir.name, r.step, round(r.seconds, 2), r.resumed_from,
+                   getattr(r, "best_step", None))
 
     def losses(self) -> list[float]:
         return [row["loss"] for row in self.rows]

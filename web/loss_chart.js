@@ -3,6 +3,8 @@
 // every step since the previous one), and it is kept: the node's ui output carries the run's loss history, which is
 // stored in the node's properties, so the chart comes back after a reload, in a reopened workflow and from the queue
 // history. After a reload during a run, the steps before it are read back from the run's log.jsonl.
+// With keep_best, each save point's score ("finetune.score" events, kept with the history) is drawn as a dot on its
+// own scale, and the best step (the checkpoint that becomes the result) is marked.
 // The chart is a DOM widget: it has its own place among the widgets, and ComfyUI draws previews below it.
 // The advanced loop options are folded away (the front end's "advanced" inputs); a button shows or hides them.
 import { app } from "../../scripts/app.js";
@@ -12,7 +14,7 @@ const MAX_POINTS = 2000; // live points kept per node (thinned evenly beyond)
 const KEPT_POINTS = 400; // points stored in the workflow (the ui output already holds at most this many)
 const HEIGHT = 150;
 const SMOOTH = 0.9; // exponential smoothing of the loss line
-const stats = { events: 0, points: 0, draws: 0, restored: 0, backfilled: 0 };
+const stats = { events: 0, points: 0, draws: 0, restored: 0, backfilled: 0, scores: 0 };
 window.finetuneChartStats = stats; // read by the browser test
 
 function isTrainer(name) {
@@ -40,7 +42,9 @@ function fmtNum(v) {
 }
 
 function chartOf(node) {
-  if (!node.__ftChart) node.__ftChart = { run: null, total: 0, points: [], last: null, pending: false };
+  if (!node.__ftChart) {
+    node.__ftChart = { run: null, total: 0, points: [], scores: [], best: null, last: null, pending: false };
+  }
   return node.__ftChart;
 }
 
@@ -110,6 +114,43 @@ function draw(node) {
   });
   ctx.stroke();
   ctx.lineWidth = 1;
+  // keep_best: each save point's score on its own scale, the best step ringed and marked with a line
+  const sc = st.scores.filter((p) => isFinite(p[1]));
+  if (sc.length) {
+    let sLo = Math.min(...sc.map((p) => p[1])), sHi = Math.max(...sc.map((p) => p[1]));
+    if (sHi - sLo < 1e-9) { sLo -= 0.01; sHi += 0.01; }
+    const SY = (v) => bottom - 6 - ((v - sLo) / (sHi - sLo)) * (bottom - top - 22); // below the scale's label
+    ctx.strokeStyle = "rgba(120,220,140,0.8)";
+    ctx.fillStyle = "rgb(120,220,140)";
+    ctx.beginPath();
+    sc.forEach((p, i) => (i ? ctx.lineTo(X(p[0]), SY(p[1])) : ctx.moveTo(X(p[0]), SY(p[1]))));
+    ctx.stroke();
+    for (const p of sc) {
+      ctx.beginPath();
+      ctx.arc(X(p[0]), SY(p[1]), 2.5, 0, 2 * Math.PI);
+      ctx.fill();
+    }
+    const best = sc.find((p) => p[0] === st.best);
+    if (best) {
+      ctx.setLineDash([2, 3]);
+      ctx.beginPath();
+      ctx.moveTo(X(best[0]), top);
+      ctx.lineTo(X(best[0]), bottom);
+      ctx.stroke();
+      ctx.setLineDash([]);
+      ctx.lineWidth = 2;
+      ctx.beginPath();
+      ctx.arc(X(best[0]), SY(best[1]), 5, 0, 2 * Math.PI);
+      ctx.stroke();
+      ctx.lineWidth = 1;
+      const label = `best: step ${best[0]}`;
+      const lw = ctx.measureText(label).width;
+      const ly = SY(best[1]) + (SY(best[1]) + 18 < bottom ? 16 : -8);
+      ctx.fillText(label, X(best[0]) + 8 + lw > right ? X(best[0]) - 8 - lw : X(best[0]) + 8, ly);
+    }
+    const t = `keep_best score ${fmtNum(sLo)}-${fmtNum(sHi)}`;
+    ctx.fillText(t, (left + right) / 2 - ctx.measureText(t).width / 2, top + 10);
+  }
   // text: run, step / total, loss, speed, time left; axis ends
   const last = pts[pts.length - 1];
   const d = st.last;
@@ -140,7 +181,7 @@ function keep(node) {
   const st = chartOf(node);
   node.properties = node.properties || {};
   node.properties.ft_chart = { run: st.run, total: st.total, seconds: st.seconds ?? null,
-                               points: thin(st.points, KEPT_POINTS) };
+                               points: thin(st.points, KEPT_POINTS), scores: st.scores, best_step: st.best };
   // tell the front end the workflow changed, so the browser's copy (restored on reload) holds the chart
   app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
 }
@@ -152,6 +193,9 @@ function restore(node, saved) {
   st.total = saved.total ?? 0;
   st.seconds = saved.seconds ?? null;
   st.points = saved.points.filter((p) => Array.isArray(p) && p.length >= 2).map((p) => [+p[0], +p[1], +(p[2] ?? 0)]);
+  st.scores = (Array.isArray(saved.scores) ? saved.scores : []).filter((p) => Array.isArray(p) && p.length >= 2)
+    .map((p) => [+p[0], +p[1], p[2] ?? null, p[3] ?? null]);
+  st.best = saved.best_step ?? null;
   st.last = null;
   schedule(node);
 }
@@ -166,6 +210,10 @@ async function backfill(node, run, before) {
     if (st.run !== run) return;
     const older = rows.filter((r) => r.step < before).map((r) => [r.step, r.loss, r.lr ?? 0]);
     st.points = thin(older.concat(st.points.filter((p) => p[0] >= before)), MAX_POINTS);
+    const scored = rows.filter((r) => r.step < before && r.score != null)
+      .map((r) => [r.step, r.score, r.clip_t ?? null, r.clip_i ?? null]);
+    st.scores = scored.concat(st.scores.filter((p) => p[0] >= before));
+    if (st.best == null && scored.length) st.best = scored.reduce((a, b) => (b[1] > a[1] ? b : a))[0];
     stats.backfilled++;
     schedule(node);
   } catch (e) {
@@ -230,6 +278,8 @@ function onProgress({ detail }) {
     // a new run on this node (or the same run restarted): start over, and fetch what came before this event
     st.run = detail.run;
     st.points = [];
+    st.scores = [];
+    st.best = null;
     st.seconds = null;
     if (points[0][0] > 1) backfill(node, detail.run, points[0][0]);
   }
@@ -238,6 +288,18 @@ function onProgress({ detail }) {
   for (const p of points) st.points.push([+p[0], +p[1], +(p[2] ?? 0)]);
   stats.points += points.length;
   if (st.points.length > MAX_POINTS) st.points = thin(st.points, MAX_POINTS / 2);
+  schedule(node);
+}
+
+function onScore({ detail }) {
+  const node = nodeFor(detail);
+  if (!node || !node.__ftCanvas) return;
+  const st = chartOf(node);
+  if (st.run !== detail.run) return; // the step's progress event came first and set the run
+  stats.scores++;
+  st.scores = st.scores.filter((p) => p[0] !== detail.step);
+  st.scores.push([+detail.step, +detail.score, detail.clip_t ?? null, detail.clip_i ?? null]);
+  st.best = detail.best_step ?? st.best;
   schedule(node);
 }
 
@@ -272,5 +334,6 @@ app.registerExtension({
   },
   setup() {
     api.addEventListener("finetune.progress", onProgress);
+    api.addEventListener("finetune.score", onScore);
   },
 });

@@ -218,7 +218,11 @@ function updateCard(card, run) {
   const loss = card.querySelector(".ft-run-loss");
   loss.textContent = `loss ${fmtLoss(run.final_loss)}`;
   loss.dataset.loss = run.final_loss == null ? "" : String(run.final_loss);
-  const ck = run.last_checkpoint != null ? ` · checkpoint at step ${run.last_checkpoint}` : "";
+  let ck = run.last_checkpoint != null ? ` · checkpoint at step ${run.last_checkpoint}` : "";
+  if (run.best_step != null) {
+    const score = run.best_score != null ? ` (${run.ranking || "score"} ${Number(run.best_score).toFixed(4)})` : "";
+    ck += ` · best step ${run.best_step}${score}`;
+  }
   const ds = run.dataset ? ` · data ${run.dataset}${run.images != null ? ` (${run.images})` : ""}` : "";
   card.querySelector(".ft-run-times").textContent = `started ${ago(run.started)} · updated ${ago(run.updated)}${ck}${ds}`;
   const err = card.querySelector(".ft-run-error");
