@@ -153,7 +153,7 @@ def save_diffusers(model: FTModel, folder: Path, dtype: torch.dtype = torch.floa
     if folder.exists():
         raise FileExistsError(f"{folder.name} already exists; nothing was overwritten")
     tmp = folder.with_name(f".{folder.name}.tmp")
-    live = any(has_deltas(m) for m in (model.unet, model.vae, model.text_encoder))
+    live = any(has_deltas(m) for m in model.parts().values())
     if live:  # applied LoRAs are merged into a copy, the model keeps sharing its weights
         model = model.clone()
     pipe = model.to_pipeline()

@@ -100,14 +100,15 @@ def prepare_controls(controls, model: FTModel, n: int, height: int, width: int, 
     return out
 
 
-def residuals(prepared: list[PreparedControl], x, t, context, i: int, total: int):
-    """Summed ControlNet residuals at step ``i`` (None, None when no control is active)."""
+def residuals(prepared: list[PreparedControl], x, t, conditioning: dict, i: int, total: int):
+    """Summed ControlNet residuals at step ``i`` (None, None when no control is active); ``conditioning`` is
+    :meth:`.model.FTModel.conditioning`'s."""
     down, mid = None, None
     for p in prepared:
         if not p.control.active(i, total):
             continue
-        d, m = p.net(x, t, encoder_hidden_states=context, controlnet_cond=p.cond,
-                     conditioning_scale=float(p.control.strength), return_dict=False)
+        d, m = p.net(x, t, controlnet_cond=p.cond, conditioning_scale=float(p.control.strength), return_dict=False,
+                     **conditioning)
         down = list(d) if down is None else [a + b for a, b in zip(down, d)]
         mid = m if mid is None else mid + m
     return down, mid

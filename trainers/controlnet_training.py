@@ -73,9 +73,10 @@ class ControlNetMethod(Method):
         cond = self.condition(batch).to(noisy.device, noisy.dtype)
         if self.validation_condition is None:
             self.validation_condition = cond[:1].detach().float().cpu().permute(0, 2, 3, 1)
-        down, mid = self.cn.net(noisy, t, encoder_hidden_states=context, controlnet_cond=cond, return_dict=False)
-        return model.unet(noisy, t, encoder_hidden_states=context, down_block_additional_residuals=down,
-                          mid_block_additional_residual=mid).sample
+        kw = model.conditioning(noisy, context, batch.get("time_ids"))
+        down, mid = self.cn.net(noisy, t, controlnet_cond=cond, return_dict=False, **kw)
+        return model.unet(noisy, t, down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                          **kw).sample
 
     def sample_kwargs(self) -> dict:
         if self.validation_condition is None:

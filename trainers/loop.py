@@ -87,7 +87,7 @@ class Method:
 
     def predict(self, model: FTModel, noisy, t, context, batch: dict):
         """The model's prediction for ``noisy`` at ``t`` (a ControlNet adds its residuals here)."""
-        return model.unet(noisy, t, encoder_hidden_states=context).sample
+        return model.unet_forward(noisy, t, context, batch.get("time_ids"))
 
     def sample_kwargs(self) -> dict:
         """Extra arguments of validation sampling (a ControlNet passes its condition)."""
@@ -168,7 +168,7 @@ class _Trainable(torch.nn.Module):
 
 
 def _prepare_method(model: FTModel, method: Method, cfg: TrainConfig) -> tuple[list[dict], list]:
-    for m in (model.unet, model.vae, model.text_encoder):
+    for m in model.parts().values():
         m.requires_grad_(False)
         m.eval()
     with torch.random.fork_rng(devices=[]):  # adapters initialise from the global RNG: seed it, then restore it
@@ -397,7 +397,7 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
             raise e from None
         raise
     distributed.barrier(shard)  # rank 0's last checkpoint is on disk before any rank returns
-    for m in (model.unet, model.text_encoder):
+    for m in model.parts().values():
         m.eval()
     return TrainResult(model, method, log_rows, full_config, run.path, step, cancelled, time.time() - t_start,
                        resumed_from, keeper.best_step if keeper is not None else None)

@@ -13,6 +13,12 @@ import torch
 class FTModel:
     """The components of a Stable-Diffusion-like model plus what the pack needs to know about them.
 
+    SDXL-architecture models (the UNet's ``addition_embed_type`` is "text_time") have a second text encoder and
+    tokenizer. Their prompt embeddings travel as one tensor like every family's (cached, batched and concatenated for
+    guidance alike): the two encoders' penultimate hidden states side by side, plus one last row holding the second
+    encoder's pooled, projected embedding (zero-padded to the row's width). :meth:`unet_forward` unpacks it and adds
+    the micro-conditioning time ids (original size, crop top-left, target size).
+
     Nodes never mutate an FTModel they receive (ComfyUI caches node outputs): trainers and adapters work on a
     :meth:`share` of it, whose modules are new but whose frozen weights are the same tensors (see :mod:`.deltas`).
     """
@@ -37,6 +43,27 @@ class FTModel:
     offload: bool = False
     #: how the prediction type was chosen ("detected from the weights", "set by the prediction input", ...)
     prediction_source: str = ""
+    #: SDXL: the second text encoder (CLIPTextModelWithProjection) and its tokenizer; None for other families
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+
+    def parts(self) -> dict[str, Any]:
+        """Every module of the model by name: unet, vae, text_encoder (and text_encoder_2 where there is one)."""
+        out = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        if self.text_encoder_2 is not None:
+            out["text_encoder_2"] = self.text_encoder_2
+        return out
+
+    @property
+    def text_encoders(self) -> list[Any]:
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
+
+    @property
+    def conditioned_on_time_ids(self) -> bool:
+        """SDXL's micro-conditioning: pooled text embedding + (original size, crop, target size) time ids."""
+        cfg = self.unet.config
+        return (cfg.get("addition_embed_type") if isinstance(cfg, dict) else
+                getattr(cfg, "addition_embed_type", None)) == "text_time"
 
     def fingerprint(self) -> str:
         """A hash of the weights' shapes and of the first and last values of every UNet, text-encoder and VAE tensor:
@@ -49,7 +76,8 @@ class FTModel:
         with torch.no_grad():
             from .deltas import delta_buffers
 
-            for part in (self.unet, self.text_encoder, self.vae):
+            for part in [self.unet, self.text_encoder, self.vae] + ([self.text_encoder_2] if self.text_encoder_2
+                                                                       is not None else []):
                 for name, p in [*part.named_parameters(), *delta_buffers(part)]:
                     flat = p.detach().reshape(-1)
                     h.update(f"{name}{tuple(p.shape)}".encode())
@@ -101,16 +129,49 @@ class FTModel:
                 prompt = re.sub(rf"(?<![A-Za-z0-9_]){re.escape(tok)}(?![A-Za-z0-9_])", " ".join(parts), prompt)
         return prompt
 
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+    def tokenize(self, prompts: list[str], tokenizer=None) -> torch.Tensor:
         prompts = [self.expand_tokens(p) for p in prompts]
-        return self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
-                              return_tensors="pt").input_ids
+        tok = tokenizer or self.tokenizer
+        return tok(prompts, padding="max_length", max_length=int(tok.model_max_length), truncation=True,
+                   return_tensors="pt").input_ids
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Text embeddings (B, tokens, width) as the UNet's cross-attention expects them, on ``device`` (computed
-        where the text encoder is: in CPU memory when it was offloaded)."""
+        where the text encoder is: in CPU memory when it was offloaded). SDXL: both encoders' penultimate hidden
+        states concatenated, then the pooled embedding as one more row (see the class docstring)."""
         ids = self.tokenize(prompts).to(self.text_encoder.device)
-        return self.text_encoder(ids)[0].to(self.device)
+        if self.text_encoder_2 is None:
+            return self.text_encoder(ids)[0].to(self.device)
+        first = self.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        ids2 = self.tokenize(prompts, self.tokenizer_2).to(self.text_encoder_2.device)
+        out2 = self.text_encoder_2(ids2, output_hidden_states=True)
+        hidden = torch.cat([first.to(self.device), out2.hidden_states[-2].to(self.device)], dim=-1)
+        pooled = out2.text_embeds.to(self.device, hidden.dtype)
+        row = torch.nn.functional.pad(pooled, (0, hidden.shape[-1] - pooled.shape[-1]))
+        return torch.cat([hidden, row[:, None]], dim=1)
+
+    def conditioning(self, x: torch.Tensor, context: torch.Tensor, time_ids: torch.Tensor | None = None) -> dict:
+        """The keyword arguments a UNet (or ControlNet) call takes for :meth:`encode_prompts`' ``context``. SDXL: the
+        pooled row is split off into ``added_cond_kwargs`` with ``time_ids`` (B, 6: original h, w, crop top, left,
+        target h, w), which default to the latents' own size, uncropped."""
+        if not self.conditioned_on_time_ids:
+            return {"encoder_hidden_states": context}
+        hidden, pooled = context[:, :-1], context[:, -1, :self.pooled_dim]
+        if time_ids is None:
+            h, w = x.shape[-2] * self.vae_scale_factor, x.shape[-1] * self.vae_scale_factor
+            time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).expand(len(x), 6)
+        return {"encoder_hidden_states": hidden,
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(x.device, hidden.dtype)}}
+
+    def unet_forward(self, x: torch.Tensor, t, context: torch.Tensor, time_ids: torch.Tensor | None = None,
+                     **kw) -> torch.Tensor:
+        """The UNet's prediction for latents ``x`` at timesteps ``t`` (see :meth:`conditioning`)."""
+        return self.unet(x, t, **self.conditioning(x, context, time_ids), **kw).sample
+
+    @property
+    def pooled_dim(self) -> int:
+        """SDXL: the width of the pooled text embedding (the second encoder's projection)."""
+        return int(self.text_encoder_2.config.projection_dim)
 
     def to(self, device, dtype=None) -> "FTModel":
         """Every part on ``device`` (in ``dtype``), in place; the model is no longer offloaded."""
@@ -118,14 +179,14 @@ class FTModel:
         self.offload = False
         if dtype is not None:
             self.dtype = dtype
-        for m in (self.unet, self.vae, self.text_encoder):
+        for m in self.parts().values():
             if m.device != self.device or m.dtype != self.dtype:
                 m.to(self.device, self.dtype)
         return self
 
     def offload_weights(self) -> "FTModel":
         """Keep the weights in CPU memory (in place); they visit ``device`` while they run."""
-        for m in (self.unet, self.vae, self.text_encoder):
+        for m in self.parts().values():
             m.to("cpu")
         self.offload = self.device.type != "cpu"
         return self
@@ -139,7 +200,7 @@ class FTModel:
             return
         here = self.share()
         here.offload = False
-        for m in (here.unet, here.vae, here.text_encoder):
+        for m in here.parts().values():
             m.to(self.device)
         try:
             yield here
@@ -149,24 +210,31 @@ class FTModel:
     def share(self, own: tuple[str, ...] = ()) -> "FTModel":
         """A model to change without changing this one: new modules over the *same* weight tensors (no memory for
         frozen weights), except the parts named in ``own`` ("unet", "vae", "text_encoder"), which get plain
-        copies of their own (what a full fine-tune trains). The tokenizer and the bookkeeping are copied."""
+        copies of their own (what a full fine-tune trains). The tokenizers and the bookkeeping are copied."""
         import copy
 
         from .deltas import materialize, share
 
-        parts = {n: (materialize if n in own else share)(getattr(self, n)) for n in ("unet", "vae", "text_encoder")}
+        parts = {n: (materialize if n in own else share)(m) for n, m in self.parts().items()}
         return FTModel(self.family, self.name, parts["unet"], parts["vae"], parts["text_encoder"],
                        copy.deepcopy(self.tokenizer), dict(self.scheduler_config), self.device, self.dtype,
                        list(self.history), {k: list(v) for k, v in self.token_vectors.items()}, self.source,
-                       self.offload, self.prediction_source)
+                       self.offload, self.prediction_source, parts.get("text_encoder_2"),
+                       copy.deepcopy(self.tokenizer_2))
 
     def clone(self) -> "FTModel":
         """A copy with weights of its own (live adapters merged in): ~4 GB for SD1.5 in fp32. Prefer :meth:`share`."""
-        return self.share(own=("unet", "vae", "text_encoder"))
+        return self.share(own=tuple(self.parts()))
 
     def to_pipeline(self):
-        """A diffusers StableDiffusionPipeline over the same modules (no copy)."""
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        """A diffusers StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) over the same modules (no copy)."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        if self.text_encoder_2 is not None:
+            return StableDiffusionXLPipeline(
+                vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=self.unet,
+                scheduler=DDIMScheduler.from_config(self.scheduler_config))
 
         return StableDiffusionPipeline(
             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,

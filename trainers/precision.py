@@ -73,8 +73,8 @@ def place_for_training(model: FTModel) -> dict:
         return {}
     from .deltas import share
 
-    home = {"vae": share(model.vae), "text_encoder": share(model.text_encoder)}
-    for m in (model.unet, model.vae, model.text_encoder):
+    home = {name: share(m) for name, m in model.parts().items() if name != "unet"}
+    for m in model.parts().values():
         m.to(model.device)
     return home
 
@@ -97,7 +97,9 @@ def release_frozen(model: FTModel, enc, method, dataset: Dataset, home: dict) ->
             extra = {cap for pics in method.extra_sets().values() for _, cap in pics}  # DreamBooth's class prompts
             enc.text_embeddings(sorted(enc.closed_captions() | extra))
         model.text_encoder = home["text_encoder"]
-        left.append("text encoder")
+        if "text_encoder_2" in home:
+            model.text_encoder_2 = home["text_encoder_2"]
+        left.append("text encoders" if "text_encoder_2" in home else "text encoder")
     gc.collect()
     if model.device.type == "cuda":
         torch.cuda.empty_cache()

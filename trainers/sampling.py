@@ -111,12 +111,13 @@ def sample_placed(
             raise Cancelled(f"sampling cancelled at step {i} of {total}")
         x = torch.cat([latents, latents]) if use_cfg else latents
         x = scheduler.scale_model_input(x, t)
+        kw = model.conditioning(x, context)
         if prepared:
-            down, mid = residuals(prepared, x, t, context, i, total)
-            pred = model.unet(x, t, encoder_hidden_states=context, down_block_additional_residuals=down,
-                              mid_block_additional_residual=mid).sample
+            down, mid = residuals(prepared, x, t, kw, i, total)
+            pred = model.unet(x, t, down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                              **kw).sample
         else:
-            pred = model.unet(x, t, encoder_hidden_states=context).sample
+            pred = model.unet(x, t, **kw).sample
         if use_cfg:
             p_u, p_c = pred.chunk(2)
             pred = p_u + cfg * (p_c - p_u)
