@@ -5,13 +5,14 @@ from . import host
 from .base import COMBO, HIDDEN, ROOT_CATEGORY, torch_call
 
 TOY = "toy (built-in)"
+TOY_XL = "toy SDXL (built-in)"  # == trainers.toy.loader.TOY_XL_SOURCE (tested)
 DEVICES = ["auto", "cpu", "cuda"]
 DTYPES = ["auto", "fp32", "fp16", "bf16"]
 
 
 def base_model_choices() -> list[str]:
     """The toy first, then diffusers folders and single-file checkpoints from ComfyUI's model folders."""
-    return ([TOY] + [f"diffusers/{n}" for n in host.list_models("diffusers", folders=True)]
+    return ([TOY, TOY_XL] + [f"diffusers/{n}" for n in host.list_models("diffusers", folders=True)]
             + [f"checkpoints/{n}" for n in host.list_models("checkpoints")])
 
 
@@ -41,7 +42,7 @@ def load_base_model(model_name: str, device: str = "auto", dtype: str = "auto", 
     if prediction not in PREDICTION:
         raise ValueError(f"prediction {prediction!r} is not one of {', '.join(PREDICTION)}")
     model = _load(model_name, device, dtype, prediction)
-    model.source = TOY if model_name in (TOY, "toy") else model_name
+    model.source = TOY if model_name in (TOY, "toy") else TOY_XL if model_name in (TOY_XL, "toy_xl") else model_name
     if offload == "auto" and model.device.type == "cuda":
         model.offload_weights()
         import torch
@@ -53,16 +54,17 @@ def load_base_model(model_name: str, device: str = "auto", dtype: str = "auto", 
 def _load(model_name: str, device: str, dtype: str, prediction: str = "auto"):
     from ..trainers import loading
 
-    if model_name == TOY or model_name == "toy":
-        from ..trainers.toy.loader import load_toy_model
+    if model_name in (TOY, "toy", TOY_XL, "toy_xl"):
+        from ..trainers.toy.loader import load_toy_model, load_toy_xl_model
 
         dev = loading.resolve_device(device)
-        model = load_toy_model(device=dev)
+        model = (load_toy_model if model_name in (TOY, "toy") else load_toy_xl_model)(device=dev)
         if prediction not in ("auto", model.prediction_type):
-            raise ValueError(f"prediction {prediction!r}: the built-in toy model was trained to predict "
+            which = "toy model" if model_name in (TOY, "toy") else "toy SDXL"
+            raise ValueError(f"prediction {prediction!r}: the built-in {which} was trained to predict "
                              f"{model.prediction_type}; leave prediction on auto")
         model.prediction_source = "the toy's own"
-        return model.to(dev, loading.resolve_dtype(dtype, dev, "toy"))
+        return model.to(dev, loading.resolve_dtype(dtype, dev, model.family))
     kind, _, name = model_name.partition("/")
     if kind == "diffusers" and name:
         return loading.load_diffusers_folder(host.model_path("diffusers", name), device, dtype, prediction)
@@ -74,8 +76,10 @@ def _load(model_name: str, device: str, dtype: str, prediction: str = "auto"):
 
 class FT_LoadBaseModel:
     DESCRIPTION = ("Load a text-to-image model to sample or fine-tune: the built-in toy model (32x32 coloured "
-                   "shapes, runs in seconds on a CPU), a diffusers folder from models/diffusers, or a single-file "
-                   "SD 1.x/2.x .safetensors checkpoint from models/checkpoints. Nothing is downloaded.")
+                   "shapes, runs in seconds on a CPU), the built-in toy SDXL (the same world in SDXL's architecture: "
+                   "two text encoders, pooled embedding and size/crop time ids), a diffusers folder from "
+                   "models/diffusers, or a single-file SD 1.x/2.x .safetensors checkpoint from models/checkpoints. "
+                   "Nothing is downloaded.")
     CATEGORY = f"{ROOT_CATEGORY}/models"
     RETURN_TYPES = ("FT_MODEL",)
     RETURN_NAMES = ("model",)
@@ -87,8 +91,9 @@ class FT_LoadBaseModel:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model_name": COMBO(base_model_choices(), "Which model: the built-in toy, a diffusers folder "
-                                    "(models/diffusers) or a single-file checkpoint (models/checkpoints).", TOY),
+                "model_name": COMBO(base_model_choices(), "Which model: the built-in toy (or toy SDXL), a diffusers "
+                                    "folder (models/diffusers) or a single-file checkpoint (models/checkpoints).",
+                                    TOY),
                 "device": COMBO(DEVICES, "Where the model runs: auto picks the GPU when there is one."),
                 "dtype": COMBO(DTYPES, "Weight precision: auto is fp16 on a GPU for SD models and fp32 on the CPU."),
             },

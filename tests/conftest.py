@@ -19,6 +19,17 @@ def toy():
 
 
 @pytest.fixture(scope="session")
+def toy_xl():
+    """The shipped toy SDXL (two text encoders, pooled embedding and time ids), loaded once per test session."""
+    import torch
+
+    from comfyui_finetune.trainers.toy.loader import load_toy_xl_model
+
+    with torch.inference_mode(False):
+        return load_toy_xl_model()
+
+
+@pytest.fixture(scope="session")
 def judge():
     from comfyui_finetune.trainers.toy.loader import load_toy_judge
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from comfyui_finetune.trainers.toy import world
@@ -48,17 +49,20 @@ def test_judge_recognises_real_pictures_and_rejects_noise(judge):
     assert judge.judge(torch.ones(1, 32, 32, 3))[0]["color"] is None  # a blank picture has no colour
 
 
-def test_quality_bar(toy, judge):
-    """The base model draws what it was trained on: colour >= 90 %, shape >= 70 % (judged, 'none' counts wrong)."""
+@pytest.mark.parametrize("which", ["toy", "toy_xl"])
+def test_quality_bar(request, judge, which):
+    """The base model draws what it was trained on: colour >= 90 %, shape >= 70 % (judged, 'none' counts wrong);
+    the toy SDXL as well as the toy SD."""
     from comfyui_finetune.trainers.sampling import sample
 
+    toy = request.getfixturevalue(which)
     colors, shapes = [], []
     with torch.inference_mode(False):
         for c, s in world.base_classes():
             res = judge.judge(sample(toy, f"a {c} {s}", seeds=list(range(100, 106)), steps=20, cfg=4.0))
             colors += [r["color"] == c for r in res]
             shapes += [r["shape"] == s for r in res]
-    print(f"toy quality bar: colour {np.mean(colors):.3f}, shape {np.mean(shapes):.3f} over {len(colors)} images")
+    print(f"{which} quality bar: colour {np.mean(colors):.3f}, shape {np.mean(shapes):.3f} over {len(colors)} images")
     assert np.mean(colors) >= 0.9
     assert np.mean(shapes) >= 0.7
 

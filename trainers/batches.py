@@ -104,13 +104,14 @@ class Encoder:
         px = self.p.pixels[b][idx]
         cond = self.p.conditions[b][idx] if self.p.conditions else None
         mask = self.p.masks[b][idx] if self.p.masks else None
+        time_ids = shard.take(self.p.time_ids[b][idx]) if self.p.time_ids else None  # SDXL: each picture's own
         if self.cache_latents:
             mean, std = self.latents[b]
             mine = shard.take(idx)
             eps = diffusion.randn(mean[mine].shape, self.g, shard).to(mean.device)
             return ((mean[mine] + std[mine] * eps) * self.sf).to(model.dtype), \
                 {"pixels": shard.take(px), "conditions": None if cond is None else shard.take(cond),
-                 "masks": None if mask is None else shard.take(mask)}
+                 "masks": None if mask is None else shard.take(mask), "time_ids": time_ids}
         moved = [t for t in (cond, mask) if t is not None]  # crops and flips move them with the picture
         if moved:
             px, both = augment_batch(px, self.dataset.augment, self.g, condition=torch.cat(moved, dim=1))
@@ -124,7 +125,8 @@ class Encoder:
         with torch.no_grad():
             dist = model.vae.encode(px.to(model.vae.device, model.dtype)).latent_dist
             eps = diffusion.randn(dist.mean.shape, self.g, shard).to(dist.mean.device, dist.mean.dtype)
-        return (dist.mean + dist.std * eps) * self.sf, {"pixels": px, "conditions": cond, "masks": mask}
+        return (dist.mean + dist.std * eps) * self.sf, {"pixels": px, "conditions": cond, "masks": mask,
+                                                       "time_ids": time_ids}
 
 
 def encode_latent_dists(model: FTModel, pixels: dict, chunk: int = 16) -> dict:

@@ -291,15 +291,23 @@ def bucket_for(h: int, w: int, resolution: int, multiple: int, no_upscale: bool)
     return bh, bw
 
 
+def cover(ih: int, iw: int, h: int, w: int) -> tuple[int, int, int, int]:
+    """The size a (ih, iw) picture is scaled to so that it covers (h, w), and the top-left corner of the centred
+    (h, w) crop in it: (nh, nw, top, left). SDXL's time ids carry that corner."""
+    if (ih, iw) == (h, w):
+        return h, w, 0, 0
+    s = max(h / ih, w / iw)
+    nh, nw = max(h, round(ih * s)), max(w, round(iw * s))
+    return nh, nw, (nh - h) // 2, (nw - w) // 2
+
+
 def resize_cover(img: np.ndarray, h: int, w: int) -> np.ndarray:
     """Scale to cover (h, w), then centre-crop: no stretching."""
     ih, iw = img.shape[:2]
     if (ih, iw) == (h, w):
         return img
-    s = max(h / ih, w / iw)
-    nh, nw = max(h, round(ih * s)), max(w, round(iw * s))
-    im = Image.fromarray(img).resize((nw, nh), Image.LANCZOS if s < 1 else Image.BICUBIC)
-    top, left = (nh - h) // 2, (nw - w) // 2
+    nh, nw, top, left = cover(ih, iw, h, w)
+    im = Image.fromarray(img).resize((nw, nh), Image.LANCZOS if max(h / ih, w / iw) < 1 else Image.BICUBIC)
     return np.asarray(im.crop((left, top, left + w, top + h)), dtype=np.uint8)
 
 
@@ -327,6 +335,9 @@ class Prepared:
     masks: dict[tuple[int, int], "object"] = field(default_factory=dict)
     captions: dict[tuple[int, int], list[str]] = field(default_factory=dict)
     index: list[tuple[tuple[int, int], int]] = field(default_factory=list)  # one entry per (repeated) example
+    #: SDXL's time ids, bucket -> (N, 6): original height and width, crop top and left (in the scaled picture),
+    #: target height and width
+    time_ids: dict[tuple[int, int], "object"] = field(default_factory=dict)
 
 
 def prepare(dataset: Dataset, native_size: int, multiple: int) -> Prepared:
@@ -350,6 +361,8 @@ def prepare(dataset: Dataset, native_size: int, multiple: int) -> Prepared:
                 side = max(multiple, (min(h, w) // multiple) * multiple)
             bh = bw = side
         img = resize_cover(e.image, bh, bw)
+        out.time_ids.setdefault((bh, bw), []).append(torch.tensor([h, w, *cover(h, w, bh, bw)[2:], bh, bw],
+                                                                  dtype=torch.float32))
         t = torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1
         out.pixels.setdefault((bh, bw), []).append(t)
         out.captions.setdefault((bh, bw), []).append(e.caption)
@@ -360,7 +373,7 @@ def prepare(dataset: Dataset, native_size: int, multiple: int) -> Prepared:
             m = np.full((h, w), 255, np.uint8) if e.mask is None else e.mask
             m = resize_cover(np.repeat(m[..., None], 3, axis=2), bh, bw)[..., :1]
             out.masks.setdefault((bh, bw), []).append(torch.from_numpy(m).permute(2, 0, 1).float() / 255)
-    for store in (out.pixels, out.conditions, out.masks):
+    for store in (out.pixels, out.conditions, out.masks, out.time_ids):
         for b in store:
             store[b] = torch.stack(store[b])
     for b, caps in out.captions.items():

@@ -248,7 +248,7 @@ class DreamBoothMethod(Method):
         caps = [self.class_captions[i] for i in idx.tolist()]
         ctx = batch["encode_text"](caps)
         return loss + self.lam * super().loss(model, cl, ctx.to(context.dtype), noise_sched, g, cfg,
-                                                  {**batch, "masks": None})  # class pictures: no mask
+                                                  {**batch, "masks": None, "time_ids": None})  # generated whole
 
 
 def make_inner(mode: str, train_text_encoder: bool, rank: int, alpha: float, targets: str,
@@ -355,6 +355,9 @@ def train_dreambooth(recipe: DreamBoothRecipe, model: FTModel, subjects: list[Su
     from .export import embedding_metadata, lora_metadata
     from .session import Trained, result_metadata, run_method, save_in_run, settle
 
+    from .families import check_supported
+
+    check_supported(model, recipe)  # before class pictures are made
     check_subjects(subjects, recipe.prior_preservation, recipe.prior_loss_weight)
     inner = make_method(recipe, model, subjects)
     if class_sets is None and recipe.prior_preservation:

@@ -41,6 +41,8 @@ class Family:
     base_model_version: str = ""
     #: guidance of the class pictures DreamBooth generates from it
     class_cfg: float = 7.0
+    #: what the pack cannot train on this family yet: (method, or "method:mode", the reason)
+    not_yet: tuple[tuple[str, str], ...] = ()
 
     def size_for(self, prediction: str) -> int:
         return dict(self.sizes).get(prediction, self.native_size)
@@ -72,15 +74,40 @@ def sd2_prediction(state: dict[str, Any]) -> str:
     return "v_prediction" if float(marker.float().std(unbiased=False)) > SD2_SPREAD else "epsilon"
 
 
+#: SDXL-architecture families: what is not built for them yet (issue 19 builds it a piece at a time)
+XL_NOT_YET = (("textual_inversion", "SDXL embeddings need a word in both text encoders (clip_l + clip_g)"),
+              ("dreambooth:pivotal", "pivotal tuning trains an embedding, which needs both text encoders"),
+              ("dreambooth:full", "a full SDXL fine-tune is saved as a checkpoint, which is not written yet"),
+              ("controlnet", "SDXL ControlNets are not built yet"))
+
+
 FAMILIES: dict[str, Family] = {
     "toy": Family("toy", "built-in toy model (32x32 shapes)", None, 32, 64, gpu_dtype="fp32",
                   base_model_version="finetune_toy", class_cfg=4.0),
+    "toy_xl": Family("toy_xl", "built-in toy SDXL (32x32 shapes, two text encoders)", None, 32, 160,
+                     gpu_dtype="fp32", base_model_version="finetune_toy_xl", class_cfg=4.0, not_yet=XL_NOT_YET),
     "sd15": Family("sd15", "Stable Diffusion 1.x", "sd15", 512, 768, detect=lambda state: "epsilon",
                    single_file_text_encoder="clip", architecture="stable-diffusion-v1", base_model_version="sd_v1"),
     "sd2": Family("sd2", "Stable Diffusion 2.x", "sd2", 768, 1024, detect=sd2_prediction,
                   sizes=(("epsilon", 512), ("v_prediction", 768)), single_file_text_encoder="open_clip",
                   architecture="stable-diffusion-v2", base_model_version="sd_v2"),
 }
+
+
+def check_supported(model, recipe) -> None:
+    """Refuse, by name, a training the pack cannot do on ``model``'s family yet (before any work is done)."""
+    fam = FAMILIES.get(model.family)
+    if fam is None or not fam.not_yet:
+        return
+    wanted = {recipe.method}
+    if getattr(recipe, "mode", "") == "full":
+        wanted.add(f"{recipe.method}:full")
+    if getattr(recipe, "pivotal_tuning", False):
+        wanted.add(f"{recipe.method}:pivotal")
+    for what, why in fam.not_yet:
+        if what in wanted:
+            raise ValueError(f"{what.replace(':', ' ')} on {fam.label} is not supported yet: {why}. LoRA (Train "
+                             f"LoRA, or DreamBooth in lora mode) trains this family today")
 
 
 def family_for_unet(unet_config) -> Family:

@@ -39,15 +39,17 @@ def resolve_dtype(dtype: str, device: torch.device, family: str) -> torch.dtype:
 
 def load_diffusers_folder(folder: str | Path, device: str = "auto", dtype: str = "auto",
                           prediction: str = "auto") -> FTModel:
-    """A diffusers folder; its scheduler config says what it predicts, unless ``prediction`` names it."""
+    """A diffusers folder; its scheduler config says what it predicts, unless ``prediction`` names it. An SDXL
+    layout (text_encoder_2/ and tokenizer_2/ beside the rest) gives a model with both text encoders."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder} is not a diffusers model folder: it has no model_index.json "
                                 "(expected unet/, vae/, text_encoder/, tokenizer/ and scheduler/ inside)")
-    for sub in ("unet", "vae", "text_encoder"):
+    xl = (folder / "text_encoder_2").is_dir()
+    for sub in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if xl else ()):
         if not list((folder / sub).glob("*.safetensors")):
             has_bin = bool(list((folder / sub).glob("*.bin")))
             raise FileNotFoundError(
@@ -61,9 +63,16 @@ def load_diffusers_folder(folder: str | Path, device: str = "auto", dtype: str =
         dt = resolve_dtype(dtype, dev, fam.name)
         vae = AutoencoderKL.from_pretrained(str(folder / "vae"), use_safetensors=True, local_files_only=True)
         te = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), use_safetensors=True, local_files_only=True)
+        te2 = CLIPTextModelWithProjection.from_pretrained(str(folder / "text_encoder_2"), use_safetensors=True,
+                                                          local_files_only=True).eval() if xl else None
     tok = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
+    tok2 = CLIPTokenizer.from_pretrained(str(folder / "tokenizer_2"), local_files_only=True) if xl else None
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    model = FTModel(fam.name, folder.name, unet.eval(), vae.eval(), te.eval(), tok, sched)
+    model = FTModel(fam.name, folder.name, unet.eval(), vae.eval(), te.eval(), tok, sched, text_encoder_2=te2,
+                    tokenizer_2=tok2)
+    if model.conditioned_on_time_ids != xl:
+        raise ValueError(f"{folder.name}: its UNet {'expects' if not xl else 'does not take'} SDXL's pooled text "
+                         f"embedding and time ids, but the folder {'has no' if not xl else 'has a'} text_encoder_2")
     if prediction == "auto":
         set_prediction(model, sched.get("prediction_type", "epsilon"), None, "the folder's scheduler config")
     else:

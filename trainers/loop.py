@@ -83,7 +83,7 @@ class Method:
 
     def train_modules(self, model: FTModel) -> list[torch.nn.Module]:
         """Modules to put in train mode (default: those holding trainable parameters)."""
-        return [model.unet, model.text_encoder] if self.trains_text_encoder else [model.unet]
+        return [model.unet, *model.text_encoders] if self.trains_text_encoder else [model.unet]
 
     def predict(self, model: FTModel, noisy, t, context, batch: dict):
         """The model's prediction for ``noisy`` at ``t`` (a ControlNet adds its residuals here)."""
@@ -186,9 +186,10 @@ def _prepare_method(model: FTModel, method: Method, cfg: TrainConfig) -> tuple[l
     if cfg.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         if method.trains_text_encoder:
-            model.text_encoder.gradient_checkpointing_enable()
+            for te in model.text_encoders:
+                te.gradient_checkpointing_enable()
         for m in method.train_modules(model):
-            if m is not model.unet and m is not model.text_encoder and hasattr(m, "enable_gradient_checkpointing"):
+            if m is not model.unet and m not in model.text_encoders and hasattr(m, "enable_gradient_checkpointing"):
                 m.enable_gradient_checkpointing()
     return groups, params
 

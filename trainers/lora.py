@@ -38,6 +38,8 @@ TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                                    ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")),
 }
 PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+#: SDXL's two text encoders (kohya's sd-scripts, ComfyUI, A1111/Forge and diffusers read these)
+PREFIX_XL = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 #: adapter kinds (peft's own configs) and what each is for; all save under kohya names that ComfyUI's LoraLoader,
 #: A1111/Forge and LyCORIS read
 KINDS = {
@@ -71,17 +73,44 @@ class LoRA:
         return f"LoRA({self.name!r}, {kind}rank {self.rank}, alpha {self.alpha}, {len(self.modules())} modules)"
 
 
-def kohya_key(part: str, module_path: str) -> str:
+def kohya_key(part: str, module_path: str, model: FTModel | None = None) -> str:
     """The kohya name of a module. Text-encoder paths are spelled as transformers 4 named them
-    (``text_model.encoder.layers...``): transformers 5 dropped the ``text_model`` level, the file format did not."""
-    if part == "text_encoder" and not module_path.startswith("text_model."):
+    (``text_model.encoder.layers...``): transformers 5 dropped the ``text_model`` level, the file format did not.
+    An SDXL-architecture ``model`` names its encoders ``lora_te1_`` / ``lora_te2_`` and its UNet modules by their
+    original (LDM) block names (``lora_unet_input_blocks_4_1_...``), as kohya's sd-scripts writes SDXL LoRAs."""
+    if part.startswith("text_encoder") and not module_path.startswith("text_model."):
         module_path = "text_model." + module_path
-    return PREFIX[part] + module_path.replace(".", "_")
+    if model is None or model.text_encoder_2 is None:
+        return PREFIX[part] + module_path.replace(".", "_")
+    if part == "unet":
+        from .checkpoint import unet_key
+
+        cfg = model.unet.config
+        module_path = unet_key(module_path + ".weight", cfg.layers_per_block,
+                               ["CrossAttn" in t for t in cfg.up_block_types])[:-len(".weight")]
+    return PREFIX_XL[part] + module_path.replace(".", "_")
 
 
-def kohya_names(module: torch.nn.Module, part: str) -> dict[str, torch.nn.Module]:
-    """kohya name -> module, for every module of ``module`` (``part`` is "unet" or "text_encoder")."""
-    return {kohya_key(part, name): m for name, m in module.named_modules() if name}
+def kohya_names(module: torch.nn.Module, part: str, model: FTModel | None = None) -> dict[str, torch.nn.Module]:
+    """kohya name -> module, for every module of ``module`` that has a weight (``part``: "unet", "text_encoder"
+    or "text_encoder_2"; ``model``: the model it belongs to, for SDXL's names)."""
+    out = {}
+    for name, m in module.named_modules():
+        if name and isinstance(getattr(m, "weight", None), torch.Tensor):
+            try:
+                out[kohya_key(part, name, model)] = m
+            except KeyError:  # a module the original layout has no name for (none that a LoRA adapts)
+                continue
+    return out
+
+
+def model_kohya_names(model: FTModel) -> dict[str, torch.nn.Module]:
+    """kohya name -> module over every part of ``model`` a LoRA may adapt."""
+    out = {}
+    for part, mod in model.parts().items():
+        if part != "vae":
+            out.update(kohya_names(mod, part, model))
+    return out
 
 
 class LoRAMethod(Method):
@@ -109,10 +138,11 @@ class LoRAMethod(Method):
     def from_recipe(cls, r: LoRARecipe) -> "LoRAMethod":
         return cls(r.rank, r.alpha, r.target_modules, r.train_text_encoder, r.text_encoder_lr, kind=r.adapter)
 
-    def _parts(self) -> list[tuple[str, torch.nn.Module]]:
-        parts = [("unet", self.model.unet)]
-        if self.trains_text_encoder:
-            parts.append(("text_encoder", self.model.text_encoder))
+    def _parts(self, model: FTModel | None = None) -> list[tuple[str, torch.nn.Module]]:
+        model = model or self.model
+        parts = [("unet", model.unet)]
+        if self.trains_text_encoder:  # SDXL: both encoders
+            parts += [(n, m) for n, m in model.parts().items() if n.startswith("text_encoder")]
         return parts
 
     def setup(self, model: FTModel) -> None:
@@ -138,8 +168,7 @@ class LoRAMethod(Method):
         """A rank above every adapted layer's own rank only adds weights that cannot learn more: refuse it."""
         unet_t, te_t = TARGETS[self.targets]
         cap = 0
-        for part, mod in [("unet", model.unet)] + ([("text_encoder", model.text_encoder)]
-                                                   if self.trains_text_encoder else []):
+        for part, mod in self._parts(model):
             wanted = unet_t if part == "unet" else te_t
             for name, m in mod.named_modules():
                 if not any(name == t or name.endswith("." + t) for t in wanted):
@@ -160,7 +189,7 @@ class LoRAMethod(Method):
                 ps = ps + self.magnitudes[part].parameters()
             for p in ps:
                 p.requires_grad_(True)
-            lr = self.text_encoder_lr if part == "text_encoder" and self.text_encoder_lr else cfg.learning_rate
+            lr = self.text_encoder_lr if part.startswith("text_encoder") and self.text_encoder_lr else cfg.learning_rate
             groups.append({"params": ps, "lr": lr, "name": part})
         return groups
 
@@ -201,7 +230,7 @@ class LoRAMethod(Method):
                 mod, _, suffix = rest.rpartition(".")
                 if suffix not in SUFFIXES[self.kind]:
                     continue
-            key = kohya_key(part, mod)
+            key = kohya_key(part, mod, self.model)
             state[f"{key}.{suffix}"] = v.detach().float().cpu().contiguous()
             state[f"{key}.alpha"] = torch.tensor(self.alpha)
         if self.kind == "lokr":  # readers scale by alpha / rank only where a factor is low-rank: fold it in elsewhere
@@ -251,7 +280,7 @@ def attach_lora(model: FTModel, lora: LoRA, strength: float = 1.0) -> FTModel:
     """Apply ``lora`` live to ``model`` itself (one this code owns, such as a training's copy): every adapted layer
     computes ``weight + strength * delta`` when it runs (:func:`module_delta`); its base weight is not changed.
     Unknown module names and shapes are an error."""
-    targets = {**kohya_names(model.unet, "unet"), **kohya_names(model.text_encoder, "text_encoder")}
+    targets = model_kohya_names(model)
     prefixes = sorted({k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in lora.state})
     unknown = [p for p in prefixes if p not in targets]
     if unknown:
@@ -314,7 +343,8 @@ def lora_from_state(state: dict[str, torch.Tensor], name: str, metadata: dict | 
     """A LoRA, LoHa, LoKr or DoRA file in the kohya / LyCORIS layout (``lora_unet_*`` / ``lora_te_*`` module names)."""
     known = (".lora_down.weight", ".lora_up.weight", ".alpha", f".{dora.SUFFIX}")
     known += tuple(f".{x}" for xs in SUFFIXES.values() for x in xs)
-    bad = [k for k in state if not k.startswith(tuple(PREFIX.values())) or not k.endswith(known)]
+    bad = [k for k in state if not k.startswith(tuple({*PREFIX.values(), *PREFIX_XL.values()}))
+           or not k.endswith(known)]
     if not state or bad:
         raise ValueError(f"{name}: not a kohya-layout SD LoRA, LoHa, LoKr or DoRA (expected keys lora_unet_*/lora_te_* "
                          f"ending in .lora_down.weight/.lora_up.weight, .hada_w1_a..., .lokr_w1...; found "

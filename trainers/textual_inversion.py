@@ -175,6 +175,9 @@ def train_textual_inversion(recipe: TextualInversionRecipe, model: FTModel, data
     from .export import embedding_metadata
     from .session import Trained, run_method, save_in_run, settle
 
+    from .families import check_supported
+
+    check_supported(model, recipe)
     method = TextualInversionMethod.from_recipe(recipe)
     method.validate(model)
     dataset = captioned_for(recipe, dataset)
@@ -193,6 +196,10 @@ def train_textual_inversion(recipe: TextualInversionRecipe, model: FTModel, data
 def apply_embedding(model: FTModel, emb: Embedding, token: str | None = None) -> FTModel:
     """``model`` with ``emb`` added under ``token`` (default: its own), as a new model sharing ``model``'s weights
     but the grown embedding table (``model`` is not changed)."""
+    if model.text_encoder_2 is not None:
+        raise ValueError(f"embedding {emb.name!r}: applying embeddings to an SDXL-architecture model ({model.name}) "
+                         "is not supported yet (an SDXL embedding holds a vector for each of its two text encoders, "
+                         "clip_l and clip_g)")
     model = model.share()
     add_token(model, (token or emb.token).strip(), emb.vectors.float())
     model.history = model.history + [{"applied_embedding": emb.name, "token": token or emb.token}]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,10 +23,11 @@ from .. import diffusion
 from ..export import legacy_text_encoder_keys
 from . import judge as judge_mod
 from . import WEIGHTS, control, models, world
+from .steps import cosine as _cosine, every as _every, no_build_paths as _no_build_paths
 from .tokenizer import write_tokenizer
 
 log = logging.getLogger(__name__)
-STAGES = ("judge", "vae", "unet", "clip", "controlnet", "eval")
+STAGES = ("judge", "vae", "unet", "clip", "controlnet", "eval", "xl", "xl_eval")
 
 
 @dataclass
@@ -51,19 +51,6 @@ class BuildConfig:
     controlnet_steps: int = 1500
     controlnet_lr: float = 1e-3
     controlnet_caption_dropout: float = 0.3
-
-
-def _cosine(opt, steps: int, warmup: int, floor: float = 0.1):
-    def f(i):
-        if i < warmup:
-            return (i + 1) / warmup
-        p = (i - warmup) / max(1, steps - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
-    return torch.optim.lr_scheduler.LambdaLR(opt, f)
-
-
-def _every(i: int, n: int, total: int) -> bool:
-    return (i + 1) % n == 0 or i + 1 == total
 
 
 # ----------------------------------------------------------------------------------------------------- judge --
@@ -262,10 +249,7 @@ def train_unet(cfg: BuildConfig, out: Path, pics: list[world.Picture]) -> dict:
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(out / "pipeline"), safe_serialization=True)
     legacy_text_encoder_keys(out / "pipeline" / "text_encoder")  # the key layout every other tool reads
-    for cfg_file in (out / "pipeline").glob("*/config.json"):  # no build-machine paths in shipped files
-        cfg_json = json.loads(cfg_file.read_text())
-        if cfg_json.pop("_name_or_path", None) is not None:
-            cfg_file.write_text(json.dumps(cfg_json, indent=2, sort_keys=True) + "\n")
+    _no_build_paths(out / "pipeline")
     return {"seconds": round(time.time() - t0, 1), "steps": cfg.unet_steps,
             "ms_per_step": round(1000 * (time.time() - t1) / cfg.unet_steps, 1), "final_loss_ema": round(ema_loss, 4)}
 
@@ -332,12 +316,13 @@ def train_clip(cfg: BuildConfig, out: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ eval --
-def evaluate(cfg: BuildConfig, out: Path, grid_path: Path | None = None) -> dict:
-    """The quality bar: colour and shape accuracy over the base classes, several seeds each."""
+def evaluate(cfg: BuildConfig, out: Path, grid_path: Path | None = None, xl: bool = False) -> dict:
+    """The quality bar: colour and shape accuracy over the base classes, several seeds each (``xl``: of the toy
+    SDXL)."""
     from ..sampling import sample
-    from .loader import load_toy_model
+    from .loader import load_toy_model, load_toy_xl_model
 
-    model = load_toy_model(out)
+    model = load_toy_xl_model(out) if xl else load_toy_model(out)
     judge = judge_mod.ToyJudge.load(out / "judge")
     classes = world.base_classes()
     t0 = time.time()
@@ -397,6 +382,13 @@ def build(out: Path = WEIGHTS, cfg: BuildConfig | None = None, stages=STAGES) ->
             report["controlnet"] = control.train_controlnet(cfg, out)
         elif stage == "eval":
             report["eval"] = evaluate(cfg, out, out.parent / "toy_samples.png" if out == WEIGHTS else out / "samples.png")
+        elif stage == "xl":
+            from .build_xl import train_unet_xl
+
+            report["xl"] = train_unet_xl(cfg, out, pics)
+        elif stage == "xl_eval":
+            report["xl_eval"] = evaluate(cfg, out, (out.parent if out == WEIGHTS else out) / "toy_xl_samples.png",
+                                         xl=True)
         log.info("stage %s: %s", stage, {k: v for k, v in report[stage].items() if k != "per_class"})
         report_path.write_text(json.dumps(report, indent=1))
     report.pop("total_seconds", None)  # the stages may come from several invocations: each stage has its seconds

@@ -37,6 +37,37 @@ def load_toy_model(folder: str | Path = WEIGHTS, device="cpu"):
     return model.to(device)
 
 
+#: how config.json names the built-in toy SDXL, and its folder inside the weights folder (its VAE is the toy's own,
+#: in pipeline/vae)
+TOY_XL_SOURCE = "toy SDXL (built-in)"
+XL_FOLDER = "pipeline_xl"
+
+
+def load_toy_xl_model(folder: str | Path = WEIGHTS, device="cpu"):
+    """The toy SDXL: an SDXL-architecture model of the toy world (two text encoders, pooled embedding and time ids),
+    sharing the toy's VAE."""
+    import json
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from ..model import FTModel
+    p = Path(folder) / XL_FOLDER
+    if not (p / "unet" / "diffusion_pytorch_model.safetensors").exists():
+        raise missing_weights_error(p)
+    with torch.inference_mode(False):
+        unet = UNet2DConditionModel.from_pretrained(str(p / "unet"), use_safetensors=True).eval()
+        vae = AutoencoderKL.from_pretrained(str(Path(folder) / "pipeline" / "vae"), use_safetensors=True).eval()
+        te = CLIPTextModel.from_pretrained(str(p / "text_encoder"), use_safetensors=True).eval()
+        te2 = CLIPTextModelWithProjection.from_pretrained(str(p / "text_encoder_2"), use_safetensors=True).eval()
+    sched = json.loads((p / "scheduler" / "scheduler_config.json").read_text())
+    model = FTModel("toy_xl", "toy_xl", unet, vae, te, CLIPTokenizer.from_pretrained(str(p / "tokenizer")), sched,
+                    source=TOY_XL_SOURCE, text_encoder_2=te2,
+                    tokenizer_2=CLIPTokenizer.from_pretrained(str(p / "tokenizer_2")))
+    return model.to(device)
+
+
 def load_toy_controlnet(folder: str | Path = WEIGHTS):
     """The toy ControlNet: follows Canny edge maps of toy pictures (made with control.CANNY thresholds)."""
     from ..controlnet_files import load_folder

@@ -60,3 +60,37 @@ def new_unet():
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(**UNET_CONFIG)
+
+
+# ------------------------------------------------------------------------------------------------ toy SDXL --
+#: the toy SDXL: the SDXL UNet layout at toy widths (linear projections, deeper transformer in the attention
+#: block, the pooled-text + time-id "text_time" embedding), conditioned on two text encoders of different widths
+XL_TEXT_WIDTHS = (64, 96)
+XL_POOLED_DIM = 64
+XL_TIME_EMBED_DIM = 8
+UNET_XL_CONFIG = dict(
+    sample_size=LATENT_SIZE, in_channels=4, out_channels=4,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+    block_out_channels=[32, 64], layers_per_block=1, transformer_layers_per_block=[1, 2],
+    cross_attention_dim=sum(XL_TEXT_WIDTHS), attention_head_dim=[4, 8], use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=XL_TIME_EMBED_DIM,
+    projection_class_embeddings_input_dim=XL_POOLED_DIM + 6 * XL_TIME_EMBED_DIM, norm_num_groups=32,
+)
+
+
+def text_config_2(vocab_size: int, bos: int, eos: int):
+    """The toy SDXL's second text encoder (CLIPTextModelWithProjection, like OpenCLIP ViT-bigG in SDXL)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=XL_TEXT_WIDTHS[1], intermediate_size=192, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=MAX_LENGTH, bos_token_id=bos, eos_token_id=eos,
+        pad_token_id=eos, projection_dim=XL_POOLED_DIM,
+    )
+
+
+def new_unet_xl():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**UNET_XL_CONFIG)
