@@ -112,8 +112,9 @@ def read_embedding_file(name: str):
 
 class FT_SaveEmbedding:
     DESCRIPTION = ("Save a Textual Inversion embedding into ComfyUI's models/embeddings folder as safetensors with one "
-                   "tensor 'emb_params' (vectors x width): use it in any ComfyUI prompt as embedding:<name>, in "
-                   "A1111 by its file name, or with diffusers' load_textual_inversion. Never overwrites.")
+                   "tensor 'emb_params' (vectors x width; SDXL: 'clip_l' and 'clip_g', one per text encoder): use it "
+                   "in any ComfyUI prompt as embedding:<name>, in A1111 by its file name, or with diffusers' "
+                   "load_textual_inversion. Never overwrites.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("embedding_name",)
@@ -133,7 +134,7 @@ class FT_SaveEmbedding:
         from ..trainers.export import embedding_metadata, save_unique
 
         root, rel = host.save_folder("embeddings", filename)
-        path = save_unique(root / rel.parent, rel.name, {"emb_params": embedding.vectors},
+        path = save_unique(root / rel.parent, rel.name, embedding.tensors(),
                            embedding_metadata(embedding))
         name = path.relative_to(root).as_posix()
         return {"ui": {"text": [f"saved embeddings/{name}: write embedding:{name.removesuffix('.safetensors')} "

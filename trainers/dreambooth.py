@@ -280,9 +280,10 @@ class PivotalMethod(Method):
 
     def param_groups(self, cfg: TrainConfig) -> list[dict]:
         groups = self.lora.param_groups(cfg)
-        emb = self.ti.param_groups(cfg)[0]
-        emb["lr"] = self.embedding_lr or cfg.learning_rate
-        return groups + [emb]
+        embs = self.ti.param_groups(cfg)  # SDXL: one table per text encoder
+        for emb in embs:
+            emb["lr"] = self.embedding_lr or cfg.learning_rate
+        return groups + embs
 
     def train_modules(self, model):
         return self.lora.train_modules(model)
@@ -381,7 +382,7 @@ def train_dreambooth(recipe: DreamBoothRecipe, model: FTModel, subjects: list[Su
         tuned = attach_lora(tuned, lora, 1.0)  # the training's own copy
         tuned.history = tuned.history[:-1]
         if emb is not None:
-            save_in_run(run, "embedding", {"emb_params": emb.vectors}, embedding_metadata(emb))
+            save_in_run(run, "embedding", emb.tensors(), embedding_metadata(emb))
             out["embedding"] = emb
     else:
         method.result(run.name, {})

@@ -131,7 +131,7 @@ def settle(model: FTModel, base: FTModel, method: Method) -> FTModel:
     from .deltas import share
 
     changed = method.changed_parts()
-    for part in ("unet", "vae", "text_encoder"):
+    for part in base.parts():
         if part in changed:
             getattr(model, part).to("cpu")
         else:
