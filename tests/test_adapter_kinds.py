@@ -23,21 +23,28 @@ def unet_out(model, seed=0):
         return model.unet(x, torch.tensor([100, 800]), ctx).sample
 
 
+def random_adapter(model, alpha: float, kind: str = "lora", shift=None) -> tuple[LoRAMethod, torch.Generator]:
+    """A LoRAMethod set up on ``model`` over every layer type and the text encoder(s), with random weights instead
+    of a zero factor (``shift(p)`` is added to each); returns it and the generator, for more random inputs."""
+    method = LoRAMethod(4, alpha, "attention+feedforward+conv", train_text_encoder=True, kind=kind)
+    torch.manual_seed(0)
+    method.setup(model)
+    g = torch.Generator().manual_seed(1)
+    for grp in method.param_groups(LoRARecipe()):
+        for p in grp["params"]:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (shift(p) if shift else 0.0))
+    return method, g
+
+
 @pytest.mark.parametrize("kind", KINDS_HERE)
 @pytest.mark.parametrize("alpha", [4.0, 1.5])
 def test_the_saved_file_computes_what_peft_trained(toy, kind, alpha):
     """Random adapter weights on every layer type (attention, feed-forward, 1x1 and 3x3 convolutions, the text
     encoder): the model with peft's layers and the model with the exported file applied give the same outputs."""
     model = toy.share()
-    method = LoRAMethod(4, alpha, "attention+feedforward+conv", train_text_encoder=True, kind=kind)
     with torch.inference_mode(False):
-        torch.manual_seed(0)
-        method.setup(model)
-        g = torch.Generator().manual_seed(1)
-        for grp in method.param_groups(LoRARecipe()):
-            for p in grp["params"]:
-                with torch.no_grad():
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        method, _ = random_adapter(model, alpha, kind)
         want = unet_out(model)
         lora = method.result("k", {})
     assert lora.kind == kind

@@ -5,7 +5,6 @@ import json
 
 import pytest
 
-from comfyui_finetune.trainers.recipes import LoRARecipe
 from comfy_server import (PACK, ComfyServer, comfyui_path, pack_import, random_model, random_sd15_model,
                          skip_reason)
 
@@ -173,19 +172,13 @@ def test_the_pack_applies_each_kind_as_comfyui_computes_it(toy, tmp_path, kind):
     import torch
     from safetensors.torch import save_file
 
-    from comfyui_finetune.trainers.lora import LoRAMethod, attach_lora, kohya_names
+    from comfyui_finetune.trainers.lora import attach_lora, kohya_names
+
+    from test_adapter_kinds import random_adapter
 
     model = toy.share()
-    method = LoRAMethod(4, 3.0, "attention+feedforward+conv", train_text_encoder=True, kind=kind)
-    with torch.inference_mode(False):
-        torch.manual_seed(0)
-        method.setup(model)
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for grp in method.param_groups(LoRARecipe()):
-                for p in grp["params"]:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (p.abs().mean() if p.ndim and
-                                                                         p.shape[0] == 1 else 0.0))
+    with torch.inference_mode(False):  # DoRA's magnitudes (1, in) stay near their start, the norms
+        method, _ = random_adapter(model, 3.0, kind, shift=lambda p: p.abs().mean() if p.shape[0] == 1 else 0.0)
         lora = method.result("probe", {})
     weights = {}
     for s in (1.0, 0.6):

@@ -123,19 +123,13 @@ def test_each_pictures_size_and_crop_reach_the_unet(random_xl, folders):
 
 
 def test_a_lora_over_the_unet_and_both_encoders_uses_kohyas_sdxl_names(random_xl):
-    from comfyui_finetune.trainers.lora import LoRAMethod, attach_lora, lora_from_state
-    from comfyui_finetune.trainers.recipes import LoRARecipe
+    from comfyui_finetune.trainers.lora import attach_lora, lora_from_state
+
+    from test_adapter_kinds import random_adapter
 
     model = random_xl.share()
-    method = LoRAMethod(4, 2.0, "attention+feedforward+conv", train_text_encoder=True)
     with torch.inference_mode(False):
-        torch.manual_seed(0)
-        method.setup(model)
-        g = torch.Generator().manual_seed(1)
-        for grp in method.param_groups(LoRARecipe()):
-            for p in grp["params"]:
-                with torch.no_grad():
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        method, g = random_adapter(model, 2.0)
         x = torch.randn(2, 4, 16, 16, generator=g)
         with torch.no_grad():
             want = model.unet_forward(x, torch.tensor([100, 700]), model.encode_prompts(["a sks star", "a cat"]))

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import diffusion
 from ..export import legacy_text_encoder_keys
 from . import judge as judge_mod
 from . import WEIGHTS, control, models, world
-from .steps import cosine as _cosine, every as _every, no_build_paths as _no_build_paths
+from .steps import cosine as _cosine, encode_pictures, every as _every, no_build_paths as _no_build_paths
+from .steps import train_denoiser
 from .tokenizer import write_tokenizer
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,6 @@ def train_vae(cfg: BuildConfig, out: Path, train_x: torch.Tensor) -> dict:
 # ----------------------------------------------------------------------------------------------- unet + te --
 def train_unet(cfg: BuildConfig, out: Path, pics: list[world.Picture]) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
-    from diffusers.training_utils import EMAModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(cfg.seed + 3)
@@ -204,54 +203,28 @@ def train_unet(cfg: BuildConfig, out: Path, pics: list[world.Picture]) -> dict:
     unet = models.new_unet()
     noise_sched = DDPMScheduler(**models.SCHEDULER_CONFIG)
     t0 = time.time()
-    x = world.to_tensor_batch([p.image for p in pics])
-    with torch.no_grad():
-        dists = [vae.encode(x[i:i + 256]).latent_dist for i in range(0, len(x), 256)]
-        mean = torch.cat([d.mean for d in dists]); std = torch.cat([d.std for d in dists])
-    sf = vae.config.scaling_factor
+    mean, std = encode_pictures(vae, pics)
     ids = tok([p.caption for p in pics], padding="max_length", max_length=tok.model_max_length,
               truncation=True, return_tensors="pt").input_ids
     empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
     log.info("encoded %d latents in %.1fs", len(pics), time.time() - t0)
-    params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
-    sched = _cosine(opt, cfg.unet_steps, 100)
-    ema = EMAModel(params, decay=cfg.ema_decay)
-    n = len(pics)
-    order = torch.randperm(n, generator=g)
-    pos, ema_loss = 0, None
-    t1 = time.time()
-    for i in range(cfg.unet_steps):
-        if pos + cfg.batch_size > n:
-            order, pos = torch.randperm(n, generator=g), 0
-        idx = order[pos:pos + cfg.batch_size]; pos += cfg.batch_size
-        lat = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * sf
+
+    def condition(idx, drop):
         cap = ids[idx].clone()
-        drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout
         cap[drop] = empty
-        noise = diffusion.sample_noise(lat, g)
-        t = diffusion.sample_timesteps(len(idx), noise_sched, g, lat.device)
-        noisy = noise_sched.add_noise(lat, noise, t)
-        pred = unet(noisy, t, encoder_hidden_states=te(cap)[0]).sample
-        w = diffusion.min_snr_weights(noise_sched, t, 5.0)
-        loss = diffusion.diffusion_loss(pred, diffusion.target_for(noise_sched, lat, noise, t), weights=w)
-        opt.zero_grad(); loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step(); sched.step(); ema.step(params)
-        ema_loss = loss.item() if ema_loss is None else 0.99 * ema_loss + 0.01 * loss.item()
-        if _every(i, 250, cfg.unet_steps):
-            el = time.time() - t1
-            log.info("unet step %d/%d loss(ema) %.4f  %.0f ms/step", i + 1, cfg.unet_steps, ema_loss,
-                     1000 * el / (i + 1))
-    ema.copy_to(params)
+        return te(cap)[0]
+
+    ema_loss, ms = train_denoiser(cfg, list(unet.parameters()) + list(te.parameters()), mean, std,
+                                  vae.config.scaling_factor, noise_sched, g, condition,
+                                  lambda noisy, t, ctx: unet(noisy, t, encoder_hidden_states=ctx).sample, "unet")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te.eval(), tokenizer=tok, unet=unet.eval(),
                                    scheduler=DDIMScheduler(**models.SCHEDULER_CONFIG), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(out / "pipeline"), safe_serialization=True)
     legacy_text_encoder_keys(out / "pipeline" / "text_encoder")  # the key layout every other tool reads
     _no_build_paths(out / "pipeline")
-    return {"seconds": round(time.time() - t0, 1), "steps": cfg.unet_steps,
-            "ms_per_step": round(1000 * (time.time() - t1) / cfg.unet_steps, 1), "final_loss_ema": round(ema_loss, 4)}
+    return {"seconds": round(time.time() - t0, 1), "steps": cfg.unet_steps, "ms_per_step": round(ms, 1),
+            "final_loss_ema": round(ema_loss, 4)}
 
 
 # ------------------------------------------------------------------------------------------------------ clip --

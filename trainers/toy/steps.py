@@ -27,3 +27,62 @@ def no_build_paths(folder: Path) -> None:
         cfg_json = json.loads(cfg_file.read_text())
         if cfg_json.pop("_name_or_path", None) is not None:
             cfg_file.write_text(json.dumps(cfg_json, indent=2, sort_keys=True) + "\n")
+
+
+def encode_pictures(vae, pics) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's latent mean and std of every toy picture (the builds draw a latent from them each step)."""
+    from . import world
+
+    x = world.to_tensor_batch([p.image for p in pics])
+    with torch.no_grad():
+        dists = [vae.encode(x[i:i + 256]).latent_dist for i in range(0, len(x), 256)]
+    return torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
+
+
+def train_denoiser(cfg, params: list, mean: torch.Tensor, std: torch.Tensor, sf: float, noise_sched,
+                   g: torch.Generator, condition, forward, label: str) -> tuple[float, float]:
+    """The toy builds' text-to-image training: ``cfg.unet_steps`` AdamW steps (cosine schedule, EMA, gradient
+    clipping, min-SNR 5 weights) over shuffled batches of the latents, a caption dropped with
+    ``cfg.caption_dropout``. ``condition(idx, dropped)`` gives the batch's text conditioning and
+    ``forward(noisy, t, conditioning)`` the prediction. The averaged weights end in ``params``; returns the final
+    smoothed loss and the milliseconds per step."""
+    import logging
+    import time
+
+    from diffusers.training_utils import EMAModel
+
+    from .. import diffusion
+
+    log = logging.getLogger(__name__)
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    sched = cosine(opt, cfg.unet_steps, 100)
+    ema = EMAModel(params, decay=cfg.ema_decay)
+    n = len(mean)
+    order = torch.randperm(n, generator=g)
+    pos, ema_loss = 0, None
+    t1 = time.time()
+    for i in range(cfg.unet_steps):
+        if pos + cfg.batch_size > n:
+            order, pos = torch.randperm(n, generator=g), 0
+        idx = order[pos:pos + cfg.batch_size]
+        pos += cfg.batch_size
+        lat = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * sf
+        drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout
+        noise = diffusion.sample_noise(lat, g)
+        t = diffusion.sample_timesteps(len(idx), noise_sched, g, lat.device)
+        noisy = noise_sched.add_noise(lat, noise, t)
+        pred = forward(noisy, t, condition(idx, drop))
+        w = diffusion.min_snr_weights(noise_sched, t, 5.0)
+        loss = diffusion.diffusion_loss(pred, diffusion.target_for(noise_sched, lat, noise, t), weights=w)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema.step(params)
+        ema_loss = loss.item() if ema_loss is None else 0.99 * ema_loss + 0.01 * loss.item()
+        if every(i, 250, cfg.unet_steps):
+            log.info("%s step %d/%d loss(ema) %.4f  %.0f ms/step", label, i + 1, cfg.unet_steps, ema_loss,
+                     1000 * (time.time() - t1) / (i + 1))
+    ema.copy_to(params)
+    return ema_loss, 1000 * (time.time() - t1) / cfg.unet_steps
