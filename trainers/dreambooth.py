@@ -136,7 +136,7 @@ def class_images(model: FTModel, prompt: str, count: int, resolution: int, seed:
 
 # ------------------------------------------------------------------------------------------------- methods --
 class FullMethod(Method):
-    """Full fine-tune: every UNet weight (and the text encoder's, optionally) learns."""
+    """Full fine-tune: every UNet weight (and the text encoder's, optionally; SDXL: both encoders') learns."""
 
     name = "full"
 
@@ -148,17 +148,17 @@ class FullMethod(Method):
         """What trains gets weights of its own (the rest of the model stays shared with the input)."""
         from .deltas import materialize
 
-        model.unet = materialize(model.unet)
-        if self.trains_text_encoder:
-            model.text_encoder = materialize(model.text_encoder)
         self.model = model
+        for name, _ in self._modules():
+            setattr(model, name, materialize(getattr(model, name)))
 
     def changed_parts(self) -> tuple[str, ...]:
-        return ("unet", "text_encoder") if self.trains_text_encoder else ("unet",)
+        return ("unet", "text_encoder", "text_encoder_2") if self.trains_text_encoder else ("unet",)
 
     def _modules(self):
-        return [("unet", self.model.unet)] + ([("text_encoder", self.model.text_encoder)]
-                                              if self.trains_text_encoder else [])
+        parts = self.model.parts()
+        return [(n, m) for n, m in parts.items() if n == "unet" or (self.trains_text_encoder and
+                                                                     n.startswith("text_encoder"))]
 
     def param_groups(self, cfg: TrainConfig) -> list[dict]:
         groups = []

@@ -75,8 +75,7 @@ def sd2_prediction(state: dict[str, Any]) -> str:
 
 
 #: SDXL-architecture families: what is not built for them yet (issue 19 builds it a piece at a time)
-XL_NOT_YET = (("dreambooth:full", "a full SDXL fine-tune is saved as a checkpoint, which is not written yet"),
-              ("controlnet", "SDXL ControlNets are not built yet"))
+XL_NOT_YET = (("controlnet", "SDXL ControlNets are not built yet"),)
 
 
 FAMILIES: dict[str, Family] = {
@@ -104,8 +103,8 @@ def check_supported(model, recipe) -> None:
         wanted.add(f"{recipe.method}:pivotal")
     for what, why in fam.not_yet:
         if what in wanted:
-            raise ValueError(f"{what.replace(':', ' ')} on {fam.label} is not supported yet: {why}. LoRA (Train "
-                             f"LoRA, or DreamBooth in lora mode) and Textual Inversion train this family today")
+            raise ValueError(f"{what.replace(':', ' ')} on {fam.label} is not supported yet: {why}. LoRA, "
+                             f"DreamBooth and Textual Inversion train this family today")
 
 
 def family_for_unet(unet_config) -> Family:
