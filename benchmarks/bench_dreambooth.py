@@ -2,7 +2,7 @@
 one subject and two at once, LoRA and full mode. Judged by the toy judge over 16 generations each.
 
     python benchmarks/bench_dreambooth.py [--steps 200] [--only one|two] [--class-images 16] [--prior-weight 1]
-                                          [--pp-only] [--seed 0]
+                                          [--pp-only] [--seed 0] [--samples 16] [--model toy|toy_xl]
 
 Subjects: six purple circles "a sks circle" (class "a circle"; the base never draws purple) and six yellow
 triangles "a zwx triangle" (class "a triangle"; a combination the base was never shown).
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SEEDS = list(range(2000, 2016))
+SEEDS = list(range(2000, 2016))  # --samples N: 2000 ... 2000 + N - 1
 
 
 def rate(model, judge, prompt, color, shape):
@@ -48,8 +48,11 @@ def train(model, subs, **kw):
 
 
 def main() -> None:
+    import os
+
+    os.environ.setdefault("FT_NO_PROGRESS", "1")
     from comfyui_finetune.nodes import host
-    from comfyui_finetune.trainers.toy.loader import load_toy_judge, load_toy_model
+    from comfyui_finetune.trainers.toy.loader import load_toy_judge, load_toy_model, load_toy_xl_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200)
@@ -59,11 +62,14 @@ def main() -> None:
     ap.add_argument("--pp-only", action="store_true", help="only the runs with prior preservation")
     ap.add_argument("--seed", type=int, default=0,
                     help="training seed (it seeds the class pictures too; the judged samples keep theirs)")
+    ap.add_argument("--samples", type=int, default=16, help="judged generations per prompt")
+    ap.add_argument("--model", choices=["toy", "toy_xl"], default="toy", help="the toy, or the toy SDXL")
     args = ap.parse_args()
+    SEEDS[:] = list(range(2000, 2000 + args.samples))
     extra = dict(num_class_images=args.class_images, prior_loss_weight=args.prior_weight, seed=args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         host.set_folders(output=Path(tmp) / "out", models=Path(tmp) / "models", input=Path(tmp) / "in")
-        base, judge = load_toy_model(), load_toy_judge()
+        base, judge = (load_toy_model() if args.model == "toy" else load_toy_xl_model()), load_toy_judge()
         a = (subject("purple", "circle", "x"), "a sks circle", "a circle")
         b = (subject("yellow", "triangle", "x"), "a zwx triangle", "a triangle")
         print(f"base: 'a sks circle' purple circle {rate(base, judge, 'a sks circle', 'purple', 'circle'):.2f}, "
