@@ -1,11 +1,10 @@
 """finetune/models: load a base model."""
 from __future__ import annotations
 
+from ..trainers.toy.loader import TOY_SOURCE as TOY, TOY_XL_SOURCE as TOY_XL  # the built-ins' names, once
 from . import host
 from .base import COMBO, HIDDEN, ROOT_CATEGORY, torch_call
 
-TOY = "toy (built-in)"
-TOY_XL = "toy SDXL (built-in)"  # == trainers.toy.loader.TOY_XL_SOURCE (tested)
 DEVICES = ["auto", "cpu", "cuda"]
 DTYPES = ["auto", "fp32", "fp16", "bf16"]
 
