@@ -15,6 +15,8 @@ CATEGORY = f"{ROOT_CATEGORY}/bridges"
 ONLY_IN_COMFYUI = " Listed only inside ComfyUI: it hands the model to ComfyUI's own loaders."
 #: ComfyUI's sampling classes -> the scheduler's prediction_type the pack trains and samples with
 PREDICTIONS = {"V_PREDICTION": "v_prediction", "EPS": "epsilon"}
+#: the marker tensors ComfyUI's state_dict_for_saving adds beside the weights (v-prediction, zero terminal SNR)
+MARKERS = ("v_pred", "ztsnr")
 
 
 def comfy_prediction(model) -> str | None:
@@ -47,9 +49,12 @@ def unsupported_reason(state: dict, comfy_config: str) -> str | None:
     if conv_in is not None and conv_in.shape[1] != 4:
         return (f"ComfyUI's model is {comfy_config} with {conv_in.shape[1]} input channels (an inpainting or "
                 f"instruct model); the pack's {fam.label} takes 4")
-    if any(k.startswith("model.diffusion_model.label_emb.") for k in state):
-        return (f"ComfyUI's model is {comfy_config}, which is conditioned on images (unCLIP); the pack supports "
-                f"plain {supported}")
+    label = state.get("model.diffusion_model.label_emb.0.0.weight")
+    adm = fam.unet_config().get("projection_class_embeddings_input_dim")  # SDXL's pooled text + time ids
+    if any(k.startswith("model.diffusion_model.label_emb.") for k in state) and (
+            label is None or adm is None or label.shape[1] != adm):
+        return (f"ComfyUI's model is {comfy_config}, which is conditioned on images (unCLIP) or other extra "
+                f"inputs; the pack supports plain {supported}")
     return None
 
 
@@ -98,10 +103,11 @@ class FT_ApplyLoRAToComfy:
 class FT_ModelFromComfy:
     DESCRIPTION = ("Take the model ComfyUI's graph holds as an FT_MODEL to train or sample: a checkpoint from Load "
                    "Checkpoint, a merge made with ComfyUI's model-merging nodes, a model with LoRAs applied; their "
-                   "patches are baked in, and nothing is read from disk again. SD 1.x and 2.x; a model of another "
-                   "family (SDXL, SD3, Flux ...) is an error naming it. Only weights travel: patches that change how "
-                   "the model runs (FreeU, hooks, a CLIP Set Last Layer) do not. Runs trained on it record the model "
-                   "as comfy:<ComfyUI's model class> with a fingerprint of its weights." + ONLY_IN_COMFYUI)
+                   "patches are baked in, and nothing is read from disk again. SD 1.x, 2.x and SDXL; a model of "
+                   "another family (SD3, Flux, the SDXL refiner ...) is an error naming it. Only weights travel: "
+                   "patches that change how the model runs (FreeU, hooks, a CLIP Set Last Layer) do not. Runs trained "
+                   "on it record the model as comfy:<ComfyUI's model class> with a fingerprint of its weights."
+                   + ONLY_IN_COMFYUI)
     CATEGORY = CATEGORY
     RETURN_TYPES = ("FT_MODEL",)
     RETURN_NAMES = ("model",)
@@ -147,7 +153,7 @@ class FT_ModelFromComfy:
             state = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd())
         # copies of our own: ComfyUI patches and restores its weights in place when another LoRA or merge runs
         state = {k: v.detach().to("cpu", copy=True) for k, v in state.items() if k.startswith(
-            ("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))}
+            ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")) or k in MARKERS}
         ft = model_from_single_file_state(state, f"comfy:{config}", sd1_tokenizer_dir(), device, dtype,
                                           prediction)  # what ComfyUI samples it as
         ft.prediction_source = "as ComfyUI samples it"
@@ -166,13 +172,11 @@ def comfy_state(model) -> dict:
     from ..trainers.families import FAMILIES
 
     if not FAMILIES[model.family].config:
-        raise ValueError(f"model: the {FAMILIES[model.family].label} has no ComfyUI equivalent; SD 1.x and 2.x "
-                         "models do (save this one with Save Checkpoint as a diffusers folder)")
+        raise ValueError(f"model: the {FAMILIES[model.family].label} has no ComfyUI equivalent; SD 1.x, 2.x and "
+                         "SDXL models do (save this one with Save Checkpoint as a diffusers folder)")
     state = to_single_file(model, model.dtype)
-    key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
-    key = key if key in state else "cond_stage_model.model.token_embedding.weight"
-    base = model.tokenizer.vocab_size  # the vocabulary without added words
-    if state[key].shape[0] > base:
+    base = model.tokenizer.vocab_size  # the vocabulary without added words (SDXL: both encoders share it)
+    for key in [k for k in state if k.endswith("token_embedding.weight") and state[k].shape[0] > base]:
         host.log.warning("Model to ComfyUI: the Textual Inversion words %s stay behind (ComfyUI's CLIP has a fixed "
                          "vocabulary): save them with Save Embedding and write embedding:<name> in the prompt",
                          ", ".join(model.token_vectors) or f"({state[key].shape[0] - base} added tokens)")
@@ -181,12 +185,12 @@ def comfy_state(model) -> dict:
 
 
 class FT_ModelToComfy:
-    DESCRIPTION = ("Hand a pack model (a full fine-tune, a model with LoRAs merged by Apply LoRA, any SD 1.x/2.x "
+    DESCRIPTION = ("Hand a pack model (a full fine-tune, a model with LoRAs merged by Apply LoRA, any SD 1.x/2.x/XL "
                    "FT_MODEL) to ComfyUI as MODEL, CLIP and VAE, so its native samplers, upscalers and Save "
                    "Checkpoint work on it: the same as saving it with Save Checkpoint and loading the file with Load "
                    "Checkpoint, without the file. A word added by Textual Inversion does not travel into ComfyUI's "
                    "CLIP this way: save it with Save Embedding and write embedding:<name> in the prompt. The toy "
-                   "model has no ComfyUI equivalent." + ONLY_IN_COMFYUI)
+                   "models have no ComfyUI equivalent." + ONLY_IN_COMFYUI)
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     RETURN_NAMES = ("model", "clip", "vae")

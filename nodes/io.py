@@ -183,8 +183,8 @@ SAVE_DTYPES = ["fp16", "bf16", "fp32"]
 class FT_SaveCheckpoint:
     DESCRIPTION = ("Save a whole model (e.g. from DreamBooth's full mode): as one original-layout .safetensors file in "
                    "models/checkpoints, which ComfyUI's Load Checkpoint, A1111 and diffusers' from_single_file read "
-                   "(SD 1.x and 2.x models), or as a diffusers folder in models/diffusers (any family, the toy too). Never "
-                   "overwrites.")
+                   "(SD 1.x, 2.x and SDXL models), or as a diffusers folder in models/diffusers (any family, the toys "
+                   "too). Never overwrites.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("name",)
@@ -198,7 +198,7 @@ class FT_SaveCheckpoint:
             "model": LINK("FT_MODEL", "The model to save."),
             "filename": STRING("finetune/my_model", "Subfolder and name inside models/checkpoints (or "
                                "models/diffusers for a folder)."),
-            "format": COMBO(SAVE_FORMATS, "One .safetensors file (SD 1.x/2.x), or a diffusers folder (any model)."),
+            "format": COMBO(SAVE_FORMATS, "One .safetensors file (SD 1.x/2.x/XL), or a diffusers folder (any model)."),
             "dtype": COMBO(SAVE_DTYPES, "Precision of the saved weights (fp16 halves the size)."),
         }}
 

@@ -77,8 +77,9 @@ class FT_LoadBaseModel:
     DESCRIPTION = ("Load a text-to-image model to sample or fine-tune: the built-in toy model (32x32 coloured "
                    "shapes, runs in seconds on a CPU), the built-in toy SDXL (the same world in SDXL's architecture: "
                    "two text encoders, pooled embedding and size/crop time ids), a diffusers folder from "
-                   "models/diffusers, or a single-file SD 1.x/2.x .safetensors checkpoint from models/checkpoints. "
-                   "Nothing is downloaded.")
+                   "models/diffusers, or a single-file SD 1.x, 2.x or SDXL .safetensors checkpoint from "
+                   "models/checkpoints (SDXL fine-tunes and v-prediction SDXL models included; the refiner, EDM and "
+                   "flow models are not). Nothing is downloaded.")
     CATEGORY = f"{ROOT_CATEGORY}/models"
     RETURN_TYPES = ("FT_MODEL",)
     RETURN_NAMES = ("model",)

@@ -51,7 +51,16 @@ def test_every_family_says_what_the_files_and_samplers_need():
     for fam in FAMILIES.values():
         assert fam.base_model_version and fam.class_cfg > 0, fam.name
         if fam.config:  # a family with shipped configs is read and written as a single file
-            assert fam.single_file_text_encoder in ("clip", "open_clip") and fam.architecture, fam.name
+            from comfyui_finetune.trainers.checkpoint import TEXT_ENCODER_LAYOUTS
+
+            assert fam.text_encoder_files and fam.architecture, fam.name
+            assert all(layout in TEXT_ENCODER_LAYOUTS and prefix.endswith(".")
+                       for layout, prefix in fam.text_encoder_files), fam.name
             assert fam.detect is not None, fam.name
+            subs = {"unet", "vae", "scheduler", "text_encoder", "tokenizer"}
+            if len(fam.text_encoder_files) == 2:
+                subs |= {"text_encoder_2", "tokenizer_2"}
+            assert all((fam.config_dir / s).is_dir() for s in subs), fam.name
+            assert fam.unet_config()["cross_attention_dim"] == fam.context_dim, fam.name
         else:
-            assert fam.single_file_text_encoder is None, fam.name
+            assert not fam.text_encoder_files, fam.name

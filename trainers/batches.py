@@ -123,10 +123,10 @@ class Encoder:
             px = augment_batch(px, self.dataset.augment, self.g)
         px = shard.take(px)
         with torch.no_grad():
-            dist = model.vae.encode(px.to(model.vae.device, model.dtype)).latent_dist
+            dist = model.vae.encode(px.to(model.vae.device, model.vae.dtype)).latent_dist
             eps = diffusion.randn(dist.mean.shape, self.g, shard).to(dist.mean.device, dist.mean.dtype)
-        return (dist.mean + dist.std * eps) * self.sf, {"pixels": px, "conditions": cond, "masks": mask,
-                                                       "time_ids": time_ids}
+        latents = ((dist.mean + dist.std * eps) * self.sf).to(model.dtype)
+        return latents, {"pixels": px, "conditions": cond, "masks": mask, "time_ids": time_ids}
 
 
 def encode_latent_dists(model: FTModel, pixels: dict, chunk: int = 16) -> dict:
@@ -134,7 +134,7 @@ def encode_latent_dists(model: FTModel, pixels: dict, chunk: int = 16) -> dict:
     out = {}
     with torch.no_grad():
         for b, px in pixels.items():
-            dists = [model.vae.encode(px[i:i + chunk].to(model.device, model.dtype)).latent_dist
+            dists = [model.vae.encode(px[i:i + chunk].to(model.device, model.vae.dtype)).latent_dist
                      for i in range(0, len(px), chunk)]
             out[b] = (torch.cat([d.mean for d in dists]).float(), torch.cat([d.std for d in dists]).float())
     return out

@@ -1,9 +1,10 @@
 """Full models as files: a diffusers folder, or the original single-file layout ComfyUI's CheckpointLoaderSimple,
-A1111 and diffusers' ``from_single_file`` read (SD 1.x and 2.x).
+A1111 and diffusers' ``from_single_file`` read (SD 1.x, 2.x and SDXL).
 
 The single-file key names are the original (LDM) ones; the mapping from diffusers' module names is a published
-fact of the two layouts (UNet ``input_blocks``/``middle_block``/``output_blocks``, VAE ``encoder.down.N.block``,
-text encoder under ``cond_stage_model.transformer.text_model``).
+fact of the two layouts (UNet ``input_blocks``/``middle_block``/``output_blocks``, SDXL's pooled-text and time-id
+embedding ``label_emb``, VAE ``encoder.down.N.block``, text encoders where the family's registry entry puts them:
+``cond_stage_model.*``, SDXL's ``conditioner.embedders.0/1.*``).
 """
 from __future__ import annotations
 
@@ -32,10 +33,12 @@ def unet_key(k: str, layers_per_block: int, up_attn: list[bool]) -> str:
     n = layers_per_block + 1
     p = k.split(".")
     simple = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+              "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
               "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
-    head = ".".join(p[:2]) if p[0] == "time_embedding" else p[0]
+    two = p[0] in ("time_embedding", "add_embedding")
+    head = ".".join(p[:2]) if two else p[0]
     if head in simple:
-        return simple[head] + "." + ".".join(p[2 if p[0] == "time_embedding" else 1:])
+        return simple[head] + "." + ".".join(p[2 if two else 1:])
     if p[0] == "down_blocks":
         i = int(p[1])
         if p[2] == "resnets":
@@ -90,14 +93,18 @@ OPEN_CLIP = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc"
              "self_attn.out_proj": "attn.out_proj"}
 
 
-def open_clip_text_encoder(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SD 2.x: a transformers CLIPTextModel state dict in OpenCLIP's layout (``cond_stage_model.model.*``,
-    q/k/v fused into ``in_proj``). diffusers keeps 23 of OpenCLIP-H's 24 layers (SD 2.x reads the penultimate
-    one), so the 24th layer and the projection are absent, as in every diffusers-to-original conversion."""
-    sd = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()
-          if not k.endswith("position_ids")}
+def open_clip_text_encoder(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModel(WithProjection) state dict in OpenCLIP's layout under ``prefix`` (q/k/v fused
+    into ``in_proj``, the projection as OpenCLIP's ``text_projection`` matrix, the transpose of transformers').
+    SD 2.x: diffusers keeps 23 of OpenCLIP-H's 24 layers (SD 2.x reads the penultimate one), so the 24th layer and
+    the projection are absent, as in every diffusers-to-original conversion; SDXL's OpenCLIP-bigG has all 32 and
+    its projection (the pooled embedding)."""
+    sd = {(k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): v
+          for k, v in state.items() if not k.endswith("position_ids")}
     out = {"token_embedding.weight": sd.pop("text_model.embeddings.token_embedding.weight"),
            "positional_embedding": sd.pop("text_model.embeddings.position_embedding.weight")}
+    if "text_projection.weight" in sd:
+        out["text_projection"] = sd.pop("text_projection.weight").t()
     for k in [k for k in sd if k.startswith("text_model.final_layer_norm.")]:
         out["ln_final." + k.rsplit(".", 1)[1]] = sd.pop(k)
     layers = sorted({int(k.split(".")[3]) for k in sd if k.startswith("text_model.encoder.layers.")})
@@ -112,14 +119,24 @@ def open_clip_text_encoder(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
             out[f"transformer.resblocks.{i}.{name}"] = sd.pop(k)
     if sd:
         raise KeyError(f"text-encoder weights without an OpenCLIP name: {sorted(sd)[:3]}")
-    return {"cond_stage_model.model." + k: v for k, v in out.items()}
+    return {prefix + k: v for k, v in out.items()}
+
+
+def clip_text_encoder(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModel state dict under ``prefix`` with transformers' own names (``text_model.*``)."""
+    return {prefix + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()
+            if not k.endswith("position_ids")}
+
+
+TEXT_ENCODER_LAYOUTS = {"clip": clip_text_encoder, "open_clip": open_clip_text_encoder}
 
 
 def to_single_file(model: FTModel, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """The model's weights under original SD 1.x / 2.x single-file names."""
+    """The model's weights under original single-file names (SD 1.x, 2.x and SDXL), with the marker tensors
+    ComfyUI writes for a v-prediction model (``v_pred``, and ``ztsnr`` for zero terminal SNR)."""
     fam = FAMILIES.get(model.family)
-    if fam is None or fam.single_file_text_encoder is None:
-        which = " and ".join(f.label for f in FAMILIES.values() if f.single_file_text_encoder)
+    if fam is None or not fam.text_encoder_files:
+        which = ", ".join(f.label for f in FAMILIES.values() if f.text_encoder_files)
         raise ValueError(f"a single-file checkpoint is written for {which} models; this is the "
                          f"{fam.label if fam else model.family}: save it as a diffusers folder")
     cfg = model.unet.config
@@ -133,14 +150,17 @@ def to_single_file(model: FTModel, dtype: torch.dtype = torch.float16) -> dict[s
         if ".mid.attn_1." in nk and nk.endswith(".weight") and v.ndim == 2:
             v = v[:, :, None, None]  # the original attention uses 1x1 convolutions
         out["first_stage_model." + nk] = v
-    te = plain_state_dict(model.text_encoder)
-    if fam.single_file_text_encoder == "open_clip":
-        out.update(open_clip_text_encoder(te))
-    else:
-        for k, v in te.items():
-            if not k.endswith("position_ids"):
-                out["cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k)] = v
-    return {k: v.detach().to(dtype).contiguous().cpu() for k, v in out.items()}
+    if len(model.text_encoders) != len(fam.text_encoder_files):
+        raise ValueError(f"the {fam.label} has {len(fam.text_encoder_files)} text encoders; this model has "
+                         f"{len(model.text_encoders)}")
+    for te, (layout, prefix) in zip(model.text_encoders, fam.text_encoder_files):
+        out.update(TEXT_ENCODER_LAYOUTS[layout](plain_state_dict(te), prefix))
+    out = {k: v.detach().to(dtype).contiguous().cpu() for k, v in out.items()}
+    if model.prediction_type == "v_prediction":
+        out["v_pred"] = torch.tensor([])
+        if model.scheduler_config.get("rescale_betas_zero_snr"):
+            out["ztsnr"] = torch.tensor([])
+    return out
 
 
 def save_diffusers(model: FTModel, folder: Path, dtype: torch.dtype = torch.float16) -> Path:

@@ -1,6 +1,6 @@
-"""Model families: what differs between the toy, SD 1.x and SD 2.x lives here and nowhere else.
+"""Model families: what differs between the toys, SD 1.x, SD 2.x and SDXL lives here and nowhere else.
 
-Adding a family (SDXL next) is one new :class:`Family` entry plus its shipped config folder and tests; the
+Adding a family is one new :class:`Family` entry plus its shipped config folder, its key maps and its tests; the
 trainers and nodes ask this registry instead of branching on a family's name.
 """
 from __future__ import annotations
@@ -32,9 +32,10 @@ class Family:
     #: epsilon, the 768 px models v)
     sizes: tuple[tuple[str, int], ...] = ()
 
-    #: the text encoder's layout in a single-file checkpoint ("clip": SD 1.x's transformers names, "open_clip": SD
-    #: 2.x's fused OpenCLIP resblocks); None: the family has no single-file layout (save a diffusers folder)
-    single_file_text_encoder: str | None = None
+    #: the text encoders in a single-file checkpoint, in the model's order: (layout, key prefix), the layout "clip"
+    #: (transformers' names, SD 1.x) or "open_clip" (OpenCLIP's fused resblocks, SD 2.x and SDXL's second encoder);
+    #: empty: the family has no single-file layout (save a diffusers folder)
+    text_encoder_files: tuple[tuple[str, str], ...] = ()
     #: modelspec.architecture of its single-file checkpoints
     architecture: str = ""
     #: kohya's ss_base_model_version in its LoRA files (A1111 and the LoRA browsers group by it)
@@ -50,6 +51,12 @@ class Family:
     @property
     def config_dir(self) -> Path | None:
         return CONFIGS / self.config if self.config else None
+
+    def unet_config(self) -> dict[str, Any]:
+        """The shipped diffusers config of this family's UNet (empty for the toys, whose folders carry theirs)."""
+        import json
+
+        return json.loads((self.config_dir / "unet" / "config.json").read_text()) if self.config_dir else {}
 
     @property
     def controlnet_config(self) -> Path:
@@ -74,8 +81,18 @@ def sd2_prediction(state: dict[str, Any]) -> str:
     return "v_prediction" if float(marker.float().std(unbiased=False)) > SD2_SPREAD else "epsilon"
 
 
+def sdxl_prediction(state: dict[str, Any]) -> str:
+    """ComfyUI's test for SDXL-based files (comfy/supported_models.py, SDXL.model_type): v-prediction models carry
+    an empty ``v_pred`` tensor (and ``ztsnr`` when trained with zero terminal SNR), which its CheckpointSave writes
+    too; EDM files (Playground 2.5, ``edm_*``) are refused by :func:`family_for_checkpoint`."""
+    return "v_prediction" if "v_pred" in state else "epsilon"
+
+
 #: SDXL-architecture families: what is not built for them yet (issue 19 builds it a piece at a time)
 XL_NOT_YET = (("controlnet", "SDXL ControlNets are not built yet"),)
+#: where each family's text encoders sit in an original-layout single file
+CLIP_L, OPEN_CLIP = ("clip", "cond_stage_model.transformer."), ("open_clip", "cond_stage_model.model.")
+SDXL_ENCODERS = (("clip", "conditioner.embedders.0.transformer."), ("open_clip", "conditioner.embedders.1.model."))
 
 
 FAMILIES: dict[str, Family] = {
@@ -84,10 +101,13 @@ FAMILIES: dict[str, Family] = {
     "toy_xl": Family("toy_xl", "built-in toy SDXL (32x32 shapes, two text encoders)", None, 32, 160,
                      gpu_dtype="fp32", base_model_version="finetune_toy_xl", class_cfg=4.0, not_yet=XL_NOT_YET),
     "sd15": Family("sd15", "Stable Diffusion 1.x", "sd15", 512, 768, detect=lambda state: "epsilon",
-                   single_file_text_encoder="clip", architecture="stable-diffusion-v1", base_model_version="sd_v1"),
+                   text_encoder_files=(CLIP_L,), architecture="stable-diffusion-v1", base_model_version="sd_v1"),
     "sd2": Family("sd2", "Stable Diffusion 2.x", "sd2", 768, 1024, detect=sd2_prediction,
-                  sizes=(("epsilon", 512), ("v_prediction", 768)), single_file_text_encoder="open_clip",
+                  sizes=(("epsilon", 512), ("v_prediction", 768)), text_encoder_files=(OPEN_CLIP,),
                   architecture="stable-diffusion-v2", base_model_version="sd_v2"),
+    "sdxl": Family("sdxl", "Stable Diffusion XL", "sdxl", 1024, 2048, detect=sdxl_prediction,
+                   text_encoder_files=SDXL_ENCODERS, architecture="stable-diffusion-xl-v1-base",
+                   base_model_version="sdxl_base_v1-0", class_cfg=5.0, not_yet=XL_NOT_YET),
 }
 
 
@@ -114,20 +134,36 @@ def family_for_unet(unet_config) -> Family:
         if fam.context_dim == ctx:
             return fam
     known = ", ".join(f"{f.label} ({f.context_dim})" for f in FAMILIES.values())
-    raise ValueError(f"unrecognised model: its UNet's cross_attention_dim is {ctx}; the pack knows {known}. "
-                     "SDXL and other families are not supported yet")
+    raise ValueError(f"unrecognised model: its UNet's cross_attention_dim is {ctx}; the pack knows {known}")
+
+
+#: an original-layout UNet's cross-attention key projection: its input width is the text encoders' width
+CROSS_ATTENTION_K = "attn2.to_k.weight"
 
 
 def family_for_checkpoint(keys_and_shapes: dict[str, tuple[int, ...]]) -> Family:
-    """Recognise an original-layout (LDM) single-file checkpoint from its key names and shapes."""
-    k = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    if k not in keys_and_shapes:
-        if any(x.startswith("conditioner.embedders.1") for x in keys_and_shapes):
-            raise ValueError("this looks like an SDXL checkpoint; SDXL is not supported yet (SD 1.x and 2.x are)")
-        raise ValueError("not a Stable Diffusion 1.x/2.x checkpoint: it has no "
-                         "'model.diffusion_model.input_blocks...' UNet weights in the original layout")
+    """Recognise an original-layout (LDM) single-file checkpoint from its key names and shapes: the UNet's
+    cross-attention width and where its text encoders sit (``cond_stage_model.*`` or SDXL's
+    ``conditioner.embedders.N.*``)."""
+    unet = "model.diffusion_model."
+    k = next((k for k in keys_and_shapes if k.startswith(unet) and k.endswith(CROSS_ATTENTION_K)), None)
+    if k is None:
+        raise ValueError("not a Stable Diffusion checkpoint: it has no 'model.diffusion_model.*' UNet with "
+                         "cross-attention in the original layout (a diffusers folder, or a checkpoint of another "
+                         "kind of model?)")
+    if any(x.startswith("edm_") for x in keys_and_shapes):
+        raise ValueError("this is an EDM checkpoint (Playground 2.5 or an EDM v-prediction model), which the pack "
+                         "cannot train: it trains epsilon and v-prediction models")
     ctx = keys_and_shapes[k][1]
+    # a whole checkpoint's text encoders must sit where the family keeps them; a UNet alone (ComfyUI's MODEL) is
+    # told by its width
+    has_text_encoders = any(x.startswith(("cond_stage_model.", "conditioner.")) for x in keys_and_shapes)
     for fam in FAMILIES.values():
-        if fam.config and fam.context_dim == ctx:
+        if fam.text_encoder_files and fam.context_dim == ctx and (not has_text_encoders or all(
+                any(x.startswith(prefix) for x in keys_and_shapes) for _, prefix in fam.text_encoder_files)):
             return fam
-    raise ValueError(f"unrecognised checkpoint: cross-attention width {ctx} (SD 1.x is 768, SD 2.x is 1024)")
+    if ctx == 1280 and any(x.startswith("conditioner.embedders.0.model.") for x in keys_and_shapes):
+        raise ValueError("this is the SDXL refiner (one OpenCLIP text encoder, cross-attention width 1280), which "
+                         "the pack does not train; SDXL base models and their fine-tunes are supported")
+    known = ", ".join(f"{f.label} {f.context_dim}" for f in FAMILIES.values() if f.text_encoder_files)
+    raise ValueError(f"unrecognised checkpoint: cross-attention width {ctx} ({known})")

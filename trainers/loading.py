@@ -1,4 +1,4 @@
-"""Load base models from local files only: the toy, a diffusers folder, or a single-file SD 1.x/2.x checkpoint.
+"""Load base models from local files only: the toy, a diffusers folder, or a single-file SD 1.x/2.x/XL checkpoint.
 
 Nothing here reaches the network: diffusers and transformers are called with local paths and
 ``local_files_only=True``, single files are converted with the configs shipped in the pack's ``configs/``, and
@@ -89,7 +89,8 @@ def read_checkpoint_header(path: Path) -> dict[str, tuple[int, ...]]:
 
 def load_single_file(path: str | Path, tokenizer_dir: str | Path | None, device: str = "auto",
                      dtype: str = "auto", prediction: str = "auto") -> FTModel:
-    """Load an original-layout SD 1.x/2.x checkpoint file (:func:`model_from_single_file_state` on its tensors)."""
+    """Load an original-layout SD 1.x/2.x/XL checkpoint file (:func:`model_from_single_file_state` on its
+    tensors)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -104,43 +105,92 @@ def load_single_file(path: str | Path, tokenizer_dir: str | Path | None, device:
 
 
 def model_from_single_file_state(state: dict[str, torch.Tensor], name: str, tokenizer_dir: str | Path | None,
-                                 device: str = "auto", dtype: str = "auto", prediction: str = "auto") -> FTModel:
-    """An FTModel from an original-layout SD 1.x/2.x state dict (a checkpoint file's tensors, or a model ComfyUI
-    holds), converted by diffusers' single-file loaders with the family's shipped configs. Its prediction type (and
-    with it the native size, for SD 2.x) is detected from the weights by the family, unless ``prediction`` names
-    it."""
+                                 device: str = "auto", dtype: str = "auto", prediction: str = "auto",
+                                 config_dir: str | Path | None = None) -> FTModel:
+    """An FTModel from an original-layout SD 1.x/2.x/XL state dict (a checkpoint file's tensors, or a model ComfyUI
+    holds), converted by diffusers' single-file loaders with the family's shipped configs (``config_dir``: another
+    folder of the same layout). Its prediction type (and with it the native size, for SD 2.x) is detected from the
+    weights by the family, unless ``prediction`` names it.
+
+    ``state`` is consumed: each part's tensors leave it once the part is built, so an SDXL file (7 GB in fp16) is
+    never held twice."""
     import diffusers
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     fam = family_for_checkpoint({k: tuple(v.shape) for k, v in state.items()})
-    tok_dir = Path(tokenizer_dir) if tokenizer_dir else fam.config_dir / "tokenizer"
-    if not (tok_dir / "vocab.json").is_file():
-        raise FileNotFoundError(
-            f"{name} is a {fam.label} checkpoint, which needs the CLIP tokenizer files vocab.json and "
-            f"merges.txt. Inside ComfyUI they are taken from ComfyUI's comfy/sd1_tokenizer; outside it, copy "
-            f"them into {fam.config_dir / 'tokenizer'}")
-    tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77,
-                        pad_token=json.loads((fam.config_dir / "tokenizer" / "tokenizer_config.json").read_text())
-                        ["pad_token"])
+    cfg_dir = Path(config_dir) if config_dir else fam.config_dir
+    toks = [_tokenizer(name, fam.label, cfg_dir, sub, tokenizer_dir)
+            for sub in ("tokenizer", "tokenizer_2")[:len(fam.text_encoder_files)]]
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, fam.name)
-    cfg = str(fam.config_dir)
-    with torch.inference_mode(False):
-        unet = UNet2DConditionModel.from_single_file(state, config=cfg, subfolder="unet", local_files_only=True)
-        vae = AutoencoderKL.from_single_file(state, config=cfg, subfolder="vae", local_files_only=True)
-        te = create_diffusers_clip_model_from_ldm(CLIPTextModel, state, subfolder="text_encoder", config=cfg,
-                                                  local_files_only=True)
-    scheduler = json.loads((fam.config_dir / "model_index.json").read_text())["scheduler"][1]
-    sched = dict(getattr(diffusers, scheduler).from_pretrained(cfg, subfolder="scheduler").config)
-    model = FTModel(fam.name, name, unet.eval(), vae.eval(), te.eval(), tok, sched)
-    how = "set by the prediction input"
+    cfg = str(cfg_dir)
     if prediction == "auto":
-        prediction, how = (fam.detect(state), "detected from the weights") if fam.detect else (
-            sched["prediction_type"], "the family's config")
+        prediction, how = (fam.detect(state), "detected from the weights") if fam.detect else (None, "")
+    else:
+        how = "set by the prediction input"
+    zero_snr = "ztsnr" in state
+    # diffusers loads each part straight into torch_dtype, then warns about a .to(torch_dtype) that does nothing
+    quiet = logging.getLogger("diffusers.models.modeling_utils")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        unet, vae, encoders = _build_parts(state, fam, cfg, dt)
+    finally:
+        quiet.setLevel(level)
+    scheduler = json.loads((cfg_dir / "model_index.json").read_text())["scheduler"][1]
+    sched = dict(getattr(diffusers, scheduler).from_pretrained(cfg, subfolder="scheduler").config)
+    if zero_snr:  # ComfyUI's marker for models trained with zero terminal SNR (some SDXL v-prediction fine-tunes)
+        sched["rescale_betas_zero_snr"] = True
+    model = FTModel(fam.name, name, unet.eval(), vae.eval(), encoders[0], toks[0], sched,
+                    text_encoder_2=encoders[1] if len(encoders) > 1 else None,
+                    tokenizer_2=toks[1] if len(toks) > 1 else None)
+    if prediction is None:
+        prediction, how = sched["prediction_type"], "the family's config"
     set_prediction(model, prediction, fam.size_for(prediction), how)
     return model.to(dev, dt)
+
+
+def _build_parts(state: dict, fam, cfg: str, dt: torch.dtype):
+    """The UNet, VAE (fp16 models: built in fp32, see FTModel.part_dtype) and text encoders, each built in ``dt`` by
+    diffusers' single-file converters; each part's tensors leave ``state`` once it is built."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.inference_mode(False):
+        unet = UNet2DConditionModel.from_single_file(state, config=cfg, subfolder="unet", local_files_only=True,
+                                                     torch_dtype=dt)
+        _drop(state, "model.diffusion_model.")
+        vae = AutoencoderKL.from_single_file(state, config=cfg, subfolder="vae", local_files_only=True,
+                                             torch_dtype=torch.float32 if dt == torch.float16 else dt)
+        _drop(state, "first_stage_model.")
+        encoders = []
+        for i, (_, prefix) in enumerate(fam.text_encoder_files):
+            cls = CLIPTextModel if i == 0 else CLIPTextModelWithProjection
+            encoders.append(create_diffusers_clip_model_from_ldm(
+                cls, state, subfolder="text_encoder" if i == 0 else "text_encoder_2", config=cfg,
+                local_files_only=True, torch_dtype=dt).eval())
+            _drop(state, prefix)
+    return unet, vae, encoders
+
+
+def _drop(state: dict, prefix: str) -> None:
+    for k in [k for k in state if k.startswith(prefix)]:
+        del state[k]
+
+
+def _tokenizer(name: str, label: str, cfg_dir: Path, sub: str, tokenizer_dir: str | Path | None):
+    """A CLIP tokenizer from ``tokenizer_dir``'s vocabulary (ComfyUI's comfy/sd1_tokenizer; every CLIP of SD 1.x,
+    2.x and SDXL shares it) with the shipped config's padding."""
+    from transformers import CLIPTokenizer
+
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir else cfg_dir / "tokenizer"
+    if not (tok_dir / "vocab.json").is_file():
+        raise FileNotFoundError(
+            f"{name} is a {label} checkpoint, which needs the CLIP tokenizer files vocab.json and "
+            f"merges.txt. Inside ComfyUI they are taken from ComfyUI's comfy/sd1_tokenizer; outside it, copy "
+            f"them into {cfg_dir / 'tokenizer'}")
+    pad = json.loads((cfg_dir / sub / "tokenizer_config.json").read_text())["pad_token"]
+    return CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77, pad_token=pad)
 
 
 def set_prediction(model: FTModel, prediction: str, native_size: int | None = None, how: str = "") -> None:

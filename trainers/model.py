@@ -179,10 +179,18 @@ class FTModel:
         self.offload = False
         if dtype is not None:
             self.dtype = dtype
-        for m in self.parts().values():
-            if m.device != self.device or m.dtype != self.dtype:
-                m.to(self.device, self.dtype)
+        for name, m in self.parts().items():
+            want = self.part_dtype(name)
+            if m.device != self.device or m.dtype != want:
+                m.to(self.device, want)
         return self
+
+    def part_dtype(self, name: str) -> torch.dtype:
+        """The precision of part ``name``: the model's, except SDXL's VAE, which overflows in fp16 (its config says
+        force_upcast, as diffusers' pipelines read it) and stays in fp32 beside an fp16 model (84 M weights)."""
+        if name == "vae" and self.dtype == torch.float16 and self.vae.config.get("force_upcast", False):
+            return torch.float32
+        return self.dtype
 
     def offload_weights(self) -> "FTModel":
         """Keep the weights in CPU memory (in place); they visit ``device`` while they run."""

@@ -129,5 +129,5 @@ def sample_placed(
 
 @torch.no_grad()
 def decode(model, latents: torch.Tensor) -> torch.Tensor:
-    img = model.vae.decode(latents / model.vae.config.scaling_factor).sample
+    img = model.vae.decode((latents / model.vae.config.scaling_factor).to(model.vae.dtype)).sample
     return (img.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().contiguous()
