@@ -56,15 +56,22 @@ SD15 = {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.
 
 
 def test_unsupported_family_is_named_with_what_the_pack_supports():
-    sdxl = {"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight":
-            SimpleNamespace(shape=(640, 2048)), "conditioner.embedders.1.model.ln_final.weight":
-            SimpleNamespace(shape=(1280,))}
-    reason = bridges.unsupported_reason(sdxl, "SDXL")
-    assert "SDXL" in reason and "Stable Diffusion 1.x" in reason and "Stable Diffusion 2.x" in reason
+    refiner = {"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight":
+               SimpleNamespace(shape=(768, 1280)), "conditioner.embedders.0.model.ln_final.weight":
+               SimpleNamespace(shape=(1280,))}
+    reason = bridges.unsupported_reason(refiner, "SDXLRefiner")
+    assert "SDXL refiner" in reason and "Stable Diffusion XL" in reason and "Stable Diffusion 2.x" in reason
     odd = {**SD15, "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight":
            SimpleNamespace(shape=(320, 512))}
     assert "ComfyUI's model is Mystery" in bridges.unsupported_reason(odd, "Mystery")
     assert bridges.unsupported_reason(SD15, "SD15") is None
+    assert bridges.unsupported_reason(SDXL, "SDXL") is None  # its label_emb is the pooled text + time ids
+
+
+#: SDXL's UNet as ComfyUI's MODEL gives it: cross-attention 2048 wide, label_emb taking 1280 + 6 x 256
+SDXL = {"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": SimpleNamespace(
+    shape=(640, 2048)), "model.diffusion_model.input_blocks.0.0.weight": SimpleNamespace(shape=(320, 4, 3, 3)),
+    "model.diffusion_model.label_emb.0.0.weight": SimpleNamespace(shape=(1280, 2816))}
 
 
 def test_inpainting_and_unclip_models_are_refused_by_name():
@@ -72,6 +79,8 @@ def test_inpainting_and_unclip_models_are_refused_by_name():
     assert "9 input channels" in bridges.unsupported_reason(inpaint, "SD15")
     unclip = {**SD15, "model.diffusion_model.label_emb.0.0.weight": SimpleNamespace(shape=(1280, 1024))}
     assert "SD21UnclipH" in bridges.unsupported_reason(unclip, "SD21UnclipH")
+    other = {**SDXL, "model.diffusion_model.label_emb.0.0.weight": SimpleNamespace(shape=(1280, 2560))}
+    assert "other extra inputs" in bridges.unsupported_reason(other, "SDXLVariant")
 
 
 def test_the_toy_has_no_comfyui_equivalent(toy):
