@@ -28,8 +28,9 @@ def skip_reason() -> str:
 
 
 class ComfyServer:
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, *flags: str):
         self.base = base
+        self.flags = flags  # more of ComfyUI's command-line flags (e.g. --bf16-unet for a full-size SDXL)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base / "comfyui.log"
@@ -43,7 +44,7 @@ class ComfyServer:
             link.symlink_to(PACK, target_is_directory=True)
         python = os.environ.get("COMFYUI_PYTHON", sys.executable)
         cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(self.base)]
+               "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(self.base), *self.flags]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=root, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -84,6 +85,12 @@ class ComfyServer:
                 return json.loads(body) if body.strip() else {}
         except urllib.error.HTTPError as e:
             raise AssertionError(f"POST {path} -> {e.code}: {e.read().decode(errors='replace')}") from None
+
+    def free(self) -> None:
+        """Ask ComfyUI to unload its models and free their memory (its /free route), e.g. before the test's own
+        process loads a large model."""
+        self.post("/free", {"unload_models": True, "free_memory": True})
+        time.sleep(2)  # the request is handled between prompts, by the prompt worker
 
     def run_prompt(self, prompt: dict, timeout: float = 600) -> dict:
         """Queue an API-format graph and wait for its history entry."""

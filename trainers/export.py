@@ -16,6 +16,14 @@ def base_model_version(family: str) -> str:
     return FAMILIES[family].base_model_version if family in FAMILIES else family
 
 
+def architecture(family: str) -> str:
+    """modelspec.architecture of a family's base model (for the toys, their ss_base_model_version)."""
+    from .families import FAMILIES
+
+    fam = FAMILIES.get(family)
+    return (fam.architecture or fam.base_model_version) if fam else family
+
+
 def unique_path(folder: Path, stem: str, suffix: str) -> Path:
     """``folder/stem.suffix``, or ``stem_00001.suffix`` etc. when taken: an existing file is never replaced."""
     p = folder / f"{stem}{suffix}"
@@ -118,7 +126,8 @@ def lora_metadata(lora, dtype: str = "float32") -> dict[str, str]:
         "ss_mixed_precision": train.get("mixed_precision", ""),
         "ss_save_dtype": dtype,
         "finetune_config": json.dumps(cfg, default=str),
-        "modelspec.architecture": f"{base_model_version(model.get('family', '')) or 'unknown'}/"
+        # Stability's model spec: the base's architecture id (stable-diffusion-xl-v1-base/lora ...)
+        "modelspec.architecture": f"{architecture(model.get('family', '')) or 'unknown'}/"
                                   f"{'lora' if getattr(lora, 'kind', 'lora') == 'lora' else 'lycoris'}",
     }
     return {k: str(v) for k, v in meta.items()}

@@ -1,0 +1,255 @@
+"""Integration at full SDXL size (runs when COMFYUI_PATH points at a checkout; slow): an SDXL-architecture model
+with random weights (2.6 B UNet weights, CLIP ViT-L and OpenCLIP bigG), written by the pack as one original-layout
+file, is what ComfyUI recognises as SDXL; on it, the pack's LoRA (UNet + both encoders) loads in LoraLoader with
+every key and changes KSampler's result, its SDXL embedding works as ``embedding:name``, its saved fine-tune loads
+in CheckpointLoaderSimple, and a checkpoint ComfyUI writes loads in the pack with every weight equal.
+
+The pack and ComfyUI take turns on this 23 GB machine: the pack builds, trains and saves in bf16 (about 7 GB) and
+lets go of its model before ComfyUI loads one (``--bf16-unet``: 5 GB for its UNet), and ComfyUI frees its models
+before the pack reads ComfyUI's file back."""
+from __future__ import annotations
+
+import gc
+import json
+
+import pytest
+
+from comfy_server import ComfyServer, comfyui_path, skip_reason
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
+              pytest.mark.skipif(comfyui_path() is None, reason=skip_reason())]
+
+BASE = "ft_test/random-sdxl.safetensors"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = ComfyServer(tmp_path_factory.mktemp("comfy_sdxl"), "--bf16-unet").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def made(server):
+    """What the pack makes on the full-size random SDXL, in a process of its own that ends before ComfyUI loads
+    anything (so every byte of it is returned): see :func:`make`."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    code = ("import json, sys; from pathlib import Path; import test_comfyui_sdxl as t; "
+            "print('RESULT ' + json.dumps(t.make(Path(sys.argv[1]))))")
+    done = subprocess.run([sys.executable, "-c", code, str(server.base)], cwd=here, capture_output=True, text=True,
+                          timeout=1800, env={**os.environ, "PYTHONPATH": str(here)})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    print(done.stdout[-1500:])
+    return json.loads(next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+
+
+def make(base) -> dict:
+    """The pack's side, through its nodes: the base file (written from random weights), a LoRA over the UNet and
+    both encoders, an embedding (and its zero-vector twin) and the LoRA merged into a saved fine-tune."""
+    import dataclasses
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from comfyui_finetune.nodes import host
+    from comfyui_finetune.nodes.datasets import FT_DatasetFromImages
+    from comfyui_finetune.nodes.io import FT_ApplyLoRA, FT_SaveCheckpoint, FT_SaveEmbedding, FT_SaveLoRA
+    from comfyui_finetune.nodes.train import FT_TrainLoRA, FT_TrainTextualInversion
+    from comfyui_finetune.trainers import loading
+    from comfyui_finetune.trainers.checkpoint import to_single_file
+    from comfyui_finetune.trainers.export import write_safetensors
+
+    from sdxl_layout import SDXL, random_sdxl
+
+    out, times = {}, {}
+    path = base / "models" / "checkpoints" / BASE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = time.time()
+    model = random_sdxl(SDXL, comfyui_path() / "comfy" / "sd1_tokenizer", torch.float16)
+    out["weights"] = {name: sum(p.numel() for p in m.parameters()) for name, m in model.parts().items()}
+    write_safetensors(path, to_single_file(model, torch.float16), {})
+    del model
+    release()  # room for the file's reading
+    times["build and write the random SDXL"] = time.time() - t
+    host.set_folders(output=Path(tempfile.mkdtemp()), models=base / "models")
+    t = time.time()
+    model = loading.load_single_file(path, comfyui_path() / "comfy" / "sd1_tokenizer", "cpu", "bf16")
+    times["load the file (bf16)"] = time.time() - t
+    assert model.family == "sdxl" and model.native_size == 1024 and model.prediction_type == "epsilon"
+    ds = FT_DatasetFromImages().execute(torch.rand(2, 64, 64, 3), "a photo of sks", resolution=64)[0]
+    t = time.time()
+    trained, lora, _ = FT_TrainLoRA().execute(model, ds, steps=1, learning_rate=1e-4, batch_size=1, rank=4,
+                                              alpha=4.0, seed=0, train_text_encoder=True, text_encoder_lr=5e-5,
+                                              run_name="sdxl_lora")
+    times["FT_TrainLoRA, 1 step"] = time.time() - t
+    (out["lora"],) = FT_SaveLoRA().execute(lora, "ft_test/random_sdxl")["result"]
+    out["modules"] = lora.modules()
+    t = time.time()
+    words = FT_DatasetFromImages().execute(torch.rand(2, 64, 64, 3), "a photo of <ft-xl>", resolution=64)[0]
+    taught, emb, _ = FT_TrainTextualInversion().execute(model, words, "<ft-xl>", "photo", 2, 1, 5e-3, 1, 0,
+                                                         "dataset captions", "sdxl_ti")
+    times["FT_TrainTextualInversion, 1 step"] = time.time() - t
+    out["vectors"] = [list(emb.vectors.shape), list(emb.vectors_2.shape)]
+    (out["embedding"],) = FT_SaveEmbedding().execute(emb, "ft_test/xl_thing")["result"]
+    zero = dataclasses.replace(emb, vectors=torch.zeros_like(emb.vectors),
+                               vectors_2=torch.zeros_like(emb.vectors_2))
+    (out["zero"],) = FT_SaveEmbedding().execute(zero, "ft_test/xl_thing_zero")["result"]
+    t = time.time()
+    (tuned,) = FT_ApplyLoRA().execute(model, "", 1.0, lora=lora)
+    (out["tuned"],) = FT_SaveCheckpoint().execute(tuned, "ft_test/random_sdxl_tuned",
+                                                  "single file (.safetensors)", "bf16")["result"]
+    times["FT_ApplyLoRA + FT_SaveCheckpoint (bf16)"] = time.time() - t
+    print("\n".join(f"{k}: {v:.0f} s" for k, v in times.items()))
+    return out
+
+
+def release() -> None:
+    """Collect, and hand freed heap memory back to the system: glibc keeps the many few-MB blocks of a freed SDXL in
+    its heap (malloc_trim gives them back), and ComfyUI's process needs them next."""
+    import ctypes
+    import ctypes.util
+
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):
+        ctypes.CDLL(libc).malloc_trim(0)
+
+
+def latent_of(server, entry: dict, node: str):
+    from safetensors.torch import load_file
+
+    item = entry["outputs"][node]["latents"][0]
+    return load_file(str(server.base / "output" / item["subfolder"] / item["filename"]))["latent_tensor"]
+
+
+def sample(ckpt: str, text: str, lora: str | None = None, prefix: str = "ft_xl", decode: bool = False) -> dict:
+    """CheckpointLoaderSimple (-> LoraLoader) -> one 64x64 KSampler step -> SaveLatent (-> VAEDecode)."""
+    clip, model = ["1", 1], ["1", 0]
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}}
+    if lora:
+        g["2"] = {"class_type": "LoraLoader", "inputs": {"model": model, "clip": clip, "lora_name": lora,
+                                                         "strength_model": 1.0, "strength_clip": 1.0}}
+        clip, model = ["2", 1], ["2", 0]
+    g.update({
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": text}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": ""}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {"model": model, "positive": ["3", 0], "negative": ["4", 0],
+                                                   "latent_image": ["5", 0], "seed": 0, "steps": 1, "cfg": 1.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": f"latents/{prefix}"}},
+    })
+    if decode:
+        g["8"] = {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}}
+        g["9"] = {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}
+    return g
+
+
+def run(server, prompt: dict) -> tuple[dict, str]:
+    seen = len(server.log())
+    entry = server.run_prompt(prompt, timeout=1200)
+    log = server.log()[seen:]
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:] + log[-3000:]
+    return entry, log
+
+
+def test_comfyui_recognises_the_packs_sdxl_file(server, made):
+    entry, log = run(server, sample(BASE, "a photo", decode=True))
+    assert "model_type EPS" in log and "SDXL" in log, log[-2000:]
+    print(f"weights: {made['weights']}")
+    assert made["weights"]["unet"] == 2_567_463_684 and made["weights"]["text_encoder_2"] == 694_659_840
+
+
+def test_an_sdxl_lora_loads_in_loraloader_with_every_key_and_changes_ksamplers_result(server, made):
+    from safetensors import safe_open
+
+    with safe_open(str(server.base / "models" / "loras" / made["lora"]), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    mods = made["modules"]
+    assert {m.split("_")[1] for m in mods} == {"unet", "te1", "te2"}
+    plain, _ = run(server, sample(BASE, "a photo of sks", prefix="ft_xl_plain"))
+    tuned, log = run(server, sample(BASE, "a photo of sks", made["lora"], prefix="ft_xl_lora"))
+    missed = [ln for ln in log.splitlines() if "lora key not loaded" in ln or "ERROR" in ln]
+    assert not missed, f"{len(missed)} of {len(mods)} modules not loaded, e.g. {missed[:3]}"
+    diff = float((latent_of(server, tuned, "7") - latent_of(server, plain, "7")).abs().max())
+    assert diff > 0, "the LoRA did not change KSampler's result"
+    print(f"LoraLoader applied all {len(mods)} modules of {made['lora']} (UNet, te1, te2); latent moved by {diff:.3g}")
+
+
+def test_an_sdxl_embedding_works_as_embedding_name(server, made):
+    assert made["vectors"] == [[2, 768], [2, 1280]]  # clip_l and clip_g
+    results = []
+    for name in (made["embedding"], made["zero"]):
+        stem = name.removesuffix(".safetensors")
+        entry, log = run(server, sample(BASE, f"a photo of embedding:{stem}", prefix=stem.replace("/", "_")))
+        bad = [ln for ln in log.splitlines() if "embedding" in ln.lower() and "warning" in ln.lower()]
+        assert not bad, bad[:3]
+        results.append(latent_of(server, entry, "7"))
+    diff = float((results[0] - results[1]).abs().max())
+    assert diff > 0, "the embedding's vectors did not change CLIPTextEncode's result"
+    print(f"embedding:{made['embedding']} vs its zero twin: latent differs by {diff:.3g}")
+
+
+def test_a_fine_tune_saved_single_file_loads_in_checkpointloadersimple(server, made):
+    """Save Checkpoint's SDXL file (a LoRA merged into the base) has the keys ComfyUI's own CheckpointSave writes
+    for SDXL, loads in CheckpointLoaderSimple and samples; it differs from the base where the LoRA was merged."""
+    from safetensors import safe_open
+
+    server.free()
+    save = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": BASE}},
+            "2": {"class_type": "CheckpointSave", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
+                                                             "filename_prefix": "checkpoints/ft_comfy_sdxl"}}}
+    run(server, save)
+    server.free()
+    entry, log = run(server, sample(made["tuned"], "a photo", prefix="ft_xl_tuned", decode=True))
+    assert "SDXL" in log
+    with safe_open(str(server.base / "models" / "checkpoints" / made["tuned"]), framework="pt") as f:
+        ours = set(f.keys())
+    (comfy,) = sorted((server.base / "output" / "checkpoints").glob("ft_comfy_sdxl*.safetensors"))
+    with safe_open(str(comfy), framework="pt") as f:
+        theirs = {k for k in f.keys() if k.startswith(("model.", "first_stage_model.", "conditioner."))}
+    assert ours - theirs == set(), sorted(ours - theirs)[:5]
+    only_comfyui = theirs - ours
+    assert only_comfyui <= {"conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
+                            "conditioner.embedders.1.model.logit_scale"}, sorted(only_comfyui)[:5]
+    print(f"{made['tuned']}: {len(ours)} keys, the same as ComfyUI's CheckpointSave less {sorted(only_comfyui)}")
+
+
+def test_a_checkpoint_written_by_comfyui_loads_in_the_pack_with_every_weight_equal(server, made):
+    """ComfyUI's CheckpointSave file (its bf16 UNet, fp16 CLIPs, fp32 VAE) read by the pack in bf16: written back in
+    the original layout, every tensor equals ComfyUI's, rounded to bf16 as loading rounds it."""
+    import torch
+    from safetensors import safe_open
+
+    from comfyui_finetune.trainers import loading
+    from comfyui_finetune.trainers.checkpoint import to_single_file
+
+    (comfy,) = sorted((server.base / "output" / "checkpoints").glob("ft_comfy_sdxl*.safetensors"))
+    server.free()
+    model = loading.load_single_file(comfy, comfyui_path() / "comfy" / "sd1_tokenizer", "cpu", "bf16")
+    assert model.family == "sdxl"
+    ours = to_single_file(model, torch.bfloat16)
+    del model
+    release()
+    checked, unequal = 0, []
+    with safe_open(str(comfy), framework="pt") as f:
+        for k in f.keys():
+            if k.endswith(("position_ids", "logit_scale")) or not k.startswith(
+                    ("model.", "first_stage_model.", "conditioner.")):
+                continue
+            assert k in ours, f"the pack lost {k}"
+            want = f.get_tensor(k).to(torch.bfloat16)
+            if not torch.equal(ours[k].reshape(want.shape), want):
+                unequal.append(k)
+            checked += 1
+    assert not unequal, f"{len(unequal)} of {checked} tensors differ, e.g. {unequal[:3]}"
+    print(f"{comfy.name}: all {checked} tensors equal after a round trip through the pack")
