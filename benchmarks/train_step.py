@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                       # CPU: toy at 32 px, SD1.5 architecture at 256 px
     python benchmarks/train_step.py --device cuda         # GPU: SD1.5 at 512 px and SDXL at 1024 px, batch 1 and 4
     python benchmarks/train_step.py --case sd15:256:1 --rounds 5 --steps 6
+    python benchmarks/train_step.py --case sdxl:128:1 --rounds 1 --steps 4   # SDXL's architecture on a CPU
     python benchmarks/train_step.py --growth toy          # step time against batch size and resolution
 
 The **floor** is the least a LoRA step can do: a diffusers UNet with a peft LoRA (rank 4 on attention), latents and
@@ -11,8 +12,9 @@ backward, gradient clipping and AdamW. The **pack** is ``FT_TrainLoRA`` on the s
 and LoRA placement (its log's per-step seconds; on a GPU offloaded, as FT_LoadBaseModel's default keeps it).
 Each measurement runs in a fresh process (peak memory is per process), floor and pack alternating for ``--rounds``
 rounds; the medians and the pack / floor ratios are printed.
-SD1.5 and SDXL are their architectures with random weights (configs shipped in ``configs/``; SDXL's UNet config
-is written here), so nothing is downloaded. SDXL is measured for the floor only until the pack trains SDXL.
+SD1.5 and SDXL are their architectures with random weights (the configs shipped in ``configs/``), so nothing is
+downloaded. SDXL's floor feeds its UNet random text embeddings (both encoders' outputs and the pooled one); the
+pack encodes the captions with both encoders once, as it trains SDXL.
 
 On a GPU the model's frozen weights are bf16 (fp16 where bf16 is missing), the LoRA fp32, under autocast; the
 peak is ``torch.cuda.max_memory_allocated``, and the model-FLOP utilisation is the FLOPs of one step (counted by
@@ -38,16 +40,6 @@ CONFIGS = REPO / "configs"
 #: peak dense bf16 tensor rates (TFLOP/s) by a part of the device name
 PEAKS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "4090": 165.0,
          "3090": 71.0}
-#: SDXL's UNet (stable-diffusion-xl-base-1.0/unet/config.json, the values that shape it)
-SDXL_UNET = {
-    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-    "block_out_channels": [320, 640, 1280], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D",
-                                                                 "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "transformer_layers_per_block": [1, 2, 10], "attention_head_dim": [5, 10, 20], "cross_attention_dim": 2048,
-    "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,
-}
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 RANK = 4
 
@@ -71,6 +63,28 @@ def sd15_model(dtype, device):
     return model.to(device, dtype)
 
 
+def sdxl_model(dtype, device):
+    """SDXL's architecture (configs/sdxl) with random weights: 2.6 B UNet weights, CLIP ViT-L and OpenCLIP bigG."""
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from comfyui_finetune.trainers.model import FTModel
+    from comfyui_finetune.trainers.toy.loader import load_toy_model
+
+    cfg = CONFIGS / "sdxl"
+    torch.manual_seed(0)
+    unet = sdxl_unet(dtype, "cpu")
+    vae = AutoencoderKL.from_config(json.loads((cfg / "vae/config.json").read_text())).to(dtype)
+    te = CLIPTextModel(CLIPTextConfig.from_json_file(str(cfg / "text_encoder/config.json"))).to(dtype)
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_json_file(str(cfg / "text_encoder_2/config.json")))
+    tok = load_toy_model().tokenizer  # ids well inside CLIP's vocabulary: the text only has to be encoded
+    sched = json.loads((cfg / "scheduler/scheduler_config.json").read_text())
+    model = FTModel("sdxl", "sdxl-random", unet, vae.eval(), te.eval(), tok, sched, text_encoder_2=te2.to(dtype).eval(),
+                    tokenizer_2=load_toy_model().tokenizer)
+    return model.to(device, dtype)
+
+
 def toy_model(dtype, device):
     from comfyui_finetune.trainers.toy.loader import load_toy_model
 
@@ -82,7 +96,8 @@ def sdxl_unet(dtype, device):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    return UNet2DConditionModel.from_config(SDXL_UNET).eval().to(device, dtype)
+    config = json.loads((CONFIGS / "sdxl/unet/config.json").read_text())
+    return UNet2DConditionModel.from_config(config).eval().to(device, dtype)
 
 
 # ------------------------------------------------------------------------------------------------ workers --
@@ -119,7 +134,7 @@ def worker_pack(args) -> dict:
     from comfyui_finetune.trainers.data import Dataset, Example
 
     dt = frozen_dtype(args.device, args.precision)
-    model = (toy_model if args.model == "toy" else sd15_model)(dt, args.device)
+    model = {"toy": toy_model, "sd15": sd15_model, "sdxl": sdxl_model}[args.model](dt, args.device)
     if args.device == "cuda" and not args.no_offload:  # as FT_LoadBaseModel's offload auto keeps it
         model.offload_weights()
         torch.cuda.empty_cache()
@@ -158,7 +173,7 @@ def worker_floor(args) -> dict:
         extra = {"added_cond_kwargs": {"text_embeds": torch.randn(args.batch, 1280, device=dev, dtype=dt),
                                        "time_ids": torch.tensor([[args.size] * 6] * args.batch, device=dev,
                                                                 dtype=dt)}}
-        sched_cfg = json.loads((CONFIGS / "sd15/scheduler/scheduler_config.json").read_text())
+        sched_cfg = json.loads((CONFIGS / "sdxl/scheduler/scheduler_config.json").read_text())
     else:
         model = (toy_model if args.model == "toy" else sd15_model)(dt, args.device)
         with torch.no_grad():
@@ -248,7 +263,7 @@ def peak_tflops(args) -> float | None:
 
 
 def compare(case, args) -> dict:
-    kinds = ["floor"] if case[0] == "sdxl" else ["floor", "pack"]
+    kinds = ["floor", "pack"]
     got: dict[str, list[dict]] = {k: [] for k in kinds}
     for _ in range(args.rounds):
         for k in kinds:  # interleaved: a machine that slows down slows both alike
@@ -293,7 +308,7 @@ def report(case, res: dict, args) -> None:
 def growth(model: str, args) -> None:
     sizes = {"toy": [32, 64], "sd15": [128, 256] if args.device == "cpu" else [512, 768],
              "sdxl": [512, 1024]}[model]
-    kind = "floor" if model == "sdxl" else "pack"
+    kind = "pack"
     print(f"\n{kind} step time of {model} against batch and resolution ({args.device}):")
     base = None
     for size in sizes:
