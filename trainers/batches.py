@@ -89,10 +89,9 @@ class Encoder:
         if self.method.trains_text_encoder:
             return self.model.encode_prompts(captions)
         missing = [c for c in dict.fromkeys(captions) if c not in self.text]
-        if missing:
-            with torch.no_grad():
-                for c, e in zip(missing, self.model.encode_prompts(missing)):
-                    self.text[c] = e
+        with torch.no_grad():  # one at a time: batched, a caption's embedding differs in the last bits with the
+            for c in missing:  # captions beside it, and a resumed run meets its captions beside others
+                self.text[c] = self.model.encode_prompts([c])[0]
         return torch.stack([self.text[c] for c in captions])
 
     def images(self, items) -> tuple[torch.Tensor, dict]:
