@@ -123,8 +123,8 @@ def load_controlnet(name: str):
 class FT_LoadControlNet:
     DESCRIPTION = ("Load a ControlNet: the built-in toy one (follows Canny edge maps of toy pictures), or a "
                    "file from models/controlnet: the original single-file layout (control_*.safetensors, as "
-                   "ComfyUI and A1111 use) or the diffusers layout (a diffusers folder's weights file). SD 1.x/2.x "
-                   "files are read with the configs shipped in the pack; nothing is downloaded.")
+                   "ComfyUI and A1111 use) or the diffusers layout (a diffusers folder's weights file). SD 1.x, 2.x "
+                   "and SDXL files are read with the configs shipped in the pack; nothing is downloaded.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("FT_CONTROLNET",)
     RETURN_NAMES = ("control_net",)

@@ -2,7 +2,8 @@
 with random weights (2.6 B UNet weights, CLIP ViT-L and OpenCLIP bigG), written by the pack as one original-layout
 file, is what ComfyUI recognises as SDXL; on it, the pack's LoRA (UNet + both encoders) loads in LoraLoader with
 every key and changes KSampler's result, its SDXL embedding works as ``embedding:name``, its saved fine-tune loads
-in CheckpointLoaderSimple, and a checkpoint ComfyUI writes loads in the pack with every weight equal.
+in CheckpointLoaderSimple, a ControlNet it trains from the UNet's encoder loads in ControlNetLoader with every key
+(both layouts) and drives KSampler, and a checkpoint ComfyUI writes loads in the pack with every weight equal.
 
 The pack and ComfyUI take turns on this 23 GB machine: the pack builds, trains and saves in bf16 (about 7 GB) and
 lets go of its model before ComfyUI loads one (``--bf16-unet``: 5 GB for its UNet), and ComfyUI frees its models
@@ -59,9 +60,10 @@ def make(base) -> dict:
     import torch
 
     from comfyui_finetune.nodes import host
+    from comfyui_finetune.nodes.controlnet import FT_SaveControlNet
     from comfyui_finetune.nodes.datasets import FT_DatasetFromImages
     from comfyui_finetune.nodes.io import FT_ApplyLoRA, FT_SaveCheckpoint, FT_SaveEmbedding, FT_SaveLoRA
-    from comfyui_finetune.nodes.train import FT_TrainLoRA, FT_TrainTextualInversion
+    from comfyui_finetune.nodes.train import FT_TrainControlNet, FT_TrainLoRA, FT_TrainTextualInversion
     from comfyui_finetune.trainers import loading
     from comfyui_finetune.trainers.checkpoint import to_single_file
     from comfyui_finetune.trainers.export import write_safetensors
@@ -106,6 +108,16 @@ def make(base) -> dict:
     (out["tuned"],) = FT_SaveCheckpoint().execute(tuned, "ft_test/random_sdxl_tuned",
                                                   "single file (.safetensors)", "bf16")["result"]
     times["FT_ApplyLoRA + FT_SaveCheckpoint (bf16)"] = time.time() - t
+    del tuned, trained, taught, emb, zero
+    release()
+    t = time.time()  # a ControlNet from the UNet's encoder (1.25 B weights, fp32), one step: SGD keeps it in memory
+    cn, log = FT_TrainControlNet().execute(model, ds, "canny", 1, 1e-4, 1, 0, 0.5, "sdxl_cn", optimizer="sgd",
+                                           gradient_checkpointing=True)
+    times["FT_TrainControlNet, 1 step (SGD)"] = time.time() - t
+    out["controlnet_weights"] = sum(p.numel() for p in cn.net.parameters())
+    out["controlnet_moved"] = float(cn.net.controlnet_mid_block.weight.abs().max())
+    out["controlnets"] = [FT_SaveControlNet().execute(cn, f"ft_test/random_sdxl_canny_{layout}", layout,
+                                                      "fp16")["result"][0] for layout in ("original", "diffusers")]
     print("\n".join(f"{k}: {v:.0f} s" for k, v in times.items()))
     return out
 
@@ -222,6 +234,46 @@ def test_a_fine_tune_saved_single_file_loads_in_checkpointloadersimple(server, m
     assert only_comfyui <= {"conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
                             "conditioner.embedders.1.model.logit_scale"}, sorted(only_comfyui)[:5]
     print(f"{made['tuned']}: {len(ours)} keys, the same as ComfyUI's CheckpointSave less {sorted(only_comfyui)}")
+
+
+#: ComfyUI's ControlNet loader in its own python: missing keys are logged as warnings, unexpected ones at debug level
+CONTROLNET_PROBE = (
+    "import logging, sys; logging.basicConfig(level=logging.DEBUG, stream=sys.stdout); path = sys.argv[1]; "
+    "sys.argv[1:] = ['--cpu']; import comfy.options; comfy.options.enable_args_parsing(); "
+    "import comfy.controlnet as c; m = c.load_controlnet(path); "
+    "print('LOADED', type(m).__name__, sum(p.numel() for p in m.control_model.parameters()))")
+
+
+def test_an_sdxl_controlnet_the_pack_trains_loads_in_controlnetloader_with_every_key(server, made):
+    import os
+    import subprocess
+    import sys
+
+    assert made["controlnet_moved"] > 0, "one step must move the zero convolutions"
+    server.free()
+    for name in made["controlnets"]:
+        out = subprocess.run([os.environ.get("COMFYUI_PYTHON", sys.executable), "-c", CONTROLNET_PROBE,
+                              str(server.base / "models" / "controlnet" / name)],
+                             cwd=str(comfyui_path()), capture_output=True, text=True, timeout=900)
+        text = out.stdout + out.stderr
+        assert "LOADED ControlNet" in text, text[-3000:]
+        assert "missing controlnet keys" not in text and "unexpected controlnet keys" not in text, text[-3000:]
+        assert int(text.split("LOADED ControlNet")[1].split()[0]) == made["controlnet_weights"], name
+    g = sample(BASE, "a photo", prefix="ft_xl_cn")
+    g["20"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": made["controlnets"][0]}}
+    g["21"] = {"class_type": "FT_ToyDataset", "inputs": {"color": "blue", "shape": "square", "count": 1,
+                                                         "caption": "x", "seed": 0, "geometry": "broad"}}
+    g["22"] = {"class_type": "ImageScale", "inputs": {"image": ["21", 1], "upscale_method": "nearest-exact",
+                                                      "width": 64, "height": 64, "crop": "disabled"}}
+    g["23"] = {"class_type": "FT_CannyEdges", "inputs": {"image": ["22", 0], "low_threshold": 0.1,
+                                                         "high_threshold": 0.2}}
+    g["24"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+        "positive": ["3", 0], "negative": ["4", 0], "control_net": ["20", 0], "image": ["23", 0], "strength": 1.0,
+        "start_percent": 0.0, "end_percent": 1.0}}
+    g["6"]["inputs"].update(positive=["24", 0], negative=["24", 1])
+    run(server, g)
+    print(f"ControlNetLoader read {made['controlnets']} ({made['controlnet_weights']} weights, no missing or "
+          "unexpected key); ControlNetLoader -> ControlNetApplyAdvanced -> KSampler ran with the first")
 
 
 def test_a_checkpoint_written_by_comfyui_loads_in_the_pack_with_every_weight_equal(server, made):

@@ -116,14 +116,15 @@ def test_a_controlnet_for_another_family_names_both(toy, folders):
     with pytest.raises(ValueError, match=r"'sd2-edges' is a ControlNet for Stable Diffusion 2.x.*model 'toy' is "
                                          r"built-in toy model"):
         sample_node(toy, "a red circle", apply(other, cond))
-    # an SDXL file is refused when loading, naming what it is
+    # a broken SDXL file is refused when loading, naming the layout it is not
     from safetensors.torch import save_file
 
     (folders["models"] / "controlnet").mkdir()
     save_file({"controlnet_cond_embedding.conv_in.weight": torch.zeros(16, 3, 3, 3),
                "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight": torch.zeros(640, 2048)},
               str(folders["models"] / "controlnet" / "xl.safetensors"))
-    with pytest.raises(ValueError, match="xl.safetensors is an SDXL ControlNet"):
+    with pytest.raises(ValueError, match=r"xl does not match the Stable Diffusion XL \(cross-attention "
+                                         r"width 2048\) ControlNet layout: \d+ weights missing"):
         FT_LoadControlNet().execute("xl.safetensors")
     (folders["models"] / "controlnet" / "old.pth").write_bytes(b"not loaded")
     with pytest.raises(ValueError, match="only .safetensors ControlNets are loaded"):

@@ -50,8 +50,6 @@ def describe_architecture(config) -> str:
     fam = family_of(config)
     if fam is not None:
         return f"{fam.label} (cross-attention width {ctx})"
-    if ctx == 2048:
-        return "SDXL (cross-attention width 2048)"
     return f"an unknown architecture (cross-attention width {ctx})"
 
 
@@ -93,9 +91,9 @@ def new_controlnet(model: FTModel, name: str = "controlnet") -> ControlNet:
 
     from .deltas import has_deltas, materialize
 
-    unet = model.unet  # fp32 weights, live LoRAs merged: from a copy only when needed
-    if model.dtype != torch.float32 or has_deltas(unet):
-        unet = materialize(unet).float()
+    # live LoRAs merged: from a copy only then (from_unet copies each weight into the fp32 ControlNet, so a half-
+    # precision UNet needs no fp32 copy of its own: 10 GB for SDXL's)
+    unet = materialize(model.unet) if has_deltas(model.unet) else model.unet
     with torch.inference_mode(False):
         net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels_for(model))
     return ControlNet(net.to(model.device).eval(), name, source=f"from the UNet of {model.name}")

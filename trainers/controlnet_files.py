@@ -73,9 +73,6 @@ def config_for_file(keys_shapes: dict[str, tuple[int, ...]], metadata: dict[str,
     if metadata.get(CONFIG_KEY):
         return json.loads(metadata[CONFIG_KEY])
     ctx = context_width(keys_shapes)
-    if ctx == 2048:
-        raise ValueError(f"{name} is an SDXL ControlNet (cross-attention width 2048); the pack's models are SD 1.x, "
-                         "SD 2.x and the toy, so it cannot drive them. Use an SD 1.5 ControlNet")
     fam = family_of({"cross_attention_dim": ctx})
     if fam is None:
         raise ValueError(f"{name}: unrecognised ControlNet (cross-attention width {ctx}); the pack knows "

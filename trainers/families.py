@@ -88,8 +88,6 @@ def sdxl_prediction(state: dict[str, Any]) -> str:
     return "v_prediction" if "v_pred" in state else "epsilon"
 
 
-#: SDXL-architecture families: what is not built for them yet (issue 19 builds it a piece at a time)
-XL_NOT_YET = (("controlnet", "SDXL ControlNets are not built yet"),)
 #: where each family's text encoders sit in an original-layout single file
 CLIP_L, OPEN_CLIP = ("clip", "cond_stage_model.transformer."), ("open_clip", "cond_stage_model.model.")
 SDXL_ENCODERS = (("clip", "conditioner.embedders.0.transformer."), ("open_clip", "conditioner.embedders.1.model."))
@@ -99,7 +97,7 @@ FAMILIES: dict[str, Family] = {
     "toy": Family("toy", "built-in toy model (32x32 shapes)", None, 32, 64, gpu_dtype="fp32",
                   base_model_version="finetune_toy", class_cfg=4.0),
     "toy_xl": Family("toy_xl", "built-in toy SDXL (32x32 shapes, two text encoders)", None, 32, 160,
-                     gpu_dtype="fp32", base_model_version="finetune_toy_xl", class_cfg=4.0, not_yet=XL_NOT_YET),
+                     gpu_dtype="fp32", base_model_version="finetune_toy_xl", class_cfg=4.0),
     "sd15": Family("sd15", "Stable Diffusion 1.x", "sd15", 512, 768, detect=lambda state: "epsilon",
                    text_encoder_files=(CLIP_L,), architecture="stable-diffusion-v1", base_model_version="sd_v1"),
     "sd2": Family("sd2", "Stable Diffusion 2.x", "sd2", 768, 1024, detect=sd2_prediction,
@@ -107,7 +105,7 @@ FAMILIES: dict[str, Family] = {
                   architecture="stable-diffusion-v2", base_model_version="sd_v2"),
     "sdxl": Family("sdxl", "Stable Diffusion XL", "sdxl", 1024, 2048, detect=sdxl_prediction,
                    text_encoder_files=SDXL_ENCODERS, architecture="stable-diffusion-xl-v1-base",
-                   base_model_version="sdxl_base_v1-0", class_cfg=5.0, not_yet=XL_NOT_YET),
+                   base_model_version="sdxl_base_v1-0", class_cfg=5.0),
 }
 
 
@@ -123,8 +121,7 @@ def check_supported(model, recipe) -> None:
         wanted.add(f"{recipe.method}:pivotal")
     for what, why in fam.not_yet:
         if what in wanted:
-            raise ValueError(f"{what.replace(':', ' ')} on {fam.label} is not supported yet: {why}. LoRA, "
-                             f"DreamBooth and Textual Inversion train this family today")
+            raise ValueError(f"{what.replace(':', ' ')} on {fam.label} is not supported yet: {why}")
 
 
 def family_for_unet(unet_config) -> Family:
