@@ -45,7 +45,7 @@ def made(server):
     done = subprocess.run([sys.executable, "-c", code, str(server.base)], cwd=here, capture_output=True, text=True,
                           timeout=1800, env={**os.environ, "PYTHONPATH": str(here)})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    print(done.stdout[-1500:])
+    print("\n".join(ln for ln in done.stdout.splitlines()[-12:] if not ln.startswith("RESULT ")))
     return json.loads(next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))[7:])
 
 
