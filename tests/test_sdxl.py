@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from comfyui_finetune.nodes.io import FT_ApplyEmbedding, FT_SaveEmbedding
+from comfyui_finetune.trainers.loop import Method
 from comfyui_finetune.trainers.model import FTModel
 
 
@@ -65,11 +66,40 @@ def test_sampling_matches_the_sdxl_pipeline(random_xl):
     assert float((ours - theirs.permute(0, 2, 3, 1)).abs().max()) < 2e-3
 
 
+class Spy(Method):
+    """A method that trains one number and records, batch by batch, the captions, time ids, latent size and
+    pictures the UNet is given."""
+    name = "spy"
+
+    def __init__(self, seen: list):
+        self.seen = seen
+
+    def setup(self, model):
+        self.p = torch.nn.Parameter(torch.zeros(()))
+
+    def param_groups(self, cfg):
+        return [{"params": [self.p]}]
+
+    def predict(self, model, noisy, t, context, batch):
+        self.seen.append((list(batch["captions"]), batch["time_ids"].tolist(), tuple(noisy.shape[-2:]),
+                          batch["pixels"].detach().clone()))
+        return model.unet_forward(noisy, t, context, batch["time_ids"]) + self.p
+
+    def trainable_state(self):
+        return {"p": self.p}
+
+    def load_trainable_state(self, state):
+        self.p.data.copy_(state["p"])
+
+    def result(self, name, metadata):
+        return None
+
+
 def test_each_pictures_size_and_crop_reach_the_unet(random_xl, folders):
     """Buckets of different shapes: a picture's original size and its centred crop (in the scaled picture) are the
     time ids the UNet gets for it, batch by batch."""
     from comfyui_finetune.trainers import data
-    from comfyui_finetune.trainers.loop import Method, train
+    from comfyui_finetune.trainers.loop import train
     from comfyui_finetune.trainers.recipes import TrainConfig
     from comfyui_finetune.trainers.runs import RunDir
 
@@ -89,34 +119,11 @@ def test_each_pictures_size_and_crop_reach_the_unet(random_xl, folders):
     assert any(r[2] or r[3] for r in expected.values()), "some picture is cropped"
 
     seen = []
-
-    class Spy(Method):
-        name = "spy"
-
-        def setup(self, model):
-            self.p = torch.nn.Parameter(torch.zeros(()))
-
-        def param_groups(self, cfg):
-            return [{"params": [self.p]}]
-
-        def predict(self, model, noisy, t, context, batch):
-            seen.append((list(batch["captions"]), batch["time_ids"].tolist(), tuple(noisy.shape[-2:])))
-            return model.unet_forward(noisy, t, context, batch["time_ids"]) + self.p
-
-        def trainable_state(self):
-            return {"p": self.p}
-
-        def load_trainable_state(self, state):
-            self.p.data.copy_(state["p"])
-
-        def result(self, name, metadata):
-            return None
-
     with torch.inference_mode(False):
-        train(random_xl.share(), ds, Spy(), TrainConfig(steps=6, batch_size=1, save_every=0),
+        train(random_xl.share(), ds, Spy(seen), TrainConfig(steps=6, batch_size=1, save_every=0),
               RunDir.create(folders["output"], "spy"))
     assert seen
-    for caps, ids, (lh, lw) in seen:
+    for caps, ids, (lh, lw), _ in seen:
         assert ids == [expected[c] for c in caps]
         f = random_xl.vae_scale_factor
         assert (ids[0][4], ids[0][5]) == (lh * f, lw * f)  # the target is the bucket the latents came from
@@ -145,6 +152,41 @@ def test_a_lora_over_the_unet_and_both_encoders_uses_kohyas_sdxl_names(random_xl
         base = random_xl.unet_forward(x, torch.tensor([100, 700]), random_xl.encode_prompts(["a sks star", "a cat"]))
     assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
     assert float((got - base).abs().max()) > 1e-3
+
+
+def test_a_flipped_and_cropped_picture_gets_the_time_ids_of_what_it_shows(random_xl, folders):
+    """FT_Augment's flips and random resized crops move the crop corner in the time ids: a picture whose red and
+    green channels are its x and y coordinates tells, after augmentation, which part of the original it shows, and
+    the time ids say the same (within 3 px at the target's scale); the original size stays the original's."""
+    from comfyui_finetune.trainers import data
+    from comfyui_finetune.trainers.loop import train
+    from comfyui_finetune.trainers.recipes import TrainConfig
+    from comfyui_finetune.trainers.runs import RunDir
+
+    oh, ow, side = 48, 64, 32
+    yy, xx = np.mgrid[0:oh, 0:ow]
+    ramp = np.stack([xx / (ow - 1) * 255, yy / (oh - 1) * 255, np.zeros_like(xx)], -1).round().astype(np.uint8)
+    ds = data.Dataset([data.Example(ramp, "a ramp", "r")], name="ramp", resolution=side,
+                      augment=data.Augment(flip=0.5, crop_scale=0.3))
+    nh, nw, top0, left0 = data.cover(oh, ow, side, side)
+    seen = []
+    with torch.inference_mode(False):
+        train(random_xl.share(), ds, Spy(seen), TrainConfig(steps=16, batch_size=1, save_every=0),
+              RunDir.create(folders["output"], "ramp"))
+    flips = set()
+    for _, ((h, w, top, left, th, tw),), _, px in seen:
+        assert (h, w, th, tw) == (oh, ow, side, side)
+        rg = (px[0, :2].float() + 1) / 2  # x / (ow - 1) and y / (oh - 1) of what each pixel shows
+        x0, x1 = float(rg[0, :, 0].mean()) * (ow - 1) * nw / ow, float(rg[0, :, -1].mean()) * (ow - 1) * nw / ow
+        y0, y1 = float(rg[1, 0].mean()) * (oh - 1) * nh / oh, float(rg[1, -1].mean()) * (oh - 1) * nh / oh
+        flipped = x1 < x0
+        flips.add(flipped)
+        span_x, span_y = abs(x1 - x0) * side / (side - 1), (y1 - y0) * side / (side - 1)  # the crop in scaled px
+        first_x = nw - x0 - 0.5 if flipped else x0 - 0.5  # where its first column starts (flipped: mirrored)
+        want_left, want_top = first_x * side / span_x, (y0 - 0.5) * side / span_y
+        assert abs(left - want_left) <= 3 and abs(top - want_top) <= 3, (top, left, want_top, want_left)
+    assert flips == {True, False}, "both flipped and unflipped pictures were drawn"
+    assert len({(r[0][2], r[0][3]) for _, r, _, _ in seen}) > 8, "the crops move"
 
 
 @pytest.mark.slow

@@ -112,20 +112,42 @@ class Encoder:
                 {"pixels": shard.take(px), "conditions": None if cond is None else shard.take(cond),
                  "masks": None if mask is None else shard.take(mask), "time_ids": time_ids}
         moved = [t for t in (cond, mask) if t is not None]  # crops and flips move them with the picture
+        geometry = {} if time_ids is not None else None
         if moved:
-            px, both = augment_batch(px, self.dataset.augment, self.g, condition=torch.cat(moved, dim=1))
+            px, both = augment_batch(px, self.dataset.augment, self.g, condition=torch.cat(moved, dim=1),
+                                     geometry=geometry)
             if cond is not None:
                 cond = shard.take(both[:, :3])
             if mask is not None:
                 mask = shard.take(both[:, -1:])
         else:
-            px = augment_batch(px, self.dataset.augment, self.g)
+            px = augment_batch(px, self.dataset.augment, self.g, geometry=geometry)
+        if geometry is not None:
+            time_ids = shard.take(augmented_time_ids(self.p.time_ids[b][idx], geometry))
         px = shard.take(px)
         with torch.no_grad():
             dist = model.vae.encode(px.to(model.vae.device, model.vae.dtype)).latent_dist
             eps = diffusion.randn(dist.mean.shape, self.g, shard).to(dist.mean.device, dist.mean.dtype)
         latents = ((dist.mean + dist.std * eps) * self.sf).to(model.dtype)
         return latents, {"pixels": px, "conditions": cond, "masks": mask, "time_ids": time_ids}
+
+
+def augmented_time_ids(time_ids: torch.Tensor, geometry: dict) -> torch.Tensor:
+    """SDXL's time ids (original h, w, crop top, left, target h, w) after a flip and a resized crop
+    (:func:`augment_batch`'s ``geometry``). The picture was the centred (target) window of the original scaled to
+    cover it; a flip mirrors that window in the scaled picture, and a crop of (hc, wc) resized back to the target
+    is the same as scaling the picture target / hc times more and taking the target window at the crop's corner.
+    The original size stays the original's."""
+    from .data import cover
+
+    out = time_ids.clone()
+    for i, (oh, ow, top, left, th, tw) in enumerate(time_ids.tolist()):
+        nh, nw = cover(int(oh), int(ow), int(th), int(tw))[:2]
+        if geometry["flipped"][i]:
+            left = nw - left - tw
+        y, x, hc, wc = geometry["box"][i].tolist()
+        out[i, 2], out[i, 3] = round((top + y) * th / hc), round((left + x) * tw / wc)
+    return out
 
 
 def encode_latent_dists(model: FTModel, pixels: dict, chunk: int = 16) -> dict:
