@@ -151,7 +151,7 @@ def test_a_file_of_another_kind_is_refused_by_each_loader(toy, folders):
     for kind in ("checkpoints", "controlnet", "embeddings"):
         (folders["models"] / kind).mkdir(parents=True, exist_ok=True)
         (folders["models"] / kind / "lora.safetensors").write_bytes(lora_file.read_bytes())
-    with pytest.raises(ValueError, match="not a Stable Diffusion 1.x/2.x checkpoint"):
+    with pytest.raises(ValueError, match="not a Stable Diffusion 1.x, 2.x or XL checkpoint"):
         FT_LoadBaseModel().execute("checkpoints/lora.safetensors")
     with pytest.raises(ValueError, match="not a ControlNet"):
         FT_LoadControlNet().execute("lora.safetensors")

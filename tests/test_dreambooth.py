@@ -131,8 +131,8 @@ def test_full_model_saves_as_a_diffusers_folder_that_loads_back(toy, folders):
     with torch.inference_mode(False):
         assert torch.equal(sampling.sample(back, "a sks star", seeds=[3], steps=5),
                            sampling.sample(tuned, "a sks star", seeds=[3], steps=5))
-    with pytest.raises(ValueError, match="single-file checkpoint is written for Stable Diffusion 1.x and Stable "
-                                         "Diffusion 2.x models; this is the built-in toy model"):
+    with pytest.raises(ValueError, match="single-file checkpoint is written for Stable Diffusion 1.x, Stable "
+                                         "Diffusion 2.x and Stable Diffusion XL models; this is the built-in toy"):
         FT_SaveCheckpoint().execute(tuned, "db/x", "single file (.safetensors)", "fp16")
 
 

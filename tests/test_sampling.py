@@ -102,7 +102,7 @@ def test_load_errors_name_the_file(folders):
     from safetensors.torch import save_file
 
     save_file({"foo": torch.zeros(2)}, str(ckpt / "random.safetensors"))
-    with pytest.raises(ValueError, match="random.safetensors: not a Stable Diffusion 1.x/2.x checkpoint"):
+    with pytest.raises(ValueError, match="random.safetensors: not a Stable Diffusion 1.x, 2.x or XL checkpoint"):
         node.execute("checkpoints/random.safetensors", "cpu", "auto")
     assert "checkpoints/random.safetensors" in FT_LoadBaseModel.INPUT_TYPES()["required"]["model_name"][0]
     (folders["models"] / "diffusers" / "broken").mkdir(parents=True)

@@ -136,7 +136,8 @@ def to_single_file(model: FTModel, dtype: torch.dtype = torch.float16) -> dict[s
     ComfyUI writes for a v-prediction model (``v_pred``, and ``ztsnr`` for zero terminal SNR)."""
     fam = FAMILIES.get(model.family)
     if fam is None or not fam.text_encoder_files:
-        which = ", ".join(f.label for f in FAMILIES.values() if f.text_encoder_files)
+        labels = [f.label for f in FAMILIES.values() if f.text_encoder_files]
+        which = ", ".join(labels[:-1]) + " and " + labels[-1]
         raise ValueError(f"a single-file checkpoint is written for {which} models; this is the "
                          f"{fam.label if fam else model.family}: save it as a diffusers folder")
     cfg = model.unet.config

@@ -145,9 +145,9 @@ def family_for_checkpoint(keys_and_shapes: dict[str, tuple[int, ...]]) -> Family
     unet = "model.diffusion_model."
     k = next((k for k in keys_and_shapes if k.startswith(unet) and k.endswith(CROSS_ATTENTION_K)), None)
     if k is None:
-        raise ValueError("not a Stable Diffusion checkpoint: it has no 'model.diffusion_model.*' UNet with "
-                         "cross-attention in the original layout (a diffusers folder, or a checkpoint of another "
-                         "kind of model?)")
+        raise ValueError("not a Stable Diffusion 1.x, 2.x or XL checkpoint: it has no 'model.diffusion_model.*' UNet "
+                         "weights with cross-attention in the original layout (a LoRA, embedding or VAE file goes in "
+                         "its own folder; a diffusers model is a folder in models/diffusers)")
     if any(x.startswith("edm_") for x in keys_and_shapes):
         raise ValueError("this is an EDM checkpoint (Playground 2.5 or an EDM v-prediction model), which the pack "
                          "cannot train: it trains epsilon and v-prediction models")
