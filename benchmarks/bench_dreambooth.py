@@ -3,6 +3,7 @@ one subject and two at once, LoRA and full mode. Judged by the toy judge over 16
 
     python benchmarks/bench_dreambooth.py [--steps 200] [--only one|two] [--class-images 16] [--prior-weight 1]
                                           [--pp-only] [--seed 0] [--samples 16] [--model toy|toy_xl]
+                                          [--modes lora,full] [--full-lr 2e-4]
 
 Subjects: six purple circles "a sks circle" (class "a circle"; the base never draws purple) and six yellow
 triangles "a zwx triangle" (class "a triangle"; a combination the base was never shown).
@@ -64,6 +65,8 @@ def main() -> None:
                     help="training seed (it seeds the class pictures too; the judged samples keep theirs)")
     ap.add_argument("--samples", type=int, default=16, help="judged generations per prompt")
     ap.add_argument("--model", choices=["toy", "toy_xl"], default="toy", help="the toy, or the toy SDXL")
+    ap.add_argument("--modes", default="lora,full", help="two subjects: which modes (lora, full)")
+    ap.add_argument("--full-lr", type=float, default=2e-4, help="two subjects: full mode's learning rate")
     args = ap.parse_args()
     SEEDS[:] = list(range(2000, 2000 + args.samples))
     extra = dict(num_class_images=args.class_images, prior_loss_weight=args.prior_weight, seed=args.seed)
@@ -91,12 +94,13 @@ def main() -> None:
                     m = train(base, [s], steps=args.steps)
                     alone[s[1]] = rate(m, judge, s[1], col, shp)
                 print(f"  alone (LoRA, no PP): {alone}")
-            for mode, lr in (("lora", 1e-3), ("full", 2e-4)):
+            lrs = {"lora": 1e-3, "full": args.full_lr}
+            for mode, lr in ((m, lrs[m]) for m in args.modes.split(",")):
                 for pp in ((True,) if args.pp_only else (False, True)):
                     t0 = time.time()
                     m = train(base, [a, b], mode=mode, learning_rate=lr, prior_preservation=pp,
                               steps=int(args.steps * 1.5), **extra)
-                    print(f"  {mode}, PP {'on ' if pp else 'off'}: 'a sks circle' "
+                    print(f"  {mode} (lr {lr:g}), PP {'on ' if pp else 'off'}: 'a sks circle' "
                           f"{rate(m, judge, 'a sks circle', 'purple', 'circle'):.2f}, 'a zwx triangle' "
                           f"{rate(m, judge, 'a zwx triangle', 'yellow', 'triangle'):.2f}, drift circle "
                           f"{rate(m, judge, 'a circle', 'purple', 'circle'):.2f} triangle "
