@@ -106,6 +106,26 @@ class ComfyServer:
         raise TimeoutError(f"prompt {pid} did not finish in {timeout}s:\n{self.log()[-3000:]}")
 
 
+#: ComfyUI's ControlNet loader in its own python (argv[1]: the file): it logs missing keys as warnings and unexpected
+#: ones at debug level, so both show; prints "LOADED ControlNet <number of weights>"
+CONTROLNET_PROBE = (
+    "import logging, sys; logging.basicConfig(level=logging.DEBUG, stream=sys.stdout); path = sys.argv[1]; "
+    "sys.argv[1:] = ['--cpu']; import comfy.options; comfy.options.enable_args_parsing(); "
+    "import comfy.controlnet as c; m = c.load_controlnet(path); "
+    "print('LOADED', type(m).__name__, sum(p.numel() for p in m.control_model.parameters()))")
+
+
+def load_controlnet_in_comfyui(path: Path) -> int:
+    """The number of weights ComfyUI's own ControlNet loader reads from ``path``; fails on a missing or unexpected
+    key."""
+    out = subprocess.run([os.environ.get("COMFYUI_PYTHON", sys.executable), "-c", CONTROLNET_PROBE, str(path)],
+                         cwd=str(comfyui_path()), capture_output=True, text=True, timeout=900)
+    text = out.stdout + out.stderr
+    assert "LOADED ControlNet" in text, text[-3000:]
+    assert "missing controlnet keys" not in text and "unexpected controlnet keys" not in text, text[-3000:]
+    return int(text.split("LOADED ControlNet")[1].split()[0])
+
+
 #: ComfyUI's "Import times for custom nodes" lines: "   0.4 seconds: <path>" or "   0.0 seconds (IMPORT FAILED): <path>"
 _IMPORT_LINE = re.compile(r"(?:^|\s)(?P<s>[0-9]+\.[0-9]+) seconds(?P<failed> \(IMPORT FAILED\))?: (?P<path>.+?)\s*$")
 
