@@ -25,9 +25,13 @@ BASE = "ft_test/random-sdxl.safetensors"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    import shutil
+
     srv = ComfyServer(tmp_path_factory.mktemp("comfy_sdxl"), "--bf16-unet").start()
     yield srv
     srv.stop()
+    for big in ("models", "output"):  # about 27 GB of SDXL files; pytest keeps its last three temporary folders
+        shutil.rmtree(srv.base / big, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
