@@ -42,6 +42,8 @@ class Family:
     base_model_version: str = ""
     #: guidance of the class pictures DreamBooth generates from it
     class_cfg: float = 7.0
+    #: its VAE overflows in fp16 (SDXL's; its config says force_upcast): it stays in fp32 beside an fp16 model
+    vae_upcast: bool = False
     #: what the pack cannot train on this family yet: (method, or "method:mode", the reason)
     not_yet: tuple[tuple[str, str], ...] = ()
 
@@ -105,7 +107,7 @@ FAMILIES: dict[str, Family] = {
                   architecture="stable-diffusion-v2", base_model_version="sd_v2"),
     "sdxl": Family("sdxl", "Stable Diffusion XL", "sdxl", 1024, 2048, detect=sdxl_prediction,
                    text_encoder_files=SDXL_ENCODERS, architecture="stable-diffusion-xl-v1-base",
-                   base_model_version="sdxl_base_v1-0", class_cfg=5.0),
+                   base_model_version="sdxl_base_v1-0", class_cfg=5.0, vae_upcast=True),
 }
 
 

@@ -186,9 +186,13 @@ class FTModel:
         return self
 
     def part_dtype(self, name: str) -> torch.dtype:
-        """The precision of part ``name``: the model's, except SDXL's VAE, which overflows in fp16 (its config says
-        force_upcast, as diffusers' pipelines read it) and stays in fp32 beside an fp16 model (84 M weights)."""
-        if name == "vae" and self.dtype == torch.float16 and self.vae.config.get("force_upcast", False):
+        """The precision of part ``name``: the model's, except a VAE that overflows in fp16 (SDXL's: the family says
+        so, as its config's force_upcast tells diffusers' SDXL pipeline), which stays in fp32 beside an fp16 model
+        (84 M weights)."""
+        from .families import FAMILIES
+
+        fam = FAMILIES.get(self.family)
+        if name == "vae" and self.dtype == torch.float16 and fam is not None and fam.vae_upcast:
             return torch.float32
         return self.dtype
 
