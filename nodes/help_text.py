@@ -54,7 +54,7 @@ loaded by ComfyUI's own LoraLoader, A1111/Forge and diffusers. It is the usual f
 - **On SD 1.5**: Load Image Dataset (the dataset's `resolution` 0 is the model's own 512), `learning_rate` 1e-4,
   `rank` 8-16 with `alpha` equal to it, `target_modules` attention, `batch_size` 1-4, and the default 500 steps as a
   first look: set a `validation_prompt` and `validation_every` (e.g. 100) and `save_every`, and train further with
-  `resume_run` if the concept is not there yet. On a GPU with little memory turn `gradient_checkpointing` on.
+  `resume_run` if the concept is not there yet. On a GPU with little memory set `gradient_checkpointing` to on (auto already does for SDXL).
 
 """ + _CHART,
     "FT_TrainTextualInversion": """## What it is for

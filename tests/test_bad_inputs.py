@@ -421,8 +421,8 @@ def test_out_of_memory_names_what_to_lower_and_keeps_the_checkpoint(toy, folders
         lora(toy, toy_set(), steps=5, save_every=2, batch_size=2, run_name="oom")
     msg = str(err.value)
     assert msg.startswith("out of memory at step 3 (batch_size 2, resolution 32, frozen weights float32, "
-                          "gradient_checkpointing off)")
-    for fix in ("turn gradient_checkpointing on", "batch_size 1 with grad_accum 2 keeps the effective batch of 2",
+                          "gradient_checkpointing off (auto))")
+    for fix in ("set gradient_checkpointing to on", "batch_size 1 with grad_accum 2 keeps the effective batch of 2",
                 "lower the dataset's resolution (now 32)", "resume_run 'oom' continues it"):
         assert fix in msg
     run = folders["output"] / "finetune" / "oom"

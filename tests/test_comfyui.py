@@ -318,7 +318,7 @@ def test_full_checkpoint_saved_by_the_pack_loads_in_checkpointloadersimple(serve
         ds = FT_DatasetFromImages().execute(torch.rand(1, 64, 64, 3), "x", resolution=64)[0]
         tuned, lora, _, _ = FT_TrainDreamBooth().execute(
             random_sd15, ds, "a photo of sks", "a photo", False, 1.0, 1, "full", False, 1, 1e-4, 1, 0, "sd15-full",
-            optimizer="sgd", gradient_checkpointing=True)
+            optimizer="sgd", gradient_checkpointing="on")
         assert lora is None and tuned.history[-1]["trained"] == "dreambooth-full"
         moved = any(not torch.equal(a, b) for a, b in zip(tuned.unet.parameters(), random_sd15.unet.parameters()))
         assert moved, "one full-mode step should change the UNet"
@@ -473,7 +473,7 @@ def test_controlnet_trained_by_the_pack_runs_in_comfyui(server, random_sd15, tmp
     try:
         ds = FT_DatasetFromImages().execute(torch.rand(2, 64, 64, 3), "a photo", resolution=64)[0]
         cn, log = FT_TrainControlNet().execute(random_sd15, ds, "canny", 2, 1e-4, 1, 0, 0.5, "sd15-cn",
-                                               optimizer="sgd", gradient_checkpointing=True)
+                                               optimizer="sgd", gradient_checkpointing="on")
         (name,) = FT_SaveControlNet().execute(cn, "ft_test/random_sd15_canny", "original", "fp16")["result"]
         (diffusers_name,) = FT_SaveControlNet().execute(cn, "ft_test/random_sd15_canny_diffusers", "diffusers",
                                                         "fp16")["result"]

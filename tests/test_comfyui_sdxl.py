@@ -116,7 +116,7 @@ def make(base) -> dict:
     release()
     t = time.time()  # a ControlNet from the UNet's encoder (1.25 B weights, fp32), one step: SGD keeps it in memory
     cn, log = FT_TrainControlNet().execute(model, ds, "canny", 1, 1e-4, 1, 0, 0.5, "sdxl_cn", optimizer="sgd",
-                                           gradient_checkpointing=True)
+                                           gradient_checkpointing="on")
     times["FT_TrainControlNet, 1 step (SGD)"] = time.time() - t
     out["controlnet_weights"] = sum(p.numel() for p in cn.net.parameters())
     out["controlnet_moved"] = float(cn.net.controlnet_mid_block.weight.abs().max())

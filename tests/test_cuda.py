@@ -71,7 +71,7 @@ def test_one_step_of_every_method(toy, tmp_path, case, device, precision):
             from comfyui_finetune.trainers.lora import train_lora
 
             t = train_lora(recipe(LoRARecipe, precision, train_text_encoder=case == "lora+te",
-                                  gradient_checkpointing=True, channels_last=True), model, toy_set(), run)
+                                  gradient_checkpointing="on", channels_last=True), model, toy_set(), run)
             assert all(v.dtype == torch.float32 for v in t.result.state.values())  # the LoRA trained in fp32
         elif case == "ti":
             from comfyui_finetune.trainers.textual_inversion import train_textual_inversion
@@ -91,7 +91,7 @@ def test_one_step_of_every_method(toy, tmp_path, case, device, precision):
             mode = "full" if case == "dreambooth-full" else "lora"
             t = train_dreambooth(recipe(DreamBoothRecipe, precision, mode=mode, pivotal_tuning=case == "pivotal",
                                         num_class_images=4, instance_prompt="a <sks> star", class_prompt="a star",
-                                        gradient_checkpointing=True), model, [subject], run)
+                                        gradient_checkpointing="on"), model, [subject], run)
     assert finite(t)
     assert (run.path / "samples" / "step-2-0.png").is_file()  # validation sampled mid-training
     assert t.model.dtype == dt

@@ -180,7 +180,7 @@ def test_gradient_checkpointing_and_accumulation_train_the_same(toy, folders):
     """Checkpointing trades memory for compute and must not change the result; accumulation runs."""
     ds = toy_set(n=4)
     _, plain, log_a = train(toy, ds, steps=3, batch_size=2, run_name="plain")
-    _, ckpt, log_b = train(toy, ds, steps=3, batch_size=2, run_name="ckpt", gradient_checkpointing=True)
+    _, ckpt, log_b = train(toy, ds, steps=3, batch_size=2, run_name="ckpt", gradient_checkpointing="on")
     assert all(torch.allclose(plain.state[k], ckpt.state[k], atol=1e-5) for k in plain.state)
     assert log_a.losses() == pytest.approx(log_b.losses(), rel=1e-4)
     _, _, log_c = train(toy, ds, steps=2, batch_size=2, run_name="accum", grad_accum=2, lr_scheduler="cosine",

@@ -171,3 +171,50 @@ def test_a_python_caller_may_pass_the_required_inputs_by_position(toy, folders):
         node.execute(toy, ds, 1, 1e-3, 2, 4, 4.0, 0, "attention", False, 0.0, "x", "y")
     with pytest.raises(TypeError, match="steps given both by position and by name"):
         node.execute(toy, ds, 1, steps=2)
+
+
+def test_gradient_checkpointing_reads_the_old_switch_and_auto_follows_the_family(toy):
+    """gradient_checkpointing was true / false before auto / on / off: older workflows, config.json files and API
+    prompts still work (true = on, false = off), ComfyUI's combo check is the node's own (VALIDATE_INPUTS), and auto
+    turns it on for SDXL on a GPU only."""
+    import types
+
+    import torch
+
+    from comfyui_finetune.trainers.precision import checkpointing
+
+    assert R.LoRARecipe().gradient_checkpointing == "auto"
+    assert R.LoRARecipe(gradient_checkpointing=True).gradient_checkpointing == "on"
+    assert R.DreamBoothRecipe(gradient_checkpointing=False).gradient_checkpointing == "off"
+    assert R.LoRARecipe.from_dict({"gradient_checkpointing": True}).gradient_checkpointing == "on"
+    for bad in (1, "true", "sometimes"):
+        with pytest.raises(ValueError, match="gradient_checkpointing"):
+            R.LoRARecipe(gradient_checkpointing=bad)
+    for cls in TRAINING_NODES.values():
+        for ok in ("auto", "on", "off", True, False):
+            assert cls.VALIDATE_INPUTS(gradient_checkpointing=ok) is True, (cls, ok)
+        assert cls.VALIDATE_INPUTS(gradient_checkpointing="sometimes") == (
+            "gradient_checkpointing 'sometimes' is not known; choose one of: auto, on, off")
+
+    def on(family, device, value):
+        model = types.SimpleNamespace(family=family, device=torch.device(device))
+        return checkpointing(model, R.LoRARecipe(gradient_checkpointing=value))
+
+    assert on("sdxl", "cuda", "auto") and not on("sdxl", "cpu", "auto")
+    assert not on("sd15", "cuda", "auto") and not on("toy_xl", "cuda", "auto")
+    assert on("sd15", "cpu", "on") and not on("sdxl", "cuda", "off")
+    assert not checkpointing(toy, R.LoRARecipe())
+
+
+def test_an_older_api_prompt_with_the_switch_still_validates():
+    from comfyui_finetune import runner
+    from comfyui_finetune.workflows import EXAMPLES
+
+    prompt = json.loads((EXAMPLES / "api" / "toy_train_lora.json").read_text())
+    (nid,) = [k for k, v in prompt.items() if v["class_type"] == "FT_TrainLoRA"]
+    for old in (True, False):
+        prompt[nid]["inputs"]["gradient_checkpointing"] = old
+        assert runner.validate(prompt) == []
+    prompt[nid]["inputs"]["gradient_checkpointing"] = "sometimes"
+    assert runner.validate(prompt) == [f"node {nid} (FT_TrainLoRA): input 'gradient_checkpointing': "
+                                       "gradient_checkpointing 'sometimes' is not known; choose one of: auto, on, off"]

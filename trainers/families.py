@@ -44,6 +44,9 @@ class Family:
     class_cfg: float = 7.0
     #: its VAE overflows in fp16 (SDXL's; its config says force_upcast): it stays in fp32 beside an fp16 model
     vae_upcast: bool = False
+    #: its UNet's activations at native size outgrow a 10-12 GB GPU (SDXL's: a LoRA at 1024 px, batch 1): training
+    #: with gradient_checkpointing "auto" turns checkpointing on for it on a GPU
+    checkpointing_on_gpu: bool = False
     #: what the pack cannot train on this family yet: (method, or "method:mode", the reason)
     not_yet: tuple[tuple[str, str], ...] = ()
 
@@ -107,7 +110,8 @@ FAMILIES: dict[str, Family] = {
                   architecture="stable-diffusion-v2", base_model_version="sd_v2"),
     "sdxl": Family("sdxl", "Stable Diffusion XL", "sdxl", 1024, 2048, detect=sdxl_prediction,
                    text_encoder_files=SDXL_ENCODERS, architecture="stable-diffusion-xl-v1-base",
-                   base_model_version="sdxl_base_v1-0", class_cfg=5.0, vae_upcast=True),
+                   base_model_version="sdxl_base_v1-0", class_cfg=5.0, vae_upcast=True,
+                   checkpointing_on_gpu=True),
 }
 
 

@@ -29,7 +29,7 @@ from .ema import EMA, swapped_in
 from .validation import BestKeeper
 from .distributed import SINGLE, Shard
 from .model import FTModel
-from .precision import autocast_for, gpu_options, memory_advice, place_for_training, release_frozen
+from .precision import autocast_for, checkpointing, gpu_options, memory_advice, place_for_training, release_frozen
 from .recipes import TrainConfig, run_config
 from .runs import RunDir, save_dataset
 from .state import LoopState
@@ -183,7 +183,10 @@ def _prepare_method(model: FTModel, method: Method, cfg: TrainConfig) -> tuple[l
     for m in method.train_modules(model):
         m.train()
     gpu_options(model, cfg)
-    if cfg.gradient_checkpointing:
+    if checkpointing(model, cfg):
+        if cfg.gradient_checkpointing == "auto":
+            log.info("gradient checkpointing on (gradient_checkpointing auto: %s on %s; set it to off for speed "
+                     "where memory allows)", model.family, model.device)
         model.unet.enable_gradient_checkpointing()
         if method.trains_text_encoder:
             for te in model.text_encoders:

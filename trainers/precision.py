@@ -8,6 +8,7 @@ import contextlib
 import torch
 
 from .data import Dataset
+from .families import FAMILIES
 from .model import FTModel
 from .recipes import TrainConfig
 
@@ -42,16 +43,26 @@ def gpu_options(model: FTModel, cfg: TrainConfig) -> None:
         model.unet.compile()
 
 
+def checkpointing(model: FTModel, cfg: TrainConfig) -> bool:
+    """Whether this run checkpoints activations: gradient_checkpointing on / off, or auto (on where the model's
+    family needs it on a GPU, ``Family.checkpointing_on_gpu``: SDXL; off on the CPU, where memory is rarely short
+    and the recomputation costs a third more time)."""
+    if cfg.gradient_checkpointing == "auto":
+        return model.device.type == "cuda" and FAMILIES[model.family].checkpointing_on_gpu
+    return cfg.gradient_checkpointing == "on"
+
+
 def memory_advice(model: FTModel, cfg: TrainConfig, dataset: Dataset, step: int, run: str,
                   checkpointed: bool) -> str:
     """What to lower when a step runs out of memory, from this run's own settings."""
     res = dataset.resolution or model.native_size
-    ckpt = "on" if cfg.gradient_checkpointing else "off"
+    ckpt = checkpointing(model, cfg)
     now = (f"batch_size {cfg.batch_size}, resolution {res}, frozen weights "
-           f"{str(model.dtype).removeprefix('torch.')}, gradient_checkpointing {ckpt}")
+           f"{str(model.dtype).removeprefix('torch.')}, gradient_checkpointing {'on' if ckpt else 'off'}"
+           f"{' (auto)' if cfg.gradient_checkpointing == 'auto' else ''}")
     fixes = []
-    if not cfg.gradient_checkpointing:
-        fixes.append("turn gradient_checkpointing on")
+    if not ckpt:
+        fixes.append("set gradient_checkpointing to on")
     if cfg.batch_size > 1:
         eff = cfg.batch_size * cfg.grad_accum
         fixes.append(f"lower batch_size (batch_size 1 with grad_accum {eff} keeps the effective batch of {eff})")

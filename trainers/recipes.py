@@ -6,132 +6,23 @@ input (:meth:`Recipe.check`), the run's ``config.json`` (:func:`run_config`, wri
 a config back into the same typed object (:func:`read_config`). :class:`TrainConfig` holds the options of the shared
 loop; each method's recipe extends it, overriding a shared option's default or help with :func:`like`.
 
-Combo choices name a table of the library (``"optimizers:OPTIMIZERS"``), read when first needed, so the lists are never
-copied and this module imports no torch: ComfyUI lists the nodes without loading the library.
+The machinery (:func:`option`, :func:`like`, :class:`Recipe`) is in :mod:`.options`. This module imports no torch:
+ComfyUI lists the nodes without loading the library.
 """
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import json
-import math
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
+
+from .options import Recipe, _fmt, choices_of, like, option  # noqa: F401 - choices_of: the nodes read it here
 
 #: the pack's version (== pyproject.toml, tested); written into every config.json
 PACK_VERSION = "0.1.0"
 #: the layout of config.json; a newer one is refused with a clear error
 CONFIG_FORMAT = 1
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
-
-
-def option(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-           step: float | None = None, choices: str | tuple[str, ...] | None = None, round: bool | None = None,
-           multiline: bool = False, seed: bool = False, record: bool = True) -> Any:
-    """A recipe field. ``choices`` is a tuple or ``"module:TABLE"`` (a table of ``trainers.module``, whose keys are
-    the choices); ``record=False`` keeps a field out of config.json (run control such as ``resume_run``)."""
-    meta = {"help": help, "min": min, "max": max, "step": step, "choices": choices, "round": round,
-            "multiline": multiline, "seed": seed, "record": record}
-    return field(default=default, metadata=meta)
-
-
-def like(base: type, name: str, default: Any = MISSING, help: str | None = None, **changes) -> Any:
-    """The field ``name`` of recipe ``base`` with another default or help text (ranges stay one declaration)."""
-    f = base.__dataclass_fields__[name]
-    meta = dict(f.metadata)
-    if help is not None:
-        meta["help"] = help
-    meta.update(changes)
-    return field(default=f.default if default is MISSING else default, metadata=meta)
-
-
-def choices_of(spec: str | tuple[str, ...] | None) -> list[str]:
-    if spec is None:
-        return []
-    if isinstance(spec, str):
-        module, _, table = spec.partition(":")
-        return list(getattr(importlib.import_module(f"{__package__}.{module}"), table))
-    return list(spec)
-
-
-def _fmt(v: float) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
-
-
-@dataclass
-class Recipe:
-    """Base of every recipe. ``method`` names the training method; ``required`` and ``optional`` give the order of
-    the node's inputs (ComfyUI stores widget values by position, so the order is part of the saved workflow)."""
-
-    method: ClassVar[str] = ""
-    required: ClassVar[tuple[str, ...]] = ()
-    optional: ClassVar[tuple[str, ...]] = ()
-    #: the options that give the trained weights their shape: a resume must keep them
-    shape: ClassVar[tuple[str, ...]] = ()
-
-    def __post_init__(self):
-        self.check()
-
-    @classmethod
-    def options(cls) -> dict[str, dataclasses.Field]:
-        return {f.name: f for f in fields(cls)}
-
-    def check(self) -> None:
-        """Every value against its declaration; errors name the input, the value and the range."""
-        for name, f in self.options().items():
-            v, m = getattr(self, name), f.metadata
-            kind = type(f.default)
-            if kind is bool:
-                if not isinstance(v, bool):
-                    raise ValueError(f"{name} must be true or false, got {v!r}")
-                continue
-            if kind in (int, float):
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    raise ValueError(f"{name} must be a number, got {v!r}")
-                if kind is int and not float(v).is_integer():
-                    raise ValueError(f"{name} must be a whole number, got {v!r}")
-                if isinstance(v, float) and not math.isfinite(v):
-                    raise ValueError(f"{name} must be a finite number, got {v!r}")
-                if m["min"] is not None and v < m["min"]:
-                    raise ValueError(f"{name} must be at least {_fmt(m['min'])}, got {_fmt(v)}")
-                if m["max"] is not None and v > m["max"]:
-                    raise ValueError(f"{name} must be at most {_fmt(m['max'])}, got {_fmt(v)}")
-                continue
-            if not isinstance(v, str):
-                raise ValueError(f"{name} must be text, got {v!r}")
-            if m["choices"] is not None:
-                allowed = choices_of(m["choices"])
-                if v not in allowed:
-                    raise ValueError(f"{name} {v!r} is not known; choose one of: {', '.join(allowed)}")
-        self.check_more()
-
-    def check_more(self) -> None:
-        """Checks across fields (a recipe overrides this)."""
-
-    def to_dict(self) -> dict:
-        """The recorded fields, as config.json holds them."""
-        return {n: getattr(self, n) for n, f in self.options().items() if f.metadata["record"]}
-
-    @classmethod
-    def from_dict(cls, values: dict, where: str = "recipe", **override) -> "Recipe":
-        """A recipe from recorded values; an unknown field is an error naming it (a config of another method, or of
-        a newer pack). Missing fields take their defaults (a config of an older pack)."""
-        if not isinstance(values, dict):
-            raise ValueError(f"{where} must be an object of options, got {type(values).__name__}")
-        known = cls.options()
-        unknown = [k for k in values if k not in known]
-        if unknown:
-            raise ValueError(f"{where}.{unknown[0]} is not an option of {cls.method or cls.__name__} (is this a config "
-                             f"of another method, or of a newer pack?); its options are: {', '.join(known)}")
-        kw = {}
-        for k, v in {**values, **override}.items():
-            kind = type(known[k].default)
-            kw[k] = float(v) if kind is float and isinstance(v, int) and not isinstance(v, bool) else v
-        try:
-            return cls(**kw)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------- the loop --
@@ -173,7 +64,10 @@ class TrainConfig(Recipe):
     mixed_precision: str = option("auto", "Autocast on a GPU (auto = bf16 where supported, else fp16 with a grad "
                                   "scaler); trainable weights stay fp32. On the CPU an fp32 model trains in fp32, a "
                                   "bf16 model under bf16 autocast.", choices="loop:PRECISIONS")
-    gradient_checkpointing: bool = option(False, "Save memory on large models at some speed cost.")
+    gradient_checkpointing: str = option(
+        "auto", "Recompute activations in the backward pass instead of keeping them: much less memory, about a "
+        "third slower. auto = on where the family needs it on a GPU (SDXL), off elsewhere; true / false from "
+        "older workflows read as on / off.", choices=("auto", "on", "off"), legacy={True: "on", False: "off"})
     weight_decay: float = option(1e-2, "Weight decay of the optimizer (decoupled for AdamW).", min=0.0, max=1.0,
                                  step=1e-3)
     huber_delta: float = option(0.1, "Huber loss: where it turns from quadratic to linear.", min=1e-3, max=10.0,
