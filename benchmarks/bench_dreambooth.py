@@ -87,13 +87,13 @@ def main() -> None:
                       f"{rate(m, judge, 'a sks circle', 'purple', 'circle'):.2f}, class drift "
                       f"{rate(m, judge, 'a circle', 'purple', 'circle'):.2f}  ({time.time() - t0:.0f} s)")
         if args.only != "one":
-            print("two subjects (purple circle + yellow triangle)")
-            if not args.pp_only:
+            print(f"two subjects (purple circle + yellow triangle), {int(args.steps * 1.5)} steps")
+            for pp in ((True,) if args.pp_only else (False, True)):
                 alone = {}
                 for s, col, shp in ((a, "purple", "circle"), (b, "yellow", "triangle")):
-                    m = train(base, [s], steps=args.steps)
+                    m = train(base, [s], steps=args.steps, prior_preservation=pp, **extra)
                     alone[s[1]] = rate(m, judge, s[1], col, shp)
-                print(f"  alone (LoRA, no PP): {alone}")
+                print(f"  alone (LoRA, lr 1e-3, {args.steps} steps, PP {'on' if pp else 'off'}): {alone}")
             lrs = {"lora": 1e-3, "full": args.full_lr}
             for mode, lr in ((m, lrs[m]) for m in args.modes.split(",")):
                 for pp in ((True,) if args.pp_only else (False, True)):

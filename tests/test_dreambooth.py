@@ -1,5 +1,6 @@
-"""DreamBooth on the toy world: learns the subject in LoRA and full modes, prior preservation stops class drift,
-several subjects keep apart, class pictures are generated once and then reused."""
+"""DreamBooth on the toy world: in LoRA and full modes the subjects are learnt, prior preservation keeps the class
+without costing the subject (issue 17's bar, alone and two at once), several subjects keep apart, class pictures are
+generated once and then reused."""
 from __future__ import annotations
 
 import pytest
@@ -27,45 +28,58 @@ def db(model, dataset, **kw):
     return out if kw.get("pivotal_tuning") else out[:3]
 
 
-def drift(model, judge):
-    """How often the class prompt alone shows the instance's look (a purple star for 'a star')."""
-    return rate(model, judge, "a star", "purple", "star")
+def circles_and_triangles():
+    """Issue 17's concepts: six purple circles "a sks circle" (the base never draws purple) and six yellow
+    triangles "a zwx triangle" (a pairing it was never shown)."""
+    circles = FT_ToyDataset().execute("purple", "circle", 6, "x", 0, "narrow")[0]
+    tri = FT_ToyDataset().execute("yellow", "triangle", 6, "x", 0, "narrow")[0]
+    return circles, tri
+
+
+SEEDS_32 = list(range(2000, 2032))
+
+
+def judged(tuned, judge):
+    """(circle subject, triangle subject, 'a circle' drawn purple, 'a triangle' drawn yellow) over 32 pictures."""
+    return [rate(tuned, judge, "a sks circle", "purple", "circle", SEEDS_32),
+            rate(tuned, judge, "a zwx triangle", "yellow", "triangle", SEEDS_32),
+            rate(tuned, judge, "a circle", "purple", "circle", SEEDS_32),
+            rate(tuned, judge, "a triangle", "yellow", "triangle", SEEDS_32)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,lr", [("full", 2e-4), ("lora", 1e-3)])
-def test_dreambooth_learns_the_subject(toy, judge, folders, mode, lr):
-    tuned, lora, log = db(toy, stars(), mode=mode, learning_rate=lr)
-    concept = rate(tuned, judge, "a sks star", "purple", "star")
-    print(f"DreamBooth {mode}: 'a sks star' as a purple star {concept:.2f}")
-    assert concept >= 0.8
-    assert (lora is None) == (mode == "full")
-    assert rate(tuned, judge, "a red circle", "red", "circle", list(range(1000, 1008))) >= 0.8
+def test_lora_mode_keeps_the_subjects_and_the_classes_alone_and_two_at_once(toy, judge, folders):
+    """Issue 17's bar in lora mode (lr 1e-3, 16 class pictures, 400 steps per subject alone, 600 for two): with prior
+    preservation the subject stays within 10 points of its rate without it, the class drifts at most 10 %, and each
+    of two subjects trained at once stays within 10 points of its rate alone. Measured over 5 seeds x 32 pictures
+    (benchmarks/bench_dreambooth.py): one subject 0.97-1.00 without, 1.00 with, drift 1.00 -> 0.00; at 200 steps
+    2 of 5 seeds still drifted 0.16-0.22, the class pictures' pull not yet caught up."""
+    circles, tri = circles_and_triangles()
+    one = dict(instance_prompt="a sks circle", class_prompt="a circle", mode="lora", learning_rate=1e-3,
+               num_class_images=16, steps=400)
+    got = {}
+    for pp in (False, True):
+        tuned, lora, _ = db(toy, circles, prior_preservation=pp, run_name=f"one_pp{int(pp)}", **one)
+        got[pp] = judged(tuned, judge)
+    assert lora is not None
+    print(f"one subject, lora mode (subject, drift): without prior preservation {got[False][::2]}, with it "
+          f"{got[True][::2]}")
+    assert got[False][0] >= 0.8, "the subject should be learnt (else nothing is measured)"
+    assert got[False][2] >= 0.3, "without prior preservation the class should drift (else nothing is measured)"
+    assert got[True][0] >= got[False][0] - 0.1 and got[True][2] <= 0.1
+    assert rate(tuned, judge, "a red square", "red", "square", SEEDS_32[:8]) >= 0.8, "other prompts stay"
 
-
-@pytest.mark.slow
-def test_prior_preservation_halves_class_drift(toy, judge, folders):
-    plain, _, _ = db(toy, stars())
-    kept, _, log = db(toy, stars(), prior_preservation=True)
-    d0, d1 = drift(plain, judge), drift(kept, judge)
-    concept = rate(kept, judge, "a sks star", "purple", "star")
-    print(f"class drift ('a star' drawn purple): without prior preservation {d0:.2f}, with {d1:.2f}; "
-          f"concept with it {concept:.2f}")
-    assert d0 >= 0.5, "without prior preservation the class should drift (else the test measures nothing)"
-    assert d1 <= d0 / 2 and concept >= 0.7
-    assert log.config["class_images"] == 32 and log.config["recipe"]["prior_preservation"]
-
-
-@pytest.mark.slow
-def test_two_subjects_keep_apart(toy, judge, folders):
-    tri = FT_ToyDataset().execute("yellow", "triangle", 8, "unused", 0, "narrow")[0]
-    subs = FT_DreamBoothSubject().execute(stars(), "a sks star", "a star")[0]
+    tri_alone, _, _ = db(toy, tri, **{**one, "instance_prompt": "a zwx triangle", "class_prompt": "a triangle"},
+                         prior_preservation=True, run_name="tri_alone")
+    alone = [got[True][0], judged(tri_alone, judge)[1]]
+    subs = FT_DreamBoothSubject().execute(circles, "a sks circle", "a circle")[0]
     subs = FT_DreamBoothSubject().execute(tri, "a zwx triangle", "a triangle", previous=subs)[0]
-    tuned, _, log = db(toy, stars(), subjects=subs, steps=300)
-    own = [rate(tuned, judge, "a sks star", "purple", "star"), rate(tuned, judge, "a zwx triangle", "yellow", "triangle")]
-    other = [rate(tuned, judge, "a sks star", "yellow", "triangle"), rate(tuned, judge, "a zwx triangle", "purple", "star")]
-    print(f"two subjects: own concept {own}, the other's {other}")
-    assert min(own) >= 0.7 and max(other) <= 0.2
+    pair, _, log = db(toy, circles, subjects=subs, prior_preservation=True, run_name="pair",
+                      **{**one, "steps": 600})
+    both = judged(pair, judge)
+    print(f"two subjects, lora mode, with prior preservation: alone {alone}, together {both}")
+    assert both[0] >= alone[0] - 0.1 and both[1] >= alone[1] - 0.1
+    assert both[2] <= 0.1 and both[3] <= 0.1
     assert [s["identifier"] for s in log.config["subjects"]] == ["sks", "zwx"]
 
 
@@ -75,26 +89,26 @@ def test_two_subjects_in_full_mode_keep_the_subjects_and_the_classes(toy, judge,
     triangle", 16 class pictures, 300 steps, lr 4e-4): with prior preservation each subject stays within 10 points of
     its rate without it and the classes drift at most 10 % (5 seeds x 32 pictures: subjects 1.00 / 1.00, circle drift
     0.00-0.03; at lr 2e-4 the drift was 0.27 on average)."""
-    circles = FT_ToyDataset().execute("purple", "circle", 6, "x", 0, "narrow")[0]
-    tri = FT_ToyDataset().execute("yellow", "triangle", 6, "x", 0, "narrow")[0]
+    circles, tri = circles_and_triangles()
     subs = FT_DreamBoothSubject().execute(circles, "a sks circle", "a circle")[0]
     subs = FT_DreamBoothSubject().execute(tri, "a zwx triangle", "a triangle", previous=subs)[0]
-    seeds = list(range(2000, 2032))
     got = {}
     for pp in (False, True):
-        tuned, _, _ = db(toy, circles, instance_prompt="a sks circle", class_prompt="a circle", subjects=subs,
-                         prior_preservation=pp, num_class_images=16, steps=300, learning_rate=4e-4,
-                         run_name=f"two_pp{int(pp)}")
-        got[pp] = [rate(tuned, judge, "a sks circle", "purple", "circle", seeds),
-                   rate(tuned, judge, "a zwx triangle", "yellow", "triangle", seeds),
-                   rate(tuned, judge, "a circle", "purple", "circle", seeds),
-                   rate(tuned, judge, "a triangle", "yellow", "triangle", seeds)]
+        tuned, lora, _ = db(toy, circles, instance_prompt="a sks circle", class_prompt="a circle", subjects=subs,
+                            prior_preservation=pp, num_class_images=16, steps=300, learning_rate=4e-4,
+                            run_name=f"two_pp{int(pp)}")
+        got[pp] = judged(tuned, judge)
     print(f"two subjects, full mode, lr 4e-4 (circle, triangle, circle drift, triangle drift): without prior "
           f"preservation {got[False]}, with it {got[True]}")
+    assert lora is None
     assert got[False][0] >= 0.8 and got[False][1] >= 0.8
     assert got[True][0] >= got[False][0] - 0.1 and got[True][1] >= got[False][1] - 0.1
     assert got[True][2] <= 0.1 and got[True][3] <= 0.1
     assert got[False][2] >= 0.3, "without prior preservation the class should drift (else nothing is measured)"
+    other = [rate(tuned, judge, "a sks circle", "yellow", "triangle", SEEDS_32[:16]),
+             rate(tuned, judge, "a zwx triangle", "purple", "circle", SEEDS_32[:16])]
+    assert max(other) <= 0.2, f"each identifier should draw its own subject, not the other's: {other}"
+    assert rate(tuned, judge, "a red square", "red", "square", SEEDS_32[:8]) >= 0.8, "other prompts stay"
 
 
 def test_class_pictures_are_generated_once_then_reused(toy, folders, monkeypatch):

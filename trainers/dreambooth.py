@@ -235,20 +235,33 @@ class DreamBoothMethod(Method):
         self.inner.after_step()
 
     def loss(self, model, latents, context, noise_sched, g, cfg, batch):
-        loss = super().loss(model, latents, context, noise_sched, g, cfg, batch)
         if self.class_latents is None or self.lam == 0:
-            return loss
+            return super().loss(model, latents, context, noise_sched, g, cfg, batch)
         from . import diffusion
 
+        noisy, t, target = self.noised(latents, noise_sched, g, cfg, batch)
         mean, std = self.class_latents
         shard = batch.get("shard") or SINGLE
         idx = shard.take(torch.randint(len(mean), (latents.shape[0] * shard.world,), generator=g))
         eps = diffusion.randn(mean[idx].shape, g, shard)
         cl = ((mean[idx] + std[idx] * eps) * model.vae.config.scaling_factor).to(latents.device, latents.dtype)
-        caps = [self.class_captions[i] for i in idx.tolist()]
-        ctx = batch["encode_text"](caps)
-        return loss + self.lam * super().loss(model, cl, ctx.to(context.dtype), noise_sched, g, cfg,
-                                                  {**batch, "masks": None, "time_ids": None})  # generated whole
+        ctx = batch["encode_text"]([self.class_captions[i] for i in idx.tolist()]).to(context.dtype)
+        cbatch = {**batch, "masks": None, "time_ids": None}  # class pictures are generated whole
+        cnoisy, ct, ctarget = self.noised(cl, noise_sched, g, cfg, cbatch)
+        if cl.shape[1:] == latents.shape[1:]:  # one UNet call on instance + class pictures, as diffusers' script does
+            ids = None
+            if model.conditioned_on_time_ids:
+                own = batch.get("time_ids")
+                ids = torch.cat([model.whole_time_ids(latents) if own is None else own.float().cpu(),
+                                 model.whole_time_ids(cl)])
+            both = self.predict(model, torch.cat([noisy, cnoisy]), torch.cat([t, ct]), torch.cat([context, ctx]),
+                                {**batch, "time_ids": ids})
+            pred, cpred = both[:len(latents)], both[len(latents):]
+        else:  # the instance bucket is not the class pictures' size
+            pred = self.predict(model, noisy, t, context, batch)
+            cpred = self.predict(model, cnoisy, ct, ctx, cbatch)
+        return (self.loss_of(pred, target, t, noise_sched, cfg, batch)
+                + self.lam * self.loss_of(cpred, ctarget, ct, noise_sched, cfg, cbatch))
 
 
 def make_inner(mode: str, train_text_encoder: bool, rank: int, alpha: float, targets: str,

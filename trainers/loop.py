@@ -97,15 +97,22 @@ class Method:
         """The denoising loss of one batch; methods with extra terms (prior preservation, ControlNet) override.
         ``batch["shard"]`` is this process's part of a distributed run: draw through it; ``batch["encode_text"]``
         embeds more captions the way the loop does (cached while the text encoder is frozen)."""
+        noisy, t, target = self.noised(latents, noise_sched, g, cfg, batch)
+        pred = self.predict(model, noisy, t, context, batch)
+        return self.loss_of(pred, target, t, noise_sched, cfg, batch)
+
+    def noised(self, latents, noise_sched, g, cfg: TrainConfig, batch: dict):
+        """(noisy latents, timesteps, target) of one batch: its noise and timesteps drawn from ``g``."""
         shard = batch.get("shard")
         noise = diffusion.sample_noise(latents, g, cfg.noise_offset, shard=shard)
         t = diffusion.sample_timesteps(latents.shape[0], noise_sched, g, latents.device, shard=shard)
-        noisy = noise_sched.add_noise(latents, noise, t)
-        pred = self.predict(model, noisy, t, context, batch)
-        target = diffusion.target_for(noise_sched, latents, noise, t)
+        return noise_sched.add_noise(latents, noise, t), t, diffusion.target_for(noise_sched, latents, noise, t)
+
+    def loss_of(self, pred, target, t, noise_sched, cfg: TrainConfig, batch: dict):
+        """The loss of a prediction: min-SNR weights per timestep, and the batch's masks where it has them."""
         w = diffusion.min_snr_weights(noise_sched, t, cfg.snr_gamma) if cfg.snr_gamma else None
         mask = batch.get("masks")
-        px_w = None if mask is None else masks.latent_weights(mask.to(latents.device), latents.shape[-2:],
+        px_w = None if mask is None else masks.latent_weights(mask.to(pred.device), pred.shape[-2:],
                                                                 cfg.unmasked_weight)
         return diffusion.diffusion_loss(pred, target, weights=w, loss_type=cfg.loss, huber_delta=cfg.huber_delta,
                                         pixel_weights=px_w)

@@ -158,10 +158,14 @@ class FTModel:
             return {"encoder_hidden_states": context}
         hidden, pooled = context[:, :-1], context[:, -1, :self.pooled_dim]
         if time_ids is None:
-            h, w = x.shape[-2] * self.vae_scale_factor, x.shape[-1] * self.vae_scale_factor
-            time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).expand(len(x), 6)
+            time_ids = self.whole_time_ids(x)
         return {"encoder_hidden_states": hidden,
                 "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(x.device, hidden.dtype)}}
+
+    def whole_time_ids(self, x: torch.Tensor) -> torch.Tensor:
+        """SDXL's time ids of latents ``x`` showing whole, uncropped pictures of their own size."""
+        h, w = x.shape[-2] * self.vae_scale_factor, x.shape[-1] * self.vae_scale_factor
+        return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).expand(len(x), 6)
 
     def unet_forward(self, x: torch.Tensor, t, context: torch.Tensor, time_ids: torch.Tensor | None = None,
                      **kw) -> torch.Tensor:
