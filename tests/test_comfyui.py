@@ -86,6 +86,14 @@ def test_api_example_runs(server, path):
         cached = [n for event, data in again["status"]["messages"] if event == "execution_cached"
                   for n in data["nodes"]]
         assert "3" in cached, again["status"]["messages"]
+        # a workflow saved when gradient_checkpointing was a switch: ComfyUI's combo check is the node's own
+        (trainer,) = [n for n, v in prompt.items() if v["class_type"] == "FT_TrainLoRA"]
+        old = json.loads(json.dumps(prompt))
+        old[trainer]["inputs"].update(gradient_checkpointing=False, steps=20)
+        assert server.run_prompt(old)["status"]["status_str"] == "success"
+        old[trainer]["inputs"]["gradient_checkpointing"] = "sometimes"
+        with pytest.raises(AssertionError, match="gradient_checkpointing 'sometimes' is not known; choose one of"):
+            server.run_prompt(old)
 
 
 @pytest.fixture(scope="module")
