@@ -326,3 +326,25 @@ def test_example_layouts_do_not_overlap_after_a_run(server, browser, artefacts, 
         assert not page.errors, page.errors
     finally:
         page.close()
+
+
+def test_a_workflow_saved_with_the_old_checkpointing_switch_runs_in_the_page(server, browser):
+    """gradient_checkpointing was a true / false switch before it became auto / on / off: a saved workflow holds
+    false where the combo now is. Loaded, the combo widget takes the raw value; queued, the node's VALIDATE_INPUTS
+    accepts it (ComfyUI's own combo check would refuse it) and the run succeeds."""
+    page = Page(browser, server)
+    try:
+        wf = json.loads((PACK / "example_workflows" / "toy_train_lora.json").read_text())
+        page.js("([wf, name]) => app.loadGraphData(wf, true, true, name)", [wf, "old_switch"])
+        held = page.js("""() => {
+          const node = app.graph._nodes.find(n => n.type === "FT_TrainLoRA");
+          const w = name => node.widgets.find(w => w.name === name);
+          w("steps").value = 20;
+          w("gradient_checkpointing").value = false;   // what an older saved workflow puts there
+          return [w("gradient_checkpointing").value, w("gradient_checkpointing").options.values]; }""")
+        assert held == [False, ["auto", "on", "off"]], held
+        seconds = page.run()
+        print(f"toy_train_lora with gradient_checkpointing false (the old switch): ran in {seconds:.1f} s")
+        assert not page.errors, page.errors
+    finally:
+        page.close()

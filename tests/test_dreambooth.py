@@ -49,7 +49,7 @@ def judged(tuned, judge):
 
 @pytest.mark.slow
 def test_lora_mode_keeps_the_subjects_and_the_classes_alone_and_two_at_once(toy, judge, folders):
-    """Issue 17's bar in lora mode (lr 1e-3, 16 class pictures, 400 steps per subject alone, 600 for two): with prior
+    """Issue 17's bar in lora mode (lr 1e-3, 16 class pictures, 400 steps for one subject, 600 for two): with prior
     preservation the subject stays within 10 points of its rate without it, the class drifts at most 10 %, and each
     of two subjects trained at once stays within 10 points of its rate alone. Measured over 5 seeds x 32 pictures
     (benchmarks/bench_dreambooth.py): one subject 0.97-1.00 without, 1.00 with, drift 1.00 -> 0.00; at 200 steps
@@ -69,9 +69,10 @@ def test_lora_mode_keeps_the_subjects_and_the_classes_alone_and_two_at_once(toy,
     assert got[True][0] >= got[False][0] - 0.1 and got[True][2] <= 0.1
     assert rate(tuned, judge, "a red square", "red", "square", SEEDS_32[:8]) >= 0.8, "other prompts stay"
 
-    tri_alone, _, _ = db(toy, tri, **{**one, "instance_prompt": "a zwx triangle", "class_prompt": "a triangle"},
-                         prior_preservation=True, run_name="tri_alone")
-    alone = [got[True][0], judged(tri_alone, judge)[1]]
+    # the circle alone is the run above; the triangle alone reached 1.00 with prior preservation in every seed
+    # measured (bench_dreambooth.py --only two --pp-only --modes lora --steps 400, seeds 0-4): taken as known,
+    # which saves the suite a 45-second run
+    alone = [got[True][0], 1.0]
     subs = FT_DreamBoothSubject().execute(circles, "a sks circle", "a circle")[0]
     subs = FT_DreamBoothSubject().execute(tri, "a zwx triangle", "a triangle", previous=subs)[0]
     pair, _, log = db(toy, circles, subjects=subs, prior_preservation=True, run_name="pair",
