@@ -129,15 +129,11 @@ class Trainer:
     @classmethod
     def VALIDATE_INPUTS(cls, gradient_checkpointing="auto"):
         """gradient_checkpointing was a switch (true / false) before it became a combo (auto / on / off): ComfyUI
-        refuses a combo value that is not in the list, so this node checks it itself and saved workflows keep
-        working (the recipe reads true as on, false as off)."""
-        from ..trainers.recipes import TrainConfig, choices_of
+        refuses a combo value that is not in the list, so the recipe checks this input in its place and saved
+        workflows keep working (true reads as on, false as off)."""
+        from ..trainers.recipes import TrainConfig
 
-        allowed = choices_of(TrainConfig.options()["gradient_checkpointing"].metadata["choices"])
-        if gradient_checkpointing in allowed or TrainConfig.legacy_ok("gradient_checkpointing",
-                                                                      gradient_checkpointing):
-            return True
-        return f"gradient_checkpointing {gradient_checkpointing!r} is not known; choose one of: {', '.join(allowed)}"
+        return TrainConfig.problem("gradient_checkpointing", gradient_checkpointing) or True
 
     def train(self, *args, **kwargs):
         out = self.execute(*args, **kwargs)

@@ -80,32 +80,41 @@ class Recipe:
 
     def check(self) -> None:
         """Every value against its declaration; errors name the input, the value and the range."""
-        for name, f in self.options().items():
-            v, m = getattr(self, name), f.metadata
-            kind = type(f.default)
-            if kind is bool:
-                if not isinstance(v, bool):
-                    raise ValueError(f"{name} must be true or false, got {v!r}")
-                continue
-            if kind in (int, float):
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    raise ValueError(f"{name} must be a number, got {v!r}")
-                if kind is int and not float(v).is_integer():
-                    raise ValueError(f"{name} must be a whole number, got {v!r}")
-                if isinstance(v, float) and not math.isfinite(v):
-                    raise ValueError(f"{name} must be a finite number, got {v!r}")
-                if m["min"] is not None and v < m["min"]:
-                    raise ValueError(f"{name} must be at least {_fmt(m['min'])}, got {_fmt(v)}")
-                if m["max"] is not None and v > m["max"]:
-                    raise ValueError(f"{name} must be at most {_fmt(m['max'])}, got {_fmt(v)}")
-                continue
-            if not isinstance(v, str):
-                raise ValueError(f"{name} must be text, got {v!r}")
-            if m["choices"] is not None:
-                allowed = choices_of(m["choices"])
-                if v not in allowed:
-                    raise ValueError(f"{name} {v!r} is not known; choose one of: {', '.join(allowed)}")
+        for name in self.options():
+            problem = self.problem(name, getattr(self, name))
+            if problem:
+                raise ValueError(problem)
         self.check_more()
+
+    @classmethod
+    def problem(cls, name: str, v: Any) -> str | None:
+        """What is wrong with ``v`` as option ``name`` (None: nothing), older spellings read as today's; a training
+        node's ``VALIDATE_INPUTS`` asks this for the inputs it checks in ComfyUI's place."""
+        f = cls.options()[name]
+        m, kind = f.metadata, type(f.default)
+        if cls.legacy_ok(name, v):
+            v = m["legacy"][v]
+        if kind is bool:
+            return None if isinstance(v, bool) else f"{name} must be true or false, got {v!r}"
+        if kind in (int, float):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                return f"{name} must be a number, got {v!r}"
+            if kind is int and not float(v).is_integer():
+                return f"{name} must be a whole number, got {v!r}"
+            if isinstance(v, float) and not math.isfinite(v):
+                return f"{name} must be a finite number, got {v!r}"
+            if m["min"] is not None and v < m["min"]:
+                return f"{name} must be at least {_fmt(m['min'])}, got {_fmt(v)}"
+            if m["max"] is not None and v > m["max"]:
+                return f"{name} must be at most {_fmt(m['max'])}, got {_fmt(v)}"
+            return None
+        if not isinstance(v, str):
+            return f"{name} must be text, got {v!r}"
+        if m["choices"] is not None:
+            allowed = choices_of(m["choices"])
+            if v not in allowed:
+                return f"{name} {v!r} is not known; choose one of: {', '.join(allowed)}"
+        return None
 
     def check_more(self) -> None:
         """Checks across fields (a recipe overrides this)."""
