@@ -151,11 +151,11 @@ class FT_ModelFromComfy:
         with torch.inference_mode():  # as ComfyUI's CheckpointSave: every patch baked into the weights
             mm.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
             state = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd())
-        # copies of our own: ComfyUI patches and restores its weights in place when another LoRA or merge runs
-        state = {k: v.detach().to("cpu", copy=True) for k, v in state.items() if k.startswith(
+        state = {k: v for k, v in state.items() if k.startswith(
             ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")) or k in MARKERS}
+        # borrowed: weights of our own, as ComfyUI patches and restores its weights in place when a LoRA or merge runs
         ft = model_from_single_file_state(state, f"comfy:{config}", sd1_tokenizer_dir(), device, dtype,
-                                          prediction)  # what ComfyUI samples it as
+                                          prediction, borrowed=True)  # the prediction: what ComfyUI samples it as
         ft.prediction_source = "as ComfyUI samples it"
         del state
         if offload == "auto" and ft.device.type == "cuda":

@@ -141,33 +141,38 @@ def pack_import(log: str, folder: str = "comfyui-finetune") -> tuple[float, bool
     return None
 
 
+def ft_sample(graph: dict, tag: str, model: list) -> dict:
+    """Add FT_Sample (64 px, 2 ddim steps, seed 0) -> SaveImage."""
+    graph.update({
+        f"{tag}1": {"class_type": "FT_Sample", "inputs": {
+            "model": model, "prompt": "a photo of sks", "negative_prompt": "", "seed": 0, "steps": 2, "cfg": 2.0,
+            "sampler": "ddim", "width": 64, "height": 64, "batch_size": 1}},
+        f"{tag}2": {"class_type": "SaveImage", "inputs": {"images": [f"{tag}1", 0], "filename_prefix": f"ft_{tag}"}},
+    })
+    return graph
+
+
+def picture(server, entry: dict, save_node: str):
+    """The first picture a SaveImage node wrote, as floats 0..255."""
+    import numpy as np
+    from PIL import Image
+
+    img = entry["outputs"][save_node]["images"][0]
+    return np.asarray(Image.open(server.base / "output" / img["subfolder"] / img["filename"]), dtype=np.float64)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def random_model(family: str, seed: int = 0, pad_token: str = "<|endoftext|>"):
-    """An FTModel of ``family``'s architecture with random weights, from the pack's shipped config; the tokenizer
-    comes from ComfyUI's copy."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def random_model(family: str, dtype=None, seed: int = 0):
+    """An FTModel of ``family``'s architecture with random weights (tests/random_models.py), with ComfyUI's copy of
+    the CLIP tokenizer."""
+    from random_models import random_model as build
 
-    from comfyui_finetune.trainers.families import FAMILIES
-    from comfyui_finetune.trainers.model import FTModel
-
-    cfg = FAMILIES[family].config_dir
-    torch.manual_seed(seed)
-    with torch.inference_mode(False):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(cfg / "unet")))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(cfg / "vae")))
-        te = CLIPTextModel(CLIPTextConfig.from_pretrained(str(cfg / "text_encoder")))
-    tok_dir = comfyui_path() / "comfy" / "sd1_tokenizer"
-    tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77,
-                        pad_token=pad_token)
-    sched = DDIMScheduler.from_pretrained(str(cfg / "scheduler"))
-    return FTModel(family, f"random-{family}", unet, vae, te, tok, dict(sched.config))
+    return build(family, comfyui_path() / "comfy" / "sd1_tokenizer", dtype=dtype, seed=seed)
 
 
 def random_sd15_model(base: Path):

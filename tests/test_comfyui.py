@@ -371,7 +371,7 @@ def test_sd2_single_file_checkpoint_loads_in_comfyui_and_back(server, tmp_path):
     server.post("/free", {"unload_models": True, "free_memory": True})
     time.sleep(5)
     gc.collect()
-    model = random_model("sd2", seed=1, pad_token="!")
+    model = random_model("sd2", seed=1)
     tok_dir = comfyui_path() / "comfy" / "sd1_tokenizer"
     saved = dict(host._fallback)
     host.set_folders(output=tmp_path, models=server.base / "models")

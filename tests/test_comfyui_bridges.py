@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from comfy_server import ComfyServer, comfyui_path, random_sd15_model, skip_reason
+from comfy_server import ComfyServer, comfyui_path, ft_sample, picture, random_sd15_model, skip_reason
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(comfyui_path() is None, reason=skip_reason())]
 
@@ -68,30 +68,10 @@ def native_sample(graph: dict, tag: str, model: list, clip: list, vae: list, pro
     return graph
 
 
-def ft_sample(graph: dict, tag: str, model: list) -> dict:
-    """Add FT_Sample (64 px, 2 ddim steps, seed 0) -> SaveImage."""
-    graph.update({
-        f"{tag}1": {"class_type": "FT_Sample", "inputs": {
-            "model": model, "prompt": "a photo of sks", "negative_prompt": "", "seed": 0, "steps": 2, "cfg": 2.0,
-            "sampler": "ddim", "width": 64, "height": 64, "batch_size": 1}},
-        f"{tag}2": {"class_type": "SaveImage", "inputs": {"images": [f"{tag}1", 0], "filename_prefix": f"ft_{tag}"}},
-    })
-    return graph
-
-
 def run_ok(server, graph: dict) -> dict:
     entry = server.run_prompt(graph, timeout=900)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:] + server.log()[-3000:]
     return entry
-
-
-def picture(server, entry: dict, save_node: str):
-    """The first picture a SaveImage node wrote, as floats 0..255."""
-    import numpy as np
-    from PIL import Image
-
-    img = entry["outputs"][save_node]["images"][0]
-    return np.asarray(Image.open(server.base / "output" / img["subfolder"] / img["filename"]), dtype=np.float64)
 
 
 def test_bridge_lora_trained_in_the_graph_samples_as_loraloader_does(server, bridge_ckpt):

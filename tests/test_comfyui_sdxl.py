@@ -3,7 +3,8 @@ with random weights (2.6 B UNet weights, CLIP ViT-L and OpenCLIP bigG), written 
 file, is what ComfyUI recognises as SDXL; on it, the pack's LoRA (UNet + both encoders) loads in LoraLoader with
 every key and changes KSampler's result, its SDXL embedding works as ``embedding:name``, its saved fine-tune loads
 in CheckpointLoaderSimple, a ControlNet it trains from the UNet's encoder loads in ControlNetLoader with every key
-(both layouts) and drives KSampler, and a checkpoint ComfyUI writes loads in the pack with every weight equal.
+(both layouts) and drives KSampler, a checkpoint ComfyUI writes loads in the pack with every weight equal, and the
+model itself travels both ways between ComfyUI's graph and the pack's nodes (Model from / to ComfyUI).
 
 The pack and ComfyUI take turns on this 23 GB machine: the pack builds, trains and saves in bf16 (about 7 GB) and
 lets go of its model before ComfyUI loads one (``--bf16-unet``: 5 GB for its UNet), and ComfyUI frees its models
@@ -15,12 +16,13 @@ import json
 
 import pytest
 
-from comfy_server import ComfyServer, comfyui_path, load_controlnet_in_comfyui, skip_reason
+from comfy_server import ComfyServer, comfyui_path, ft_sample, load_controlnet_in_comfyui, picture, skip_reason
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
               pytest.mark.skipif(comfyui_path() is None, reason=skip_reason())]
 
 BASE = "ft_test/random-sdxl.safetensors"
+BASE_BF16 = "ft_test/random-sdxl-bf16.safetensors"  # the same weights rounded to bf16, the pack's precision here
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +74,16 @@ def make(base) -> dict:
     from comfyui_finetune.trainers.checkpoint import to_single_file
     from comfyui_finetune.trainers.export import write_safetensors
 
-    from sdxl_layout import SDXL, random_sdxl
+    from comfy_server import random_model
 
     out, times = {}, {}
     path = base / "models" / "checkpoints" / BASE
     path.parent.mkdir(parents=True, exist_ok=True)
     t = time.time()
-    model = random_sdxl(SDXL, comfyui_path() / "comfy" / "sd1_tokenizer", torch.float16)
+    model = random_model("sdxl", torch.float16)
     out["weights"] = {name: sum(p.numel() for p in m.parameters()) for name, m in model.parts().items()}
     write_safetensors(path, to_single_file(model, torch.float16), {})
+    write_safetensors(path.with_name(BASE_BF16.split("/")[-1]), to_single_file(model, torch.bfloat16), {})
     del model
     release()  # room for the file's reading
     times["build and write the random SDXL"] = time.time() - t
@@ -291,3 +294,57 @@ def test_a_checkpoint_written_by_comfyui_loads_in_the_pack_with_every_weight_equ
             checked += 1
     assert not unequal, f"{len(unequal)} of {checked} tensors differ, e.g. {unequal[:3]}"
     print(f"{comfy.name}: all {checked} tensors equal after a round trip through the pack")
+
+
+def peak_gb(server) -> float:
+    """ComfyUI's peak resident memory since the last call (Linux: VmHWM, reset through clear_refs), in GB."""
+    from pathlib import Path
+
+    proc = Path(f"/proc/{server.proc.pid}")
+    line = next(ln for ln in (proc / "status").read_text().splitlines() if ln.startswith("VmHWM:"))
+    try:
+        (proc / "clear_refs").write_text("5")
+    except OSError:
+        pass
+    return int(line.split()[1]) / 2**20
+
+
+def test_the_model_travels_from_and_to_comfyui_at_full_size(server, made):
+    """Model from ComfyUI on CheckpointLoaderSimple's full-size SDXL draws in FT_Sample the very picture Load Base
+    Model draws from the same file (bf16 both: the same weights), and Load Base Model -> Model to ComfyUI gives
+    KSampler the very latent CheckpointLoaderSimple gives it from the file of the same weights. One prompt at a time,
+    ComfyUI freeing its models between them: its model and the pack's fit beside each other (not three copies)."""
+    import time
+
+    peaks, times = {}, {}
+
+    def timed(tag, graph):
+        server.free()
+        peak_gb(server)
+        t = time.time()
+        entry, _ = run(server, graph)
+        times[tag], peaks[tag] = time.time() - t, peak_gb(server)
+        return entry
+
+    def load_base(name):
+        return {"class_type": "FT_LoadBaseModel", "inputs": {"model_name": f"checkpoints/{name}", "device": "cpu",
+                                                             "dtype": "bf16"}}
+
+    graphs = {
+        "fromcomfy": {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": BASE}},
+                      "2": {"class_type": "FT_ModelFromComfy", "inputs": {
+                          "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "device": "cpu", "dtype": "bf16"}}},
+        "loadbase": {"2": load_base(BASE)},
+    }
+    pictures = {tag: picture(server, timed(tag, ft_sample(g, tag, ["2", 0])), f"{tag}2") for tag, g in graphs.items()}
+    gap = abs(pictures["fromcomfy"] - pictures["loadbase"]).max()
+    assert pictures["loadbase"].std() > 0, "the picture is flat: it shows nothing"
+    assert gap == 0, f"Model from ComfyUI's picture differs from Load Base Model's by {gap}/255"
+
+    to_comfy = sample(BASE, "a photo of sks", prefix="ft_xl_tocomfy")  # its node 1 is Model to ComfyUI instead
+    to_comfy.update({"0": load_base(BASE), "1": {"class_type": "FT_ModelToComfy", "inputs": {"model": ["0", 0]}}})
+    latents = {tag: latent_of(server, timed(tag, g), "7") for tag, g in (
+        ("tocomfy", to_comfy), ("native", sample(BASE_BF16, "a photo of sks", prefix="ft_xl_native")))}
+    diff = float((latents["tocomfy"] - latents["native"]).abs().max())
+    assert diff == 0, f"KSampler's latent from Model to ComfyUI differs from CheckpointLoaderSimple's by {diff}"
+    print("\n".join(f"{tag}: {times[tag]:.0f} s, ComfyUI's peak {peaks[tag]:.1f} GB" for tag in times))

@@ -1,4 +1,4 @@
-"""SDXL's files, on a random model with SDXL's exact block layout at narrow widths (tests/sdxl_layout.py): the
+"""SDXL's files, on a random model with SDXL's exact block layout at narrow widths (tests/random_models.py): the
 single-file checkpoint (``model.diffusion_model.*`` with ``label_emb``, ``conditioner.embedders.0/1.*``,
 ``first_stage_model.*``) round-trips bit-exact through diffusers' own single-file converters, its v-prediction and
 zero-SNR markers are ComfyUI's, and a LoRA the pack saves under kohya's SDXL names is read by diffusers'
@@ -9,13 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdxl_layout import TOY_TOKENIZER, mini_sdxl_config, random_sdxl
+from random_models import TOY_TOKENIZER, mini_sdxl_config, random_model
 
 
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory):
     cfg = mini_sdxl_config(tmp_path_factory.mktemp("sdxl") / "config")
-    return cfg, random_sdxl(cfg, TOY_TOKENIZER)
+    return cfg, random_model("sdxl", TOY_TOKENIZER, cfg)
 
 
 def test_an_sdxl_single_file_round_trips_bit_exact_with_the_original_names(mini):
@@ -139,3 +139,29 @@ def test_an_fp16_sdxl_keeps_its_vae_in_fp32(mini):
     img = decode(half, torch.randn(1, 4, 8, 8, dtype=torch.float16))
     assert img.shape == (1, 64, 64, 3) and torch.isfinite(img).all()
     assert base.share().to("cpu", torch.bfloat16).vae.dtype == torch.bfloat16  # bf16 does not overflow
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_borrowed_state_is_built_into_weights_of_the_models_own(mini, dtype):
+    """Model from ComfyUI builds the pack's model from ComfyUI's live weights (``borrowed``): the model keeps none of
+    them (ComfyUI patches and restores its weights in place), whatever the conversion would have shared. Without
+    ``borrowed`` (a file's tensors, the pack's to keep) the build shares them: what the test looks for is there."""
+    from comfyui_finetune.trainers.checkpoint import to_single_file
+    from comfyui_finetune.trainers.loading import model_from_single_file_state
+
+    cfg, model = mini
+    lender = to_single_file(model, torch.float32 if dtype == "fp32" else torch.bfloat16)
+    storages = {v.untyped_storage().data_ptr() for v in lender.values()}
+
+    def shared(m):
+        return [f"{name}.{k}" for name, part in m.parts().items() for k, t in
+                [*part.named_parameters(), *part.named_buffers()] if t.untyped_storage().data_ptr() in storages]
+
+    kept = model_from_single_file_state(dict(lender), "kept", TOY_TOKENIZER, "cpu", dtype, config_dir=cfg)
+    assert len(shared(kept)) > 100  # a file's tensors become the model's weights, no copy
+    own = model_from_single_file_state(dict(lender), "own", TOY_TOKENIZER, "cpu", dtype, config_dir=cfg,
+                                       borrowed=True)
+    assert shared(own) == []
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):  # the same values all the same
+        a, b = getattr(own, part).state_dict(), getattr(kept, part).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in b), part

@@ -106,14 +106,17 @@ def load_single_file(path: str | Path, tokenizer_dir: str | Path | None, device:
 
 def model_from_single_file_state(state: dict[str, torch.Tensor], name: str, tokenizer_dir: str | Path | None,
                                  device: str = "auto", dtype: str = "auto", prediction: str = "auto",
-                                 config_dir: str | Path | None = None) -> FTModel:
+                                 config_dir: str | Path | None = None, borrowed: bool = False) -> FTModel:
     """An FTModel from an original-layout SD 1.x/2.x/XL state dict (a checkpoint file's tensors, or a model ComfyUI
     holds), converted by diffusers' single-file loaders with the family's shipped configs (``config_dir``: another
     folder of the same layout). Its prediction type (and with it the native size, for SD 2.x) is detected from the
     weights by the family, unless ``prediction`` names it.
 
     ``state`` is consumed: each part's tensors leave it once the part is built, so an SDXL file (7 GB in fp16) is
-    never held twice."""
+    never held twice. ``borrowed``: its tensors belong to a live model (ComfyUI's, which patches and restores its
+    weights in place), and the model keeps none of them. Each part is built straight from the lender's tensors
+    (weights on a GPU come to the CPU first), and whatever the build shares with them (the same dtype on the same
+    device) is copied then, so the lender's weights are never all held twice."""
     import diffusers
 
     fam = family_for_checkpoint({k: tuple(v.shape) for k, v in state.items()})
@@ -133,7 +136,7 @@ def model_from_single_file_state(state: dict[str, torch.Tensor], name: str, toke
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        unet, vae, encoders = _build_parts(state, fam, cfg, dt)
+        unet, vae, encoders = _build_parts(state, fam, cfg, dt, borrowed)
     finally:
         quiet.setLevel(level)
     scheduler = json.loads((cfg_dir / "model_index.json").read_text())["scheduler"][1]
@@ -149,28 +152,59 @@ def model_from_single_file_state(state: dict[str, torch.Tensor], name: str, toke
     return model.to(dev, dt)
 
 
-def _build_parts(state: dict, fam, cfg: str, dt: torch.dtype):
+def _build_parts(state: dict, fam, cfg: str, dt: torch.dtype, borrowed: bool = False):
     """The UNet, VAE (fp16 models: built in fp32, see FTModel.part_dtype) and text encoders, each built in ``dt`` by
-    diffusers' single-file converters; each part's tensors leave ``state`` once it is built."""
+    diffusers' single-file converters; each part's tensors leave ``state`` once it is built (``borrowed``: see
+    :func:`model_from_single_file_state`)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    vae_dt = torch.float32 if dt == torch.float16 else dt
+    lent: set[int] = set()
+
+    def own(prefix: str) -> None:  # one part at a time, so the lender's weights are never all doubled
+        if borrowed:
+            lent.clear()
+            lent.update(_lend(state, prefix))
+
+    def unshare(part):
+        for t in [*part.parameters(), *part.buffers()]:
+            if t.untyped_storage().data_ptr() in lent:  # the build kept the lender's tensor itself (or a view)
+                t.data = t.data.clone()
+        return part
+
     with torch.inference_mode(False):
-        unet = UNet2DConditionModel.from_single_file(state, config=cfg, subfolder="unet", local_files_only=True,
-                                                     torch_dtype=dt)
+        own("model.diffusion_model.")
+        unet = unshare(UNet2DConditionModel.from_single_file(state, config=cfg, subfolder="unet",
+                                                             local_files_only=True, torch_dtype=dt))
         _drop(state, "model.diffusion_model.")
-        vae = AutoencoderKL.from_single_file(state, config=cfg, subfolder="vae", local_files_only=True,
-                                             torch_dtype=torch.float32 if dt == torch.float16 else dt)
+        own("first_stage_model.")
+        vae = unshare(AutoencoderKL.from_single_file(state, config=cfg, subfolder="vae", local_files_only=True,
+                                                     torch_dtype=vae_dt))
         _drop(state, "first_stage_model.")
         encoders = []
         for i, (_, prefix) in enumerate(fam.text_encoder_files):
             cls = CLIPTextModel if i == 0 else CLIPTextModelWithProjection
-            encoders.append(create_diffusers_clip_model_from_ldm(
+            own(prefix)
+            encoders.append(unshare(create_diffusers_clip_model_from_ldm(
                 cls, state, subfolder="text_encoder" if i == 0 else "text_encoder_2", config=cfg,
-                local_files_only=True, torch_dtype=dt).eval())
+                local_files_only=True, torch_dtype=dt).eval()))
             _drop(state, prefix)
     return unet, vae, encoders
+
+
+def _lend(state: dict, prefix: str) -> set[int]:
+    """The storages of ``state``'s CPU tensors under ``prefix`` (the lender's, which the built part must not keep);
+    its tensors elsewhere (a GPU) are brought to the CPU, copies of the pack's own."""
+    ptrs = set()
+    for k in [k for k in state if k.startswith(prefix)]:
+        v = state[k].detach()
+        if v.device.type == "cpu":
+            ptrs.add(v.untyped_storage().data_ptr())
+        else:
+            state[k] = v.to("cpu")
+    return ptrs
 
 
 def _drop(state: dict, prefix: str) -> None:

@@ -1,7 +1,8 @@
-"""SDXL-architecture models with random weights for the tests: at full size from the pack's shipped configs/sdxl
-(what ComfyUI recognises as SDXL), or "mini": SDXL's exact block layout (three levels, two layers a level, 1/2/10
-transformer blocks, the text_time embedding, two text encoders, a four-level VAE) at narrow widths, for the key
-maps and diffusers' kohya-SDXL conversion, which depend on the layout's names and not on its widths."""
+"""Models with random weights for the tests: any family's architecture at full size from the pack's shipped
+configs (what ComfyUI recognises as SD 1.x, 2.x or SDXL), or a "mini" SDXL: SDXL's exact block layout (three levels,
+two layers a level, 1/2/10 transformer blocks, the text_time embedding, two text encoders, a four-level VAE) at
+narrow widths, for the key maps and diffusers' kohya-SDXL conversion, which depend on the layout's names and not on
+its widths."""
 from __future__ import annotations
 
 import json
@@ -36,15 +37,20 @@ def mini_sdxl_config(folder: Path) -> Path:
     return folder
 
 
-def random_sdxl(config: Path, tokenizer_dir: Path, dtype=None, seed: int = 0, name: str = "random-sdxl"):
-    """An FTModel of the "sdxl" family with random weights from ``config`` (a configs/sdxl layout), tokenizers from
-    ``tokenizer_dir``'s vocab.json and merges.txt; each part is cast to ``dtype`` as soon as it is built, so a full
-    SDXL (2.6 B UNet weights) peaks at its UNet in fp32."""
+def random_model(family: str, tokenizer_dir: Path, config: Path | None = None, dtype=None, seed: int = 0):
+    """An FTModel of ``family``'s architecture with random weights, from ``config`` (a folder in the layout of
+    configs/<family>, which it defaults to), its tokenizers from ``tokenizer_dir``'s vocab.json and merges.txt with
+    each config's padding; each part is cast to ``dtype`` as soon as it is built, so a full SDXL (2.6 B UNet weights)
+    peaks at its UNet in fp32."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    from comfyui_finetune.trainers.families import FAMILIES
     from comfyui_finetune.trainers.model import FTModel
+
+    config = Path(config) if config else FAMILIES[family].config_dir
+    second = (config / "text_encoder_2").is_dir()  # SDXL's OpenCLIP bigG, with its projection
 
     def cast(m):
         return (m.to(dtype) if dtype is not None else m).eval()
@@ -54,7 +60,8 @@ def random_sdxl(config: Path, tokenizer_dir: Path, dtype=None, seed: int = 0, na
         unet = cast(UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(config / "unet"))))
         vae = cast(AutoencoderKL.from_config(AutoencoderKL.load_config(str(config / "vae"))))
         te = cast(CLIPTextModel(CLIPTextConfig.from_pretrained(str(config / "text_encoder"))))
-        te2 = cast(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(str(config / "text_encoder_2"))))
+        te2 = cast(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(str(config / "text_encoder_2")))
+                   ) if second else None
 
     def tokenizer(sub):
         pad = json.loads((config / sub / "tokenizer_config.json").read_text())["pad_token"]
@@ -62,8 +69,8 @@ def random_sdxl(config: Path, tokenizer_dir: Path, dtype=None, seed: int = 0, na
                              model_max_length=77, pad_token=pad)
 
     sched = DDIMScheduler.from_pretrained(str(config / "scheduler"))
-    model = FTModel("sdxl", name, unet, vae, te, tokenizer("tokenizer"), dict(sched.config), text_encoder_2=te2,
-                    tokenizer_2=tokenizer("tokenizer_2"))
+    model = FTModel(family, f"random-{family}", unet, vae, te, tokenizer("tokenizer"), dict(sched.config),
+                    text_encoder_2=te2, tokenizer_2=tokenizer("tokenizer_2") if second else None)
     if dtype is not None:
         model.dtype = dtype
     return model
