@@ -5,6 +5,23 @@ import os
 import pytest
 
 os.environ.setdefault("FT_NO_PROGRESS", "1")  # no tqdm bars in test logs
+#: -n auto's most workers: each holds its own toy models, judge and trainings
+MAX_WORKERS = 4
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest -n N: the workers share the cores, each its own part of them
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # before torch is imported; the tests' subprocesses too
+        os.environ[_var] = _threads  # two torch jobs on the same cores would each run many times slower
+    import torch
+
+    torch.set_num_threads(int(_threads))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (README's test command): a worker per core, at most MAX_WORKERS, and one alone when COMFYUI_PATH
+    is set, as each integration module starts a ComfyUI of its own (the full-size SDXL one needs 21 GB)."""
+    if os.environ.get("COMFYUI_PATH"):
+        return 1
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")

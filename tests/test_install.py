@@ -71,7 +71,7 @@ def test_readme_starts_with_the_two_commands_ci_runs():
     block = text.split("```bash\n", 1)[1].split("```", 1)[0]
     install, tests = [ln for ln in block.splitlines() if ln.strip()][:2]
     assert install.startswith("pip install torch==2.13.0 && ") and " demo " in install
-    assert tests == "python -m pytest"
+    assert tests == "python -m pytest -n auto --dist worksteal"  # every core: tests/conftest.py shares them out
     ci = (PACK / ".ci" / "run").read_text()
     assert "README.md" in ci and "python3 -m pip install" not in ci, "CI must run README's commands in a fresh venv"
 
