@@ -141,27 +141,37 @@ def test_an_fp16_sdxl_keeps_its_vae_in_fp32(mini):
     assert base.share().to("cpu", torch.bfloat16).vae.dtype == torch.bfloat16  # bf16 does not overflow
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_a_borrowed_state_is_built_into_weights_of_the_models_own(mini, dtype):
+@pytest.mark.parametrize("lent,dtype,inference", [("fp32", "fp32", False), ("bf16", "bf16", False),
+                                                  ("fp32", "fp32", True), ("bf16", "bf16", True),
+                                                  ("bf16", "fp32", True)])
+def test_a_borrowed_state_is_built_into_weights_of_the_models_own(mini, lent, dtype, inference):
     """Model from ComfyUI builds the pack's model from ComfyUI's live weights (``borrowed``): the model keeps none of
-    them (ComfyUI patches and restores its weights in place), whatever the conversion would have shared. Without
+    them (ComfyUI patches and restores its weights in place), whatever the conversion would have shared, and
+    ComfyUI's inference tensors (it loads its models in inference mode) become trainable weights. Without
     ``borrowed`` (a file's tensors, the pack's to keep) the build shares them: what the test looks for is there."""
     from comfyui_finetune.trainers.checkpoint import to_single_file
     from comfyui_finetune.trainers.loading import model_from_single_file_state
 
     cfg, model = mini
-    lender = to_single_file(model, torch.float32 if dtype == "fp32" else torch.bfloat16)
+    lender = to_single_file(model, torch.float32 if lent == "fp32" else torch.bfloat16)
+    if inference:
+        with torch.inference_mode():
+            lender = {k: v.clone() for k, v in lender.items()}
     storages = {v.untyped_storage().data_ptr() for v in lender.values()}
 
     def shared(m):
         return [f"{name}.{k}" for name, part in m.parts().items() for k, t in
                 [*part.named_parameters(), *part.named_buffers()] if t.untyped_storage().data_ptr() in storages]
 
-    kept = model_from_single_file_state(dict(lender), "kept", TOY_TOKENIZER, "cpu", dtype, config_dir=cfg)
-    assert len(shared(kept)) > 100  # a file's tensors become the model's weights, no copy
+    if not inference and lent == dtype:
+        kept = model_from_single_file_state(dict(lender), "kept", TOY_TOKENIZER, "cpu", dtype, config_dir=cfg)
+        assert len(shared(kept)) > 100  # a file's tensors become the model's weights, no copy
     own = model_from_single_file_state(dict(lender), "own", TOY_TOKENIZER, "cpu", dtype, config_dir=cfg,
                                        borrowed=True)
     assert shared(own) == []
-    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):  # the same values all the same
-        a, b = getattr(own, part).state_dict(), getattr(kept, part).state_dict()
-        assert all(torch.equal(a[k], b[k]) for k in b), part
+    assert not any(t.is_inference() for part in own.parts().values() for t in part.parameters())
+    rounded = {"fp32": torch.float32, "bf16": torch.bfloat16}[lent]
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):  # the lender's values all the same
+        a, b = getattr(own, part).state_dict(), getattr(model, part).state_dict()
+        assert all(torch.equal(a[k], b[k].to(rounded).to(a[k].dtype) if b[k].is_floating_point() else b[k])
+                   for k in b), part

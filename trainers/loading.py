@@ -114,9 +114,10 @@ def model_from_single_file_state(state: dict[str, torch.Tensor], name: str, toke
 
     ``state`` is consumed: each part's tensors leave it once the part is built, so an SDXL file (7 GB in fp16) is
     never held twice. ``borrowed``: its tensors belong to a live model (ComfyUI's, which patches and restores its
-    weights in place), and the model keeps none of them. Each part is built straight from the lender's tensors
-    (weights on a GPU come to the CPU first), and whatever the build shares with them (the same dtype on the same
-    device) is copied then, so the lender's weights are never all held twice."""
+    weights in place, and loads them as inference tensors), and the model keeps none of them. Each part is built
+    straight from the lender's tensors (weights on a GPU come to the CPU first), and what the build would keep as
+    it is (the same dtype on the same device) is copied, one part at a time, so the lender's weights are never all
+    held twice."""
     import diffusers
 
     fam = family_for_checkpoint({k: tuple(v.shape) for k, v in state.items()})
@@ -163,10 +164,10 @@ def _build_parts(state: dict, fam, cfg: str, dt: torch.dtype, borrowed: bool = F
     vae_dt = torch.float32 if dt == torch.float16 else dt
     lent: set[int] = set()
 
-    def own(prefix: str) -> None:  # one part at a time, so the lender's weights are never all doubled
+    def own(prefix: str, part_dt: torch.dtype) -> None:  # a part at a time: the lender's weights are never all doubled
         if borrowed:
             lent.clear()
-            lent.update(_lend(state, prefix))
+            lent.update(_lend(state, prefix, part_dt))
 
     def unshare(part):
         for t in [*part.parameters(), *part.buffers()]:
@@ -175,18 +176,18 @@ def _build_parts(state: dict, fam, cfg: str, dt: torch.dtype, borrowed: bool = F
         return part
 
     with torch.inference_mode(False):
-        own("model.diffusion_model.")
+        own("model.diffusion_model.", dt)
         unet = unshare(UNet2DConditionModel.from_single_file(state, config=cfg, subfolder="unet",
                                                              local_files_only=True, torch_dtype=dt))
         _drop(state, "model.diffusion_model.")
-        own("first_stage_model.")
+        own("first_stage_model.", vae_dt)
         vae = unshare(AutoencoderKL.from_single_file(state, config=cfg, subfolder="vae", local_files_only=True,
                                                      torch_dtype=vae_dt))
         _drop(state, "first_stage_model.")
         encoders = []
         for i, (_, prefix) in enumerate(fam.text_encoder_files):
             cls = CLIPTextModel if i == 0 else CLIPTextModelWithProjection
-            own(prefix)
+            own(prefix, dt)
             encoders.append(unshare(create_diffusers_clip_model_from_ldm(
                 cls, state, subfolder="text_encoder" if i == 0 else "text_encoder_2", config=cfg,
                 local_files_only=True, torch_dtype=dt).eval()))
@@ -194,16 +195,21 @@ def _build_parts(state: dict, fam, cfg: str, dt: torch.dtype, borrowed: bool = F
     return unet, vae, encoders
 
 
-def _lend(state: dict, prefix: str) -> set[int]:
-    """The storages of ``state``'s CPU tensors under ``prefix`` (the lender's, which the built part must not keep);
-    its tensors elsewhere (a GPU) are brought to the CPU, copies of the pack's own."""
+def _lend(state: dict, prefix: str, dt: torch.dtype) -> set[int]:
+    """Make ``state``'s tensors under ``prefix`` (the lender's) fit for building a part in ``dt`` that keeps none of
+    them: on a GPU they come to the CPU (a copy); inference tensors (ComfyUI loads its models in inference mode),
+    which no parameter can be made of, are copied where the build would keep them as they are (in ``dt`` already);
+    the storages of the others are returned, for the copy after the build (``unshare``)."""
     ptrs = set()
     for k in [k for k in state if k.startswith(prefix)]:
         v = state[k].detach()
-        if v.device.type == "cpu":
-            ptrs.add(v.untyped_storage().data_ptr())
-        else:
+        if v.device.type != "cpu":
             state[k] = v.to("cpu")
+        elif v.is_inference():
+            if v.dtype == dt or not v.is_floating_point():
+                state[k] = v.clone()
+        else:
+            ptrs.add(v.untyped_storage().data_ptr())
     return ptrs
 
 
