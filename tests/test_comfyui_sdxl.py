@@ -32,7 +32,7 @@ def server(tmp_path_factory):
     srv = ComfyServer(tmp_path_factory.mktemp("comfy_sdxl"), "--bf16-unet").start()
     yield srv
     srv.stop()
-    for big in ("models", "output"):  # about 27 GB of SDXL files; pytest keeps its last three temporary folders
+    for big in ("models", "output"):  # about 30 GB of SDXL files; pytest keeps its last three temporary folders
         shutil.rmtree(srv.base / big, ignore_errors=True)
 
 
@@ -297,7 +297,8 @@ def test_a_checkpoint_written_by_comfyui_loads_in_the_pack_with_every_weight_equ
 
 
 def peak_gb(server) -> float:
-    """ComfyUI's peak resident memory since the last call (Linux: VmHWM, reset through clear_refs), in GB."""
+    """The most resident memory ComfyUI's process held since the last call (Linux: VmHWM, reset through clear_refs
+    to what it holds then, which counts memory its heap kept from earlier prompts), in GB."""
     from pathlib import Path
 
     proc = Path(f"/proc/{server.proc.pid}")
@@ -347,4 +348,4 @@ def test_the_model_travels_from_and_to_comfyui_at_full_size(server, made):
         ("tocomfy", to_comfy), ("native", sample(BASE_BF16, "a photo of sks", prefix="ft_xl_native")))}
     diff = float((latents["tocomfy"] - latents["native"]).abs().max())
     assert diff == 0, f"KSampler's latent from Model to ComfyUI differs from CheckpointLoaderSimple's by {diff}"
-    print("\n".join(f"{tag}: {times[tag]:.0f} s, ComfyUI's peak {peaks[tag]:.1f} GB" for tag in times))
+    print("\n".join(f"{tag}: {times[tag]:.0f} s, ComfyUI resident at most {peaks[tag]:.1f} GB" for tag in times))
