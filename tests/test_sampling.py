@@ -124,3 +124,56 @@ def test_shipped_text_encoder_uses_the_common_key_layout(toy):
     (key,) = [k for k in sd if k in ("encoder.layers.0.self_attn.q_proj.weight",
                                      "text_model.encoder.layers.0.self_attn.q_proj.weight")]
     assert torch.equal(w, sd[key])
+
+
+
+def small_vae():
+    """A VAE of two narrow levels without attention: quick at 1024 px (the toy's attends over every latent pixel)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                         mid_block_add_attention=False).eval()
+
+
+def spied(toy, method: str, seen: list):
+    """A share of the toy with the small VAE, whose ``method`` (encode / decode) records each call's batch."""
+    model = toy.share()
+    model.vae = small_vae()
+    real = getattr(model.vae, method)
+    setattr(model.vae, method, lambda x: seen.append(len(x)) or real(x))
+    return model, real
+
+
+@pytest.mark.parametrize("size,n,calls", [(32, 20, [20]), (512, 5, [4, 1]), (1024, 2, [1, 1])])
+def test_pictures_are_decoded_a_few_at_a_time_by_their_size(toy, size, n, calls):
+    """The VAE's activations grow with every pixel of one call: 16 pictures at 1024 px in one decode would need
+    more memory than training (trainers/model.py VAE_PIXELS). Chunked, the pictures are the ones one call gives."""
+    from comfyui_finetune.trainers.sampling import decode
+
+    seen = []
+    model, real = spied(toy, "decode", seen)
+    f = model.vae_scale_factor
+    lat = torch.randn(n, 4, size // f, size // f, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        img = decode(model, lat)
+        whole = real(lat / model.vae.config.scaling_factor).sample  # in one call
+    assert seen == calls
+    whole = (whole.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    assert img.shape == (n, size, size, 3)
+    assert float((img - whole).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("size,n,calls", [(32, 20, [16, 4]), (512, 6, [4, 2]), (1024, 2, [1, 1])])
+def test_pictures_are_encoded_a_few_at_a_time_by_their_size(toy, size, n, calls):
+    from comfyui_finetune.trainers.batches import encode_latent_dists
+
+    seen = []
+    model, real = spied(toy, "encode", seen)
+    px = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        mean, std = encode_latent_dists(model, {"b": px})["b"]
+        whole = real(px).latent_dist  # in one call
+    assert seen == calls
+    assert float((mean - whole.mean).abs().max()) < 1e-4 and float((std - whole.std).abs().max()) < 1e-4

@@ -257,3 +257,57 @@ def test_an_offloaded_model_trains_and_samples_as_a_placed_one(toy, tmp_path):
     for k in a.result.state:
         assert torch.allclose(a.result.state[k], b.result.state[k], atol=1e-6), k
     assert float((pa - pb).abs().max()) < 1e-4
+
+
+def spy_moves(monkeypatch) -> list[str]:
+    """The class of every model part moved (Module.to), in order, from now on."""
+    seen = []
+    to = torch.nn.Module.to
+
+    def spy_to(self, *a, **kw):
+        if type(self).__name__ in ("UNet2DConditionModel", "AutoencoderKL", "CLIPTextModel"):
+            seen.append(type(self).__name__)
+        return to(self, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.Module, "to", spy_to)
+    return seen
+
+
+def test_an_offloaded_model_samples_with_one_part_on_the_device_at_a_time(toy, monkeypatch):
+    """The text encoders for the prompts, the UNet for the denoising, the VAE for the decoding: an SDXL's UNet (4.8
+    GB) never waits on the GPU beside the VAE's decoding at 1024 px (benchmarks/sdxl_memory.py)."""
+    from comfyui_finetune.trainers.sampling import sample
+
+    seen = spy_moves(monkeypatch)
+    with torch.inference_mode(False):
+        a = sample(offloaded(toy), "a red circle", seeds=[1, 2], steps=4)
+    assert seen == ["CLIPTextModel", "UNet2DConditionModel", "AutoencoderKL"]
+    seen.clear()
+    b = sample(toy, "a red circle", seeds=[1, 2], steps=4)
+    assert seen == [] and torch.equal(a, b)
+
+
+def test_an_offloaded_models_unet_joins_the_device_after_the_latents_are_cached(toy, tmp_path, monkeypatch):
+    """The VAE's encoding holds the most memory of the caching (about 2.6 GB for one SDXL picture at 1024 px,
+    benchmarks/sdxl_memory.py): the UNet's weights must not be on the GPU beside it. Here the order of the moves is
+    what is checked: every move of a part (Module.to) and every encoding, in the order the run makes them."""
+    from comfyui_finetune.trainers import batches
+    from comfyui_finetune.trainers.lora import train_lora
+
+    seen = spy_moves(monkeypatch)
+    encode = batches.encode_latent_dists
+
+    def spy_encode(*a, **kw):
+        seen.append("encode")
+        return encode(*a, **kw)
+
+    monkeypatch.setattr(batches, "encode_latent_dists", spy_encode)
+    with torch.inference_mode(False):
+        train_lora(steps(LoRARecipe, steps=1), offloaded(toy), toy_set(), run_dir(tmp_path, "order"))
+    first = seen.index("encode")
+    assert set(seen[:first]) == {"AutoencoderKL", "CLIPTextModel"}, seen
+    assert "UNet2DConditionModel" in seen[first:], seen
+    seen.clear()
+    with torch.inference_mode(False):  # a model that is not offloaded is on its device already: nothing moves
+        train_lora(steps(LoRARecipe, steps=1), toy.share(), toy_set(), run_dir(tmp_path, "placed"))
+    assert seen[:1] == ["encode"] and "UNet2DConditionModel" not in seen, seen

@@ -9,7 +9,7 @@ from . import diffusion
 from .augment import augment_batch
 from .data import Dataset, Prepared, process_caption
 from .distributed import Shard
-from .model import FTModel
+from .model import FTModel, vae_chunk
 
 
 class Batches:
@@ -150,11 +150,13 @@ def augmented_time_ids(time_ids: torch.Tensor, geometry: dict) -> torch.Tensor:
     return out
 
 
-def encode_latent_dists(model: FTModel, pixels: dict, chunk: int = 16) -> dict:
-    """bucket -> (mean, std) of the VAE's latent distribution for every picture, encoded ``chunk`` at a time."""
+def encode_latent_dists(model: FTModel, pixels: dict) -> dict:
+    """bucket -> (mean, std) of the VAE's latent distribution for every picture, encoded a few at a time
+    (:func:`~.model.vae_chunk`: 16 pictures up to 256 px, one at 1024 px)."""
     out = {}
     with torch.no_grad():
         for b, px in pixels.items():
+            chunk = vae_chunk(px.shape[-2], px.shape[-1])
             dists = [model.vae.encode(px[i:i + chunk].to(model.device, model.vae.dtype)).latent_dist
                      for i in range(0, len(px), chunk)]
             out[b] = (torch.cat([d.mean for d in dists]).float(), torch.cat([d.std for d in dists]).float())

@@ -29,7 +29,8 @@ from .ema import EMA, swapped_in
 from .validation import BestKeeper
 from .distributed import SINGLE, Shard
 from .model import FTModel
-from .precision import autocast_for, checkpointing, gpu_options, memory_advice, place_for_training, release_frozen
+from .precision import (autocast_for, checkpointing, gpu_options, memory_advice, place_for_training, place_unet,
+                        release_frozen)
 from .recipes import TrainConfig, run_config
 from .runs import RunDir, save_dataset
 from .state import LoopState
@@ -227,7 +228,14 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
     validation.check(cfg, scorer)
     identity = model.identity()  # the base model as given, before the method adds anything
     g = torch.Generator().manual_seed(cfg.seed)
-    home = place_for_training(model)  # an offloaded model's parts visit the device for the run
+    # An offloaded model's parts visit the device for the run: the VAE and the text encoders first; the UNet once the
+    # latents are cached, so that the VAE's encoding (2 GB at 1024 px) never meets the UNet's weights on the GPU.
+    home = place_for_training(model)
+    mult = model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1)
+    prepared = prepare(dataset, model.native_size, mult)
+    batches = Batches(prepared, global_batch, g)
+    enc = Encoder(model, dataset, method, prepared, g, shard)
+    place_unet(model, home)
     groups, params = _prepare_method(model, method, cfg)
     opt, sched = optimizers.make(groups, cfg)
     ema = EMA(params, cfg.ema_decay, cfg.ema_start, cfg.ema_every) if cfg.ema_decay else None
@@ -243,10 +251,6 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
         ddp = DistributedDataParallel(trainable, broadcast_buffers=False,
                                       device_ids=[model.device.index] if model.device.type == "cuda" else None)
 
-    mult = model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1)
-    prepared = prepare(dataset, model.native_size, mult)
-    batches = Batches(prepared, global_batch, g)
-    enc = Encoder(model, dataset, method, prepared, g, shard)
     left = release_frozen(model, enc, method, dataset, home)
     if left:
         log.info("%s left %s once their outputs were cached", " and ".join(left), model.device)

@@ -8,6 +8,17 @@ from typing import Any
 
 import torch
 
+#: the most pixels one VAE call encodes or decodes: one SDXL picture. The VAE's activations grow with every pixel
+#: of the call (an fp32 SDXL VAE encoding one 1024 px picture holds about 2 GB at once), so 16 pictures at
+#: 1024 px in one call would need more memory than the whole training step.
+VAE_PIXELS = 1024 * 1024
+
+
+def vae_chunk(height: int, width: int, most: int = 16) -> int:
+    """How many pictures of ``height`` x ``width`` one VAE call takes: as many as :data:`VAE_PIXELS` holds, from 1 to
+    ``most`` (16 pictures up to 256 px, 4 at 512 px, 1 at 768 px and above)."""
+    return max(1, min(most, VAE_PIXELS // (height * width)))
+
 
 @dataclass(eq=False)
 class FTModel:
@@ -208,16 +219,18 @@ class FTModel:
         return self
 
     @contextlib.contextmanager
-    def placed(self):
-        """The model with every part on ``device``: itself when it is not offloaded, else a share whose parts are
-        copied to the device for the block and dropped after it (nothing stays on the GPU)."""
+    def placed(self, parts: tuple[str, ...] | None = None):
+        """The model with its parts on ``device`` (those named in ``parts``, or every one): itself when it is not
+        offloaded, else a share whose parts are copied to the device for the block and dropped after it (nothing
+        stays on the GPU)."""
         if not self.offload:
             yield self
             return
         here = self.share()
         here.offload = False
-        for m in here.parts().values():
-            m.to(self.device)
+        for name, m in here.parts().items():
+            if parts is None or name in parts:
+                m.to(self.device)
         try:
             yield here
         finally:

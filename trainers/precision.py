@@ -78,16 +78,23 @@ def memory_advice(model: FTModel, cfg: TrainConfig, dataset: Dataset, step: int,
 
 # ------------------------------------------------------------------------------------ offloaded models --
 def place_for_training(model: FTModel) -> dict:
-    """An offloaded model's parts go to the training device for the run (the model is the training's share: the
-    input keeps its weights in CPU memory). Returns CPU shares of the VAE and text encoder to fall back on."""
+    """An offloaded model's VAE and text encoders go to the training device for the run (the model is the
+    training's share: the input keeps its weights in CPU memory); the UNet follows with :func:`place_unet` once the
+    latents are cached. Returns CPU shares of the VAE and text encoders to fall back on."""
     if not model.offload:
         return {}
     from .deltas import share
 
     home = {name: share(m) for name, m in model.parts().items() if name != "unet"}
-    for m in model.parts().values():
-        m.to(model.device)
+    for m in home:
+        getattr(model, m).to(model.device)
     return home
+
+
+def place_unet(model: FTModel, home: dict) -> None:
+    """The UNet of an offloaded model (``home`` from :func:`place_for_training`) joins the rest on the device."""
+    if home:
+        model.unet.to(model.device)
 
 
 def release_frozen(model: FTModel, enc, method, dataset: Dataset, home: dict) -> list[str]:

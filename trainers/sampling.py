@@ -52,14 +52,7 @@ def check_size(model, width: int, height: int) -> tuple[int, int]:
 
 @torch.no_grad()
 @cached()  # a live-applied LoRA's weights are computed once per call, not at every step
-def sample(model, prompts: list[str] | str, **kw) -> torch.Tensor:
-    """Generate ``len(seeds)`` images (see :func:`sample_placed`), with the model placed on its device for the
-    call (an offloaded model's weights visit the GPU and leave it after)."""
-    with model.placed() as here:
-        return sample_placed(here, prompts, **kw)
-
-
-def sample_placed(
+def sample(
     model,
     prompts: list[str] | str,
     *,
@@ -79,22 +72,39 @@ def sample_placed(
 
     ``controls`` are :class:`~.control.Control` applications; their residuals are summed and added to the UNet's
     skip connections on both halves of classifier-free guidance. Strength 0 skips a ControlNet entirely.
+
+    An offloaded model's parts visit its device a stage at a time and leave it after (:meth:`FTModel.placed`): the
+    text encoders for the prompts, the UNet (and the ControlNets) for the denoising, the VAE for the decoding. An
+    SDXL at 1024 px never has its UNet and its VAE's decoding on the GPU together (benchmarks/sdxl_memory.py).
     """
     if isinstance(prompts, str):
         prompts = [prompts] * len(seeds)
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds: give one prompt, or one per image")
     width, height = check_size(model, width, height)
+    use_cfg = cfg != 1.0
+    with torch.no_grad(), model.placed(("text_encoder", "text_encoder_2")) as here, cached():
+        cond = here.encode_prompts(list(prompts)).to(here.dtype)
+        if use_cfg:
+            uncond = here.encode_prompts([negative_prompt] * len(seeds)).to(here.dtype)
+            cond = torch.cat([uncond, cond])
+    with model.placed(("unet",)) as here:
+        latents = denoise(here, cond, seeds, steps, cfg, sampler, width, height, on_step, should_stop, controls,
+                          resize_mode)
+    with model.placed(("vae",)) as here:
+        return decode(here, latents)
+
+
+@torch.no_grad()
+@cached()  # a live-applied LoRA's weights are computed once per call, not at every step
+def denoise(model, context, seeds, steps, cfg, sampler, width, height, on_step, should_stop, controls,
+            resize_mode) -> torch.Tensor:
+    """The latents :func:`sample` decodes: ``context`` holds the negative prompts' rows first when ``cfg`` != 1."""
+    use_cfg = cfg != 1.0
     scheduler = make_scheduler(model.scheduler_config, sampler)
     scheduler.set_timesteps(steps, device=model.device)
     dev, dt = model.device, model.dtype
-    cond = model.encode_prompts(list(prompts)).to(dt)
-    use_cfg = cfg != 1.0
-    if use_cfg:
-        uncond = model.encode_prompts([negative_prompt] * len(seeds)).to(dt)
-        context = torch.cat([uncond, cond])
-    else:
-        context = cond
+    context = context.to(dev)
     f = model.vae_scale_factor
     prepared = []
     if controls:
@@ -124,10 +134,19 @@ def sample_placed(
         latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
         if on_step is not None:
             on_step(i + 1, total)
-    return decode(model, latents)
+    return latents
 
 
 @torch.no_grad()
 def decode(model, latents: torch.Tensor) -> torch.Tensor:
-    img = model.vae.decode((latents / model.vae.config.scaling_factor).to(model.vae.dtype)).sample
-    return (img.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().contiguous()
+    """Pictures (B, H, W, 3) on the CPU from latents, decoded a few at a time (:func:`~.model.vae_chunk`: the
+    decoder's activations grow with the pixels of one call, so a batch at 1024 px goes one picture at a time)."""
+    from .model import vae_chunk
+
+    f = model.vae_scale_factor
+    n = vae_chunk(latents.shape[-2] * f, latents.shape[-1] * f, most=len(latents))
+    out = []
+    for part in latents.split(n):
+        img = model.vae.decode((part / model.vae.config.scaling_factor).to(model.vae.dtype)).sample
+        out.append((img.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu())
+    return torch.cat(out).contiguous()

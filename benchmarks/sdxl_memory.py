@@ -1,0 +1,155 @@
+"""What an SDXL LoRA run with FT_TrainLoRA's defaults would hold on a GPU, counted on the CPU.
+
+    python benchmarks/sdxl_memory.py                        # 1024 px, batch 1, 2 steps (about 10 minutes here)
+    python benchmarks/sdxl_memory.py --size 256 --steps 1   # a quick look
+    python benchmarks/sdxl_memory.py --checkpointing off    # what gradient checkpointing saves
+
+Issue 19's target is a LoRA at 1024 px, batch 1, in 10 GB of GPU memory. ``benchmarks/train_step.py --device cuda``
+measures it on a GPU (``torch.cuda.max_memory_allocated``). Without one, this counts the same bytes on the CPU: the
+training runs on SDXL's architecture with random weights (``configs/sdxl``), laid out as FT_LoadBaseModel's dtype
+auto lays it out on a GPU (fp16 weights, the VAE in fp32 since SDXL's overflows in fp16; here bf16, the same
+bytes, as the CPU has no fp16 kernels), under bf16 autocast, with gradient checkpointing on (auto's choice for SDXL
+on a GPU) and every other input at FT_TrainLoRA's default. torch's profiler records every tensor allocation and
+free in the run, so the live bytes at each moment are known; what would be on the GPU is added from the run's own
+sequence (``trainers/precision.py``: with ``offload`` auto every part visits the GPU for the run, the VAE and the
+text encoders leave once the latents and the captions' embeddings are cached):
+
+- **caching the latents**: the VAE's and the text encoders' weights, plus the most the run held at once until the
+  UNet joined them;
+- **adapters, optimizer, captions' embeddings**: every part's weights, plus the most held until the encoders left;
+- **training steps**: the UNet's weights, plus the most held after that (LoRA weights, their gradients and AdamW's
+  state, the cached latents and embeddings, the activations);
+- **FT_Sample** at the same size (``--sample N`` pictures, one denoising step): the text encoders, the UNet, then
+  the VAE, each stage with its own part's weights (``trainers/sampling.py``).
+
+Everything the run allocated is counted as if it were on the GPU (its pictures and CPU-side copies too), so the
+figures err high. A GPU adds what no allocation shows: the CUDA context (about 0.5 GB, outside
+``max_memory_allocated``), cuDNN / cuBLAS workspaces, and the caching allocator's slack (``max_memory_reserved``
+above the allocated figure). The CPU's attention (SDPA's flash kernel) does not hold the attention matrix either,
+as the GPU's does not.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_step  # noqa: E402  (the SDXL architecture with random weights, the benchmark pictures)
+
+GB = 2**30
+
+
+def part_bytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def live_peaks(prof, splits: list[int]) -> list[int]:
+    """The most bytes live at once (counted from the profile's start) in each window between ``splits``."""
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type().name == "CPU")
+    peaks = [0] * (len(splits) + 1)
+    live = 0
+    for t, n in events:
+        live += n
+        w = sum(t >= s for s in splits)
+        peaks[w] = max(peaks[w], live)
+    return peaks
+
+
+def mark(prof, name: str) -> int:
+    found = [e.end_ns() for e in prof.profiler.kineto_results.events() if e.name() == name]
+    if len(found) != 1:
+        raise RuntimeError(f"expected one {name!r} in the run, found {len(found)}")
+    return found[0]
+
+
+def marked(fn, name: str, before: bool = False):
+    """``fn``, with a mark in the profile after it (or ``before`` it): where the run's parts move."""
+    from torch.profiler import record_function
+
+    def wrapper(*a, **kw):
+        if before:
+            with record_function(name):
+                pass
+        out = fn(*a, **kw)
+        if not before:
+            with record_function(name):
+                pass
+        return out
+    return wrapper
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=2, help="the first step also makes AdamW's state")
+    ap.add_argument("--pictures", type=int, default=16, help="the dataset's size (its latents are encoded first)")
+    ap.add_argument("--checkpointing", default="on", choices=["on", "off"],
+                    help="on: what gradient_checkpointing auto chooses for SDXL on a GPU")
+    ap.add_argument("--sample", type=int, default=1, metavar="N",
+                    help="also count FT_Sample of N pictures at the same size (one denoising step, then the decode)")
+    args = ap.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from comfyui_finetune.nodes import host
+    from comfyui_finetune.nodes.train import FT_TrainLoRA
+    from comfyui_finetune.trainers import loop, sampling
+    from comfyui_finetune.trainers.data import Dataset, Example
+    from comfyui_finetune.trainers.recipes import LoRARecipe
+
+    torch.inference_mode(False).__enter__()
+    model = train_step.sdxl_model(torch.bfloat16, "cpu")
+    model.vae.float()  # as an fp16 SDXL keeps it (FTModel.part_dtype: the family's vae_upcast)
+    parts = {name: part_bytes(m) for name, m in model.parts().items()}
+    n = max(args.batch, args.pictures)
+    ds = Dataset([Example(p, "a photo of a sks thing", f"p{i}") for i, p in
+                  enumerate(train_step.pictures(n, args.size))], resolution=args.size)
+    defaults = LoRARecipe()
+    inputs = {f.name: getattr(defaults, f.name) for f in fields(LoRARecipe) if f.name in LoRARecipe.options()}
+    inputs.update(steps=args.steps, batch_size=args.batch, gradient_checkpointing=args.checkpointing,
+                  run_name="sdxl_memory")
+
+    loop.place_unet = marked(loop.place_unet, "ft: unet placed")
+    loop.release_frozen = marked(loop.release_frozen, "ft: encoders left")
+    with tempfile.TemporaryDirectory() as tmp:
+        host.set_folders(output=Path(tmp) / "output", models=Path(tmp) / "models", input=Path(tmp) / "input")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            _, _, log = FT_TrainLoRA().execute(model, ds, **inputs)
+    latents, setup, steps = live_peaks(prof, [mark(prof, "ft: unet placed"), mark(prof, "ft: encoders left")])
+    seconds = [r["seconds"] for r in log.rows if "seconds" in r]
+    print(f"SDXL architecture, LoRA with FT_TrainLoRA's defaults (rank {defaults.rank}, {defaults.target_modules}, "
+          f"text encoders {'trained' if defaults.train_text_encoder else 'frozen'}), {args.size} px, batch "
+          f"{args.batch}, {n} pictures, {args.steps} steps, gradient checkpointing {args.checkpointing}, weights in "
+          f"2 bytes, VAE fp32, bf16 autocast; counted on the CPU")
+    print("  weights: " + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in parts.items()))
+    rows = [("caching the latents (VAE and text encoders on the GPU)", sum(parts.values()) - parts["unet"], latents),
+            ("adapters, optimizer, captions' embeddings (every part)", sum(parts.values()), setup),
+            ("training steps (the UNet)", parts["unet"], steps)]
+    for what, weights, held in rows:
+        print(f"  {what}: {weights / GB:.2f} GB weights + {held / GB:.2f} GB held at most = "
+              f"{(weights + held) / GB:.2f} GB")
+    print(f"  the most at any time: {max(w + h for _, w, h in rows) / GB:.2f} GB")
+    if args.sample:  # trainers/sampling.py: the text encoders, then the UNet, then the VAE visit the GPU
+        sampling.denoise = marked(sampling.denoise, "ft: denoise", before=True)
+        sampling.decode = marked(sampling.decode, "ft: decode", before=True)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            sampling.sample(model, "a photo of a sks thing", seeds=list(range(args.sample)), steps=1,
+                            width=args.size, height=args.size)
+        held = live_peaks(prof, [mark(prof, "ft: denoise"), mark(prof, "ft: decode")])
+        stages = [("the prompts (text encoders)", parts["text_encoder"] + parts["text_encoder_2"]),
+                  ("denoising (the UNet)", parts["unet"]), ("decoding (the VAE)", parts["vae"])]
+        for (what, weights), most in zip(stages, held):
+            print(f"  FT_Sample of {args.sample}, {what}: {weights / GB:.2f} GB weights + {most / GB:.2f} GB held "
+                  f"at most = {(weights + most) / GB:.2f} GB")
+    if seconds:
+        print("  step seconds here: " + ", ".join(f"{s:.0f}" for s in seconds))
+
+
+if __name__ == "__main__":
+    main()
