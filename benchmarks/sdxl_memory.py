@@ -82,31 +82,15 @@ def marked(fn, name: str, before: bool = False):
     return wrapper
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=1024)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=2, help="the first step also makes AdamW's state")
-    ap.add_argument("--pictures", type=int, default=16, help="the dataset's size (its latents are encoded first)")
-    ap.add_argument("--checkpointing", default="on", choices=["on", "off"],
-                    help="on: what gradient_checkpointing auto chooses for SDXL on a GPU")
-    ap.add_argument("--sample", type=int, default=1, metavar="N",
-                    help="also count FT_Sample of N pictures at the same size (one denoising step, then the decode)")
-    args = ap.parse_args()
-
-    import torch
+def count_training(model, parts: dict, args) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from comfyui_finetune.nodes import host
     from comfyui_finetune.nodes.train import FT_TrainLoRA
-    from comfyui_finetune.trainers import loop, sampling
+    from comfyui_finetune.trainers import loop
     from comfyui_finetune.trainers.data import Dataset, Example
     from comfyui_finetune.trainers.recipes import LoRARecipe
 
-    torch.inference_mode(False).__enter__()
-    model = train_step.sdxl_model(torch.bfloat16, "cpu")
-    model.vae.float()  # as an fp16 SDXL keeps it (FTModel.part_dtype: the family's vae_upcast)
-    parts = {name: part_bytes(m) for name, m in model.parts().items()}
     n = max(args.batch, args.pictures)
     ds = Dataset([Example(p, "a photo of a sks thing", f"p{i}") for i, p in
                   enumerate(train_step.pictures(n, args.size))], resolution=args.size)
@@ -114,7 +98,6 @@ def main() -> None:
     inputs = {f.name: getattr(defaults, f.name) for f in fields(LoRARecipe) if f.name in LoRARecipe.options()}
     inputs.update(steps=args.steps, batch_size=args.batch, gradient_checkpointing=args.checkpointing,
                   run_name="sdxl_memory")
-
     loop.place_unet = marked(loop.place_unet, "ft: unet placed")
     loop.release_frozen = marked(loop.release_frozen, "ft: encoders left")
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,33 +105,65 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             _, _, log = FT_TrainLoRA().execute(model, ds, **inputs)
     latents, setup, steps = live_peaks(prof, [mark(prof, "ft: unet placed"), mark(prof, "ft: encoders left")])
-    seconds = [r["seconds"] for r in log.rows if "seconds" in r]
-    print(f"SDXL architecture, LoRA with FT_TrainLoRA's defaults (rank {defaults.rank}, {defaults.target_modules}, "
-          f"text encoders {'trained' if defaults.train_text_encoder else 'frozen'}), {args.size} px, batch "
-          f"{args.batch}, {n} pictures, {args.steps} steps, gradient checkpointing {args.checkpointing}, weights in "
-          f"2 bytes, VAE fp32, bf16 autocast; counted on the CPU")
-    print("  weights: " + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in parts.items()))
+    print(f"FT_TrainLoRA with its defaults (rank {defaults.rank}, {defaults.target_modules}, text encoders "
+          f"{'trained' if defaults.train_text_encoder else 'frozen'}), batch {args.batch}, {n} pictures, "
+          f"{args.steps} steps, gradient checkpointing {args.checkpointing}:")
     rows = [("caching the latents (VAE and text encoders on the GPU)", sum(parts.values()) - parts["unet"], latents),
             ("adapters, optimizer, captions' embeddings (every part)", sum(parts.values()), setup),
             ("training steps (the UNet)", parts["unet"], steps)]
     for what, weights, held in rows:
         print(f"  {what}: {weights / GB:.2f} GB weights + {held / GB:.2f} GB held at most = "
               f"{(weights + held) / GB:.2f} GB")
-    print(f"  the most at any time: {max(w + h for _, w, h in rows) / GB:.2f} GB")
-    if args.sample:  # trainers/sampling.py: the text encoders, then the UNet, then the VAE visit the GPU
-        sampling.denoise = marked(sampling.denoise, "ft: denoise", before=True)
-        sampling.decode = marked(sampling.decode, "ft: decode", before=True)
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            sampling.sample(model, "a photo of a sks thing", seeds=list(range(args.sample)), steps=1,
-                            width=args.size, height=args.size)
-        held = live_peaks(prof, [mark(prof, "ft: denoise"), mark(prof, "ft: decode")])
-        stages = [("the prompts (text encoders)", parts["text_encoder"] + parts["text_encoder_2"]),
-                  ("denoising (the UNet)", parts["unet"]), ("decoding (the VAE)", parts["vae"])]
-        for (what, weights), most in zip(stages, held):
-            print(f"  FT_Sample of {args.sample}, {what}: {weights / GB:.2f} GB weights + {most / GB:.2f} GB held "
-                  f"at most = {(weights + most) / GB:.2f} GB")
-    if seconds:
-        print("  step seconds here: " + ", ".join(f"{s:.0f}" for s in seconds))
+    print(f"  the most at any time: {max(w + h for _, w, h in rows) / GB:.2f} GB; step seconds here: "
+          + ", ".join(f"{r['seconds']:.0f}" for r in log.rows if "seconds" in r))
+
+
+def count_sampling(model, parts: dict, args) -> None:
+    """trainers/sampling.py: the text encoders, then the UNet, then the VAE visit the GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from comfyui_finetune.trainers import sampling
+
+    sampling.denoise = marked(sampling.denoise, "ft: denoise", before=True)
+    sampling.decode = marked(sampling.decode, "ft: decode", before=True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        sampling.sample(model, "a photo of a sks thing", seeds=list(range(args.sample)), steps=1,
+                        width=args.size, height=args.size)
+    held = live_peaks(prof, [mark(prof, "ft: denoise"), mark(prof, "ft: decode")])
+    print(f"FT_Sample of {args.sample} (one denoising step, classifier-free guidance):")
+    stages = [("the prompts (text encoders)", parts["text_encoder"] + parts["text_encoder_2"]),
+              ("denoising (the UNet)", parts["unet"]), ("decoding (the VAE)", parts["vae"])]
+    for (what, weights), most in zip(stages, held):
+        print(f"  {what}: {weights / GB:.2f} GB weights + {most / GB:.2f} GB held at most = "
+              f"{(weights + most) / GB:.2f} GB")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=2, help="the first step also makes AdamW's state; 0: no training")
+    ap.add_argument("--pictures", type=int, default=16, help="the dataset's size (its latents are encoded first)")
+    ap.add_argument("--checkpointing", default="on", choices=["on", "off"],
+                    help="on: what gradient_checkpointing auto chooses for SDXL on a GPU")
+    ap.add_argument("--sample", type=int, default=1, metavar="N",
+                    help="also count FT_Sample of N pictures at the same size (one denoising step, then the decode); "
+                    "0: no sampling")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.inference_mode(False).__enter__()
+    model = train_step.sdxl_model(torch.bfloat16, "cpu")
+    model.vae.float()  # as an fp16 SDXL keeps it (FTModel.part_dtype: the family's vae_upcast)
+    parts = {name: part_bytes(m) for name, m in model.parts().items()}
+    print(f"SDXL's architecture at {args.size} px, weights in 2 bytes, the VAE in fp32, bf16 autocast; counted on "
+          "the CPU")
+    print("  weights: " + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in parts.items()))
+    if args.steps:
+        count_training(model, parts, args)
+    if args.sample:
+        count_sampling(model, parts, args)
 
 
 if __name__ == "__main__":

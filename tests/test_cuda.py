@@ -170,6 +170,39 @@ def test_an_offloaded_model_trains_on_the_gpu_and_leaves_nothing_there(tmp_path)
     assert torch.cuda.memory_allocated() - idle < 2**20, "nothing of the run stays on the GPU"
 
 
+@pytest.mark.cuda
+@NO_GPU
+def test_an_sdxl_lora_at_1024_px_trains_and_samples_in_10_gb(tmp_path):
+    """Issue 19's target: FT_TrainLoRA's defaults on SDXL's architecture (random weights, ``configs/sdxl``) at
+    1024 px, batch 1, 16 pictures, the model as FT_LoadBaseModel's auto leaves it (fp16 weights, the VAE in fp32,
+    offloaded), then FT_Sample at 1024 px: each under 10 GB of GPU memory (``max_memory_allocated``).
+    ``benchmarks/sdxl_memory.py`` counts the same stages on a CPU."""
+    from pathlib import Path
+
+    from comfyui_finetune.trainers.data import Dataset, Example
+    from comfyui_finetune.trainers.lora import train_lora
+    from comfyui_finetune.trainers.sampling import sample
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import train_step
+
+    model = train_step.sdxl_model(torch.float16, "cpu")
+    model.device, model.offload = torch.device("cuda"), True  # offload auto: the weights wait in CPU memory
+    ds = Dataset([Example(p, "a photo of a sks thing", f"p{i}") for i, p in enumerate(train_step.pictures(16, 1024))],
+                 resolution=1024)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode(False):
+        t = train_lora(LoRARecipe(steps=2, batch_size=1, seed=0), model, ds, RunDir.create(tmp_path, "sdxl"))
+    trained = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    img = sample(t.model, "a photo of a sks thing", seeds=[0], steps=2, width=1024, height=1024)
+    sampled = torch.cuda.max_memory_allocated() / 2**30
+    print(f"SDXL LoRA at 1024 px: training {trained:.2f} GB, sampling {sampled:.2f} GB (max_memory_allocated)")
+    assert finite(t) and torch.isfinite(img).all() and img.shape == (1, 1024, 1024, 3)
+    assert trained < 10 and sampled < 10
+
+
 COMFYUI = os.environ.get("COMFYUI_PATH", "")
 HANDOFF = r"""
 import sys, torch
