@@ -288,7 +288,7 @@ def test_an_offloaded_model_samples_with_one_part_on_the_device_at_a_time(toy, m
 
 
 def test_an_offloaded_models_unet_joins_the_device_after_the_latents_are_cached(toy, tmp_path, monkeypatch):
-    """The VAE's encoding holds the most memory of the caching (2.7 GB for one SDXL picture at 1024 px,
+    """The VAE's encoding holds the most memory of the caching (2.5 GB for one SDXL picture at 1024 px,
     benchmarks/sdxl_memory.py): the UNet's weights must not be on the GPU beside it. Here the order of the moves is
     what is checked: every move of a part (Module.to) and every encoding, in the order the run makes them."""
     from comfyui_finetune.trainers import batches

@@ -229,7 +229,7 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
     identity = model.identity()  # the base model as given, before the method adds anything
     g = torch.Generator().manual_seed(cfg.seed)
     # An offloaded model's parts visit the device for the run: the VAE and the text encoders first; the UNet once the
-    # latents are cached, so that the VAE's encoding (2.7 GB at 1024 px) never meets the UNet's weights on the GPU.
+    # latents are cached, so that the VAE's encoding (2.5 GB at 1024 px) never meets the UNet's weights on the GPU.
     home = place_for_training(model)
     mult = model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1)
     prepared = prepare(dataset, model.native_size, mult)

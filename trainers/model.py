@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 #: the most pixels one VAE call encodes or decodes: one SDXL picture. The VAE's activations grow with every pixel
-#: of the call (an fp32 SDXL VAE holds 2.7 GB encoding one 1024 px picture, 3.75 GB decoding it), so 16 pictures at
+#: of the call (an fp32 SDXL VAE holds 2.5 GB encoding one 1024 px picture, 3.75 GB decoding it), so 16 pictures at
 #: 1024 px in one call would need more memory than the whole training step.
 VAE_PIXELS = 1024 * 1024
 
