@@ -1,6 +1,6 @@
 """What an SDXL LoRA run with FT_TrainLoRA's defaults would hold on a GPU, counted on the CPU.
 
-    python benchmarks/sdxl_memory.py                        # 1024 px, batch 1, 2 steps (about 10 minutes here)
+    python benchmarks/sdxl_memory.py                        # 1024 px, batch 1, 2 steps (9.5 minutes here)
     python benchmarks/sdxl_memory.py --size 256 --steps 1   # a quick look
     python benchmarks/sdxl_memory.py --checkpointing off    # what gradient checkpointing saves
     python benchmarks/sdxl_memory.py --steps 0 --sample 8   # FT_Sample alone (DreamBooth's class pictures: 8 a call)
@@ -16,8 +16,9 @@ auto lays it out on a GPU (fp16 weights, the VAE in fp32 since SDXL's overflows 
 bytes, as the CPU has no fp16 kernels), under bf16 autocast, with gradient checkpointing on (auto's choice for SDXL
 on a GPU) and every other input at FT_TrainLoRA's default. torch's profiler records every tensor allocation and
 free in the run, so the live bytes at each moment are known; what would be on the GPU is added from the run's own
-sequence (``trainers/precision.py``: with ``offload`` auto every part visits the GPU for the run, the VAE and the
-text encoders leave once the latents and the captions' embeddings are cached):
+sequence (``trainers/loop.py`` and ``trainers/precision.py``: with ``offload`` auto the VAE and the text encoders
+visit the GPU first, the UNet joins them once the latents are cached, and the VAE and the text encoders leave once
+the captions' embeddings are cached too):
 
 - **caching the latents**: the VAE's and the text encoders' weights, plus the most the run held at once until the
   UNet joined them;

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from .deltas import cached
+from .model import vae_chunk
 
 #: sampler name -> (diffusers scheduler class, extra config). Node combos list these keys.
 SAMPLERS: dict[str, tuple[str, dict]] = {
@@ -141,8 +142,6 @@ def denoise(model, context, seeds, steps, cfg, sampler, width, height, on_step, 
 def decode(model, latents: torch.Tensor) -> torch.Tensor:
     """Pictures (B, H, W, 3) on the CPU from latents, decoded a few at a time (:func:`~.model.vae_chunk`: the
     decoder's activations grow with the pixels of one call, so a batch at 1024 px goes one picture at a time)."""
-    from .model import vae_chunk
-
     f = model.vae_scale_factor
     n = vae_chunk(latents.shape[-2] * f, latents.shape[-1] * f, most=len(latents))
     out = []
