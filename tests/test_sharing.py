@@ -311,3 +311,32 @@ def test_an_offloaded_models_unet_joins_the_device_after_the_latents_are_cached(
     with torch.inference_mode(False):  # a model that is not offloaded is on its device already: nothing moves
         train_lora(steps(LoRARecipe, steps=1), toy.share(), toy_set(), run_dir(tmp_path, "placed"))
     assert seen[:1] == ["encode"] and "UNet2DConditionModel" not in seen, seen
+
+
+def test_an_offloaded_dreambooths_class_pictures_are_encoded_before_the_unet_joins(toy, tmp_path, monkeypatch):
+    """Prior preservation encodes its class pictures too (DreamBooth's ``encode_extra``): like the dataset's, before
+    the UNet comes to the device; the loss is the same as a model's that is not offloaded."""
+    from comfyui_finetune.trainers import batches, dreambooth
+    from comfyui_finetune.trainers.dreambooth import Subject, train_dreambooth
+
+    seen = spy_moves(monkeypatch)
+    encode = batches.encode_latent_dists
+
+    def spy_encode(model, pixels):
+        seen.append(f"encode {len(next(iter(pixels.values())))}")
+        return encode(model, pixels)
+
+    monkeypatch.setattr(batches, "encode_latent_dists", spy_encode)
+    monkeypatch.setattr(dreambooth, "encode_latent_dists", spy_encode)
+    subject = Subject(toy_set(caption="a <sks> star", n=4), "a <sks> star", "a star",
+                      toy_set(color="yellow", caption="a star", n=3))
+    recipe = steps(DreamBoothRecipe, steps=1, prior_preservation=True, num_class_images=3,
+                   instance_prompt="a <sks> star", class_prompt="a star")
+    with torch.inference_mode(False):
+        got = train_dreambooth(recipe, offloaded(toy), [subject], run_dir(tmp_path, "order"))
+    unet = seen.index("UNet2DConditionModel")
+    assert seen[:unet].count("encode 4") == 1 and seen[:unet].count("encode 3") == 1, seen  # dataset, then class
+    assert set(seen[:unet]) == {"AutoencoderKL", "CLIPTextModel", "encode 4", "encode 3"}, seen
+    with torch.inference_mode(False):
+        again = train_dreambooth(recipe, toy.share(), [subject], run_dir(tmp_path, "placed"))
+    assert got.run.log[0]["loss"] == again.run.log[0]["loss"]

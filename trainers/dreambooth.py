@@ -192,6 +192,7 @@ class DreamBoothMethod(Method):
             raise ValueError(f"mode {mode!r} is not 'lora' or 'full'")
         self.mode, self.inner, self.lam = mode, inner, float(prior_loss_weight)
         self.class_sets = class_sets or []
+        self.class_latents = None  # (mean, std) of the class pictures' latents, from encode_extra
         self.trains_text_encoder = inner.trains_text_encoder
 
     def extra_sets(self) -> dict[str, list]:
@@ -206,7 +207,8 @@ class DreamBoothMethod(Method):
     def setup(self, model: FTModel) -> None:
         self.inner.setup(model)
         self.model = model
-        self.class_latents = None
+
+    def encode_extra(self, model: FTModel) -> None:
         if not self.class_sets:
             return
         ds = Dataset([Example(p, prompt, f"class {i}") for pics, prompt in self.class_sets

@@ -29,8 +29,8 @@ from .ema import EMA, swapped_in
 from .validation import BestKeeper
 from .distributed import SINGLE, Shard
 from .model import FTModel
-from .precision import (autocast_for, checkpointing, gpu_options, memory_advice, place_for_training, place_unet,
-                        release_frozen)
+from .precision import (autocast_for, enable_checkpointing, gpu_options, memory_advice, place_for_training,
+                        place_unet, release_frozen)
 from .recipes import TrainConfig, run_config
 from .runs import RunDir, save_dataset
 from .state import LoopState
@@ -46,7 +46,8 @@ class Method:
 
     The loop calls, in this order:
 
-    1. :meth:`setup` once, on the model it trains (a copy: the method may change it), under a seeded RNG;
+    1. :meth:`encode_extra` once, then :meth:`setup` once, on the model it trains (a copy: the method may change
+       it), under a seeded RNG;
     2. :meth:`param_groups` once, for the optimizer; :meth:`train_modules` says which modules go to train mode;
     3. every micro-batch :meth:`loss` (which calls :meth:`predict`), every optimizer step :meth:`after_step`;
     4. :meth:`trainable_state` at each checkpoint and :meth:`load_trainable_state` on resume;
@@ -57,6 +58,10 @@ class Method:
     name = "method"
     #: True when the text encoder changes during training (then text embeddings are not cached)
     trains_text_encoder = False
+
+    def encode_extra(self, model: FTModel) -> None:
+        """Encode the pictures the method trains on beside the dataset (DreamBooth's class pictures). It runs while
+        an offloaded model's VAE is on the device and its UNet not yet, so that the two never meet there."""
 
     def setup(self, model: FTModel) -> None:
         """Attach the trainable parts to ``model`` (a copy the method may change)."""
@@ -191,17 +196,7 @@ def _prepare_method(model: FTModel, method: Method, cfg: TrainConfig) -> tuple[l
     for m in method.train_modules(model):
         m.train()
     gpu_options(model, cfg)
-    if checkpointing(model, cfg):
-        if cfg.gradient_checkpointing == "auto":
-            log.info("gradient checkpointing on (gradient_checkpointing auto: %s on %s; set it to off for speed "
-                     "where memory allows)", model.family, model.device)
-        model.unet.enable_gradient_checkpointing()
-        if method.trains_text_encoder:
-            for te in model.text_encoders:
-                te.gradient_checkpointing_enable()
-        for m in method.train_modules(model):
-            if m is not model.unet and m not in model.text_encoders and hasattr(m, "enable_gradient_checkpointing"):
-                m.enable_gradient_checkpointing()
+    enable_checkpointing(model, method, cfg)
     return groups, params
 
 
@@ -235,6 +230,7 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
     prepared = prepare(dataset, model.native_size, mult)
     batches = Batches(prepared, global_batch, g)
     enc = Encoder(model, dataset, method, prepared, g, shard)
+    method.encode_extra(model)
     place_unet(model, home)
     groups, params = _prepare_method(model, method, cfg)
     opt, sched = optimizers.make(groups, cfg)

@@ -4,6 +4,7 @@ gradient_checkpointing); on the CPU only a bf16 model changes anything (it train
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 
@@ -11,6 +12,8 @@ from .data import Dataset
 from .families import FAMILIES
 from .model import FTModel
 from .recipes import TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 def autocast_for(model: FTModel, cfg: TrainConfig):
@@ -50,6 +53,22 @@ def checkpointing(model: FTModel, cfg: TrainConfig) -> bool:
     if cfg.gradient_checkpointing == "auto":
         return model.device.type == "cuda" and FAMILIES[model.family].checkpointing_on_gpu
     return cfg.gradient_checkpointing == "on"
+
+
+def enable_checkpointing(model: FTModel, method, cfg: TrainConfig) -> None:
+    """Gradient checkpointing, where :func:`checkpointing` says so, on every module of ``method`` that trains."""
+    if not checkpointing(model, cfg):
+        return
+    if cfg.gradient_checkpointing == "auto":
+        log.info("gradient checkpointing on (gradient_checkpointing auto: %s on %s; set it to off for speed where "
+                 "memory allows)", model.family, model.device)
+    model.unet.enable_gradient_checkpointing()
+    if method.trains_text_encoder:
+        for te in model.text_encoders:
+            te.gradient_checkpointing_enable()
+    for m in method.train_modules(model):
+        if m is not model.unet and m not in model.text_encoders and hasattr(m, "enable_gradient_checkpointing"):
+            m.enable_gradient_checkpointing()
 
 
 def memory_advice(model: FTModel, cfg: TrainConfig, dataset: Dataset, step: int, run: str,
