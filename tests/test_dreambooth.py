@@ -112,6 +112,30 @@ def test_two_subjects_in_full_mode_keep_the_subjects_and_the_classes(toy, judge,
     assert rate(tuned, judge, "a red square", "red", "square", SEEDS_32[:8]) >= 0.8, "other prompts stay"
 
 
+def test_class_pictures_train_at_the_instance_pictures_resolution(toy, folders, monkeypatch):
+    """Class pictures are made at the instance dataset's resolution, and must be encoded at it too: not at the
+    model's native size (an SDXL trained at 512 px had its class prior at 1024 px, each step a 1024 px UNet call
+    beside the 512 px one)."""
+    from comfyui_finetune.trainers import batches, dreambooth
+
+    sizes = []
+    encode = batches.encode_latent_dists
+
+    def spy(model, pixels):
+        sizes.extend((len(px), tuple(px.shape[-2:])) for px in pixels.values())
+        return encode(model, pixels)
+
+    monkeypatch.setattr(batches, "encode_latent_dists", spy)
+    monkeypatch.setattr(dreambooth, "encode_latent_dists", spy)
+    given = FT_ToyDataset().execute("yellow", "star", 3, "a star", 0, "narrow")[0]
+    for res in (0, 48):  # 0: the toy's native 32 px
+        sizes.clear()
+        db(toy, stars().with_options(resolution=res), class_dataset=given, prior_preservation=True,
+           num_class_images=3, steps=1, batch_size=2, run_name=f"db-{res}")
+        side = res or 32
+        assert sizes == [(8, (side, side)), (3, (side, side))], sizes  # the instance pictures, then the class's
+
+
 def test_class_pictures_are_generated_once_then_reused(toy, folders, monkeypatch):
     kw = dict(prior_preservation=True, num_class_images=4, steps=2, batch_size=2)
     db(toy, stars(), **kw)

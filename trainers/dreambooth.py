@@ -187,11 +187,12 @@ class DreamBoothMethod(Method):
     name = "dreambooth"
 
     def __init__(self, mode: str, inner: Method, prior_loss_weight: float = 1.0,
-                 class_sets: list[tuple[list[np.ndarray], str]] | None = None):
+                 class_sets: list[tuple[list[np.ndarray], str]] | None = None, resolution: int = 0):
         if mode not in ("lora", "full"):
             raise ValueError(f"mode {mode!r} is not 'lora' or 'full'")
         self.mode, self.inner, self.lam = mode, inner, float(prior_loss_weight)
         self.class_sets = class_sets or []
+        self.resolution = resolution  # the instance pictures' (0: the model's native size), as the class's are made
         self.class_latents = None  # (mean, std) of the class pictures' latents, from encode_extra
         self.trains_text_encoder = inner.trains_text_encoder
 
@@ -212,7 +213,7 @@ class DreamBoothMethod(Method):
         if not self.class_sets:
             return
         ds = Dataset([Example(p, prompt, f"class {i}") for pics, prompt in self.class_sets
-                      for i, p in enumerate(pics)], name="class")
+                      for i, p in enumerate(pics)], name="class", resolution=self.resolution)
         mult = model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1)
         prep = prepare(ds, model.native_size, mult)
         if len(prep.pixels) != 1:
@@ -380,11 +381,12 @@ def train_dreambooth(recipe: DreamBoothRecipe, model: FTModel, subjects: list[Su
         class_sets = gather_class_sets(recipe, model, subjects, class_cache or run.path.parent / "class_images",
                                        progress)
     class_sets = class_sets or []
-    method = DreamBoothMethod(recipe.mode, inner, recipe.prior_loss_weight, class_sets)
+    instance = instance or instance_dataset(subjects)
+    method = DreamBoothMethod(recipe.mode, inner, recipe.prior_loss_weight, class_sets, instance.resolution)
     extra = {"subjects": [{"instance_prompt": s.instance_prompt, "class_prompt": s.class_prompt,
                            "identifier": s.identifier, "images": len(s.dataset.examples)} for s in subjects],
              "class_images": sum(len(p) for p, _ in class_sets)}
-    res = run_method(method, recipe, model, instance or instance_dataset(subjects), run, callbacks, shard,
+    res = run_method(method, recipe, model, instance, run, callbacks, shard,
                      extra_config=extra, scorer=scorer)
     if res.cancelled:
         return Trained(None, None, res)
