@@ -86,11 +86,14 @@ class ComfyServer:
         except urllib.error.HTTPError as e:
             raise AssertionError(f"POST {path} -> {e.code}: {e.read().decode(errors='replace')}") from None
 
-    def free(self) -> None:
+    def free(self, wait: float = 2) -> None:
         """Ask ComfyUI to unload its models and free their memory (its /free route), e.g. before the test's own
-        process loads a large model."""
+        process loads a large model; then this process collects its own garbage."""
+        import gc
+
         self.post("/free", {"unload_models": True, "free_memory": True})
-        time.sleep(2)  # the request is handled between prompts, by the prompt worker
+        time.sleep(wait)  # the request is handled between prompts, by the prompt worker
+        gc.collect()
 
     def run_prompt(self, prompt: dict, timeout: float = 600) -> dict:
         """Queue an API-format graph and wait for its history entry."""

@@ -26,16 +26,6 @@ def random_sd15(server):
 
 
 # ------------------------------------------------------------------------- bridges to ComfyUI's own types --
-def free(server) -> None:
-    """Unload ComfyUI's models and cached outputs (each bridge test holds several SD 1.5 copies)."""
-    import gc
-    import time
-
-    server.post("/free", {"unload_models": True, "free_memory": True})
-    time.sleep(5)  # ComfyUI's prompt worker applies the flags on its next turn
-    gc.collect()
-
-
 @pytest.fixture(scope="module")
 def bridge_ckpt(server, random_sd15):
     """The random SD1.5 model as a single fp16 file in models/checkpoints, for CheckpointLoaderSimple and
@@ -80,7 +70,7 @@ def test_bridge_lora_trained_in_the_graph_samples_as_loraloader_does(server, bri
     Model from ComfyUI bakes LoraLoader's patches in: FT_Sample draws what the pack's Apply LoRA on the file draws."""
     import time
 
-    free(server)
+    server.free(wait=5)  # each bridge test holds several SD 1.5 copies
     start = time.time()
     ckpt = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": bridge_ckpt}}
     graph = {
@@ -133,7 +123,7 @@ def test_bridge_model_from_comfyui_samples_as_load_base_model_does(server, bridg
     from the same file."""
     import time
 
-    free(server)
+    server.free(wait=5)  # each bridge test holds several SD 1.5 copies
     start = time.time()
     graph = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": bridge_ckpt}},
@@ -158,7 +148,7 @@ def test_bridge_model_to_comfyui_round_trips(server, bridge_ckpt):
 
     from safetensors import safe_open
 
-    free(server)
+    server.free(wait=5)  # each bridge test holds several SD 1.5 copies
     start = time.time()
     graph = {
         "1": {"class_type": "FT_LoadBaseModel", "inputs": {"model_name": f"checkpoints/{bridge_ckpt}",
@@ -172,7 +162,7 @@ def test_bridge_model_to_comfyui_round_trips(server, bridge_ckpt):
     gap = abs(picture(server, entry, "tocomfy6") - picture(server, entry, "native6")).max()
     print(f"Model to ComfyUI vs CheckpointLoaderSimple in KSampler: max pixel difference {gap:g}/255")
     assert gap < 1, f"the pictures differ by {gap}/255"
-    free(server)
+    server.free(wait=5)  # each bridge test holds several SD 1.5 copies
     graph = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": bridge_ckpt}},
         "2": {"class_type": "FT_ModelFromComfy", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
