@@ -1,13 +1,16 @@
-"""What an SDXL LoRA run with FT_TrainLoRA's defaults would hold on a GPU, counted on the CPU.
+"""What an SDXL LoRA run with FT_TrainLoRA's (or FT_TrainDreamBooth's) defaults would hold on a GPU, counted on the CPU.
 
     python benchmarks/sdxl_memory.py                        # 1024 px, batch 1, 2 steps (9.5 minutes here)
     python benchmarks/sdxl_memory.py --size 256 --steps 1   # a quick look
     python benchmarks/sdxl_memory.py --checkpointing off    # what gradient checkpointing saves
     python benchmarks/sdxl_memory.py --steps 0 --sample 8   # FT_Sample alone (DreamBooth's class pictures: 8 a call)
+    python benchmarks/sdxl_memory.py --method dreambooth --sample 0   # FT_TrainDreamBooth (14 minutes here)
 
 Counted here (2-core CPU) at 1024 px: training 4.54 GB caching the latents, 6.86 GB setting up, 5.67 GB per step;
 FT_Sample of 1: 5.09 GB denoising, 4.06 GB decoding; of 8: 7.25 GB and 4.16 GB. Without gradient checkpointing
-(``--checkpointing off --pictures 1``) the training steps hold 11.01 GB.
+(``--checkpointing off --pictures 1``) the training steps hold 11.01 GB. FT_TrainDreamBooth's defaults (a LoRA on
+attention+feedforward, prior preservation: each step one instance and one class picture) with 8 class pictures:
+4.63 GB caching the latents (the class pictures' too), 6.90 GB setting up, 6.49 GB per step.
 
 Issue 19's target is a LoRA at 1024 px, batch 1, in 10 GB of GPU memory. ``benchmarks/train_step.py --device cuda``
 measures it on a GPU (``torch.cuda.max_memory_allocated``). Without one, this counts the same bytes on the CPU: the
@@ -20,8 +23,8 @@ sequence (``trainers/loop.py`` and ``trainers/precision.py``: with ``offload`` a
 visit the GPU first, the UNet joins them once the latents are cached, and the VAE and the text encoders leave once
 the captions' embeddings are cached too):
 
-- **caching the latents**: the VAE's and the text encoders' weights, plus the most the run held at once until the
-  UNet joined them;
+- **caching the latents** (the dataset's, then DreamBooth's class pictures'): the VAE's and the text encoders'
+  weights, plus the most the run held at once until the UNet joined them;
 - **adapters, optimizer, captions' embeddings**: every part's weights, plus the most held until the encoders left;
 - **training steps**: the UNet's weights, plus the most held after that (LoRA weights, their gradients and AdamW's
   state, the cached latents and embeddings, the activations);
@@ -92,27 +95,37 @@ def count_training(model, parts: dict, args) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from comfyui_finetune.nodes import host
-    from comfyui_finetune.nodes.train import FT_TrainLoRA
+    from comfyui_finetune.nodes.train import FT_TrainDreamBooth, FT_TrainLoRA
     from comfyui_finetune.trainers import loop
     from comfyui_finetune.trainers.data import Dataset, Example
-    from comfyui_finetune.trainers.recipes import LoRARecipe
+    from comfyui_finetune.trainers.recipes import DreamBoothRecipe, LoRARecipe
+
+    def dataset(n: int, caption: str, seed: int) -> Dataset:
+        return Dataset([Example(p, caption, f"p{i}") for i, p in
+                        enumerate(train_step.pictures(n, args.size, seed))], resolution=args.size)
 
     n = max(args.batch, args.pictures)
-    ds = Dataset([Example(p, "a photo of a sks thing", f"p{i}") for i, p in
-                  enumerate(train_step.pictures(n, args.size))], resolution=args.size)
-    defaults = LoRARecipe()
-    inputs = {f.name: getattr(defaults, f.name) for f in fields(LoRARecipe) if f.name in LoRARecipe.options()}
+    ds = dataset(n, "a photo of a sks thing", 0)
+    node, recipe = (FT_TrainDreamBooth, DreamBoothRecipe) if args.method == "dreambooth" else (FT_TrainLoRA, LoRARecipe)
+    defaults = recipe()
+    inputs = {f.name: getattr(defaults, f.name) for f in fields(recipe) if f.name in recipe.options()}
     inputs.update(steps=args.steps, batch_size=args.batch, gradient_checkpointing=args.checkpointing,
                   run_name="sdxl_memory")
+    more = ""
+    if args.method == "dreambooth":  # prior preservation on class pictures given (none to generate)
+        inputs.update(instance_prompt="a photo of a sks thing", class_prompt="a photo of a thing",
+                      num_class_images=args.class_pictures)
+        inputs["class_dataset"] = dataset(args.class_pictures, "a photo of a thing", 1)
+        more = f", mode {defaults.mode}, prior preservation on {args.class_pictures} class pictures"
     loop.place_unet = marked(loop.place_unet, "ft: unet placed")
     loop.release_frozen = marked(loop.release_frozen, "ft: encoders left")
     with tempfile.TemporaryDirectory() as tmp:
         host.set_folders(output=Path(tmp) / "output", models=Path(tmp) / "models", input=Path(tmp) / "input")
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            _, _, log = FT_TrainLoRA().execute(model, ds, **inputs)
+            log = node().execute(model, ds, **inputs)[2]
     latents, setup, steps = live_peaks(prof, [mark(prof, "ft: unet placed"), mark(prof, "ft: encoders left")])
-    print(f"FT_TrainLoRA with its defaults (rank {defaults.rank}, {defaults.target_modules}, text encoders "
-          f"{'trained' if defaults.train_text_encoder else 'frozen'}), batch {args.batch}, {n} pictures, "
+    print(f"{node.__name__} with its defaults (rank {defaults.rank}, {defaults.target_modules}, text encoders "
+          f"{'trained' if defaults.train_text_encoder else 'frozen'}{more}), batch {args.batch}, {n} pictures, "
           f"{args.steps} steps, gradient checkpointing {args.checkpointing}:")
     rows = [("caching the latents (VAE and text encoders on the GPU)", sum(parts.values()) - parts["unet"], latents),
             ("adapters, optimizer, captions' embeddings (every part)", sum(parts.values()), setup),
@@ -152,6 +165,10 @@ def main() -> None:
     ap.add_argument("--pictures", type=int, default=16, help="the dataset's size (its latents are encoded first)")
     ap.add_argument("--checkpointing", default="on", choices=["on", "off"],
                     help="on: what gradient_checkpointing auto chooses for SDXL on a GPU")
+    ap.add_argument("--method", default="lora", choices=["lora", "dreambooth"],
+                    help="dreambooth: FT_TrainDreamBooth's defaults (LoRA, prior preservation: each step adds a class "
+                    "picture per instance picture)")
+    ap.add_argument("--class-pictures", type=int, default=8, help="dreambooth: the class pictures given")
     ap.add_argument("--sample", type=int, default=1, metavar="N",
                     help="also count FT_Sample of N pictures at the same size (one denoising step, then the decode); "
                     "0: no sampling")

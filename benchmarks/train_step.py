@@ -101,10 +101,10 @@ def sdxl_unet(dtype, device):
 
 
 # ------------------------------------------------------------------------------------------------ workers --
-def pictures(n: int, size: int):
+def pictures(n: int, size: int, seed: int = 0):
     import numpy as np
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
 
 
