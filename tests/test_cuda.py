@@ -203,6 +203,41 @@ def test_an_sdxl_lora_at_1024_px_trains_and_samples_in_10_gb(tmp_path):
     assert trained < 10 and sampled < 10
 
 
+@pytest.mark.cuda
+@NO_GPU
+def test_an_sdxl_dreambooth_with_prior_preservation_at_1024_px_in_10_gb(tmp_path):
+    """FT_TrainDreamBooth's defaults on the same SDXL (LoRA, prior preservation): its 8 class pictures generated at
+    1024 px in one batch, then 2 steps on 4 instance pictures and those 8, each under 10 GB (``benchmarks/
+    sdxl_memory.py --method dreambooth`` counts 6.90 GB for the training on a CPU)."""
+    from pathlib import Path
+
+    from comfyui_finetune.trainers.data import Dataset, Example
+    from comfyui_finetune.trainers.dreambooth import Subject, class_images, train_dreambooth
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import train_step
+
+    model = train_step.sdxl_model(torch.float16, "cpu")
+    model.device, model.offload = torch.device("cuda"), True
+    ds = Dataset([Example(p, "a photo of a sks thing", f"p{i}") for i, p in enumerate(train_step.pictures(4, 1024))],
+                 resolution=1024)
+    recipe = DreamBoothRecipe(steps=2, batch_size=1, seed=0, num_class_images=8, instance_prompt="a photo of a sks "
+                              "thing", class_prompt="a photo of a thing")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode(False):
+        pics, made = class_images(model, recipe.class_prompt, 8, 1024, recipe.seed, tmp_path / "class")
+        generated = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+        t = train_dreambooth(recipe, model, [Subject(ds, recipe.instance_prompt, recipe.class_prompt)],
+                             RunDir.create(tmp_path, "db"), class_cache=tmp_path / "class")  # the 8 from the cache
+    trained = torch.cuda.max_memory_allocated() / 2**30
+    print(f"SDXL DreamBooth at 1024 px: 8 class pictures {generated:.2f} GB, training {trained:.2f} GB "
+          "(max_memory_allocated)")
+    assert made and len(pics) == 8 and finite(t)
+    assert generated < 10 and trained < 10
+
+
 COMFYUI = os.environ.get("COMFYUI_PATH", "")
 HANDOFF = r"""
 import sys, torch
