@@ -175,3 +175,25 @@ def test_a_borrowed_state_is_built_into_weights_of_the_models_own(mini, lent, dt
         a, b = getattr(own, part).state_dict(), getattr(model, part).state_dict()
         assert all(torch.equal(a[k], b[k].to(rounded).to(a[k].dtype) if b[k].is_floating_point() else b[k])
                    for k in b), part
+
+
+def test_the_pooled_embedding_is_the_end_of_texts_with_a_new_token_in_the_prompt(mini):
+    """configs/sdxl's text encoders say eos_token_id 2, as SDXL's published configs do, for which transformers pools
+    at the highest token id of the prompt: a Textual Inversion token's (ids past the vocabulary) instead of the end of
+    the text. ComfyUI pools at the end of the text (comfy/clip_model.py), and so must the pack, or an SDXL embedding
+    trains against a pooled vector it never meets there."""
+    from comfyui_finetune.trainers.textual_inversion import add_token
+
+    _, base = mini
+    model = base.share()
+    widths = [te.get_input_embeddings().weight.shape[1] for te in model.text_encoders]
+    add_token(model, "<new>", torch.randn(1, widths[0]), torch.randn(1, widths[1]))
+    prompt = "a <new> thing"
+    with torch.no_grad():
+        got = model.encode_prompts([prompt])[0, -1, :model.pooled_dim]
+        ids = model.tokenize([prompt], model.tokenizer_2)
+        hidden = model.text_encoder_2(ids).last_hidden_state[0]
+        end = int((ids[0] == model.tokenizer_2.eos_token_id).nonzero()[0])
+        assert int(ids[0].argmax()) != end  # the new token's id is the prompt's highest
+        want = model.text_encoder_2.text_projection(hidden[end])
+    assert model.text_encoder_2.config.eos_token_id == 2 and torch.allclose(got, want, atol=1e-5)

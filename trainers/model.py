@@ -20,6 +20,17 @@ def vae_chunk(height: int, width: int, most: int = 16) -> int:
     return max(1, min(most, VAE_PIXELS // (height * width)))
 
 
+def pool_at_end_of_text(text_encoder, tokenizer) -> None:
+    """transformers pools a CLIP text encoder whose config says ``eos_token_id`` 2 (SD's and SDXL's, as published) at
+    the highest token id of the prompt, so a Textual Inversion token (ids past the vocabulary) is pooled instead of
+    the end of the text. ComfyUI and A1111 pool at the end of the text: point the encoder at the tokenizer's own
+    end-of-text id (the runtime attribute only; the config, and the files written from it, stay as they were)."""
+    inner = getattr(text_encoder, "text_model", None)
+    end = getattr(tokenizer, "eos_token_id", None)
+    if inner is not None and getattr(inner, "eos_token_id", None) == 2 and end not in (None, 2):
+        inner.eos_token_id = end
+
+
 @dataclass(eq=False)
 class FTModel:
     """The components of a Stable-Diffusion-like model plus what the pack needs to know about them.
@@ -57,6 +68,10 @@ class FTModel:
     #: SDXL: the second text encoder (CLIPTextModelWithProjection) and its tokenizer; None for other families
     text_encoder_2: Any = None
     tokenizer_2: Any = None
+
+    def __post_init__(self):
+        pool_at_end_of_text(self.text_encoder, self.tokenizer)  # SDXL's text_embeds: the second encoder's pooling
+        pool_at_end_of_text(self.text_encoder_2, self.tokenizer_2)
 
     def parts(self) -> dict[str, Any]:
         """Every module of the model by name: unet, vae, text_encoder (and text_encoder_2 where there is one)."""
