@@ -165,6 +165,20 @@ def test_pictures_are_decoded_a_few_at_a_time_by_their_size(toy, size, n, calls)
     assert float((img - whole).abs().max()) < 1e-4
 
 
+def test_the_vae_decodes_in_its_own_dtype_under_a_trainings_autocast(toy):
+    """Validation pictures are sampled inside the training's autocast; fp16 autocast would run an fp32 SDXL VAE's
+    convolutions in fp16, where SDXL's VAE overflows (NaN, black pictures). The CPU's bf16 autocast shows the same:
+    the pictures must be those decoded outside it."""
+    from comfyui_finetune.trainers.sampling import decode
+
+    lat = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = decode(toy, lat)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = decode(toy, lat)
+    assert torch.equal(plain, under)
+
+
 @pytest.mark.parametrize("size,n,calls", [(32, 20, [16, 4]), (512, 6, [4, 2]), (1024, 2, [1, 1])])
 def test_pictures_are_encoded_a_few_at_a_time_by_their_size(toy, size, n, calls):
     from comfyui_finetune.trainers.batches import encode_latent_dists

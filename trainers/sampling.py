@@ -141,11 +141,13 @@ def denoise(model, context, seeds, steps, cfg, sampler, width, height, on_step, 
 @torch.no_grad()
 def decode(model, latents: torch.Tensor) -> torch.Tensor:
     """Pictures (B, H, W, 3) on the CPU from latents, decoded a few at a time (:func:`~.model.vae_chunk`: the
-    decoder's activations grow with the pixels of one call, so a batch at 1024 px goes one picture at a time)."""
+    decoder's activations grow with the pixels of one call, so a batch at 1024 px goes one picture at a time). The VAE
+    runs in its own dtype even under a training's autocast (validation pictures): SDXL's overflows in fp16."""
     f = model.vae_scale_factor
     n = vae_chunk(latents.shape[-2] * f, latents.shape[-1] * f, most=len(latents))
     out = []
     for part in latents.split(n):
-        img = model.vae.decode((part / model.vae.config.scaling_factor).to(model.vae.dtype)).sample
+        with torch.autocast(part.device.type, enabled=False):
+            img = model.vae.decode((part / model.vae.config.scaling_factor).to(model.vae.dtype)).sample
         out.append((img.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu())
     return torch.cat(out).contiguous()
