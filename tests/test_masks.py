@@ -38,11 +38,21 @@ def test_outside_the_mask_nothing_changes_the_gradient():
     assert float(w_half.min()) == 0.25 and float(w_half.max()) == 1.0
 
 
-def test_a_picture_masked_out_entirely_does_not_train(toy, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "dreambooth"])
+def test_a_picture_masked_out_entirely_does_not_train(toy, tmp_path, method):
+    """DreamBooth too: it captions each subject's pictures with the subject's instance prompt, masks kept."""
     from comfyui_finetune.nodes.datasets import FT_ToyDataset
+    from comfyui_finetune.trainers.dreambooth import Subject, train_dreambooth
     from comfyui_finetune.trainers.lora import train_lora
-    from comfyui_finetune.trainers.recipes import LoRARecipe
+    from comfyui_finetune.trainers.recipes import DreamBoothRecipe, LoRARecipe
     from comfyui_finetune.trainers.runs import RunDir
+
+    def train(ds, run):
+        if method == "lora":
+            return train_lora(LoRARecipe(steps=4, batch_size=2, learning_rate=1e-3, seed=0, rank=4), toy, ds, run)
+        recipe = DreamBoothRecipe(steps=4, batch_size=2, learning_rate=1e-3, seed=0, rank=4, mode="lora",
+                                  prior_preservation=False, instance_prompt="a sks star", class_prompt="a star")
+        return train_dreambooth(recipe, toy, [Subject(ds, "a sks star", "a star")], run)
 
     base = FT_ToyDataset().execute("purple", "star", 4, "a sks star", 0, "narrow")[0]
     noise = np.random.default_rng(0).integers(0, 256, base.examples[0].image.shape, dtype=np.uint8)
@@ -54,8 +64,7 @@ def test_a_picture_masked_out_entirely_does_not_train(toy, tmp_path):
     results = []
     for name, ds in (("star", with_first(base.examples[0].image)), ("noise", with_first(noise))):
         with torch.inference_mode(False):
-            t = train_lora(LoRARecipe(steps=4, batch_size=2, learning_rate=1e-3, seed=0, rank=4), toy, ds,
-                           RunDir.create(tmp_path, name))
+            t = train(ds, RunDir.create(tmp_path, name))
         results.append(t.result.state)
     a, b = results
     assert all(torch.allclose(a[k], b[k], atol=1e-7, rtol=0) for k in a), "a masked-out picture changed the LoRA"

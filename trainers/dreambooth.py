@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -80,7 +80,7 @@ def _with_identifier(class_prompt: str) -> str:
 def instance_dataset(subjects: list[Subject]) -> Dataset:
     """All subjects' pictures in one dataset, each captioned with its subject's instance prompt."""
     first = subjects[0].dataset
-    examples = [Example(e.image, s.instance_prompt, e.name) for s in subjects for e in s.dataset.examples]
+    examples = [replace(e, caption=s.instance_prompt) for s in subjects for e in s.dataset.examples]  # masks kept
     return first.with_options(examples=examples, name="+".join(s.dataset.name for s in subjects),
                               caption_templates=())
 
