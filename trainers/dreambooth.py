@@ -246,7 +246,7 @@ class DreamBoothMethod(Method):
         mean, std = self.class_latents
         shard = batch.get("shard") or SINGLE
         idx = shard.take(torch.randint(len(mean), (latents.shape[0] * shard.world,), generator=g))
-        eps = diffusion.randn(mean[idx].shape, g, shard)
+        eps = diffusion.randn(mean[idx].shape, g, shard).to(mean.device)  # the class latents are on the device
         cl = ((mean[idx] + std[idx] * eps) * model.vae.config.scaling_factor).to(latents.device, latents.dtype)
         ctx = batch["encode_text"]([self.class_captions[i] for i in idx.tolist()]).to(context.dtype)
         cbatch = {**batch, "masks": None, "time_ids": None}  # class pictures are generated whole
