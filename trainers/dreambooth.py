@@ -342,6 +342,13 @@ def gather_class_sets(recipe: DreamBoothRecipe, model: FTModel, subjects: list[S
     under ``cache``). ``progress(total, desc)`` makes a progress bar (an object with update(n) and close())."""
     sets = []
     res = subjects[0].dataset.resolution or model.native_size
+    mult = model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1)
+    if res % mult and any(recipe.num_class_images > len(s.class_dataset.examples if s.class_dataset else [])
+                          for s in subjects):
+        fit = max(mult, round(res / mult) * mult)
+        raise ValueError(f"class pictures are generated at the dataset's resolution, {res} px, which is not a "
+                         f"multiple of {mult} as this model needs: set the dataset's resolution to {fit}, or give "
+                         "all the class pictures in class_dataset")
     for i, s in enumerate(subjects):
         given = [e.image for e in s.class_dataset.examples][:recipe.num_class_images] if s.class_dataset else []
         missing = recipe.num_class_images - len(given)
