@@ -386,3 +386,30 @@ def test_dreambooth_teaches_the_toy_sdxl_a_subject_and_prior_preservation_keeps_
           f"preservation, a purple star {subject:.2f} with it; class drift {d0:.2f} -> {d1:.2f}")
     assert purple(plain, "a sks star") >= 0.9 and d0 >= 0.5
     assert subject >= 0.8 and d1 <= 0.1
+
+
+def test_given_class_pictures_reach_the_unet_with_their_own_size_and_crop(toy_xl, tmp_path, monkeypatch):
+    """Prior preservation on the toy SDXL with a class picture of the user's (64 x 32, centre-cropped to the
+    training's 32 px): its time ids are its own (original 32 x 64, crop left 16), as a dataset picture's would be, not
+    those of a picture generated whole."""
+    from comfyui_finetune.nodes.datasets import FT_ToyDataset
+    from comfyui_finetune.trainers.data import Dataset, Example
+    from comfyui_finetune.trainers.dreambooth import Subject, train_dreambooth
+    from comfyui_finetune.trainers.recipes import DreamBoothRecipe
+    from comfyui_finetune.trainers.runs import RunDir
+
+    seen = []
+    real = FTModel.unet_forward
+
+    def spy(self, x, t, context, time_ids=None, **kw):
+        seen.append(time_ids.tolist())
+        return real(self, x, t, context, time_ids, **kw)
+
+    monkeypatch.setattr(FTModel, "unet_forward", spy)
+    stars = FT_ToyDataset().execute("purple", "star", 2, "a sks star", 0, "narrow")[0]
+    wide = Dataset([Example(np.zeros((32, 64, 3), np.uint8), "a star", "wide")])
+    recipe = DreamBoothRecipe(steps=1, batch_size=1, seed=0, num_class_images=1, instance_prompt="a sks star",
+                              class_prompt="a star")
+    with torch.inference_mode(False):
+        train_dreambooth(recipe, toy_xl, [Subject(stars, "a sks star", "a star", wide)], RunDir.create(tmp_path, "db"))
+    assert seen == [[[32, 32, 0, 0, 32, 32], [32, 64, 0, 16, 32, 32]]], seen  # one call: instance, then class

@@ -221,6 +221,7 @@ class DreamBoothMethod(Method):
         bucket = next(iter(prep.pixels))
         self.class_latents = encode_latent_dists(model, prep.pixels)[bucket]
         self.class_captions = prep.captions[bucket]
+        self.class_time_ids = prep.time_ids[bucket]  # a given class picture's own size and crop (SDXL)
 
     def param_groups(self, cfg):
         return self.inner.param_groups(cfg)
@@ -249,14 +250,14 @@ class DreamBoothMethod(Method):
         eps = diffusion.randn(mean[idx].shape, g, shard).to(mean.device)  # the class latents are on the device
         cl = ((mean[idx] + std[idx] * eps) * model.vae.config.scaling_factor).to(latents.device, latents.dtype)
         ctx = batch["encode_text"]([self.class_captions[i] for i in idx.tolist()]).to(context.dtype)
-        cbatch = {**batch, "masks": None, "time_ids": None}  # class pictures are generated whole
+        cbatch = {**batch, "masks": None, "time_ids": self.class_time_ids[idx]}
         cnoisy, ct, ctarget = self.noised(cl, noise_sched, g, cfg, cbatch)
         if cl.shape[1:] == latents.shape[1:]:  # one UNet call on instance + class pictures, as diffusers' script does
             ids = None
             if model.conditioned_on_time_ids:
                 own = batch.get("time_ids")
                 ids = torch.cat([model.whole_time_ids(latents) if own is None else own.float().cpu(),
-                                 model.whole_time_ids(cl)])
+                                 cbatch["time_ids"]])
             both = self.predict(model, torch.cat([noisy, cnoisy]), torch.cat([t, ct]), torch.cat([context, ctx]),
                                 {**batch, "time_ids": ids})
             pred, cpred = both[:len(latents)], both[len(latents):]
