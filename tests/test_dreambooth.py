@@ -180,7 +180,7 @@ def test_bad_dreambooth_input(toy, folders):
     subs = FT_DreamBoothSubject().execute(ds, "a sks circle", "a circle", previous=subs)[0]
     with pytest.raises(ValueError, match="subjects 1 and 2 use the same identifier 'sks'"):
         db(toy, ds, subjects=subs)
-    mult = toy.vae_scale_factor * 2 ** (len(toy.unet.config.block_out_channels) - 1)
+    mult = toy.size_step
     odd = 8 * mult + 1
     with pytest.raises(ValueError, match=f"dataset's resolution, {odd} px, which is not a multiple of {mult}"):
         db(toy, ds.with_options(resolution=odd), prior_preservation=True)  # before any picture is generated

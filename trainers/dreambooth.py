@@ -214,7 +214,7 @@ class DreamBoothMethod(Method):
             return
         ds = Dataset([Example(p, prompt, f"class {i}") for pics, prompt in self.class_sets
                       for i, p in enumerate(pics)], name="class", resolution=self.resolution)
-        mult = model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1)
+        mult = model.size_step
         prep = prepare(ds, model.native_size, mult)
         if len(prep.pixels) != 1:
             raise ValueError("class pictures of different sizes: give the class dataset one resolution")
@@ -343,7 +343,7 @@ def gather_class_sets(recipe: DreamBoothRecipe, model: FTModel, subjects: list[S
     under ``cache``). ``progress(total, desc)`` makes a progress bar (an object with update(n) and close())."""
     sets = []
     res = subjects[0].dataset.resolution or model.native_size
-    mult = model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1)
+    mult = model.size_step
     if res % mult and any(recipe.num_class_images > len(s.class_dataset.examples if s.class_dataset else [])
                           for s in subjects):
         fit = max(mult, round(res / mult) * mult)

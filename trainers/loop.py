@@ -226,7 +226,7 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
     # An offloaded model's parts visit the device for the run: the VAE and the text encoders first; the UNet once the
     # latents are cached, so that the VAE's encoding (2.5 GB at 1024 px) never meets the UNet's weights on the GPU.
     home = place_for_training(model)
-    mult = model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1)
+    mult = model.size_step
     prepared = prepare(dataset, model.native_size, mult)
     batches = Batches(prepared, global_batch, g)
     enc = Encoder(model, dataset, method, prepared, g, shard)

@@ -137,6 +137,11 @@ class FTModel:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def size_step(self) -> int:
+        """What every picture side must be a multiple of: the VAE's factor times the UNet's downsamplings."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
     def native_size(self) -> int:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 

@@ -43,7 +43,7 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
 def check_size(model, width: int, height: int) -> tuple[int, int]:
     width = width or model.native_size
     height = height or model.native_size
-    mult = model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1)
+    mult = model.size_step
     for name, v in (("width", width), ("height", height)):
         if v % mult:
             raise ValueError(f"{name} {v} is not a multiple of {mult}, which this model needs "
