@@ -129,6 +129,32 @@ def test_each_pictures_size_and_crop_reach_the_unet(random_xl, folders):
         assert (ids[0][4], ids[0][5]) == (lh * f, lw * f)  # the target is the bucket the latents came from
 
 
+def test_validation_pictures_are_made_at_the_training_resolution(random_xl, folders):
+    """A model trained below its native size (SDXL at 512 px) is shown at the size it trains at: the native size
+    costs four times the memory and time of a 512 px picture, while the UNet is still on the GPU. A resolution the
+    model cannot make is rounded down to one it can; resolution 0 trains and shows at the native size."""
+    from PIL import Image
+
+    from comfyui_finetune.trainers import data, validation
+    from comfyui_finetune.trainers.loop import train
+    from comfyui_finetune.trainers.recipes import TrainConfig
+    from comfyui_finetune.trainers.runs import RunDir
+
+    step, native = random_xl.size_step, random_xl.native_size
+    assert (step, native) == (4, 32)
+    assert [validation.size(random_xl, r) for r in (0, 16, 18, 3, 64)] == [native, 16, 16, 4, 64]
+    rng = np.random.default_rng(0)
+    for resolution, side in ((16, 16), (0, native)):
+        ds = data.Dataset([data.Example(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8), "a picture", "p")],
+                          name="one", resolution=resolution)
+        run = RunDir.create(folders["output"], f"shown-{resolution}")
+        with torch.inference_mode(False):
+            train(random_xl.share(), ds, Spy([]), TrainConfig(steps=1, batch_size=1, save_every=0,
+                                                                validation_prompt="a picture", validation_every=1,
+                                                                validation_images=1), run)
+        assert Image.open(run.path / "samples" / "step-1-0.png").size == (side, side)
+
+
 def test_a_lora_over_the_unet_and_both_encoders_uses_kohyas_sdxl_names(random_xl):
     from comfyui_finetune.trainers.lora import attach_lora, lora_from_state
 

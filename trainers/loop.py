@@ -297,7 +297,7 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
         if not shard.main or not (show or score):
             return False
         contexts = [autocast, optimizers.averaged(opt, params), swapped_in(ema)]  # the weights the result would be
-        imgs = validation.pictures(model, method, cfg, run, at, contexts)
+        imgs = validation.pictures(model, method, cfg, run, at, contexts, dataset.resolution)
         if show and cb.on_preview:
             cb.on_preview(at, imgs)
         if not score:

@@ -39,8 +39,9 @@ class TrainConfig(Recipe):
                            "exists).")
     save_every: int = option(0, "Write a checkpoint every N steps (0 = only at the end; Cancel always writes one).",
                              min=0, max=1_000_000)
-    validation_prompt: str = option("", "Sample this prompt every validation_every steps; the pictures go to the "
-                                    "run folder and the node's preview (empty = no validation).")
+    validation_prompt: str = option("", "Sample this prompt every validation_every steps, at the training "
+                                    "resolution; the pictures go to the run folder and the node's preview (empty = "
+                                    "no validation).")
     validation_every: int = option(0, "Steps between validation samples (0 = none).", min=0, max=1_000_000)
     resume_run: str = option("", "Name of a run folder under output/finetune to continue from its last checkpoint "
                              "(empty = start a new run). Raise steps to train further.", record=False)
