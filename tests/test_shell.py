@@ -164,3 +164,21 @@ def test_a_two_process_run_stopped_and_resumed_equals_an_uninterrupted_one(toy, 
     torchrun(2, cut / "config.json", "--resume")
     assert json.loads((cut / "status.json").read_text())["status"] == "finished"
     same_tensors(out / "finetune" / "straight" / "lora.safetensors", cut / "lora.safetensors")
+
+
+def test_on_gpus_the_process_group_also_has_a_backend_for_the_cpu_tensors_the_loop_agrees_on(monkeypatch):
+    """Each step the ranks agree on Cancel (a CPU tensor, broadcast) and average the loss (all-reduced): NCCL alone
+    has no backend for a CPU tensor, so a multi-GPU run needs gloo beside it. Checked by torch's own parsing of the
+    backend string; no GPU here to start NCCL itself."""
+    import torch
+    from torch.distributed.distributed_c10d import BackendConfig
+
+    from comfyui_finetune.trainers import distributed
+
+    chosen = []
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    backends = BackendConfig(distributed.backend_for("cuda")).get_device_backend_map()
+    assert backends == {"cpu": "gloo", "cuda": "nccl"} and chosen == [1]
+    assert distributed.backend_for("cpu") == "gloo"

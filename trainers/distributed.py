@@ -52,17 +52,25 @@ def launched() -> bool:
 
 def init_from_env(device: str = "cpu") -> Shard:
     """Join the process group torchrun describes in the environment (a no-op for a single process)."""
-    import torch
     import torch.distributed as dist
 
     if not launched():
         return SINGLE
     if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        dist.init_process_group(backend_for(device))
     return current()
+
+
+def backend_for(device: str) -> str:
+    """The process group's backend: NCCL for the gradients on GPUs, with gloo beside it for the CPU tensors the loop
+    agrees on each step (:func:`mean`, :func:`agree`; NCCL alone refuses a CPU tensor, which stopped every multi-GPU
+    run at its first step). Gloo alone on CPUs."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return "cpu:gloo,cuda:nccl"
+    return "gloo"
 
 
 def device_for(shard: Shard, device: str) -> str:
