@@ -1,6 +1,7 @@
-"""The GPU path: one training step per method under bf16 and fp16, a resume, a ControlNet in fp16, and ComfyUI's
-memory hand-off. The GPU cases are marked ``cuda`` and skipped, with the reason, where torch sees no CUDA GPU; on a
-GPU machine run ``python -m pytest -m cuda`` (``benchmarks/gpu_check.sh`` runs them with the benchmark).
+"""The GPU path: one training step per method under bf16 and fp16 (on the toy and the toy SDXL), a resume, a
+ControlNet in fp16, and ComfyUI's memory hand-off. The GPU cases are marked ``cuda`` and skipped, with the reason,
+where torch sees no CUDA GPU; on a GPU machine run ``python -m pytest -m cuda`` (``benchmarks/gpu_check.sh`` runs
+them with the benchmark).
 
 The bf16 cases also run on the CPU everywhere: half-precision frozen weights with fp32 trainable ones take the same
 code there (autocast, the dtype a trained part goes back to), so a CPU machine catches most of what breaks."""
@@ -62,8 +63,9 @@ def draws(model) -> torch.Tensor:
 @pytest.mark.parametrize("device,precision", CASES)
 @pytest.mark.parametrize("case", ["lora", "lora+te", "ti", "dreambooth-lora", "dreambooth-full", "pivotal",
                                   "controlnet"])
-def test_one_step_of_every_method(toy, tmp_path, case, device, precision):
-    model = gpu_model(toy, device, precision)
+@pytest.mark.parametrize("family", ["toy", "toy_xl"])  # toy_xl: two encoders, the pooled embedding, time ids
+def test_one_step_of_every_method(request, tmp_path, family, case, device, precision):
+    model = gpu_model(request.getfixturevalue(family), device, precision)
     dt = DTYPES[precision]
     run = RunDir.create(tmp_path, case)
     with torch.inference_mode(False):
@@ -95,8 +97,7 @@ def test_one_step_of_every_method(toy, tmp_path, case, device, precision):
     assert finite(t)
     assert (run.path / "samples" / "step-2-0.png").is_file()  # validation sampled mid-training
     assert t.model.dtype == dt
-    for name in ("unet", "vae", "text_encoder"):  # each in the model's precision (SDXL's VAE: fp32 beside fp16)
-        part = getattr(t.model, name)
+    for name, part in t.model.parts().items():  # each in the model's precision (SDXL's VAE: fp32 beside fp16)
         assert {p.dtype for p in part.parameters()} == {t.model.part_dtype(name)}, \
             "the trained model is back in the model's precision"
         assert all(p.device.type == device for p in part.parameters())
