@@ -290,6 +290,8 @@ def test_sampling_in_another_precision_leaves_the_controlnet_alone(toy, toy_cn):
 
 
 def test_validation_samples_use_the_training_condition(toy, folders):
+    from PIL import Image
+
     from comfyui_finetune.trainers.loop import train
     from comfyui_finetune.trainers.recipes import TrainConfig
     from comfyui_finetune.trainers.runs import RunDir
@@ -303,3 +305,15 @@ def test_validation_samples_use_the_training_condition(toy, folders):
     (ctl,) = method.sample_kwargs()["controls"]
     assert ctl.control_net is method.cn and ctl.image.shape == (1, 32, 32, 3)
     assert set(ctl.image.unique().tolist()) <= {0.0, 1.0}, "the condition is a binary Canny map"
+
+    # bucketed pictures: the validation picture is drawn at its condition's size, not stretched to a square
+    tall = Dataset([Example(np.ascontiguousarray(p.image[:, 8:24]), p.caption, f"{i}.png")
+                    for i, p in enumerate(control.training_pictures(4, 3))], name="tall", resolution=24,
+                   bucketing=True)
+    method = T.ControlNetMethod("canny", control.CANNY)
+    run = RunDir.create(folders["output"], "validated-tall")
+    train(toy.clone(), tall, method, cfg, run)
+    (ctl,) = method.sample_kwargs()["controls"]
+    _, h, w, _ = ctl.image.shape
+    assert h > w
+    assert Image.open(run.path / "samples" / "step-2-0.png").size == (w, h)

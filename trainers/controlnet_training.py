@@ -81,7 +81,8 @@ class ControlNetMethod(Method):
     def sample_kwargs(self) -> dict:
         if self.validation_condition is None:
             return {}
-        return {"controls": [Control(self.cn, self.validation_condition)]}
+        _, h, w, _ = self.validation_condition.shape  # drawn at the condition's own size (a bucket's, not a square)
+        return {"controls": [Control(self.cn, self.validation_condition)], "height": h, "width": w}
 
     def result(self, name: str | None = None, metadata: dict | None = None) -> ControlNet:
         """The trained ControlNet as an independent value (eval mode, no gradients)."""

@@ -114,8 +114,9 @@ def pictures(model, method, cfg, run, step: int, contexts, resolution: int = 0) 
             stack.enter_context(c)
         with torch.no_grad():
             side = size(model, resolution)
+            kw = {"width": side, "height": side, **method.sample_kwargs()}  # a method's own size comes first
             imgs = sample(model, cfg.validation_prompt, seeds=[cfg.seed + i for i in range(cfg.validation_images)],
-                          steps=20, width=side, height=side, **method.sample_kwargs())
+                          steps=20, **kw)
     for m in mods:
         m.train()
     if run.writes:
