@@ -153,6 +153,26 @@ def test_two_processes_with_batch_b_train_what_one_with_batch_2b_trains(toy, fol
 
 
 @pytest.mark.slow
+def test_two_processes_train_an_sdxl_lora_on_both_text_encoders_as_one_process_does(toy_xl, folders, tmp_path):
+    """SDXL under DDP: both text encoders' gradients are averaged (the second one's were not), and the first
+    encoder's last layer, which SDXL's penultimate-layer conditioning leaves without a gradient, does not stop DDP
+    at the second step."""
+    _, _, log = lora_node(toy_xl, toy_set(n=8), steps=3, batch_size=4, run_name="xl-one", optimizer="sgd",
+                          learning_rate=5e-2)
+    one = run_of(folders, log)
+    torchrun(2, with_batch(one, tmp_path / "src", 2), "--out", tmp_path / "out", "--run-name", "xl-two")
+    a = load_file(str(one / "lora.safetensors"))
+    b = load_file(str(tmp_path / "out" / "finetune" / "xl-two" / "lora.safetensors"))
+    assert a.keys() == b.keys()
+    for part in ("lora_unet_", "lora_te1_", "lora_te2_"):
+        keys = [k for k in a if k.startswith(part)]
+        moved = max(float(a[k].abs().max()) for k in keys if "lora_up" in k)
+        worst = max(float((a[k] - b[k]).abs().max()) for k in keys)
+        print(f"{part}: 2 processes x batch 2 vs 1 x batch 4: max |difference| {worst:.2e} (largest up {moved:.2e})")
+        assert moved > 1e-4 and worst < 1e-3 * moved, part
+
+
+@pytest.mark.slow
 def test_a_two_process_run_stopped_and_resumed_equals_an_uninterrupted_one(toy, folders, tmp_path):
     _, _, log = lora_node(toy, toy_set(n=8), steps=4, batch_size=2, train_text_encoder=False, run_name="src")
     cfg = with_batch(run_of(folders, log), tmp_path / "src", 2)

@@ -241,10 +241,10 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
     if shard.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        frozen_te = not method.trains_text_encoder  # may leave the device (offload): DDP must not hold it
-        trainable = _Trainable([model.unet, *([] if frozen_te else [model.text_encoder]),
-                                *method.train_modules(model)])
-        ddp = DistributedDataParallel(trainable, broadcast_buffers=False,
+        tes = model.text_encoders if method.trains_text_encoder else []  # frozen ones may leave the device
+        trainable = _Trainable([model.unet, *tes, *method.train_modules(model)])
+        # SDXL reads its first encoder's penultimate layer: the last one trains nothing, which DDP must be told
+        ddp = DistributedDataParallel(trainable, broadcast_buffers=False, find_unused_parameters=len(tes) > 1,
                                       device_ids=[model.device.index] if model.device.type == "cuda" else None)
 
     left = release_frozen(model, enc, method, dataset, home)
