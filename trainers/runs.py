@@ -161,7 +161,9 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict, list[d
     """(trainable tensors, state, log rows) of a complete checkpoint; only safetensors and weights-only pickles."""
     from safetensors.torch import load_file
 
-    state = torch.load(folder / "state.pt", weights_only=True)
+    # on the CPU: a GPU run's optimizer and EMA state would come back on the GPU it was saved from (every rank of a
+    # multi-GPU run onto GPU 0; no GPU at all: an error); loading them moves each tensor to its weight's device
+    state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
     return load_file(str(folder / "trainable.safetensors")), state, json.loads((folder / "log.json").read_text())
 
 
