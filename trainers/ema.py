@@ -31,7 +31,7 @@ class EMA:
                     s.mul_(self.decay).add_(p.detach().float(), alpha=1.0 - self.decay)
 
     def state_dict(self) -> dict:
-        return {"shadow": [s.clone() for s in self.shadow], "decay": self.decay, "start": self.start,
+        return {"shadow": [s.to("cpu", copy=True) for s in self.shadow], "decay": self.decay, "start": self.start,
                 "every": self.every}
 
     def load_state_dict(self, state: dict) -> None:

@@ -18,7 +18,7 @@ from .runs import load_checkpoint, save_checkpoint
 def weights_kept(params: list[torch.nn.Parameter]):
     """The trained weights exactly as they are now, put back after the block whatever it did to them (a validation
     with averaged weights swapped in never changes the run)."""
-    saved = [p.detach().clone() for p in params]
+    saved = [p.detach().to("cpu", copy=True) for p in params]  # in CPU memory: a full fine-tune's copy is GBs
     try:
         yield
     finally:
