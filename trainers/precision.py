@@ -31,7 +31,8 @@ def autocast_for(model: FTModel, cfg: TrainConfig):
         return contextlib.nullcontext(), None
     dt = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
     if dt is None:  # auto
-        dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        with torch.cuda.device(model.device):  # bf16 in hardware (Ampere on), not emulated: else fp16 and a scaler
+            dt = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     scaler = torch.amp.GradScaler("cuda") if dt == torch.float16 else None
     return torch.autocast("cuda", dtype=dt), scaler
 
@@ -65,7 +66,9 @@ def enable_checkpointing(model: FTModel, method, cfg: TrainConfig) -> None:
     model.unet.enable_gradient_checkpointing()
     if method.trains_text_encoder:
         for te in model.text_encoders:
-            te.gradient_checkpointing_enable()
+            # non-reentrant: the frozen embeddings give the first segment no input that needs a gradient, and the
+            # reentrant form (transformers 4.x's default) then passes the encoder's LoRA none
+            te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for m in method.train_modules(model):
         if m is not model.unet and m not in model.text_encoders and hasattr(m, "enable_gradient_checkpointing"):
             m.enable_gradient_checkpointing()
