@@ -154,13 +154,11 @@ class FT_ModelFromComfy:
         state = {k: v for k, v in state.items() if k.startswith(
             ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")) or k in MARKERS}
         # borrowed: weights of our own, as ComfyUI patches and restores its weights in place when a LoRA or merge runs
+        # the prediction: what ComfyUI samples it as; offloaded, the pack's copy never joins ComfyUI's on the GPU
         ft = model_from_single_file_state(state, f"comfy:{config}", sd1_tokenizer_dir(), device, dtype,
-                                          prediction, borrowed=True)  # the prediction: what ComfyUI samples it as
+                                          prediction, borrowed=True, offload=offload == "auto")
         ft.prediction_source = "as ComfyUI samples it"
         del state
-        if offload == "auto" and ft.device.type == "cuda":
-            ft.offload_weights()
-            torch.cuda.empty_cache()
         return (ft,)
 
 

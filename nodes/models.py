@@ -40,36 +40,31 @@ def load_base_model(model_name: str, device: str = "auto", dtype: str = "auto", 
         raise ValueError(f"offload {offload!r} is not one of {', '.join(OFFLOAD)}")
     if prediction not in PREDICTION:
         raise ValueError(f"prediction {prediction!r} is not one of {', '.join(PREDICTION)}")
-    model = _load(model_name, device, dtype, prediction)
+    model = _load(model_name, device, dtype, prediction, offload == "auto")  # offloaded: never all on the GPU
     model.source = TOY if model_name in (TOY, "toy") else TOY_XL if model_name in (TOY_XL, "toy_xl") else model_name
-    if offload == "auto" and model.device.type == "cuda":
-        model.offload_weights()
-        import torch
-
-        torch.cuda.empty_cache()
     return model
 
 
-def _load(model_name: str, device: str, dtype: str, prediction: str = "auto"):
+def _load(model_name: str, device: str, dtype: str, prediction: str = "auto", offload: bool = False):
     from ..trainers import loading
 
     if model_name in (TOY, "toy", TOY_XL, "toy_xl"):
         from ..trainers.toy.loader import load_toy_model, load_toy_xl_model
 
         dev = loading.resolve_device(device)
-        model = (load_toy_model if model_name in (TOY, "toy") else load_toy_xl_model)(device=dev)
+        model = (load_toy_model if model_name in (TOY, "toy") else load_toy_xl_model)()
         if prediction not in ("auto", model.prediction_type):
             which = "toy model" if model_name in (TOY, "toy") else "toy SDXL"
             raise ValueError(f"prediction {prediction!r}: the built-in {which} was trained to predict "
                              f"{model.prediction_type}; leave prediction on auto")
         model.prediction_source = "the toy's own"
-        return model.to(dev, loading.resolve_dtype(dtype, dev, model.family))
+        return model.to(dev, loading.resolve_dtype(dtype, dev, model.family), offload=offload)
     kind, _, name = model_name.partition("/")
     if kind == "diffusers" and name:
-        return loading.load_diffusers_folder(host.model_path("diffusers", name), device, dtype, prediction)
+        return loading.load_diffusers_folder(host.model_path("diffusers", name), device, dtype, prediction, offload)
     if kind == "checkpoints" and name:
         return loading.load_single_file(host.model_path("checkpoints", name), sd1_tokenizer_dir(), device, dtype,
-                                        prediction)
+                                        prediction, offload)
     raise ValueError(f"model_name {model_name!r} is not '{TOY}', 'diffusers/<folder>' or 'checkpoints/<file>'")
 
 

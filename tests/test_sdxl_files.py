@@ -197,3 +197,27 @@ def test_the_pooled_embedding_is_the_end_of_texts_with_a_new_token_in_the_prompt
         assert int(ids[0].argmax()) != end  # the new token's id is the prompt's highest
         want = model.text_encoder_2.text_projection(hidden[end])
     assert model.text_encoder_2.config.eos_token_id == 2 and torch.allclose(got, want, atol=1e-5)
+
+
+def test_an_offloaded_load_never_puts_a_weight_on_the_gpu(mini, monkeypatch):
+    """Load Base Model and Model from ComfyUI with offload auto on a GPU: each part is cast in CPU memory and stays
+    there (they put the whole model on the GPU, SDXL's 6.6 GB in fp16, beside ComfyUI's own copy for the bridge, to
+    take it off again). Here torch pretends a GPU is there: any weight sent to it raises, as this build has none."""
+    from comfyui_finetune.nodes.models import load_base_model
+    from comfyui_finetune.trainers.checkpoint import to_single_file
+    from comfyui_finetune.trainers.families import FAMILIES
+    from comfyui_finetune.trainers.loading import DTYPES, model_from_single_file_state
+    from comfyui_finetune.trainers.toy.loader import TOY_XL_SOURCE
+
+    cfg, model = mini
+    state = to_single_file(model, torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for m in (model_from_single_file_state(dict(state), "off", TOY_TOKENIZER, "auto", "auto", config_dir=cfg,
+                                           borrowed=True, offload=True),
+              load_base_model(TOY_XL_SOURCE, "auto", "auto", "auto")):
+        assert m.device.type == "cuda" and m.offload
+        assert m.dtype == DTYPES[FAMILIES[m.family].gpu_dtype]  # auto's dtype on a GPU (SDXL fp16, the toys fp32)
+        for name, part in m.parts().items():
+            assert {(p.device.type, p.dtype) for p in part.parameters()} == {("cpu", m.part_dtype(name))}, name
+    assert model_from_single_file_state(dict(state), "fp16", TOY_TOKENIZER, "auto", "auto", config_dir=cfg,
+                                        offload=True).vae.dtype == torch.float32  # SDXL's VAE: fp32 beside fp16

@@ -38,7 +38,7 @@ def resolve_dtype(dtype: str, device: torch.device, family: str) -> torch.dtype:
 
 
 def load_diffusers_folder(folder: str | Path, device: str = "auto", dtype: str = "auto",
-                          prediction: str = "auto") -> FTModel:
+                          prediction: str = "auto", offload: bool = False) -> FTModel:
     """A diffusers folder; its scheduler config says what it predicts, unless ``prediction`` names it. An SDXL
     layout (text_encoder_2/ and tokenizer_2/ beside the rest) gives a model with both text encoders."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -77,7 +77,7 @@ def load_diffusers_folder(folder: str | Path, device: str = "auto", dtype: str =
         set_prediction(model, sched.get("prediction_type", "epsilon"), None, "the folder's scheduler config")
     else:
         set_prediction(model, prediction, None, "set by the prediction input")
-    return model.to(dev, dt)
+    return model.to(dev, dt, offload=offload)  # offload: the weights never all on the GPU
 
 
 def read_checkpoint_header(path: Path) -> dict[str, tuple[int, ...]]:
@@ -88,7 +88,7 @@ def read_checkpoint_header(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def load_single_file(path: str | Path, tokenizer_dir: str | Path | None, device: str = "auto",
-                     dtype: str = "auto", prediction: str = "auto") -> FTModel:
+                     dtype: str = "auto", prediction: str = "auto", offload: bool = False) -> FTModel:
     """Load an original-layout SD 1.x/2.x/XL checkpoint file (:func:`model_from_single_file_state` on its
     tensors)."""
     from safetensors.torch import load_file
@@ -101,12 +101,14 @@ def load_single_file(path: str | Path, tokenizer_dir: str | Path | None, device:
         family_for_checkpoint(read_checkpoint_header(path))
     except ValueError as e:
         raise ValueError(f"{path.name}: {e}") from None
-    return model_from_single_file_state(load_file(str(path)), path.stem, tokenizer_dir, device, dtype, prediction)
+    return model_from_single_file_state(load_file(str(path)), path.stem, tokenizer_dir, device, dtype, prediction,
+                                        offload=offload)
 
 
 def model_from_single_file_state(state: dict[str, torch.Tensor], name: str, tokenizer_dir: str | Path | None,
                                  device: str = "auto", dtype: str = "auto", prediction: str = "auto",
-                                 config_dir: str | Path | None = None, borrowed: bool = False) -> FTModel:
+                                 config_dir: str | Path | None = None, borrowed: bool = False,
+                                 offload: bool = False) -> FTModel:
     """An FTModel from an original-layout SD 1.x/2.x/XL state dict (a checkpoint file's tensors, or a model ComfyUI
     holds), converted by diffusers' single-file loaders with the family's shipped configs (``config_dir``: another
     folder of the same layout). Its prediction type (and with it the native size, for SD 2.x) is detected from the
@@ -117,7 +119,7 @@ def model_from_single_file_state(state: dict[str, torch.Tensor], name: str, toke
     weights in place, and loads them as inference tensors), and the model keeps none of them. Each part is built
     straight from the lender's tensors (weights on a GPU come to the CPU first), and what the build would keep as
     it is (the same dtype on the same device) is copied, one part at a time, so the lender's weights are never all
-    held twice."""
+    held twice. ``offload`` (a GPU ``device``): the model stays in CPU memory (see :meth:`FTModel.to`)."""
     import diffusers
 
     fam = family_for_checkpoint({k: tuple(v.shape) for k, v in state.items()})
@@ -150,7 +152,7 @@ def model_from_single_file_state(state: dict[str, torch.Tensor], name: str, toke
     if prediction is None:
         prediction, how = sched["prediction_type"], "the family's config"
     set_prediction(model, prediction, fam.size_for(prediction), how)
-    return model.to(dev, dt)
+    return model.to(dev, dt, offload=offload)  # offload: the weights never all on the GPU
 
 
 def _build_parts(state: dict, fam, cfg: str, dt: torch.dtype, borrowed: bool = False):

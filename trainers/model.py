@@ -208,16 +208,19 @@ class FTModel:
         """SDXL: the width of the pooled text embedding (the second encoder's projection)."""
         return int(self.text_encoder_2.config.projection_dim)
 
-    def to(self, device, dtype=None) -> "FTModel":
-        """Every part on ``device`` (in ``dtype``), in place; the model is no longer offloaded."""
+    def to(self, device, dtype=None, offload: bool = False) -> "FTModel":
+        """Every part on ``device`` (in ``dtype``), in place; the model is no longer offloaded. ``offload`` (a GPU
+        ``device``): each part is cast in CPU memory and stays there, visiting the GPU while it runs (:meth:`placed`),
+        so a loader never puts the whole model on the GPU to take it off again."""
         self.device = torch.device(device)
-        self.offload = False
+        self.offload = offload and self.device.type != "cpu"
         if dtype is not None:
             self.dtype = dtype
+        home = torch.device("cpu") if self.offload else self.device
         for name, m in self.parts().items():
             want = self.part_dtype(name)
-            if m.device != self.device or m.dtype != want:
-                m.to(self.device, want)
+            if m.device != home or m.dtype != want:
+                m.to(home, want)
         return self
 
     def part_dtype(self, name: str) -> torch.dtype:
