@@ -112,6 +112,8 @@ def train_controlnet(recipe: ControlNetRecipe, model: FTModel, dataset, run: Run
     res = run_method(method, recipe, model, dataset, run, callbacks, shard, extra_config=extra, scorer=scorer)
     if res.cancelled:
         return Trained(None, None, res)
+    if model.offload:  # the result waits in CPU memory as the model does (ComfyUI caches it; sampling copies it)
+        method.cn.net.to("cpu")
     cn = method.result(run.name, {"finetune_config": json.dumps(res.config, default=str)})
     cn.source = f"trained: run {run.name}, {res.step} steps"
     save_in_run(run, "controlnet", *file_contents(cn, layout="original", dtype="fp16"))
