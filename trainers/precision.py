@@ -29,12 +29,23 @@ def autocast_for(model: FTModel, cfg: TrainConfig):
                          "with dtype fp32")
     if model.device.type != "cuda" or cfg.mixed_precision == "no":
         return contextlib.nullcontext(), None
-    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
-    if dt is None:  # auto
-        with torch.cuda.device(model.device):  # bf16 in hardware (Ampere on), not emulated: else fp16 and a scaler
-            dt = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    dt = autocast_dtype(model, cfg)
     scaler = torch.amp.GradScaler("cuda") if dt == torch.float16 else None
     return torch.autocast("cuda", dtype=dt), scaler
+
+
+def autocast_dtype(model: FTModel, cfg: TrainConfig) -> torch.dtype:
+    """``mixed_precision`` on a GPU. auto: a half-precision model's own dtype, so its frozen weights are not cast
+    op by op into another one (fp16 weights under bf16 autocast lose three bits of each weight and are cast at every
+    op; ComfyUI samples them in fp16); an fp32 model trains in bf16 where the GPU has it in hardware (Ampere on,
+    not emulated), else in fp16 with a grad scaler."""
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
+    if dt is not None:
+        return dt
+    if model.dtype in (torch.float16, torch.bfloat16):
+        return model.dtype
+    with torch.cuda.device(model.device):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def gpu_options(model: FTModel, cfg: TrainConfig) -> None:

@@ -62,9 +62,10 @@ class TrainConfig(Recipe):
                               "0 = off).", min=0.0, max=20.0, step=0.5)
     noise_offset: float = option(0.0, "Offset noise (0.05-0.1 helps very dark or bright pictures).", min=0.0,
                                  max=1.0)
-    mixed_precision: str = option("auto", "Autocast on a GPU (auto = bf16 where supported, else fp16 with a grad "
-                                  "scaler); trainable weights stay fp32. On the CPU an fp32 model trains in fp32, a "
-                                  "bf16 model under bf16 autocast.", choices="loop:PRECISIONS")
+    mixed_precision: str = option("auto", "Autocast on a GPU (auto = the model's own fp16 or bf16; an fp32 model: "
+                                  "bf16 where the GPU has it, else fp16; fp16 comes with a grad scaler); trainable "
+                                  "weights stay fp32. On the CPU an fp32 model trains in fp32, a bf16 model under "
+                                  "bf16 autocast.", choices="loop:PRECISIONS")
     gradient_checkpointing: str = option(
         "auto", "Recompute activations in the backward pass instead of keeping them: much less memory, about a "
         "third slower. auto = on where the family needs it on a GPU (SDXL), off elsewhere; true / false from "
