@@ -61,6 +61,23 @@ def test_empty_prompt_is_an_error(toy):
         run_sample(toy, prompt="  ")
 
 
+def test_running_out_of_memory_says_what_to_lower(toy, monkeypatch):
+    """FT_Sample (and DreamBooth's class pictures, and validation) out of GPU memory: the error names the call's
+    count and size and what to lower, not torch's allocator figures alone."""
+    from comfyui_finetune.trainers import sampling
+
+    def full(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB")
+
+    monkeypatch.setattr(sampling, "denoise", full)
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        sampling.sample(toy, "a red circle", seeds=[0, 1, 2], width=32, height=48, steps=2)
+    msg = str(e.value)
+    assert msg.startswith("out of GPU memory sampling 3 pictures at 32 x 48 px: ")
+    assert "smaller batch than 3" in msg and "smaller size than 32 x 48" in msg and "offload auto" in msg
+    assert "Tried to allocate 2.50 GiB" in str(e.value.__cause__)
+
+
 def test_cancel_stops_sampling(toy):
     host.request_interrupt()
     with pytest.raises(host.Interrupted):

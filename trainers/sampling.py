@@ -84,16 +84,30 @@ def sample(
         raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds: give one prompt, or one per image")
     width, height = check_size(model, width, height)
     use_cfg = cfg != 1.0
-    with torch.no_grad(), model.placed(("text_encoder", "text_encoder_2")) as here, cached():
-        cond = here.encode_prompts(list(prompts)).to(here.dtype)
-        if use_cfg:
-            uncond = here.encode_prompts([negative_prompt] * len(seeds)).to(here.dtype)
-            cond = torch.cat([uncond, cond])
-    with model.placed(("unet",)) as here:
-        latents = denoise(here, cond, seeds, steps, cfg, sampler, width, height, on_step, should_stop, controls,
-                          resize_mode)
-    with model.placed(("vae",)) as here:
-        return decode(here, latents)
+    try:
+        with torch.no_grad(), model.placed(("text_encoder", "text_encoder_2")) as here, cached():
+            cond = here.encode_prompts(list(prompts)).to(here.dtype)
+            if use_cfg:
+                uncond = here.encode_prompts([negative_prompt] * len(seeds)).to(here.dtype)
+                cond = torch.cat([uncond, cond])
+        with model.placed(("unet",)) as here:
+            latents = denoise(here, cond, seeds, steps, cfg, sampler, width, height, on_step, should_stop, controls,
+                              resize_mode)
+        with model.placed(("vae",)) as here:
+            return decode(here, latents)
+    except torch.OutOfMemoryError as e:
+        raise torch.OutOfMemoryError(memory_advice(model, len(seeds), width, height)) from e
+
+
+def memory_advice(model, count: int, width: int, height: int) -> str:
+    """What to lower when sampling runs out of GPU memory, from the call's own size."""
+    fixes = [f"make fewer at once (a smaller batch than {count})" if count > 1 else None,
+             f"a smaller size than {width} x {height} (the model's native size is {model.native_size} px)"
+             if max(width, height) > model.native_size // 2 else None,
+             "load the model with offload auto, so only the part at work is on the GPU" if not model.offload else None,
+             "free the GPU of ComfyUI's own models first (the front end's Unload Models command)"]
+    return (f"out of GPU memory sampling {count} picture{'s' if count > 1 else ''} at {width} x {height} px: "
+            + "; or ".join(f for f in fixes if f))
 
 
 @torch.no_grad()
