@@ -394,8 +394,8 @@ def test_a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(toy, fo
         return out * float("nan") if calls["n"] == 3 else out
 
     monkeypatch.setattr(Method, "loss", loss)
-    with pytest.raises(FloatingPointError, match="the loss became nan at step 3: lower the learning_rate or use "
-                                                 "mixed_precision 'no'"):
+    with pytest.raises(FloatingPointError, match=r"the loss became nan at step 3: lower the learning_rate, or train "
+                                                 r"in bf16 \(mixed_precision bf16\) or in fp32"):
         lora(toy, toy_set(), steps=5, save_every=2, run_name="nan")
     run = folders["output"] / "finetune" / "nan"
     status = json.loads((run / "status.json").read_text())
@@ -429,6 +429,25 @@ def test_out_of_memory_names_what_to_lower_and_keeps_the_checkpoint(toy, folders
     status = json.loads((run / "status.json").read_text())
     assert status["status"] == "failed" and status["error"] == f"OutOfMemoryError: {msg}"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]
+
+
+def test_out_of_memory_making_validation_pictures_says_so_and_keeps_the_checkpoint(toy, folders, monkeypatch):
+    """Validation's own advice (its picture count, or none), not the training step's: the steps fitted."""
+    from comfyui_finetune.trainers import sampling
+
+    def sample(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(sampling, "sample", sample)
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        lora(toy, toy_set(), steps=5, save_every=2, validation_prompt="a sks star", validation_every=4,
+             validation_images=3, run_name="oom-validation")
+    msg = str(err.value)
+    assert msg.startswith("out of GPU memory making step 4's validation pictures (32 x 32 px): lower "
+                          "validation_images (3), or set validation_every 0")
+    assert "batch_size" not in msg
+    run = folders["output"] / "finetune" / "oom-validation"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4"]
 
 
 def test_a_full_disk_leaves_the_earlier_checkpoint_whole(toy, folders, monkeypatch):

@@ -345,8 +345,9 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
                 total += float(loss.detach()) / cfg.grad_accum
             total = distributed.mean(total, shard)
             if not math.isfinite(total):
-                raise FloatingPointError(f"the loss became {total} at step {step + 1}: lower the learning_rate "
-                                         "or use mixed_precision 'no'")
+                raise FloatingPointError(f"the loss became {total} at step {step + 1}: lower the learning_rate, or "
+                                         "train in bf16 (mixed_precision bf16) or in fp32 (load the model with dtype "
+                                         "fp32, and mixed_precision no)")
             if scaler:
                 scaler.unscale_(opt)
             if cfg.max_grad_norm:
@@ -400,7 +401,7 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
                 checkpoint(step)
             except Exception:  # never hide the original error behind a failed save
                 log.exception("could not write a checkpoint at step %d", step)
-        if isinstance(e, torch.OutOfMemoryError):
+        if isinstance(e, torch.OutOfMemoryError) and not isinstance(e, validation.OutOfMemory):
             e = torch.OutOfMemoryError(memory_advice(model, cfg, dataset, step, run.name, checkpointed=step > 0))
         run.status("cancelled" if interrupt else "failed", step=step, total=cfg.steps,
                    error=f"{type(e).__name__}: {e}")

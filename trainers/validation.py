@@ -19,6 +19,10 @@ import torch
 RANKINGS = ("off", "clip_t", "clip_i", "clip_t+clip_i")
 
 
+class OutOfMemory(torch.OutOfMemoryError):
+    """The GPU ran out of memory making validation pictures: the loop passes on this advice, not its training one."""
+
+
 def check(cfg, scorer) -> None:
     """What keep_best needs, named before any work."""
     if cfg.keep_best == "off":
@@ -115,8 +119,13 @@ def pictures(model, method, cfg, run, step: int, contexts, resolution: int = 0) 
         with torch.no_grad():
             side = size(model, resolution)
             kw = {"width": side, "height": side, **method.sample_kwargs()}  # a method's own size comes first
-            imgs = sample(model, cfg.validation_prompt, seeds=[cfg.seed + i for i in range(cfg.validation_images)],
-                          steps=20, **kw)
+            try:
+                imgs = sample(model, cfg.validation_prompt,
+                              seeds=[cfg.seed + i for i in range(cfg.validation_images)], steps=20, **kw)
+            except torch.OutOfMemoryError as e:
+                raise OutOfMemory(f"out of GPU memory making step {step}'s validation pictures ({kw['width']} x "
+                                  f"{kw['height']} px): lower validation_images ({cfg.validation_images}), or set "
+                                  "validation_every 0 (and keep_best off) to make none") from e
     for m in mods:
         m.train()
     if run.writes:
