@@ -78,6 +78,34 @@ def test_running_out_of_memory_says_what_to_lower(toy, monkeypatch):
     assert "Tried to allocate 2.50 GiB" in str(e.value.__cause__)
 
 
+def test_out_of_memory_halves_the_chunk_and_makes_the_same_pictures(toy, monkeypatch):
+    """DreamBooth's class pictures, 8 at a time: where 8 do not fit they come 4, then 2 at a time, the same pictures
+    (each has its own seed); where one does not fit, sampling's advice."""
+    from comfyui_finetune.trainers import sampling
+
+    real, calls = sampling.sample, []
+
+    def sample(model, prompt, *, seeds, **kw):
+        calls.append(len(seeds))
+        if len(seeds) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(model, prompt, seeds=seeds, **kw)
+
+    monkeypatch.setattr(sampling, "sample", sample)
+    kw = dict(steps=3, width=32, height=32)
+    chunks = list(sampling.sample_in_chunks(toy, "a red circle", [5, 6, 7, 8, 9], 8, **kw))
+    assert calls == [5, 4, 2, 2, 1] and [len(c) for c in chunks] == [2, 2, 1]
+    alone = torch.cat([real(toy, "a red circle", seeds=[s], **kw) for s in (5, 6, 7, 8, 9)])
+    assert torch.allclose(torch.cat(chunks), alone, atol=1e-4)
+    def full(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(sampling, "denoise", full)
+    monkeypatch.setattr(sampling, "sample", real)
+    with pytest.raises(torch.OutOfMemoryError, match="out of GPU memory sampling 1 picture at 32 x 32 px"):
+        list(sampling.sample_in_chunks(toy, "a red circle", [5, 6], 2, **kw))
+
+
 def test_cancel_stops_sampling(toy):
     host.request_interrupt()
     with pytest.raises(host.Interrupted):

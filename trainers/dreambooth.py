@@ -101,7 +101,7 @@ def class_images(model: FTModel, prompt: str, count: int, resolution: int, seed:
     Cached under ``cache_root/<key>/``: the same model, prompt, count, resolution and seed load from disk."""
     from PIL import Image
 
-    from .sampling import sample
+    from .sampling import sample_in_chunks
 
     key = hashlib.sha256(json.dumps([model_fingerprint(model), prompt, count, resolution, seed]).encode()).hexdigest()[:20]
     folder = cache_root / key
@@ -112,11 +112,9 @@ def class_images(model: FTModel, prompt: str, count: int, resolution: int, seed:
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     pics: list[np.ndarray] = []
-    with torch.no_grad():
-        for start in range(0, count, batch):
-            seeds = [seed + i for i in range(start, min(count, start + batch))]
-            imgs = sample(model, prompt, seeds=seeds, steps=25, cfg=FAMILIES[model.family].class_cfg,
-                          width=resolution, height=resolution)
+    with torch.no_grad():  # fewer at once when the GPU runs out of memory: the same pictures (a seed each)
+        for imgs in sample_in_chunks(model, prompt, [seed + i for i in range(count)], batch, steps=25,
+                                     cfg=FAMILIES[model.family].class_cfg, width=resolution, height=resolution):
             pics += [(im.numpy() * 255).round().astype(np.uint8) for im in imgs]
             if on_progress:
                 on_progress(len(pics), count)

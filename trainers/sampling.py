@@ -5,12 +5,15 @@ a batch uses seed ``seed + i``, so it is the same picture whether it was made al
 """
 from __future__ import annotations
 
-from typing import Callable
+import logging
+from typing import Callable, Iterator
 
 import torch
 
 from .deltas import cached
 from .model import vae_chunk
+
+log = logging.getLogger(__name__)
 
 #: sampler name -> (diffusers scheduler class, extra config). Node combos list these keys.
 SAMPLERS: dict[str, tuple[str, dict]] = {
@@ -97,6 +100,26 @@ def sample(
             return decode(here, latents)
     except torch.OutOfMemoryError as e:
         raise torch.OutOfMemoryError(memory_advice(model, len(seeds), width, height)) from e
+
+
+def sample_in_chunks(model, prompt: str, seeds: list[int], chunk: int, **kw) -> Iterator[torch.Tensor]:
+    """:func:`sample` of ``seeds``, ``chunk`` at a time (each batch as it is made), halving the chunk when the GPU
+    runs out of memory: the same pictures, as each has its own seed, only fewer at once (DreamBooth's class
+    pictures). One at a time out of memory raises :func:`sample`'s advice."""
+    start = 0
+    while start < len(seeds):
+        part = seeds[start:start + chunk]
+        try:
+            imgs = sample(model, prompt, seeds=part, **kw)
+        except torch.OutOfMemoryError:
+            if chunk == 1:
+                raise
+            chunk //= 2
+            torch.cuda.empty_cache()
+            log.info("out of GPU memory sampling %d pictures at once: %d at a time now", len(part), chunk)
+            continue
+        start += len(part)
+        yield imgs
 
 
 def memory_advice(model, count: int, width: int, height: int) -> str:
