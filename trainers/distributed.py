@@ -1,11 +1,11 @@
 """Several processes, one training: PyTorch DistributedDataParallel under ``torchrun``, nothing home-made.
 
 ``torchrun --nproc_per_node N python -m comfyui_finetune train CONFIG`` starts N processes with ``RANK`` /
-``WORLD_SIZE`` / ``MASTER_ADDR`` set; :func:`init_from_env` joins them into one process group (NCCL on GPUs, gloo
-on CPUs). The loop then draws every *global* batch (``batch_size × N`` pictures) from one generator that all ranks
-share, and each rank trains its own slice: the data, the noise and the timesteps of rank r are rows r·b … (r+1)·b of
-what one process with batch ``N·b`` would draw, so N processes with batch b train what one process with batch N·b
-trains (to float round-off). DDP all-reduces (averages) the gradients; only rank 0 writes files.
+``WORLD_SIZE`` / ``MASTER_ADDR`` set; :func:`init_from_env` joins them into one process group (NCCL with gloo beside
+it on GPUs, gloo on CPUs). The loop then draws every *global* batch (``batch_size × N`` pictures) from one generator
+that all ranks share, and each rank trains its own slice: the data, the noise and the timesteps of rank r are rows
+r·b … (r+1)·b of what one process with batch ``N·b`` would draw, so N processes with batch b train what one process
+with batch N·b trains (to float round-off). DDP all-reduces (averages) the gradients; only rank 0 writes files.
 """
 from __future__ import annotations
 

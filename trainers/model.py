@@ -209,7 +209,7 @@ class FTModel:
         return int(self.text_encoder_2.config.projection_dim)
 
     def to(self, device, dtype=None, offload: bool = False) -> "FTModel":
-        """Every part on ``device`` (in ``dtype``), in place; the model is no longer offloaded. ``offload`` (a GPU
+        """Every part on ``device`` (in ``dtype``), in place; offloaded only when asked. ``offload`` (a GPU
         ``device``): each part is cast in CPU memory and stays there, visiting the GPU while it runs (:meth:`placed`),
         so a loader never puts the whole model on the GPU to take it off again."""
         self.device = torch.device(device)

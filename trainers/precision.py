@@ -44,8 +44,8 @@ def autocast_dtype(model: FTModel, cfg: TrainConfig) -> torch.dtype:
         return dt
     if model.dtype in (torch.float16, torch.bfloat16):
         return model.dtype
-    with torch.cuda.device(model.device):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    in_hardware = bool(torch.version.hip) or torch.cuda.get_device_capability(model.device)[0] >= 8
+    return torch.bfloat16 if in_hardware else torch.float16
 
 
 def gpu_options(model: FTModel, cfg: TrainConfig) -> None:
