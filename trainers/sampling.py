@@ -114,6 +114,8 @@ def sample_in_chunks(model, prompt: str, seeds: list[int], chunk: int, **kw) -> 
         except torch.OutOfMemoryError:
             if chunk == 1:
                 raise
+            imgs = None
+        if imgs is None:  # out of the except block: the failed call's tensors are free to be returned
             chunk //= 2
             torch.cuda.empty_cache()
             log.info("out of GPU memory sampling %d pictures at once: %d at a time now", len(part), chunk)
