@@ -136,7 +136,7 @@ def worker_pack(args) -> dict:
     dt = frozen_dtype(args.device, args.precision)
     model = {"toy": toy_model, "sd15": sd15_model, "sdxl": sdxl_model}[args.model](dt, args.device)
     if args.device == "cuda" and not args.no_offload:  # as FT_LoadBaseModel's offload auto keeps it
-        model.offload_weights()
+        model.to(model.device, offload=True)
         torch.cuda.empty_cache()
     n = max(2 * args.batch, 4)
     ds = Dataset([Example(p, "a photo of a sks thing", f"p{i}") for i, p in enumerate(pictures(n, args.size))],

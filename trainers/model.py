@@ -234,13 +234,6 @@ class FTModel:
             return torch.float32
         return self.dtype
 
-    def offload_weights(self) -> "FTModel":
-        """Keep the weights in CPU memory (in place); they visit ``device`` while they run."""
-        for m in self.parts().values():
-            m.to("cpu")
-        self.offload = self.device.type != "cpu"
-        return self
-
     @contextlib.contextmanager
     def placed(self, parts: tuple[str, ...] | None = None):
         """The model with its parts on ``device`` (those named in ``parts``, or every one): itself when it is not
