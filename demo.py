@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def overview(model, judge, seed: int = 0):
     """Sample each colour x shape once; returns (PIL image, {"color_acc", "shape_acc"} over the base classes)."""
-    from .trainers.grids import labelled_grid
+    from .trainers.eval.grids import labelled_grid
     from .trainers.sampling import sample
     from .trainers.toy import world
 
@@ -92,7 +92,7 @@ def lora_figure(out: Path, judge) -> tuple[Path, dict]:
     from PIL import Image
 
     from . import runner
-    from .trainers.grids import labelled_grid
+    from .trainers.eval.grids import labelled_grid
 
     workflow = Path(__file__).resolve().parent / "example_workflows" / "api" / "toy_train_lora.json"
     ui = runner.run(runner.load_workflow(workflow), output_dir=out)

@@ -50,7 +50,7 @@ class ShellCallbacks:
         self.stop, self.step, self.t0, self.last = False, 0, time.time(), 0.0
 
     def loop_callbacks(self):
-        from .trainers.loop import Callbacks
+        from .trainers.loop.training import Callbacks
 
         return Callbacks(on_step=self.on_step, should_stop=self.should_stop)
 
@@ -95,20 +95,20 @@ def load_model(cfg: dict, device: str):
 
 def run_training(recipe, cfg: dict, src: Path, model, run, callbacks, shard, scorer=None):
     """Call the method's train function with what the run folder kept."""
-    from .trainers.runs import read_dataset
+    from .trainers.runs.run_dir import read_dataset
 
     dataset, extra = read_dataset(src / "dataset")
     method = recipe.method
     if method == "lora":
-        from .trainers.lora import train_lora
+        from .trainers.methods.lora import train_lora
 
         return train_lora(recipe, model, dataset, run, callbacks, shard, scorer=scorer)
     if method == "textual_inversion":
-        from .trainers.textual_inversion import train_textual_inversion
+        from .trainers.methods.textual_inversion import train_textual_inversion
 
         return train_textual_inversion(recipe, model, dataset, run, callbacks, shard, scorer=scorer)
     if method == "dreambooth":
-        from .trainers.dreambooth import Subject, train_dreambooth
+        from .trainers.methods.dreambooth import Subject, train_dreambooth
 
         subjects = [Subject(dataset.with_options(examples=[e for e in dataset.examples
                                                             if e.caption == s["instance_prompt"]]),
@@ -118,7 +118,7 @@ def run_training(recipe, cfg: dict, src: Path, model, run, callbacks, shard, sco
         return train_dreambooth(recipe, model, subjects, run, callbacks, shard, class_sets=class_sets,
                                 instance=dataset, scorer=scorer)
     if method == "controlnet":
-        from .trainers.controlnet_training import train_controlnet
+        from .trainers.methods.controlnet import train_controlnet
 
         init = cfg.get("controlnet", {}).get("init", "base UNet encoder")
         if init != "base UNet encoder":
@@ -132,10 +132,10 @@ def run_training(recipe, cfg: dict, src: Path, model, run, callbacks, shard, sco
 def main_train(args: argparse.Namespace) -> int:
     """Repeat (or resume) a training from its run's config.json, on one process or under torchrun."""
     from .nodes import host
-    from .trainers import distributed
-    from .trainers.loading import resolve_device
-    from .trainers.recipes import read_config
-    from .trainers.runs import RunDir, open_run
+    from .trainers.loop import distributed
+    from .trainers.model.loading import resolve_device
+    from .trainers.config.recipes import read_config
+    from .trainers.runs.run_dir import RunDir, open_run
 
     try:
         recipe, cfg = read_config(args.config)
@@ -164,7 +164,7 @@ def main_train(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, cb.interrupt)
         scorer = None
         if args.scorer:
-            from .trainers.metrics import load_clip_scorer
+            from .trainers.eval.metrics import load_clip_scorer
 
             scorer = load_clip_scorer(args.scorer, device)
         trained = run_training(recipe, cfg, src, model, run, cb.loop_callbacks(), shard, scorer)

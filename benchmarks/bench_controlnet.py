@@ -25,13 +25,13 @@ def main() -> None:
     import tempfile
     from pathlib import Path
 
-    from comfyui_finetune.trainers.control import Control
-    from comfyui_finetune.trainers.controlnet_training import ControlNetMethod
-    from comfyui_finetune.trainers.data import Dataset, Example
-    from comfyui_finetune.trainers.loop import train
-    from comfyui_finetune.trainers.recipes import TrainConfig
-    from comfyui_finetune.trainers.runs import RunDir
-    from comfyui_finetune.trainers.preprocess import canny
+    from comfyui_finetune.trainers.adapters.controlnet.apply import Control
+    from comfyui_finetune.trainers.methods.controlnet import ControlNetMethod
+    from comfyui_finetune.trainers.data.dataset import Dataset, Example
+    from comfyui_finetune.trainers.loop.training import train
+    from comfyui_finetune.trainers.config.recipes import TrainConfig
+    from comfyui_finetune.trainers.runs.run_dir import RunDir
+    from comfyui_finetune.trainers.data.preprocess import canny
     from comfyui_finetune.trainers.sampling import sample
     from comfyui_finetune.trainers.toy import control
     from comfyui_finetune.trainers.toy.loader import load_toy_controlnet, load_toy_model

@@ -31,11 +31,11 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("FT_NO_PROGRESS", "1")
 
-    from comfyui_finetune.trainers.data import Augment
-    from comfyui_finetune.trainers.loop import train
-    from comfyui_finetune.trainers.recipes import TrainConfig
-    from comfyui_finetune.trainers.runs import RunDir
-    from comfyui_finetune.trainers.lora import LoRAMethod
+    from comfyui_finetune.trainers.data.dataset import Augment
+    from comfyui_finetune.trainers.loop.training import train
+    from comfyui_finetune.trainers.config.recipes import TrainConfig
+    from comfyui_finetune.trainers.runs.run_dir import RunDir
+    from comfyui_finetune.trainers.methods.lora import LoRAMethod
     from comfyui_finetune.trainers.toy.loader import load_toy_model
     from comfyui_finetune.nodes.datasets import FT_ToyDataset
 

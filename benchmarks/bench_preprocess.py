@@ -17,7 +17,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
 
-    from comfyui_finetune.trainers import preprocess as pp
+    from comfyui_finetune.trainers.data import preprocess as pp
 
     img = torch.rand(args.batch, 512, 512, 3, generator=torch.Generator().manual_seed(0)).to(args.device)
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, batch {args.batch} of 512x512")

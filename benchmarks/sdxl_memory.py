@@ -96,9 +96,9 @@ def count_training(model, parts: dict, args) -> None:
 
     from comfyui_finetune.nodes import host
     from comfyui_finetune.nodes.train import FT_TrainDreamBooth, FT_TrainLoRA
-    from comfyui_finetune.trainers import loop
-    from comfyui_finetune.trainers.data import Dataset, Example
-    from comfyui_finetune.trainers.recipes import DreamBoothRecipe, LoRARecipe
+    from comfyui_finetune.trainers.loop import training as loop
+    from comfyui_finetune.trainers.data.dataset import Dataset, Example
+    from comfyui_finetune.trainers.config.recipes import DreamBoothRecipe, LoRARecipe
 
     def dataset(n: int, caption: str, seed: int) -> Dataset:
         return Dataset([Example(p, caption, f"p{i}") for i, p in

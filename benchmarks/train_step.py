@@ -50,7 +50,7 @@ def sd15_model(dtype, device):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from comfyui_finetune.trainers.model import FTModel
+    from comfyui_finetune.trainers.model.model import FTModel
     from comfyui_finetune.trainers.toy.loader import load_toy_model
 
     torch.manual_seed(0)
@@ -69,7 +69,7 @@ def sdxl_model(dtype, device):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from comfyui_finetune.trainers.model import FTModel
+    from comfyui_finetune.trainers.model.model import FTModel
     from comfyui_finetune.trainers.toy.loader import load_toy_model
 
     cfg = CONFIGS / "sdxl"
@@ -131,7 +131,7 @@ def worker_pack(args) -> dict:
 
     from comfyui_finetune.nodes import host
     from comfyui_finetune.nodes.train import FT_TrainLoRA
-    from comfyui_finetune.trainers.data import Dataset, Example
+    from comfyui_finetune.trainers.data.dataset import Dataset, Example
 
     dt = frozen_dtype(args.device, args.precision)
     model = {"toy": toy_model, "sd15": sd15_model, "sdxl": sdxl_model}[args.model](dt, args.device)

@@ -106,7 +106,7 @@ def recipe_input(recipe: type, name: str) -> tuple:
 
 
 def _recipe_input(recipe: type, name: str) -> tuple:
-    from ..trainers.recipes import choices_of
+    from ..trainers.config.recipes import choices_of
 
     f = recipe.options()[name]
     m, default = f.metadata, f.default

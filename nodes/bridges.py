@@ -37,7 +37,7 @@ def unsupported_reason(state: dict, comfy_config: str) -> str | None:
     """Why the pack cannot take this original-layout state dict, naming ComfyUI's model class; None if it can.
     The family comes from the pack's registry; what its shipped configs lack (inpainting inputs, image
     conditioning) is named too."""
-    from ..trainers.families import FAMILIES, family_for_checkpoint
+    from ..trainers.families.registry import FAMILIES, family_for_checkpoint
 
     supported = ", ".join(f.label for f in FAMILIES.values() if f.config)
     try:
@@ -136,7 +136,7 @@ class FT_ModelFromComfy:
         import comfy.model_management as mm
         import torch
 
-        from ..trainers.loading import model_from_single_file_state
+        from ..trainers.model.loading import model_from_single_file_state
 
         config = type(model.model.model_config).__name__
         unet = {"model.diffusion_model." + k: v for k, v in model.model.diffusion_model.state_dict().items()}
@@ -166,8 +166,8 @@ def comfy_state(model) -> dict:
     """What ComfyUI's checkpoint loader gets from a pack model: Save Checkpoint's single-file state dict (live
     adapters merged) in the model's own precision, without the rows Textual Inversion added to the token
     embedding (ComfyUI's CLIP has the fixed vocabulary of its family; its words come as embedding:<name>)."""
-    from ..trainers.checkpoint import to_single_file
-    from ..trainers.families import FAMILIES
+    from ..trainers.model.checkpoint import to_single_file
+    from ..trainers.families.registry import FAMILIES
 
     if not FAMILIES[model.family].config:
         raise ValueError(f"model: the {FAMILIES[model.family].label} has no ComfyUI equivalent; SD 1.x, 2.x and "

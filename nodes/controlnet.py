@@ -45,7 +45,7 @@ class FT_CannyEdges(_Preprocessor):
 
     @staticmethod
     def run(image, low_threshold, high_threshold):
-        from ..trainers.preprocess import canny
+        from ..trainers.data.preprocess import canny
 
         return canny(image, low_threshold, high_threshold)
 
@@ -56,7 +56,7 @@ class FT_SoftEdges(_Preprocessor):
 
     @staticmethod
     def run(image):
-        from ..trainers.preprocess import soft_edges
+        from ..trainers.data.preprocess import soft_edges
 
         return soft_edges(image)
 
@@ -71,7 +71,7 @@ class FT_Scribble(_Preprocessor):
 
     @staticmethod
     def run(image, threshold, thickness):
-        from ..trainers.preprocess import scribble
+        from ..trainers.data.preprocess import scribble
 
         return scribble(image, threshold, thickness)
 
@@ -86,7 +86,7 @@ class FT_TileBlur(_Preprocessor):
 
     @staticmethod
     def run(image, downscale, blur_sigma):
-        from ..trainers.preprocess import tile_blur
+        from ..trainers.data.preprocess import tile_blur
 
         return tile_blur(image, downscale, blur_sigma)
 
@@ -97,7 +97,7 @@ class FT_Grayscale(_Preprocessor):
 
     @staticmethod
     def run(image):
-        from ..trainers.preprocess import grayscale
+        from ..trainers.data.preprocess import grayscale
 
         return grayscale(image)
 
@@ -115,7 +115,7 @@ def load_controlnet(name: str):
         from ..trainers.toy.loader import load_toy_controlnet
 
         return load_toy_controlnet()
-    from ..trainers.controlnet_files import load_file
+    from ..trainers.adapters.controlnet.files import load_file
 
     return load_file(host.model_path("controlnet", name))
 
@@ -173,8 +173,8 @@ class FT_ApplyControlNet:
 
     @checked
     def execute(self, control_net, image, strength, start_percent, end_percent, previous=None):
-        from ..trainers.control import Control
-        from ..trainers.preprocess import check_image
+        from ..trainers.adapters.controlnet.apply import Control
+        from ..trainers.data.preprocess import check_image
 
         check_image(image, "image")
         return (tuple(previous or ()) + (Control(control_net, image.detach().cpu(), float(strength),
@@ -205,7 +205,7 @@ class FT_SaveControlNet:
 
     @checked
     def execute(self, control_net, filename, layout="original", dtype="fp16"):
-        from ..trainers.controlnet_files import save
+        from ..trainers.adapters.controlnet.files import save
 
         root, rel = host.save_folder("controlnet", filename)
         meta = {"finetune_source": control_net.source}

@@ -115,7 +115,7 @@ class FT_LoadImageDataset(ShowsDataset):
 
     @checked
     def execute(self, folder, caption, token, **options):
-        from ..trainers.data import load_folder
+        from ..trainers.data.dataset import load_folder
 
         if folder == NO_FOLDER:
             raise ValueError("folder: there is no subfolder in ComfyUI's input folder; put your pictures in "
@@ -149,12 +149,12 @@ class FT_DatasetFromImages(ShowsDataset):
 
     @torch_call
     def execute(self, images, captions, masks=None, **options):
-        from ..trainers.data import from_images
+        from ..trainers.data.dataset import from_images
 
         lines = [ln for ln in str(captions).splitlines() if ln.strip()] or [""]
         ds = from_images(images.detach().cpu().float().numpy(), lines)
         if masks is not None:
-            from ..trainers.masks import attach
+            from ..trainers.data.masks import attach
 
             ds = attach(ds, masks.detach().cpu().float().numpy())
         return (_apply_options(ds, options),)
@@ -181,7 +181,7 @@ class FT_Augment:
 
     @checked
     def execute(self, dataset, flip, crop_scale, color_jitter):
-        from ..trainers.data import Augment
+        from ..trainers.data.dataset import Augment
 
         return (dataset.with_options(augment=Augment(flip, crop_scale, color_jitter)),)
 
@@ -207,8 +207,8 @@ class FT_DatasetPreview:
         import numpy as np
         import torch
 
-        from ..trainers.data import resize_cover
-        from ..trainers.grids import labelled_grid
+        from ..trainers.data.dataset import resize_cover
+        from ..trainers.eval.grids import labelled_grid
 
         ex = dataset.examples[:max_images]
         cols = min(4, len(ex))
@@ -256,7 +256,7 @@ class FT_ToyDataset(ShowsDataset):
         import numpy as np
         import torch
 
-        from ..trainers.data import Dataset, Example
+        from ..trainers.data.dataset import Dataset, Example
         from ..trainers.toy import world
 
         from ..trainers.toy.world_names import ANY

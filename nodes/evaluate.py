@@ -28,7 +28,7 @@ class FT_LossPlot:
         import numpy as np
         import torch
 
-        from ..trainers.plots import loss_plot
+        from ..trainers.eval.plots import loss_plot
 
         img = loss_plot(log.losses(), width, height, title=f"{log.run}: {log.steps} steps")
         return (torch.from_numpy(np.asarray(img, dtype=np.float32) / 255)[None],)
@@ -69,8 +69,8 @@ class FT_LoadCLIPScorer:
 
     @torch_call
     def execute(self, clip_name, device):
-        from ..trainers.loading import resolve_device
-        from ..trainers.metrics import load_clip_scorer
+        from ..trainers.model.loading import resolve_device
+        from ..trainers.eval.metrics import load_clip_scorer
 
         key = (clip_name, device)
         if self._cache is None or self._cache[0] != key:
@@ -110,7 +110,7 @@ class FT_CLIPScore:
 
     @torch_call
     def execute(self, scorer, images, prompt):
-        from ..trainers.metrics import check_images, clip_t, split_prompts
+        from ..trainers.eval.metrics import check_images, clip_t, split_prompts
 
         check_images(images, "images")
         prompts = split_prompts(prompt, images.shape[0])
@@ -141,7 +141,7 @@ class FT_CLIPImageSimilarity:
 
     @torch_call
     def execute(self, scorer, images, reference_images):
-        from ..trainers.metrics import check_images, clip_i
+        from ..trainers.eval.metrics import check_images, clip_i
 
         check_images(images, "images")
         check_images(reference_images, "reference_images")
@@ -178,7 +178,7 @@ class FT_KID:
 
     @torch_call
     def execute(self, scorer, images_a, images_b, subsets, subset_size, seed):
-        from ..trainers.metrics import check_images, kid
+        from ..trainers.eval.metrics import check_images, kid
 
         check_images(images_a, "images_a")
         check_images(images_b, "images_b")
@@ -229,8 +229,8 @@ class FT_CompareGrid:
         import numpy as np
         import torch
 
-        from ..trainers.grids import labelled_grid
-        from ..trainers.metrics import check_images, clip_t
+        from ..trainers.eval.grids import labelled_grid
+        from ..trainers.eval.metrics import check_images, clip_t
 
         named = [("images_1", images_1)] + [(f"images_{i}", rows_in[f"images_{i}"])
                                             for i in range(2, GRID_ROWS + 1) if rows_in.get(f"images_{i}") is not None]
@@ -294,7 +294,7 @@ class FT_EvalReport:
 
     @checked
     def execute(self, report, variant, clip_t=None, clip_i=None, kid=None, kid_std=None, notes=""):
-        from ..trainers.reports import add_row, format_table
+        from ..trainers.runs.reports import add_row, format_table
 
         rel = host.safe_relative(report.strip() or "evaluation", "report")
         folder = host.output_dir() / "finetune" / "reports"

@@ -25,7 +25,7 @@ def read_model_file(kind: str, name: str, what: str):
 
 
 def read_lora_file(name: str):
-    from ..trainers.lora import lora_from_state
+    from ..trainers.methods.lora import lora_from_state
 
     state, meta, path = read_model_file("loras", name, "lora_name")
     return lora_from_state(state, path.stem, meta)
@@ -51,7 +51,7 @@ class FT_SaveLoRA:
 
     @checked
     def execute(self, lora, filename):
-        from ..trainers.export import lora_metadata, save_unique
+        from ..trainers.runs.export import lora_metadata, save_unique
 
         if lora is None:
             raise ValueError("lora: there is no LoRA to save: the DreamBooth run was in full mode, whose weights are "
@@ -90,7 +90,7 @@ class FT_ApplyLoRA:
 
     @torch_call
     def execute(self, model, lora_name, strength, lora=None):
-        from ..trainers.lora import apply_lora
+        from ..trainers.methods.lora import apply_lora
 
         if lora is None:
             if lora_name == NONE:
@@ -104,7 +104,7 @@ def embedding_choices() -> list[str]:
 
 
 def read_embedding_file(name: str):
-    from ..trainers.textual_inversion import embedding_from_state
+    from ..trainers.methods.textual_inversion import embedding_from_state
 
     state, meta, path = read_model_file("embeddings", name, "embedding_name")
     return embedding_from_state(state, path.stem, meta)
@@ -131,7 +131,7 @@ class FT_SaveEmbedding:
 
     @checked
     def execute(self, embedding, filename):
-        from ..trainers.export import embedding_metadata, save_unique
+        from ..trainers.runs.export import embedding_metadata, save_unique
 
         root, rel = host.save_folder("embeddings", filename)
         path = save_unique(root / rel.parent, rel.name, embedding.tensors(),
@@ -165,7 +165,7 @@ class FT_ApplyEmbedding:
 
     @torch_call
     def execute(self, model, embedding_name, token, embedding=None):
-        from ..trainers.textual_inversion import apply_embedding
+        from ..trainers.methods.textual_inversion import apply_embedding
 
         if embedding is None:
             if embedding_name == NONE:
@@ -208,14 +208,14 @@ class FT_SaveCheckpoint:
 
         import torch
 
-        from ..trainers.checkpoint import save_diffusers, to_single_file
-        from ..trainers.export import save_unique, unique_path
+        from ..trainers.model.checkpoint import save_diffusers, to_single_file
+        from ..trainers.runs.export import save_unique, unique_path
 
         dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
         if format == SAVE_FORMATS[0]:
             root, rel = host.save_folder("checkpoints", filename)
             tensors = to_single_file(model, dt)
-            from ..trainers.families import FAMILIES
+            from ..trainers.families.registry import FAMILIES
 
             meta = {"modelspec.architecture": FAMILIES[model.family].architecture,
                     "finetune_history": json.dumps(model.history)}

@@ -46,7 +46,7 @@ def load_base_model(model_name: str, device: str = "auto", dtype: str = "auto", 
 
 
 def _load(model_name: str, device: str, dtype: str, prediction: str = "auto", offload: bool = False):
-    from ..trainers import loading
+    from ..trainers.model import loading
 
     if model_name in (TOY, "toy", TOY_XL, "toy_xl"):
         from ..trainers.toy.loader import load_toy_model, load_toy_xl_model

@@ -39,7 +39,7 @@ def resume_workflow(folder: Path) -> dict:
 
 
 def build(folder: Path) -> dict:
-    from ..trainers.recipes import read_config
+    from ..trainers.config.recipes import read_config
 
     try:
         recipe, cfg = read_config(folder / "config.json")

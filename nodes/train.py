@@ -38,7 +38,7 @@ class ComfyCallbacks:
         self.bar = host.Progress(steps, desc=f"{label} {run.name}")
 
     def loop_callbacks(self):
-        from ..trainers.loop import Callbacks as LoopCallbacks
+        from ..trainers.loop.training import Callbacks as LoopCallbacks
 
         return LoopCallbacks(on_step=self.on_step, should_stop=host.interrupted, on_preview=self.on_preview,
                              on_score=self.on_score)
@@ -63,7 +63,7 @@ class ComfyCallbacks:
         host.send_event("finetune.score", {"run": self.run.name, "step": step, **scores, "best_step": best_step})
 
     def on_preview(self, step: int, images) -> None:
-        from ..trainers.grids import to_pil
+        from ..trainers.eval.grids import to_pil
 
         host.send_event("finetune.preview", {"run": self.run.name, "step": step,
                                              "images": [f"samples/step-{step}-{i}.png" for i in range(len(images))]})
@@ -74,7 +74,7 @@ class ComfyCallbacks:
 def train_in_comfyui(train_fn, recipe, model, data, **kw):
     """Run ``train_fn(recipe, model, data, run, callbacks, **kw)`` in a run folder under output/finetune, with
     ComfyUI's progress, events and Cancel. On Cancel the checkpoint is written, then the interrupt is raised."""
-    from ..trainers.runs import open_run
+    from ..trainers.runs.run_dir import open_run
 
     root = host.output_dir() / "finetune"
     resume = recipe.resume_run.strip()
@@ -131,7 +131,7 @@ class Trainer:
         """gradient_checkpointing was a switch (true / false) before it became a combo (auto / on / off): ComfyUI
         refuses a combo value that is not in the list, so the recipe checks this input in its place and saved
         workflows keep working (true reads as on, false as off)."""
-        from ..trainers.recipes import TrainConfig
+        from ..trainers.config.recipes import TrainConfig
 
         return TrainConfig.problem("gradient_checkpointing", gradient_checkpointing) or True
 
@@ -168,14 +168,14 @@ class FT_TrainLoRA(Trainer):
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..trainers.recipes import LoRARecipe
+        from ..trainers.config.recipes import LoRARecipe
 
         return recipe_inputs(LoRARecipe, {"model": MODEL, "dataset": DATASET}, SCORER, hidden=HIDDEN)
 
     @torch_call
     def execute(self, model, dataset, *args, **inputs):
-        from ..trainers.lora import train_lora
-        from ..trainers.recipes import LoRARecipe
+        from ..trainers.methods.lora import train_lora
+        from ..trainers.config.recipes import LoRARecipe
 
         t = train_in_comfyui(train_lora, recipe_from(LoRARecipe, args, inputs), model, dataset,
                              scorer=inputs.get("scorer"))
@@ -197,7 +197,7 @@ class FT_TrainTextualInversion(Trainer):
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..trainers.recipes import TextualInversionRecipe
+        from ..trainers.config.recipes import TextualInversionRecipe
 
         return recipe_inputs(TextualInversionRecipe,
                              {"model": MODEL,
@@ -205,8 +205,8 @@ class FT_TrainTextualInversion(Trainer):
 
     @torch_call
     def execute(self, model, dataset, *args, **inputs):
-        from ..trainers.recipes import TextualInversionRecipe
-        from ..trainers.textual_inversion import train_textual_inversion
+        from ..trainers.config.recipes import TextualInversionRecipe
+        from ..trainers.methods.textual_inversion import train_textual_inversion
 
         t = train_in_comfyui(train_textual_inversion, recipe_from(TextualInversionRecipe, args, inputs), model,
                              dataset, scorer=inputs.get("scorer"))
@@ -239,7 +239,7 @@ class FT_DreamBoothSubject:
 
     @checked
     def execute(self, dataset, instance_prompt, class_prompt, previous=None, class_dataset=None):
-        from ..trainers.dreambooth import Subject
+        from ..trainers.methods.dreambooth import Subject
 
         return (list(previous or []) + [Subject(dataset, instance_prompt.strip(), class_prompt.strip(),
                                                 class_dataset)],)
@@ -263,7 +263,7 @@ class FT_TrainDreamBooth(Trainer):
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..trainers.recipes import DreamBoothRecipe
+        from ..trainers.config.recipes import DreamBoothRecipe
 
         return recipe_inputs(
             DreamBoothRecipe,
@@ -275,8 +275,8 @@ class FT_TrainDreamBooth(Trainer):
 
     @torch_call
     def execute(self, model, dataset, *args, class_dataset=None, subjects=None, **inputs):
-        from ..trainers.dreambooth import Subject, train_dreambooth
-        from ..trainers.recipes import DreamBoothRecipe
+        from ..trainers.methods.dreambooth import Subject, train_dreambooth
+        from ..trainers.config.recipes import DreamBoothRecipe
 
         recipe = recipe_from(DreamBoothRecipe, args, inputs)
         subs = list(subjects) if subjects else [Subject(dataset, recipe.instance_prompt.strip(),
@@ -302,7 +302,7 @@ class FT_TrainControlNet(Trainer):
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..trainers.recipes import ControlNetRecipe
+        from ..trainers.config.recipes import ControlNetRecipe
 
         return recipe_inputs(
             ControlNetRecipe,
@@ -318,9 +318,9 @@ class FT_TrainControlNet(Trainer):
 
     @torch_call
     def execute(self, model, dataset, *args, conditions=None, control_net=None, **inputs):
-        from ..trainers.controlnet_training import train_controlnet
-        from ..trainers.data import pair_conditions
-        from ..trainers.recipes import ControlNetRecipe
+        from ..trainers.methods.controlnet import train_controlnet
+        from ..trainers.data.dataset import pair_conditions
+        from ..trainers.config.recipes import ControlNetRecipe
 
         recipe = recipe_from(ControlNetRecipe, args, inputs)
         if conditions is not None:

@@ -183,7 +183,7 @@ def random_sd15_model(base: Path):
     DiffusersLoader reads it)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from comfyui_finetune.trainers.export import legacy_text_encoder_keys
+    from comfyui_finetune.trainers.runs.export import legacy_text_encoder_keys
 
     model = random_model("sd15")
     folder = base / "models" / "diffusers" / "random-sd15"

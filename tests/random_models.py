@@ -46,8 +46,8 @@ def random_model(family: str, tokenizer_dir: Path, config: Path | None = None, d
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from comfyui_finetune.trainers.families import FAMILIES
-    from comfyui_finetune.trainers.model import FTModel
+    from comfyui_finetune.trainers.families.registry import FAMILIES
+    from comfyui_finetune.trainers.model.model import FTModel
 
     config = Path(config) if config else FAMILIES[family].config_dir
     second = (config / "text_encoder_2").is_dir()  # SDXL's OpenCLIP bigG, with its projection

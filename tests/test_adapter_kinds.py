@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from comfyui_finetune.nodes.io import FT_ApplyLoRA, FT_SaveLoRA, read_lora_file
-from comfyui_finetune.trainers.lora import KINDS, LoRAMethod, attach_lora, lora_from_state
-from comfyui_finetune.trainers.recipes import LoRARecipe
+from comfyui_finetune.trainers.methods.lora import KINDS, LoRAMethod, attach_lora, lora_from_state
+from comfyui_finetune.trainers.config.recipes import LoRARecipe
 
 KINDS_HERE = list(KINDS)
 

@@ -70,8 +70,8 @@ def test_text_encoder_lora_trains_with_the_wrappers_broken(toy, folders, monkeyp
     import diffusers
     import transformers
 
-    from comfyui_finetune.trainers import adapters
-    from comfyui_finetune.trainers.lora import LoRAMethod
+    from comfyui_finetune.trainers.adapters import tuners as adapters
+    from comfyui_finetune.trainers.methods.lora import LoRAMethod
 
     def broken(*a, **k):
         raise AssertionError("a PEFT wrapper of diffusers / transformers was called")
@@ -124,7 +124,7 @@ def test_text_encoder_lora_trains_with_the_wrappers_broken(toy, folders, monkeyp
 def test_remove_with_merge_equals_the_adapted_output(toy):
     from peft import LoraConfig
 
-    from comfyui_finetune.trainers import adapters
+    from comfyui_finetune.trainers.adapters import tuners as adapters
 
     net = toy.clone().text_encoder
     ids = torch.tensor([[1, 5, 7, 2]])

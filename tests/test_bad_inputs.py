@@ -23,7 +23,7 @@ from comfyui_finetune.nodes.io import FT_ApplyEmbedding, FT_ApplyLoRA, FT_SaveLo
 from comfyui_finetune.nodes.models import FT_LoadBaseModel
 from comfyui_finetune.nodes.sample import FT_Sample
 from comfyui_finetune.nodes.train import FT_TrainDreamBooth, FT_TrainLoRA
-from comfyui_finetune.trainers import recipes as R
+from comfyui_finetune.trainers.config import recipes as R
 
 
 def pictures(folder: Path, n: int = 2, ext: str = ".png") -> Path:
@@ -383,7 +383,7 @@ def test_resuming_with_another_adapter_shape_or_model_names_each_difference(four
 
 # ------------------------------------------------------------------------------------ losses and disks --
 def test_a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(toy, folders, monkeypatch):
-    from comfyui_finetune.trainers.loop import Method
+    from comfyui_finetune.trainers.loop.training import Method
 
     real = Method.loss
     calls = {"n": 0}
@@ -405,7 +405,7 @@ def test_a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(toy, fo
 
 
 def test_out_of_memory_names_what_to_lower_and_keeps_the_checkpoint(toy, folders, monkeypatch):
-    from comfyui_finetune.trainers.loop import Method
+    from comfyui_finetune.trainers.loop.training import Method
 
     real = Method.loss
     calls = {"n": 0}
@@ -497,7 +497,7 @@ def test_a_full_disk_while_saving_a_lora_keeps_the_old_file(toy, folders, monkey
 
 
 def test_files_are_fsynced_before_the_rename_that_publishes_them(monkeypatch, tmp_path):
-    from comfyui_finetune.trainers import atomic, export
+    from comfyui_finetune.trainers.runs import atomic, export
 
     events = []
     real_fsync, real_link, real_replace = os.fsync, os.link, os.replace
@@ -582,7 +582,7 @@ def test_the_runner_refuses_broken_graphs_before_running_anything(graph, named, 
 
 
 def test_a_replacement_stopped_half_way_puts_the_old_checkpoint_back(tmp_path):
-    from comfyui_finetune.trainers.atomic import clean_stale
+    from comfyui_finetune.trainers.runs.atomic import clean_stale
 
     (tmp_path / "step-4.old").mkdir()
     (tmp_path / "step-4.old" / "manifest.json").write_text("{}")

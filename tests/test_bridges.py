@@ -92,8 +92,8 @@ def test_textual_inversion_rows_stay_behind(toy):
     """The single-file conversion is the same for every SD-layout model: the toy's components stand in for an
     SD 1.x model here (ComfyUI's own load of a real one is in test_comfyui.py)."""
     import torch
-    from comfyui_finetune.trainers.checkpoint import to_single_file
-    from comfyui_finetune.trainers.textual_inversion import Embedding, apply_embedding
+    from comfyui_finetune.trainers.model.checkpoint import to_single_file
+    from comfyui_finetune.trainers.methods.textual_inversion import Embedding, apply_embedding
 
     as_sd15 = dataclasses.replace(toy, family="sd15")
     width = toy.text_encoder.get_input_embeddings().weight.shape[1]

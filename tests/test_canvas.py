@@ -14,8 +14,8 @@ from comfyui_finetune import NODE_CLASS_MAPPINGS
 from comfyui_finetune.nodes import host
 from comfyui_finetune.nodes import train as train_nodes
 from comfyui_finetune.nodes.datasets import FT_LoadImageDataset, FT_ToyDataset
-from comfyui_finetune.trainers.recipes import RECIPES, TrainConfig
-from comfyui_finetune.trainers.runs import TrainingLog
+from comfyui_finetune.trainers.config.recipes import RECIPES, TrainConfig
+from comfyui_finetune.trainers.runs.run_dir import TrainingLog
 
 PACK = Path(__file__).resolve().parent.parent
 

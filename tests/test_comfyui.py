@@ -180,7 +180,7 @@ def test_the_pack_applies_each_kind_as_comfyui_computes_it(toy, tmp_path, kind):
     import torch
     from safetensors.torch import save_file
 
-    from comfyui_finetune.trainers.lora import attach_lora, kohya_names
+    from comfyui_finetune.trainers.methods.lora import attach_lora, kohya_names
 
     from test_adapter_kinds import random_adapter
 
@@ -229,7 +229,7 @@ def test_single_file_checkpoint_written_by_comfyui_loads_in_the_pack(server, ran
     before = dict(host._fallback)
     host.set_folders(models=tmp_path)
     try:
-        from comfyui_finetune.trainers import loading
+        from comfyui_finetune.trainers.model import loading
 
         model = loading.load_single_file(host.model_path("checkpoints", "random15.safetensors"),
                                          comfyui_path() / "comfy" / "sd1_tokenizer", "cpu", "fp32")
@@ -314,7 +314,7 @@ def test_full_checkpoint_saved_by_the_pack_loads_in_checkpointloadersimple(serve
     from comfyui_finetune.nodes.datasets import FT_DatasetFromImages
     from comfyui_finetune.nodes.io import FT_SaveCheckpoint
     from comfyui_finetune.nodes.train import FT_TrainDreamBooth
-    from comfyui_finetune.trainers import loading
+    from comfyui_finetune.trainers.model import loading
 
     import time
 
@@ -366,7 +366,7 @@ def test_sd2_single_file_checkpoint_loads_in_comfyui_and_back(server, tmp_path):
 
     from comfyui_finetune.nodes import host
     from comfyui_finetune.nodes.io import FT_SaveCheckpoint
-    from comfyui_finetune.trainers import loading
+    from comfyui_finetune.trainers.model import loading
 
     server.post("/free", {"unload_models": True, "free_memory": True})
     time.sleep(5)
@@ -415,8 +415,8 @@ def _check_sd2_prediction_like_comfyui(path, tok_dir) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from comfyui_finetune.trainers import loading
-    from comfyui_finetune.trainers.families import SD2_MARKER
+    from comfyui_finetune.trainers.model import loading
+    from comfyui_finetune.trainers.families.registry import SD2_MARKER
 
     state = load_file(str(path))
     state[SD2_MARKER] = (torch.randn(state[SD2_MARKER].shape) * 0.3).to(state[SD2_MARKER].dtype)

@@ -68,9 +68,9 @@ def make(base) -> dict:
     from comfyui_finetune.nodes.datasets import FT_DatasetFromImages
     from comfyui_finetune.nodes.io import FT_ApplyLoRA, FT_SaveCheckpoint, FT_SaveEmbedding, FT_SaveLoRA
     from comfyui_finetune.nodes.train import FT_TrainControlNet, FT_TrainLoRA, FT_TrainTextualInversion
-    from comfyui_finetune.trainers import loading
-    from comfyui_finetune.trainers.checkpoint import to_single_file
-    from comfyui_finetune.trainers.export import write_safetensors
+    from comfyui_finetune.trainers.model import loading
+    from comfyui_finetune.trainers.model.checkpoint import to_single_file
+    from comfyui_finetune.trainers.runs.export import write_safetensors
 
     from comfy_server import random_model
 
@@ -269,8 +269,8 @@ def test_a_checkpoint_written_by_comfyui_loads_in_the_pack_with_every_weight_equ
     import torch
     from safetensors import safe_open
 
-    from comfyui_finetune.trainers import loading
-    from comfyui_finetune.trainers.checkpoint import to_single_file
+    from comfyui_finetune.trainers.model import loading
+    from comfyui_finetune.trainers.model.checkpoint import to_single_file
 
     (comfy,) = sorted((server.base / "output" / "checkpoints").glob("ft_comfy_sdxl*.safetensors"))
     server.free()

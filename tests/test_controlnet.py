@@ -13,11 +13,11 @@ from comfyui_finetune.nodes.controlnet import (FT_ApplyControlNet, FT_CannyEdges
                                                FT_SaveControlNet)
 from comfyui_finetune.nodes.sample import FT_Sample
 from comfyui_finetune.nodes.train import FT_TrainControlNet
-from comfyui_finetune.trainers import control as A
-from comfyui_finetune.trainers import controlnet as C
-from comfyui_finetune.trainers import controlnet_files as F
-from comfyui_finetune.trainers import controlnet_training as T
-from comfyui_finetune.trainers.data import Dataset, Example
+from comfyui_finetune.trainers.adapters.controlnet import apply as A
+from comfyui_finetune.trainers.adapters.controlnet import value as C
+from comfyui_finetune.trainers.adapters.controlnet import files as F
+from comfyui_finetune.trainers.methods import controlnet as T
+from comfyui_finetune.trainers.data.dataset import Dataset, Example
 from comfyui_finetune.trainers.toy import control
 
 TOY = "toy canny (built-in)"
@@ -172,7 +172,7 @@ def test_original_layout_reads_in_diffusers_from_single_file(folders):
     """The original-layout mapping checked against diffusers' own converter, on the real SD 1.5 architecture."""
     from diffusers import ControlNetModel
 
-    from comfyui_finetune.trainers.families import FAMILIES
+    from comfyui_finetune.trainers.families.registry import FAMILIES
 
     with torch.inference_mode(False):
         torch.manual_seed(0)
@@ -245,9 +245,9 @@ def test_bad_preprocessor_options_fail_before_training(toy, folders):
 
 
 def test_paired_conditions_train_and_stay_aligned_under_augmentation(toy, folders):
-    from comfyui_finetune.trainers.data import Augment, pair_conditions
-    from comfyui_finetune.trainers.augment import augment_batch
-    from comfyui_finetune.trainers.preprocess import canny
+    from comfyui_finetune.trainers.data.dataset import Augment, pair_conditions
+    from comfyui_finetune.trainers.data.augment import augment_batch
+    from comfyui_finetune.trainers.data.preprocess import canny
 
     ds = broad_set(8)
     imgs = torch.from_numpy(np.stack([e.image for e in ds.examples])).float() / 255
@@ -271,7 +271,7 @@ def test_paired_conditions_train_and_stay_aligned_under_augmentation(toy, folder
 
 def test_node_lists_match_the_library():
     from comfyui_finetune.nodes.sample import RESIZE_MODES
-    from comfyui_finetune.trainers.preprocess import PREPROCESSORS
+    from comfyui_finetune.trainers.data.preprocess import PREPROCESSORS
 
     assert FT_TrainControlNet.INPUT_TYPES()["required"]["preprocessor"][0] == list(PREPROCESSORS)
     assert tuple(RESIZE_MODES) == A.RESIZE_MODES
@@ -292,9 +292,9 @@ def test_sampling_in_another_precision_leaves_the_controlnet_alone(toy, toy_cn):
 def test_validation_samples_use_the_training_condition(toy, folders):
     from PIL import Image
 
-    from comfyui_finetune.trainers.loop import train
-    from comfyui_finetune.trainers.recipes import TrainConfig
-    from comfyui_finetune.trainers.runs import RunDir
+    from comfyui_finetune.trainers.loop.training import train
+    from comfyui_finetune.trainers.config.recipes import TrainConfig
+    from comfyui_finetune.trainers.runs.run_dir import RunDir
 
     method = T.ControlNetMethod("canny", control.CANNY)
     cfg = TrainConfig(steps=2, batch_size=2, learning_rate=1e-3, validation_prompt="a red circle", validation_every=2,

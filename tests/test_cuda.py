@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from comfyui_finetune.nodes.datasets import FT_ToyDataset
-from comfyui_finetune.trainers.recipes import ControlNetRecipe, DreamBoothRecipe, LoRARecipe, TextualInversionRecipe
-from comfyui_finetune.trainers.runs import RunDir
+from comfyui_finetune.trainers.config.recipes import ControlNetRecipe, DreamBoothRecipe, LoRARecipe, TextualInversionRecipe
+from comfyui_finetune.trainers.runs.run_dir import RunDir
 
 NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: torch.cuda.is_available() is False")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -70,24 +70,24 @@ def test_one_step_of_every_method(request, tmp_path, family, case, device, preci
     run = RunDir.create(tmp_path, case)
     with torch.inference_mode(False):
         if case.startswith("lora"):
-            from comfyui_finetune.trainers.lora import train_lora
+            from comfyui_finetune.trainers.methods.lora import train_lora
 
             t = train_lora(recipe(LoRARecipe, precision, train_text_encoder=case == "lora+te",
                                   gradient_checkpointing="on", channels_last=True), model, toy_set(), run)
             assert all(v.dtype == torch.float32 for v in t.result.state.values())  # the LoRA trained in fp32
         elif case == "ti":
-            from comfyui_finetune.trainers.textual_inversion import train_textual_inversion
+            from comfyui_finetune.trainers.methods.textual_inversion import train_textual_inversion
 
             t = train_textual_inversion(recipe(TextualInversionRecipe, precision, token="<sks>", init_token="star",
                                                caption_mode="object templates"), model, toy_set(), run)
             assert t.result.vectors.dtype == torch.float32
         elif case == "controlnet":
-            from comfyui_finetune.trainers.controlnet_training import train_controlnet
+            from comfyui_finetune.trainers.methods.controlnet import train_controlnet
 
             t = train_controlnet(recipe(ControlNetRecipe, precision, low_threshold=0.1, high_threshold=0.2,
                                         validation_prompt="a star"), model, toy_set(), run)
         else:
-            from comfyui_finetune.trainers.dreambooth import Subject, train_dreambooth
+            from comfyui_finetune.trainers.methods.dreambooth import Subject, train_dreambooth
 
             subject = Subject(toy_set(), "a <sks> star", "a star", toy_set(color="yellow", caption="a star"))
             mode = "full" if case == "dreambooth-full" else "lora"
@@ -107,7 +107,7 @@ def test_one_step_of_every_method(request, tmp_path, family, case, device, preci
 
 @pytest.mark.parametrize("device,precision", CASES)
 def test_a_resumed_run_continues_where_it_stopped(toy, tmp_path, device, precision):
-    from comfyui_finetune.trainers.lora import train_lora
+    from comfyui_finetune.trainers.methods.lora import train_lora
 
     model = gpu_model(toy, device, precision)
     with torch.inference_mode(False):
@@ -129,7 +129,7 @@ def test_a_resumed_run_continues_where_it_stopped(toy, tmp_path, device, precisi
 
 @pytest.mark.parametrize("device,precision", [on_gpu("fp16"), pytest.param("cpu", "bf16", id="cpu-bf16")])
 def test_a_controlnet_in_half_precision_follows_its_condition(toy, device, precision):
-    from comfyui_finetune.trainers.control import Control
+    from comfyui_finetune.trainers.adapters.controlnet.apply import Control
     from comfyui_finetune.trainers.sampling import sample
     from comfyui_finetune.trainers.toy.loader import load_toy_controlnet
 
@@ -150,7 +150,7 @@ def test_an_offloaded_model_trains_on_the_gpu_and_leaves_nothing_there(tmp_path)
     import gc
 
     from comfyui_finetune.nodes.models import load_base_model
-    from comfyui_finetune.trainers.lora import train_lora
+    from comfyui_finetune.trainers.methods.lora import train_lora
 
     model = load_base_model("toy", "cuda", "auto")  # offload auto: the weights wait in CPU memory
     assert model.offload and model.device.type == "cuda"
@@ -180,8 +180,8 @@ def test_an_sdxl_lora_at_1024_px_trains_and_samples_in_10_gb(tmp_path):
     ``benchmarks/sdxl_memory.py`` counts the same stages on a CPU."""
     from pathlib import Path
 
-    from comfyui_finetune.trainers.data import Dataset, Example
-    from comfyui_finetune.trainers.lora import train_lora
+    from comfyui_finetune.trainers.data.dataset import Dataset, Example
+    from comfyui_finetune.trainers.methods.lora import train_lora
     from comfyui_finetune.trainers.sampling import sample
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -212,8 +212,8 @@ def test_an_sdxl_dreambooth_with_prior_preservation_at_1024_px_in_10_gb(tmp_path
     sdxl_memory.py --method dreambooth`` counts 6.90 GB for the training on a CPU)."""
     from pathlib import Path
 
-    from comfyui_finetune.trainers.data import Dataset, Example
-    from comfyui_finetune.trainers.dreambooth import Subject, class_images, train_dreambooth
+    from comfyui_finetune.trainers.data.dataset import Dataset, Example
+    from comfyui_finetune.trainers.methods.dreambooth import Subject, class_images, train_dreambooth
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import train_step
@@ -276,7 +276,7 @@ def test_mixed_precision_auto_is_the_models_own_half_precision(toy, monkeypatch)
     """On a GPU, auto autocasts a half-precision model in its own dtype (fp16 weights under bf16 autocast lose three
     bits of every weight, cast again at every op), and an fp32 model in bf16 only where the GPU has it in hardware:
     torch's default answer counts emulated bf16 (T4, V100), which is slow. Only the choice is asked here."""
-    from comfyui_finetune.trainers.precision import autocast_dtype
+    from comfyui_finetune.trainers.loop.precision import autocast_dtype
 
     auto, bf16 = LoRARecipe(mixed_precision="auto"), LoRARecipe(mixed_precision="bf16")
     m = toy.share()

@@ -11,7 +11,7 @@ from PIL import Image
 
 from comfyui_finetune.nodes.datasets import (FT_Augment, FT_DatasetFromImages, FT_DatasetPreview,
                                              FT_LoadImageDataset)
-from comfyui_finetune.trainers import data
+from comfyui_finetune.trainers.data import dataset as data
 
 
 def _png(path, color=(200, 30, 30), size=(40, 32), mode="RGB"):
@@ -112,7 +112,7 @@ def test_caption_shuffle_keeps_leading_tokens_and_dropout():
 
 
 def test_augment_is_seeded():
-    from comfyui_finetune.trainers.augment import augment_batch
+    from comfyui_finetune.trainers.data.augment import augment_batch
 
     ds = FT_Augment().execute(FT_DatasetFromImages().execute(torch.rand(2, 16, 16, 3), "x")[0], 0.5, 0.6, 0.2)[0]
     px = torch.rand(4, 3, 16, 16) * 2 - 1

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from comfyui_finetune.nodes import host
-from comfyui_finetune.trainers import adapters, dora
-from comfyui_finetune.trainers.deltas import DecomposedDelta, LowRankDelta, attach
-from comfyui_finetune.trainers.lora import LoRAMethod, lora_from_state
+from comfyui_finetune.trainers.adapters import tuners as adapters, dora
+from comfyui_finetune.trainers.model.deltas import DecomposedDelta, LowRankDelta, attach
+from comfyui_finetune.trainers.methods.lora import LoRAMethod, lora_from_state
 
 from test_lora import toy_set, train
 

@@ -116,7 +116,8 @@ def test_class_pictures_train_at_the_instance_pictures_resolution(toy, folders, 
     """Class pictures are made at the instance dataset's resolution, and must be encoded at it too: not at the
     model's native size (an SDXL trained at 512 px had its class prior at 1024 px, each step a 1024 px UNet call
     beside the 512 px one)."""
-    from comfyui_finetune.trainers import batches, dreambooth
+    from comfyui_finetune.trainers.loop import batches
+    from comfyui_finetune.trainers.methods import dreambooth
 
     sizes = []
     encode = batches.encode_latent_dists

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from comfyui_finetune.nodes.datasets import FT_ToyDataset
-from comfyui_finetune.trainers.ema import EMA, swapped_in
-from comfyui_finetune.trainers.recipes import LoRARecipe
-from comfyui_finetune.trainers.runs import RunDir
+from comfyui_finetune.trainers.loop.ema import EMA, swapped_in
+from comfyui_finetune.trainers.config.recipes import LoRARecipe
+from comfyui_finetune.trainers.runs.run_dir import RunDir
 
 
 def test_the_average_follows_the_formula():
@@ -38,7 +38,7 @@ def toy_set(n=4):
 
 
 def run(toy, tmp_path, name, **kw):
-    from comfyui_finetune.trainers.lora import train_lora
+    from comfyui_finetune.trainers.methods.lora import train_lora
 
     args = dict(steps=6, batch_size=2, learning_rate=1e-2, seed=0, rank=4, ema_decay=0.8, ema_start=1, ema_every=2)
     args.update(kw)
@@ -49,7 +49,7 @@ def run(toy, tmp_path, name, **kw):
 
 
 def kohya(lora, peft_key: str) -> torch.Tensor:
-    from comfyui_finetune.trainers.lora import kohya_key
+    from comfyui_finetune.trainers.methods.lora import kohya_key
 
     part, rest = peft_key.split(".", 1)
     kind = "lora_down" if ".lora_A." in rest else "lora_up"

@@ -9,7 +9,7 @@ import torch
 
 from comfyui_finetune.nodes.evaluate import (FT_CLIPImageSimilarity, FT_CLIPScore, FT_CompareGrid, FT_EvalReport,
                                              FT_KID, FT_LoadCLIPScorer)
-from comfyui_finetune.trainers import metrics
+from comfyui_finetune.trainers.eval import metrics
 from comfyui_finetune.trainers.toy import world
 from comfyui_finetune.trainers.toy.loader import WEIGHTS
 

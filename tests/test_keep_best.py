@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from comfyui_finetune.nodes.datasets import FT_ToyDataset
-from comfyui_finetune.trainers import adapters
-from comfyui_finetune.trainers.lora import LoRAMethod, kohya_key
-from comfyui_finetune.trainers.recipes import LoRARecipe
-from comfyui_finetune.trainers.runs import RunDir
+from comfyui_finetune.trainers.adapters import tuners as adapters
+from comfyui_finetune.trainers.methods.lora import LoRAMethod, kohya_key
+from comfyui_finetune.trainers.config.recipes import LoRARecipe
+from comfyui_finetune.trainers.runs.run_dir import RunDir
 
 
 @pytest.fixture(scope="module")
 def scorer():
-    from comfyui_finetune.trainers.metrics import load_clip_scorer
+    from comfyui_finetune.trainers.eval.metrics import load_clip_scorer
     from comfyui_finetune.trainers.toy.loader import WEIGHTS
 
     return load_clip_scorer(WEIGHTS / "clip")
@@ -43,7 +43,7 @@ def spoil_after(monkeypatch, step: int) -> None:
 
 
 def run(toy, tmp_path, name, scorer, callbacks=None, **kw):
-    from comfyui_finetune.trainers.lora import train_lora
+    from comfyui_finetune.trainers.methods.lora import train_lora
 
     args = dict(steps=90, batch_size=4, learning_rate=1e-3, seed=0, rank=8, target_modules="attention+feedforward",
                 save_every=30, validation_prompt="a sks star", validation_images=4, keep_best="clip_i", run_name=name)
@@ -72,8 +72,8 @@ def scores(run_dir) -> dict[int, dict]:
 
 def test_a_worse_late_checkpoint_leaves_the_result_at_the_best_one(toy, tmp_path, scorer, monkeypatch):
     from comfyui_finetune.nodes.train import chart_ui
-    from comfyui_finetune.trainers.loop import Callbacks
-    from comfyui_finetune.trainers.runs import TrainingLog
+    from comfyui_finetune.trainers.loop.training import Callbacks
+    from comfyui_finetune.trainers.runs.run_dir import TrainingLog
 
     spoil_after(monkeypatch, 60)
     seen = []
@@ -120,7 +120,7 @@ def test_early_stopping_ends_the_run_after_saves_without_improvement(toy, tmp_pa
                                                                        "improving: set keep_best too"),
 ])
 def test_what_keep_best_needs_is_asked_for_by_name(toy, tmp_path, scorer, kw, message):
-    from comfyui_finetune.trainers.lora import train_lora
+    from comfyui_finetune.trainers.methods.lora import train_lora
 
     args = dict(steps=2, batch_size=2, save_every=1, keep_best="clip_i", validation_prompt="a sks star")
     use = scorer if kw.pop("with_scorer", False) else None

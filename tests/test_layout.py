@@ -106,7 +106,7 @@ def circles(g: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_import_graph_has_no_circle():
     g = graph()
-    assert len(g) > 30 and "trainers.loop" in g["trainers.lora"]
+    assert len(g) > 30 and "trainers.loop.training" in g["trainers.methods.lora"]
     assert circles(g) == []
 
 
@@ -125,7 +125,7 @@ def test_the_library_never_imports_nodes_or_comfyui():
 
 
 def test_the_toy_weights_are_found_in_one_place():
-    from comfyui_finetune.trainers.families import TOY_WEIGHTS
+    from comfyui_finetune.trainers.families.registry import TOY_WEIGHTS
     from comfyui_finetune.trainers.toy import WEIGHTS
 
     assert TOY_WEIGHTS == WEIGHTS.resolve() and (TOY_WEIGHTS / "controlnet" / "config.json").is_file()

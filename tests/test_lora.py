@@ -86,10 +86,10 @@ def test_cancel_keeps_a_checkpoint_and_resume_is_bit_exact(toy, folders, monkeyp
 
 def test_interrupt_raised_by_a_progress_callback_still_checkpoints(toy, folders):
     """Inside ComfyUI the progress bar itself raises on Cancel; the step that finished is kept."""
-    from comfyui_finetune.trainers.loop import Callbacks, train as loop_train
-    from comfyui_finetune.trainers.recipes import TrainConfig
-    from comfyui_finetune.trainers.runs import RunDir
-    from comfyui_finetune.trainers.lora import LoRAMethod
+    from comfyui_finetune.trainers.loop.training import Callbacks, train as loop_train
+    from comfyui_finetune.trainers.config.recipes import TrainConfig
+    from comfyui_finetune.trainers.runs.run_dir import RunDir
+    from comfyui_finetune.trainers.methods.lora import LoRAMethod
 
     class InterruptProcessingException(Exception):  # the name ComfyUI uses
         pass
@@ -134,7 +134,7 @@ def test_saved_file_is_kohya_and_loads_in_diffusers_with_the_same_images(toy, fo
     pipe = StableDiffusionPipeline.from_pretrained(str(WEIGHTS / "pipeline"), local_files_only=True)
     pipe.load_lora_weights(str(path))
     pipe.fuse_lora()  # no "lora key not loaded": fusing fails loudly if modules were skipped
-    from comfyui_finetune.trainers.model import FTModel
+    from comfyui_finetune.trainers.model.model import FTModel
 
     theirs = FTModel("toy", "diffusers", pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer,
                      dict(toy.scheduler_config))
@@ -148,7 +148,7 @@ def test_saved_file_is_kohya_and_loads_in_diffusers_with_the_same_images(toy, fo
     assert diff < 2e-3
     # strength 0 changes nothing
     (zero,) = FT_ApplyLoRA().execute(toy, name, 0.0)
-    from comfyui_finetune.trainers.deltas import plain_state_dict
+    from comfyui_finetune.trainers.model.deltas import plain_state_dict
 
     merged, own = plain_state_dict(zero.unet), toy.unet.state_dict()
     assert merged.keys() == own.keys() and all(torch.equal(merged[k], own[k]) for k in own)

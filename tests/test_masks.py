@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from comfyui_finetune.trainers.augment import augment_batch
-from comfyui_finetune.trainers.data import Augment, Dataset, Example, load_folder, prepare
-from comfyui_finetune.trainers.masks import attach, latent_weights, weighted_mean
+from comfyui_finetune.trainers.data.augment import augment_batch
+from comfyui_finetune.trainers.data.dataset import Augment, Dataset, Example, load_folder, prepare
+from comfyui_finetune.trainers.data.masks import attach, latent_weights, weighted_mean
 
 
 def test_outside_the_mask_nothing_changes_the_gradient():
@@ -42,10 +42,10 @@ def test_outside_the_mask_nothing_changes_the_gradient():
 def test_a_picture_masked_out_entirely_does_not_train(toy, tmp_path, method):
     """DreamBooth too: it captions each subject's pictures with the subject's instance prompt, masks kept."""
     from comfyui_finetune.nodes.datasets import FT_ToyDataset
-    from comfyui_finetune.trainers.dreambooth import Subject, train_dreambooth
-    from comfyui_finetune.trainers.lora import train_lora
-    from comfyui_finetune.trainers.recipes import DreamBoothRecipe, LoRARecipe
-    from comfyui_finetune.trainers.runs import RunDir
+    from comfyui_finetune.trainers.methods.dreambooth import Subject, train_dreambooth
+    from comfyui_finetune.trainers.methods.lora import train_lora
+    from comfyui_finetune.trainers.config.recipes import DreamBoothRecipe, LoRARecipe
+    from comfyui_finetune.trainers.runs.run_dir import RunDir
 
     def train(ds, run):
         if method == "lora":
@@ -98,7 +98,7 @@ def test_the_mask_moves_with_its_picture_through_buckets_crops_and_flips():
 
 
 def test_masks_are_read_from_alpha_and_mask_files_and_survive_the_snapshot(tmp_path):
-    from comfyui_finetune.trainers.runs import read_dataset, save_dataset
+    from comfyui_finetune.trainers.runs.run_dir import read_dataset, save_dataset
 
     img, mask = square_picture(32, 32)
     folder = tmp_path / "pics"

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from comfyui_finetune.nodes.datasets import FT_ToyDataset
-from comfyui_finetune.trainers import optimizers
-from comfyui_finetune.trainers.recipes import LoRARecipe
-from comfyui_finetune.trainers.runs import RunDir
+from comfyui_finetune.trainers.loop import optimizers
+from comfyui_finetune.trainers.config.recipes import LoRARecipe
+from comfyui_finetune.trainers.runs.run_dir import RunDir
 
 #: a learning rate each optimizer trains the toy LoRA with
 LR = {"adamw": 1e-3, "adam": 1e-3, "sgd": 1e-1, "rmsprop": 1e-4, "prodigy": 1.0, "adafactor": 1e-3,
@@ -37,9 +37,9 @@ def toy_set(n=2):
 
 @pytest.mark.parametrize("name", list(LR))
 def test_each_optimizer_lowers_the_loss_on_a_fixed_batch(toy, name):
-    from comfyui_finetune.trainers.batches import encode_latent_dists
-    from comfyui_finetune.trainers.data import prepare
-    from comfyui_finetune.trainers.lora import LoRAMethod
+    from comfyui_finetune.trainers.loop.batches import encode_latent_dists
+    from comfyui_finetune.trainers.data.dataset import prepare
+    from comfyui_finetune.trainers.methods.lora import LoRAMethod
 
     installed(name)
     model = toy.share()
@@ -82,7 +82,7 @@ def _noisy(model, latents, noise, t):
 
 
 def lora_run(toy, tmp_path, name, run, **kw):
-    from comfyui_finetune.trainers.lora import train_lora
+    from comfyui_finetune.trainers.methods.lora import train_lora
 
     args = dict(steps=4, batch_size=2, learning_rate=LR[name], seed=0, optimizer=name, rank=4)
     args.update(kw)
@@ -123,7 +123,7 @@ def test_schedule_free_validation_never_changes_the_run_and_the_result_is_averag
 
 
 def _kohya(lora, peft_key: str) -> torch.Tensor:
-    from comfyui_finetune.trainers.lora import kohya_key
+    from comfyui_finetune.trainers.methods.lora import kohya_key
 
     part, rest = peft_key.split(".", 1)
     return lora.state[f"{kohya_key(part, rest.split('.lora_B.')[0])}.lora_up.weight"]

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from comfyui_finetune.nodes.models import PREDICTION, FT_LoadBaseModel, load_base_model
-from comfyui_finetune.trainers import diffusion, families, loading
+from comfyui_finetune.trainers.loop import objective as diffusion
+from comfyui_finetune.trainers.families import registry as families
+from comfyui_finetune.trainers.model import loading
 
 
 def sd2_state(spread: float, in_channels: int = 4) -> dict:

@@ -8,7 +8,7 @@ import pytest
 
 from comfyui_finetune import NODE_CLASS_MAPPINGS
 from comfyui_finetune.nodes.base import MAX_SEED
-from comfyui_finetune.trainers import recipes as R
+from comfyui_finetune.trainers.config import recipes as R
 
 TRAINING_NODES = {name: cls for name, cls in NODE_CLASS_MAPPINGS.items() if name.startswith("FT_Train")}
 
@@ -52,12 +52,12 @@ def test_node_inputs_are_what_the_recipe_declares(node):
 
 
 def test_choices_come_from_the_library_tables():
-    from comfyui_finetune.trainers.dreambooth import MODES
-    from comfyui_finetune.trainers.loop import LOSSES, PRECISIONS
-    from comfyui_finetune.trainers.optimizers import LR_SCHEDULERS, OPTIMIZERS
-    from comfyui_finetune.trainers.lora import TARGETS
-    from comfyui_finetune.trainers.preprocess import PREPROCESSORS
-    from comfyui_finetune.trainers.textual_inversion import CAPTION_MODES
+    from comfyui_finetune.trainers.methods.dreambooth import MODES
+    from comfyui_finetune.trainers.loop.training import LOSSES, PRECISIONS
+    from comfyui_finetune.trainers.loop.optimizers import LR_SCHEDULERS, OPTIMIZERS
+    from comfyui_finetune.trainers.methods.lora import TARGETS
+    from comfyui_finetune.trainers.data.preprocess import PREPROCESSORS
+    from comfyui_finetune.trainers.methods.textual_inversion import CAPTION_MODES
 
     opt = NODE_CLASS_MAPPINGS["FT_TrainLoRA"].INPUT_TYPES()["optional"]
     assert opt["optimizer"][0] == list(OPTIMIZERS) and opt["lr_scheduler"][0] == list(LR_SCHEDULERS)
@@ -74,7 +74,7 @@ def test_recipes_module_imports_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys, comfyui_finetune.trainers.recipes as r; r.LoRARecipe.options(); "
+    code = ("import sys, comfyui_finetune.trainers.config.recipes as r; r.LoRARecipe.options(); "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
@@ -181,7 +181,7 @@ def test_gradient_checkpointing_reads_the_old_switch_and_auto_follows_the_family
 
     import torch
 
-    from comfyui_finetune.trainers.precision import checkpointing
+    from comfyui_finetune.trainers.loop.precision import checkpointing
 
     assert R.LoRARecipe().gradient_checkpointing == "auto"
     assert R.LoRARecipe(gradient_checkpointing=True).gradient_checkpointing == "on"

@@ -7,11 +7,11 @@ import json
 
 import pytest
 from comfyui_finetune.nodes.datasets import FT_DatasetFromImages, FT_ToyDataset
-from comfyui_finetune.trainers import runs as runs_mod
-from comfyui_finetune.trainers.loop import Callbacks, train
-from comfyui_finetune.trainers.lora import LoRAMethod
-from comfyui_finetune.trainers.recipes import TrainConfig
-from comfyui_finetune.trainers.runs import RunDir
+from comfyui_finetune.trainers.runs import run_dir as runs_mod
+from comfyui_finetune.trainers.loop.training import Callbacks, train
+from comfyui_finetune.trainers.methods.lora import LoRAMethod
+from comfyui_finetune.trainers.config.recipes import TrainConfig
+from comfyui_finetune.trainers.runs.run_dir import RunDir
 
 
 def toy_set(n=4):

@@ -226,7 +226,7 @@ def test_the_vae_decodes_in_its_own_dtype_under_a_trainings_autocast(toy):
 
 @pytest.mark.parametrize("size,n,calls", [(32, 20, [16, 4]), (512, 6, [4, 2]), (1024, 2, [1, 1])])
 def test_pictures_are_encoded_a_few_at_a_time_by_their_size(toy, size, n, calls):
-    from comfyui_finetune.trainers.batches import encode_latent_dists
+    from comfyui_finetune.trainers.loop.batches import encode_latent_dists
 
     seen = []
     model, real = spied(toy, "encode", seen)

@@ -72,7 +72,7 @@ def test_trainers_never_import_comfyui():
     out = _run(
         "import sys, pkgutil, importlib\n"
         "import comfyui_finetune.trainers as t\n"
-        "mods = ['comfyui_finetune.trainers.' + m.name for m in pkgutil.walk_packages(t.__path__, '') "
+        "mods = [m.name for m in pkgutil.walk_packages(t.__path__, 'comfyui_finetune.trainers.') "
         "if not m.name.endswith('__main__')]\n"
         "for m in mods: importlib.import_module(m)\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('comfy', 'folder_paths', 'server', 'execution', "

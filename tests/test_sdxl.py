@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from comfyui_finetune.nodes.io import FT_ApplyEmbedding, FT_SaveEmbedding
-from comfyui_finetune.trainers.loop import Method
-from comfyui_finetune.trainers.model import FTModel
+from comfyui_finetune.trainers.loop.training import Method
+from comfyui_finetune.trainers.model.model import FTModel
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +98,10 @@ class Spy(Method):
 def test_each_pictures_size_and_crop_reach_the_unet(random_xl, folders):
     """Buckets of different shapes: a picture's original size and its centred crop (in the scaled picture) are the
     time ids the UNet gets for it, batch by batch."""
-    from comfyui_finetune.trainers import data
-    from comfyui_finetune.trainers.loop import train
-    from comfyui_finetune.trainers.recipes import TrainConfig
-    from comfyui_finetune.trainers.runs import RunDir
+    from comfyui_finetune.trainers.data import dataset as data
+    from comfyui_finetune.trainers.loop.training import train
+    from comfyui_finetune.trainers.config.recipes import TrainConfig
+    from comfyui_finetune.trainers.runs.run_dir import RunDir
 
     rng = np.random.default_rng(0)
     sizes = [(48, 32), (32, 48), (40, 40), (64, 40), (70, 20), (33, 61)]
@@ -135,10 +135,11 @@ def test_validation_pictures_are_made_at_the_training_resolution(random_xl, fold
     model cannot make is rounded down to one it can; resolution 0 trains and shows at the native size."""
     from PIL import Image
 
-    from comfyui_finetune.trainers import data, validation
-    from comfyui_finetune.trainers.loop import train
-    from comfyui_finetune.trainers.recipes import TrainConfig
-    from comfyui_finetune.trainers.runs import RunDir
+    from comfyui_finetune.trainers.data import dataset as data
+    from comfyui_finetune.trainers.loop import validation
+    from comfyui_finetune.trainers.loop.training import train
+    from comfyui_finetune.trainers.config.recipes import TrainConfig
+    from comfyui_finetune.trainers.runs.run_dir import RunDir
 
     step, native = random_xl.size_step, random_xl.native_size
     assert (step, native) == (4, 32)
@@ -156,7 +157,7 @@ def test_validation_pictures_are_made_at_the_training_resolution(random_xl, fold
 
 
 def test_a_lora_over_the_unet_and_both_encoders_uses_kohyas_sdxl_names(random_xl):
-    from comfyui_finetune.trainers.lora import attach_lora, lora_from_state
+    from comfyui_finetune.trainers.methods.lora import attach_lora, lora_from_state
 
     from test_adapter_kinds import random_adapter
 
@@ -184,10 +185,10 @@ def test_a_flipped_and_cropped_picture_gets_the_time_ids_of_what_it_shows(random
     """FT_Augment's flips and random resized crops move the crop corner in the time ids: a picture whose red and
     green channels are its x and y coordinates tells, after augmentation, which part of the original it shows, and
     the time ids say the same (within 3 px at the target's scale); the original size stays the original's."""
-    from comfyui_finetune.trainers import data
-    from comfyui_finetune.trainers.loop import train
-    from comfyui_finetune.trainers.recipes import TrainConfig
-    from comfyui_finetune.trainers.runs import RunDir
+    from comfyui_finetune.trainers.data import dataset as data
+    from comfyui_finetune.trainers.loop.training import train
+    from comfyui_finetune.trainers.config.recipes import TrainConfig
+    from comfyui_finetune.trainers.runs.run_dir import RunDir
 
     oh, ow, side = 48, 64, 32
     yy, xx = np.mgrid[0:oh, 0:ow]
@@ -288,7 +289,7 @@ def test_an_sdxl_controlnet_trains_saves_in_both_layouts_and_loads_back(random_x
 def test_a_controlnet_teaches_the_toy_sdxl_to_put_the_shape_where_the_edges_are(toy_xl, folders):
     """The SD toy's ControlNet test on the toy SDXL: 150 steps from the UNet's encoder raise the mask IoU of the
     generated shape with the condition's (measured: 0.17 -> 0.66 mean over 12 prompts)."""
-    from comfyui_finetune.trainers import controlnet as C
+    from comfyui_finetune.trainers.adapters.controlnet import value as C
     from comfyui_finetune.trainers.toy import control
 
     from test_controlnet import broad_set, train_node
@@ -419,10 +420,10 @@ def test_given_class_pictures_reach_the_unet_with_their_own_size_and_crop(toy_xl
     training's 32 px): its time ids are its own (original 32 x 64, crop left 16), as a dataset picture's would be, not
     those of a picture generated whole."""
     from comfyui_finetune.nodes.datasets import FT_ToyDataset
-    from comfyui_finetune.trainers.data import Dataset, Example
-    from comfyui_finetune.trainers.dreambooth import Subject, train_dreambooth
-    from comfyui_finetune.trainers.recipes import DreamBoothRecipe
-    from comfyui_finetune.trainers.runs import RunDir
+    from comfyui_finetune.trainers.data.dataset import Dataset, Example
+    from comfyui_finetune.trainers.methods.dreambooth import Subject, train_dreambooth
+    from comfyui_finetune.trainers.config.recipes import DreamBoothRecipe
+    from comfyui_finetune.trainers.runs.run_dir import RunDir
 
     seen = []
     real = FTModel.unet_forward

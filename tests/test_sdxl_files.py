@@ -19,9 +19,9 @@ def mini(tmp_path_factory):
 
 
 def test_an_sdxl_single_file_round_trips_bit_exact_with_the_original_names(mini):
-    from comfyui_finetune.trainers.checkpoint import to_single_file
-    from comfyui_finetune.trainers.families import family_for_checkpoint
-    from comfyui_finetune.trainers.loading import model_from_single_file_state
+    from comfyui_finetune.trainers.model.checkpoint import to_single_file
+    from comfyui_finetune.trainers.families.registry import family_for_checkpoint
+    from comfyui_finetune.trainers.model.loading import model_from_single_file_state
 
     cfg, model = mini
     state = to_single_file(model, torch.float32)
@@ -50,8 +50,8 @@ def test_an_sdxl_single_file_round_trips_bit_exact_with_the_original_names(mini)
 
 
 def test_v_prediction_and_zero_snr_travel_as_comfyuis_markers(mini):
-    from comfyui_finetune.trainers.checkpoint import to_single_file
-    from comfyui_finetune.trainers.loading import model_from_single_file_state, set_prediction
+    from comfyui_finetune.trainers.model.checkpoint import to_single_file
+    from comfyui_finetune.trainers.model.loading import model_from_single_file_state, set_prediction
 
     cfg, model = mini
     v = model.share()
@@ -69,7 +69,7 @@ def test_v_prediction_and_zero_snr_travel_as_comfyuis_markers(mini):
 
 
 def test_what_is_not_an_sdxl_base_is_refused_by_name():
-    from comfyui_finetune.trainers.families import family_for_checkpoint
+    from comfyui_finetune.trainers.families.registry import family_for_checkpoint
 
     attn = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
     refiner = {attn: (768, 1280), "conditioner.embedders.0.model.text_projection": (1280, 1280)}
@@ -149,8 +149,8 @@ def test_a_borrowed_state_is_built_into_weights_of_the_models_own(mini, lent, dt
     them (ComfyUI patches and restores its weights in place), whatever the conversion would have shared, and
     ComfyUI's inference tensors (it loads its models in inference mode) become trainable weights. Without
     ``borrowed`` (a file's tensors, the pack's to keep) the build shares them: what the test looks for is there."""
-    from comfyui_finetune.trainers.checkpoint import to_single_file
-    from comfyui_finetune.trainers.loading import model_from_single_file_state
+    from comfyui_finetune.trainers.model.checkpoint import to_single_file
+    from comfyui_finetune.trainers.model.loading import model_from_single_file_state
 
     cfg, model = mini
     lender = to_single_file(model, torch.float32 if lent == "fp32" else torch.bfloat16)
@@ -182,7 +182,7 @@ def test_the_pooled_embedding_is_the_end_of_texts_with_a_new_token_in_the_prompt
     at the highest token id of the prompt: a Textual Inversion token's (ids past the vocabulary) instead of the end of
     the text. ComfyUI pools at the end of the text (comfy/clip_model.py), and so must the pack, or an SDXL embedding
     trains against a pooled vector it never meets there."""
-    from comfyui_finetune.trainers.textual_inversion import add_token
+    from comfyui_finetune.trainers.methods.textual_inversion import add_token
 
     _, base = mini
     model = base.share()
@@ -204,9 +204,9 @@ def test_an_offloaded_load_never_puts_a_weight_on_the_gpu(mini, monkeypatch):
     there (they put the whole model on the GPU, SDXL's 6.6 GB in fp16, beside ComfyUI's own copy for the bridge, to
     take it off again). Here torch pretends a GPU is there: any weight sent to it raises, as this build has none."""
     from comfyui_finetune.nodes.models import load_base_model
-    from comfyui_finetune.trainers.checkpoint import to_single_file
-    from comfyui_finetune.trainers.families import FAMILIES
-    from comfyui_finetune.trainers.loading import DTYPES, model_from_single_file_state
+    from comfyui_finetune.trainers.model.checkpoint import to_single_file
+    from comfyui_finetune.trainers.families.registry import FAMILIES
+    from comfyui_finetune.trainers.model.loading import DTYPES, model_from_single_file_state
     from comfyui_finetune.trainers.toy.loader import TOY_XL_SOURCE
 
     cfg, model = mini

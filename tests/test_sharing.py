@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from comfyui_finetune.nodes.datasets import FT_ToyDataset
-from comfyui_finetune.trainers import deltas
-from comfyui_finetune.trainers.recipes import ControlNetRecipe, DreamBoothRecipe, LoRARecipe, TextualInversionRecipe
-from comfyui_finetune.trainers.runs import RunDir
+from comfyui_finetune.trainers.model import deltas
+from comfyui_finetune.trainers.config.recipes import ControlNetRecipe, DreamBoothRecipe, LoRARecipe, TextualInversionRecipe
+from comfyui_finetune.trainers.runs.run_dir import RunDir
 
 
 def toy_set(color="purple", shape="star", n=4, caption="a sks star"):
@@ -65,7 +65,7 @@ def run_dir(tmp_path, name):
 
 
 def test_lora_training_shares_every_frozen_weight_and_leaves_the_input_bit_identical(toy, tmp_path):
-    from comfyui_finetune.trainers.lora import train_lora
+    from comfyui_finetune.trainers.methods.lora import train_lora
 
     before = snapshot(toy)
     with torch.inference_mode(False):
@@ -79,7 +79,7 @@ def test_lora_training_shares_every_frozen_weight_and_leaves_the_input_bit_ident
 
 
 def test_textual_inversion_copies_only_the_embedding_table(toy, tmp_path):
-    from comfyui_finetune.trainers.textual_inversion import train_textual_inversion
+    from comfyui_finetune.trainers.methods.textual_inversion import train_textual_inversion
 
     before = snapshot(toy)
     with torch.inference_mode(False):
@@ -96,7 +96,7 @@ def test_textual_inversion_copies_only_the_embedding_table(toy, tmp_path):
 
 @pytest.mark.parametrize("mode,pivotal", [("lora", True), ("full", False)])
 def test_dreambooth_copies_only_what_trains(toy, tmp_path, mode, pivotal):
-    from comfyui_finetune.trainers.dreambooth import Subject, train_dreambooth
+    from comfyui_finetune.trainers.methods.dreambooth import Subject, train_dreambooth
 
     ds = toy_set(caption="a <sks> star")
     cls = toy_set(color="yellow", caption="a star")
@@ -119,7 +119,7 @@ def test_dreambooth_copies_only_what_trains(toy, tmp_path, mode, pivotal):
 
 
 def test_controlnet_training_shares_the_whole_model(toy, tmp_path):
-    from comfyui_finetune.trainers.controlnet_training import train_controlnet
+    from comfyui_finetune.trainers.methods.controlnet import train_controlnet
 
     before = snapshot(toy)
     with torch.inference_mode(False):
@@ -132,8 +132,8 @@ def test_controlnet_training_shares_the_whole_model(toy, tmp_path):
 
 
 def test_a_chain_of_applied_loras_shares_the_base_and_equals_merging(toy, tmp_path):
-    from comfyui_finetune.trainers.lora import LoRA, apply_lora, lora_delta
-    from comfyui_finetune.trainers.textual_inversion import Embedding, apply_embedding
+    from comfyui_finetune.trainers.methods.lora import LoRA, apply_lora, lora_delta
+    from comfyui_finetune.trainers.methods.textual_inversion import Embedding, apply_embedding
 
     g = torch.Generator().manual_seed(0)
     conv = "lora_unet_down_blocks_0_resnets_0_conv1"
@@ -182,8 +182,8 @@ def test_a_chain_of_applied_loras_shares_the_base_and_equals_merging(toy, tmp_pa
 def test_a_saved_diffusers_folder_of_a_live_lora_holds_the_merged_weights(toy, tmp_path):
     from safetensors.torch import load_file
 
-    from comfyui_finetune.trainers.checkpoint import save_diffusers
-    from comfyui_finetune.trainers.lora import LoRA, apply_lora
+    from comfyui_finetune.trainers.model.checkpoint import save_diffusers
+    from comfyui_finetune.trainers.methods.lora import LoRA, apply_lora
 
     q = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
     w = toy.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight
@@ -220,16 +220,16 @@ def test_frozen_parts_leave_the_device_once_their_outputs_are_cached(toy, tmp_pa
                                                                       left):
     import logging
 
-    from comfyui_finetune.trainers.data import Augment
-    from comfyui_finetune.trainers.lora import train_lora
-    from comfyui_finetune.trainers.textual_inversion import train_textual_inversion
+    from comfyui_finetune.trainers.data.dataset import Augment
+    from comfyui_finetune.trainers.methods.lora import train_lora
+    from comfyui_finetune.trainers.methods.textual_inversion import train_textual_inversion
 
     ds = toy_set()
     if dataset_opts.pop("augment", None):
         ds = ds.with_options(augment=Augment(flip=True))
     ds = ds.with_options(**dataset_opts)
     model = offloaded(toy)
-    with caplog.at_level(logging.INFO, logger="comfyui_finetune.trainers.loop"), torch.inference_mode(False):
+    with caplog.at_level(logging.INFO, logger="comfyui_finetune.trainers.loop.training"), torch.inference_mode(False):
         if method == "lora":
             t = train_lora(steps(LoRARecipe), model, ds, run_dir(tmp_path, "lora"))
         else:
@@ -242,7 +242,7 @@ def test_frozen_parts_leave_the_device_once_their_outputs_are_cached(toy, tmp_pa
 
 
 def test_an_offloaded_model_trains_and_samples_as_a_placed_one(toy, tmp_path):
-    from comfyui_finetune.trainers.lora import train_lora
+    from comfyui_finetune.trainers.methods.lora import train_lora
     from comfyui_finetune.trainers.sampling import sample
 
     before = snapshot(toy)
@@ -291,8 +291,8 @@ def test_an_offloaded_models_unet_joins_the_device_after_the_latents_are_cached(
     """The VAE's encoding holds the most memory of the caching (2.5 GB for one SDXL picture at 1024 px,
     benchmarks/sdxl_memory.py): the UNet's weights must not be on the GPU beside it. Here the order of the moves is
     what is checked: every move of a part (Module.to) and every encoding, in the order the run makes them."""
-    from comfyui_finetune.trainers import batches
-    from comfyui_finetune.trainers.lora import train_lora
+    from comfyui_finetune.trainers.loop import batches
+    from comfyui_finetune.trainers.methods.lora import train_lora
 
     seen = spy_moves(monkeypatch)
     encode = batches.encode_latent_dists
@@ -316,8 +316,9 @@ def test_an_offloaded_models_unet_joins_the_device_after_the_latents_are_cached(
 def test_an_offloaded_dreambooths_class_pictures_are_encoded_before_the_unet_joins(toy, tmp_path, monkeypatch):
     """Prior preservation encodes its class pictures too (DreamBooth's ``encode_extra``): like the dataset's, before
     the UNet comes to the device; the loss is the same as a model's that is not offloaded."""
-    from comfyui_finetune.trainers import batches, dreambooth
-    from comfyui_finetune.trainers.dreambooth import Subject, train_dreambooth
+    from comfyui_finetune.trainers.loop import batches
+    from comfyui_finetune.trainers.methods import dreambooth
+    from comfyui_finetune.trainers.methods.dreambooth import Subject, train_dreambooth
 
     seen = spy_moves(monkeypatch)
     encode = batches.encode_latent_dists

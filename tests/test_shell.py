@@ -193,7 +193,7 @@ def test_on_gpus_the_process_group_also_has_a_backend_for_the_cpu_tensors_the_lo
     import torch
     from torch.distributed.distributed_c10d import BackendConfig
 
-    from comfyui_finetune.trainers import distributed
+    from comfyui_finetune.trainers.loop import distributed
 
     chosen = []
     monkeypatch.setenv("LOCAL_RANK", "1")

@@ -49,7 +49,7 @@ def test_embedding_file_round_trips_through_the_pack_and_diffusers(toy, folders)
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
-    from comfyui_finetune.trainers.model import FTModel
+    from comfyui_finetune.trainers.model.model import FTModel
     from comfyui_finetune.trainers.toy.loader import WEIGHTS
 
     tuned, emb, _ = train_ti(toy, yellow_triangles(4), steps=20, num_vectors=2, batch_size=2)

@@ -10,8 +10,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from .deltas import cached
-from .model import vae_chunk
+from .model.deltas import cached
+from .model.model import vae_chunk
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def denoise(model, context, seeds, steps, cfg, sampler, width, height, on_step, 
     f = model.vae_scale_factor
     prepared = []
     if controls:
-        from .control import prepare_controls, residuals
+        from .adapters.controlnet.apply import prepare_controls, residuals
 
         prepared = prepare_controls(controls, model, len(seeds), height, width, resize_mode, use_cfg)
     latents = initial_noise(seeds, (model.latent_channels, height // f, width // f)).to(dev, dt)

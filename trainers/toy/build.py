@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..export import legacy_text_encoder_keys
+from ..runs.export import legacy_text_encoder_keys
 from . import judge as judge_mod
 from . import WEIGHTS, control, models, world
 from .steps import cosine as _cosine, encode_pictures, every as _every, no_build_paths as _no_build_paths

@@ -25,8 +25,8 @@ def train_unet_xl(cfg, out: Path, pics: list[world.Picture]) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from ..export import legacy_text_encoder_keys
-    from ..model import FTModel
+    from ..runs.export import legacy_text_encoder_keys
+    from ..model.model import FTModel
     from .tokenizer import write_tokenizer
 
     torch.manual_seed(cfg.seed + 7)

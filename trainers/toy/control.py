@@ -58,8 +58,8 @@ def adherence(model, control_net, n: int = 16, *, seed: int = 123, steps: int = 
     """Sample each target's prompt with and without the ControlNet (same seed) and report the mask IoUs."""
     import torch
 
-    from ..control import Control
-    from ..preprocess import canny
+    from ..adapters.controlnet.apply import Control
+    from ..data.preprocess import canny
     from ..sampling import sample
 
     with_c, without = [], []
@@ -87,11 +87,11 @@ def train_controlnet(cfg, out: Path) -> dict:
     import tempfile
     import time
 
-    from ..controlnet_training import ControlNetMethod
-    from ..data import Dataset, Example
-    from ..loop import train
-    from ..recipes import TrainConfig
-    from ..runs import RunDir
+    from ..methods.controlnet import ControlNetMethod
+    from ..data.dataset import Dataset, Example
+    from ..loop.training import train
+    from ..config.recipes import TrainConfig
+    from ..runs.run_dir import RunDir
     from .loader import load_toy_model
 
     model = load_toy_model(out)

@@ -20,7 +20,7 @@ def load_toy_model(folder: str | Path = WEIGHTS, device="cpu"):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from ..model import FTModel
+    from ..model.model import FTModel
 
     p = Path(folder) / "pipeline"
     if not (p / "unet" / "diffusion_pytorch_model.safetensors").exists():
@@ -52,7 +52,7 @@ def load_toy_xl_model(folder: str | Path = WEIGHTS, device="cpu"):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from ..model import FTModel
+    from ..model.model import FTModel
     p = Path(folder) / XL_FOLDER
     if not (p / "unet" / "diffusion_pytorch_model.safetensors").exists():
         raise missing_weights_error(p)
@@ -70,7 +70,7 @@ def load_toy_xl_model(folder: str | Path = WEIGHTS, device="cpu"):
 
 def load_toy_controlnet(folder: str | Path = WEIGHTS):
     """The toy ControlNet: follows Canny edge maps of toy pictures (made with control.CANNY thresholds)."""
-    from ..controlnet_files import load_folder
+    from ..adapters.controlnet.files import load_folder
 
     p = Path(folder) / "controlnet"
     if not (p / "config.json").exists():

@@ -51,7 +51,7 @@ def train_denoiser(cfg, params: list, mean: torch.Tensor, std: torch.Tensor, sf:
 
     from diffusers.training_utils import EMAModel
 
-    from .. import diffusion
+    from ..loop import objective as diffusion
 
     log = logging.getLogger(__name__)
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)

@@ -1,0 +1,1 @@
+"""ControlNet: the value on the canvas, its files, and applying it while sampling."""

@@ -1,0 +1,1 @@
+"""Datasets: pictures, captions and masks, augmentation, and ControlNet condition images."""

@@ -1,0 +1,1 @@
+"""Evaluation: CLIP metrics, labelled grids and plots."""

@@ -1,0 +1,172 @@
+"""Model families: what differs between the toys, SD 1.x, SD 2.x and SDXL lives here and nowhere else.
+
+Adding a family is one new :class:`Family` entry plus its shipped config folder, its key maps and its tests; the
+trainers and nodes ask this registry instead of branching on a family's name.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+#: the toy's shipped weights (trainers/toy/weights), whose folders carry their own configs
+TOY_WEIGHTS = Path(__file__).resolve().parents[1] / "toy" / "weights"
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    label: str
+    #: folder under the pack's configs/ holding a diffusers layout without weights (None: not single-file)
+    config: str | None
+    native_size: int
+    #: text-encoder width = the UNet's cross_attention_dim, used to recognise a model
+    context_dim: int
+    #: dtype for sampling and frozen weights on a GPU
+    gpu_dtype: str = "fp16"
+    #: what a single file's weights predict: state dict -> "epsilon" or "v_prediction" (None: the shipped config's)
+    detect: Callable[[dict[str, Any]], str] | None = None
+    #: native size per prediction type, where it differs from native_size (SD 2.x: the 512 px base models predict
+    #: epsilon, the 768 px models v)
+    sizes: tuple[tuple[str, int], ...] = ()
+
+    #: the text encoders in a single-file checkpoint, in the model's order: (layout, key prefix), the layout "clip"
+    #: (transformers' names, SD 1.x) or "open_clip" (OpenCLIP's fused resblocks, SD 2.x and SDXL's second encoder);
+    #: empty: the family has no single-file layout (save a diffusers folder)
+    text_encoder_files: tuple[tuple[str, str], ...] = ()
+    #: modelspec.architecture of its single-file checkpoints
+    architecture: str = ""
+    #: kohya's ss_base_model_version in its LoRA files (A1111 and the LoRA browsers group by it)
+    base_model_version: str = ""
+    #: guidance of the class pictures DreamBooth generates from it
+    class_cfg: float = 7.0
+    #: its VAE overflows in fp16 (SDXL's; its config says force_upcast): it stays in fp32 beside an fp16 model
+    vae_upcast: bool = False
+    #: its UNet's activations at native size outgrow a 10-12 GB GPU (SDXL's: a LoRA at 1024 px, batch 1): training
+    #: with gradient_checkpointing "auto" turns checkpointing on for it on a GPU
+    checkpointing_on_gpu: bool = False
+    #: what the pack cannot train on this family yet: (method, or "method:mode", the reason)
+    not_yet: tuple[tuple[str, str], ...] = ()
+
+    def size_for(self, prediction: str) -> int:
+        return dict(self.sizes).get(prediction, self.native_size)
+
+    @property
+    def config_dir(self) -> Path | None:
+        return CONFIGS / self.config if self.config else None
+
+    def unet_config(self) -> dict[str, Any]:
+        """The shipped diffusers config of this family's UNet (empty for the toys, whose folders carry theirs)."""
+        import json
+
+        return json.loads((self.config_dir / "unet" / "config.json").read_text()) if self.config_dir else {}
+
+    @property
+    def controlnet_config(self) -> Path:
+        """The diffusers config of this family's ControlNets (the toy's: its shipped toy ControlNet's)."""
+        return (self.config_dir or TOY_WEIGHTS) / "controlnet" / "config.json"
+
+
+#: prediction types a model may have (the scheduler's prediction_type); FT_LoadBaseModel's "auto" detects it
+PREDICTIONS = ("epsilon", "v_prediction")
+#: ComfyUI's test for SD 2.x single files (comfy/supported_models.py, SD20.model_type): the v-prediction models'
+#: last output block has a wide spread in this norm's bias (std > 0.09), the epsilon base models a narrow one;
+#: inpainting models (9 input channels) predict epsilon
+SD2_MARKER = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+SD2_SPREAD = 0.09
+
+
+def sd2_prediction(state: dict[str, Any]) -> str:
+    marker = state.get(SD2_MARKER)
+    first = state.get("model.diffusion_model.input_blocks.0.0.weight")
+    if marker is None or (first is not None and tuple(first.shape)[1] != 4):
+        return "epsilon"
+    return "v_prediction" if float(marker.float().std(unbiased=False)) > SD2_SPREAD else "epsilon"
+
+
+def sdxl_prediction(state: dict[str, Any]) -> str:
+    """ComfyUI's test for SDXL-based files (comfy/supported_models.py, SDXL.model_type): v-prediction models carry
+    an empty ``v_pred`` tensor (and ``ztsnr`` when trained with zero terminal SNR), which its CheckpointSave writes
+    too; EDM files (Playground 2.5, ``edm_*``) are refused by :func:`family_for_checkpoint`."""
+    return "v_prediction" if "v_pred" in state else "epsilon"
+
+
+#: where each family's text encoders sit in an original-layout single file
+CLIP_L, OPEN_CLIP = ("clip", "cond_stage_model.transformer."), ("open_clip", "cond_stage_model.model.")
+SDXL_ENCODERS = (("clip", "conditioner.embedders.0.transformer."), ("open_clip", "conditioner.embedders.1.model."))
+
+
+FAMILIES: dict[str, Family] = {
+    "toy": Family("toy", "built-in toy model (32x32 shapes)", None, 32, 64, gpu_dtype="fp32",
+                  base_model_version="finetune_toy", class_cfg=4.0),
+    "toy_xl": Family("toy_xl", "built-in toy SDXL (32x32 shapes, two text encoders)", None, 32, 160,
+                     gpu_dtype="fp32", base_model_version="finetune_toy_xl", class_cfg=4.0),
+    "sd15": Family("sd15", "Stable Diffusion 1.x", "sd15", 512, 768, detect=lambda state: "epsilon",
+                   text_encoder_files=(CLIP_L,), architecture="stable-diffusion-v1", base_model_version="sd_v1"),
+    "sd2": Family("sd2", "Stable Diffusion 2.x", "sd2", 768, 1024, detect=sd2_prediction,
+                  sizes=(("epsilon", 512), ("v_prediction", 768)), text_encoder_files=(OPEN_CLIP,),
+                  architecture="stable-diffusion-v2", base_model_version="sd_v2"),
+    "sdxl": Family("sdxl", "Stable Diffusion XL", "sdxl", 1024, 2048, detect=sdxl_prediction,
+                   text_encoder_files=SDXL_ENCODERS, architecture="stable-diffusion-xl-v1-base",
+                   base_model_version="sdxl_base_v1-0", class_cfg=5.0, vae_upcast=True,
+                   checkpointing_on_gpu=True),
+}
+
+
+def check_supported(model, recipe) -> None:
+    """Refuse, by name, a training the pack cannot do on ``model``'s family yet (before any work is done)."""
+    fam = FAMILIES.get(model.family)
+    if fam is None or not fam.not_yet:
+        return
+    wanted = {recipe.method}
+    if getattr(recipe, "mode", "") == "full":
+        wanted.add(f"{recipe.method}:full")
+    if getattr(recipe, "pivotal_tuning", False):
+        wanted.add(f"{recipe.method}:pivotal")
+    for what, why in fam.not_yet:
+        if what in wanted:
+            raise ValueError(f"{what.replace(':', ' ')} on {fam.label} is not supported yet: {why}")
+
+
+def family_for_unet(unet_config) -> Family:
+    """Recognise the family of a diffusers UNet config."""
+    ctx = unet_config.get("cross_attention_dim") if isinstance(unet_config, dict) else unet_config.cross_attention_dim
+    for fam in FAMILIES.values():
+        if fam.context_dim == ctx:
+            return fam
+    known = ", ".join(f"{f.label} ({f.context_dim})" for f in FAMILIES.values())
+    raise ValueError(f"unrecognised model: its UNet's cross_attention_dim is {ctx}; the pack knows {known}")
+
+
+#: an original-layout UNet's cross-attention key projection: its input width is the text encoders' width
+CROSS_ATTENTION_K = "attn2.to_k.weight"
+
+
+def family_for_checkpoint(keys_and_shapes: dict[str, tuple[int, ...]]) -> Family:
+    """Recognise an original-layout (LDM) single-file checkpoint from its key names and shapes: the UNet's
+    cross-attention width and where its text encoders sit (``cond_stage_model.*`` or SDXL's
+    ``conditioner.embedders.N.*``)."""
+    unet = "model.diffusion_model."
+    k = next((k for k in keys_and_shapes if k.startswith(unet) and k.endswith(CROSS_ATTENTION_K)), None)
+    if k is None:
+        raise ValueError("not a Stable Diffusion 1.x, 2.x or XL checkpoint: it has no 'model.diffusion_model.*' UNet "
+                         "weights with cross-attention in the original layout (a LoRA, embedding or VAE file goes in "
+                         "its own folder; a diffusers model is a folder in models/diffusers)")
+    if any(x.startswith("edm_") for x in keys_and_shapes):
+        raise ValueError("this is an EDM checkpoint (Playground 2.5 or an EDM v-prediction model), which the pack "
+                         "cannot train: it trains epsilon and v-prediction models")
+    ctx = keys_and_shapes[k][1]
+    # a whole checkpoint's text encoders must sit where the family keeps them; a UNet alone (ComfyUI's MODEL) is
+    # told by its width
+    has_text_encoders = any(x.startswith(("cond_stage_model.", "conditioner.")) for x in keys_and_shapes)
+    for fam in FAMILIES.values():
+        if fam.text_encoder_files and fam.context_dim == ctx and (not has_text_encoders or all(
+                any(x.startswith(prefix) for x in keys_and_shapes) for _, prefix in fam.text_encoder_files)):
+            return fam
+    if ctx == 1280 and any(x.startswith("conditioner.embedders.0.model.") for x in keys_and_shapes):
+        raise ValueError("this is the SDXL refiner (one OpenCLIP text encoder, cross-attention width 1280), which "
+                         "the pack does not train; SDXL base models and their fine-tunes are supported")
+    known = ", ".join(f"{f.label} {f.context_dim}" for f in FAMILIES.values() if f.text_encoder_files)
+    raise ValueError(f"unrecognised checkpoint: cross-attention width {ctx} ({known})")

@@ -1,0 +1,143 @@
+"""One training, start to finish, the same from a node, the shell and torchrun: :func:`run_method` trains a method
+on a share of the model in a run folder, and each method's ``train_<method>`` (lora.train_lora,
+textual_inversion.train_textual_inversion, dreambooth.train_dreambooth, controlnet_training.train_controlnet) turns
+the loop's result into a :class:`Trained`: the tuned model, what was trained, and the log."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .distributed import SINGLE, Shard
+from .training import Callbacks, Method, TrainResult, train
+from ..model.model import FTModel
+from ..config.recipes import TrainConfig
+from ..runs.run_dir import RunDir, TrainingLog
+
+
+@dataclass
+class Trained:
+    """What a training gives back. When it was cancelled, ``model`` and ``result`` are None (the checkpoint is
+    written: resume the run)."""
+
+    model: FTModel | None
+    result: Any
+    run: TrainResult
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.run.cancelled
+
+    @property
+    def log(self) -> TrainingLog:
+        return TrainingLog.from_result(self.run)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.run_dir
+
+
+LABELS = {"lora": "LoRA", "textual_inversion": "Textual Inversion", "dreambooth": "DreamBooth",
+          "controlnet": "ControlNet"}
+
+
+def check_resume(run: RunDir, recipe: TrainConfig, model: FTModel) -> None:
+    """A resume must continue the same training: the same method, the same base model and the same shape of
+    trained weights. Every difference is named, with what the run had and what was asked."""
+    path = run.path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"resume_run {run.name!r} has no config.json: it is not a run this pack can resume")
+    legacy = json.loads(path.read_text())
+    if "format" not in legacy:  # a run of the pack before recipes: its checkpoints resume as they are
+        was = legacy.get("method")
+        if was is not None and was != recipe.method:
+            this = LABELS.get(recipe.method, recipe.method)
+            raise ValueError(f"resume_run {run.name!r} was {LABELS.get(was, was)}; resume it with the "
+                             f"{LABELS.get(was, was)} node (this is the {this} node)")
+        return
+    try:
+        from ..config.recipes import read_config
+
+        old, cfg = read_config(path)
+    except ValueError as e:
+        raise ValueError(f"resume_run {run.name!r}: {e}") from None
+    was = cfg.get("model", {})
+    if old.method != recipe.method:
+        raise ValueError(f"resume_run {run.name!r} was {LABELS.get(old.method, old.method)} on "
+                         f"{was.get('name', '?')}; resume it with the {LABELS.get(old.method, old.method)} node "
+                         f"(this is the {LABELS.get(recipe.method, recipe.method)} node)")
+    diffs = [f"{name} is {getattr(old, name)!r} in the run, {getattr(recipe, name)!r} here"
+             for name in recipe.shape if getattr(old, name) != getattr(recipe, name)]
+    if was.get("fingerprint") and was["fingerprint"] != model.fingerprint():
+        diffs.append(f"the run trained on {was.get('name', '?')} ({was.get('family', '?')}, weights "
+                     f"{was['fingerprint']}), this model is {model.name} ({model.family}, weights "
+                     f"{model.fingerprint()})")
+    if was.get("prediction_type") and was["prediction_type"] != model.prediction_type:
+        diffs.append(f"the run trained {was['prediction_type']}, this model predicts {model.prediction_type} "
+                     "(Load Base Model's prediction input)")
+    if diffs:
+        raise ValueError(f"resume_run {run.name!r} cannot continue with other settings: " + "; ".join(diffs)
+                         + ". Set them as the run had them, or start a new run (empty resume_run)")
+
+
+def run_method(method: Method, recipe: TrainConfig, model: FTModel, dataset, run: RunDir,
+               callbacks: Callbacks | None = None, shard: Shard = SINGLE, extra_config: dict | None = None,
+               work_on: FTModel | None = None, scorer=None) -> TrainResult:
+    """Train ``method`` on a share of ``model`` (never ``model`` itself: ComfyUI caches it; the share's frozen
+    weights are ``model``'s own tensors, and what trains is new or copied by the method) in ``run``, resuming when
+    the recipe names a run to resume (after :func:`check_resume`)."""
+    from ..families.registry import check_supported
+
+    check_supported(model, recipe)
+    if recipe.resume_run.strip():
+        check_resume(run, recipe, model)
+    return train(work_on if work_on is not None else model.share(), dataset, method, recipe, run, callbacks,
+                 resume=bool(recipe.resume_run.strip()), extra_config=extra_config, shard=shard, scorer=scorer)
+
+
+def result_metadata(res: TrainResult, resolution: int) -> dict:
+    return {"finetune_config": res.config, "steps": res.step, "resolution": [resolution, resolution]}
+
+
+def save_in_run(run: RunDir, stem: str, tensors: dict, metadata: dict[str, str]) -> Path | None:
+    """The trained file, also kept in the run folder (``<run>/<stem>.safetensors``), written by rank 0 only."""
+    if not run.writes:
+        return None
+    from ..runs.atomic import fsync_dir
+    from ..runs.export import write_safetensors
+
+    path = run.path / f"{stem}.safetensors"
+    new = path.with_name(path.name + ".new")
+    if new.exists():
+        new.unlink()
+    write_safetensors(new, tensors, metadata)
+    new.replace(path)  # a resumed run replaces its own earlier result, never anything else
+    fsync_dir(path.parent)
+    return path
+
+
+def settle(model: FTModel, base: FTModel, method: Method) -> FTModel:
+    """After training an offloaded ``base`` (its weights in CPU memory): the parts the method did not change share
+    ``base``'s weights again (their copies on the device go), the changed ones move to CPU memory, and the model is
+    offloaded like its base. Call it once the method's scaffolding is out (after ``method.result``)."""
+    if not base.offload:
+        return model
+    import gc
+
+    import torch
+
+    from ..model.deltas import share
+
+    changed = method.changed_parts()
+    for part in base.parts():
+        if part in changed:
+            getattr(model, part).to("cpu")
+        else:
+            setattr(model, part, share(getattr(base, part)))
+    model.offload = True
+    gc.collect()
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return model

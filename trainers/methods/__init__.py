@@ -1,0 +1,1 @@
+"""The training methods: what each trains, on top of the shared loop."""

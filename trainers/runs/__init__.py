@@ -1,0 +1,1 @@
+"""Run folders and the files a run writes: checkpoints, logs, reports, safetensors written atomically."""
