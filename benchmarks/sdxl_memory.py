@@ -19,7 +19,7 @@ auto lays it out on a GPU (fp16 weights, the VAE in fp32 since SDXL's overflows 
 bytes, as the CPU has no fp16 kernels), under bf16 autocast, with gradient checkpointing on (auto's choice for SDXL
 on a GPU) and every other input at FT_TrainLoRA's default. torch's profiler records every tensor allocation and
 free in the run, so the live bytes at each moment are known; what would be on the GPU is added from the run's own
-sequence (``trainers/loop.py`` and ``trainers/precision.py``: with ``offload`` auto the VAE and the text encoders
+sequence (``trainers/loop/training.py`` and ``trainers/loop/precision.py``: with ``offload`` auto the VAE and the text encoders
 visit the GPU first, the UNet joins them once the latents are cached, and the VAE and the text encoders leave once
 the captions' embeddings are cached too):
 

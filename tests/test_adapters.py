@@ -51,7 +51,7 @@ def test_no_module_of_the_pack_calls_a_peft_wrapper_of_diffusers_or_transformers
     mods = pack_modules()
     assert len(mods) > 20 and any(p.name == "lora.py" for p in mods)
     uses = [u for p in mods for u in wrapper_uses(p)]
-    assert not uses, "use peft's own API (trainers/adapters.py) instead of: " + "; ".join(uses)
+    assert not uses, "use peft's own API (trainers/adapters/tuners.py) instead of: " + "; ".join(uses)
 
 
 def test_the_scan_finds_a_wrapper_call(tmp_path):

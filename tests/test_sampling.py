@@ -194,7 +194,7 @@ def spied(toy, method: str, seen: list):
 @pytest.mark.parametrize("size,n,calls", [(32, 20, [20]), (512, 5, [4, 1]), (1024, 2, [1, 1])])
 def test_pictures_are_decoded_a_few_at_a_time_by_their_size(toy, size, n, calls):
     """The VAE's activations grow with every pixel of one call: 16 pictures at 1024 px in one decode would need
-    more memory than training (trainers/model.py VAE_PIXELS). Chunked, the pictures are the ones one call gives."""
+    more memory than training (trainers/model/model.py VAE_PIXELS). Chunked, the pictures are the ones one call gives."""
     from comfyui_finetune.trainers.sampling import decode
 
     seen = []

@@ -1,16 +1,16 @@
 """LoRA, LoHa, LoKr and DoRA: train with peft, export in the kohya / LyCORIS layout, apply live with a strength.
 
 Training attaches peft ``LoraConfig`` (``LoHaConfig``, ``LoKrConfig``) adapters to the UNet (and optionally the
-text encoder) with peft's own model-agnostic API (:mod:`.adapters`), never through diffusers' or transformers'
+text encoder) with peft's own model-agnostic API (:mod:`..adapters.tuners`), never through diffusers' or transformers'
 adapter wrappers. The result is kept as a :class:`LoRA` value holding the kohya-layout state dict that ComfyUI's
 LoraLoader, diffusers' ``load_lora_weights``, A1111 and Forge read:
 
     lora_unet_<diffusers module path, dots as underscores>.lora_down.weight / .lora_up.weight / .alpha
     lora_te_<transformers module path, dots as underscores>...
     (LoHa: .hada_w1_a / .hada_w1_b / .hada_w2_a / .hada_w2_b; LoKr: .lokr_w1[_a/_b] / .lokr_w2[_a/_b]; both .alpha;
-    DoRA: a LoRA's tensors plus .dora_scale, the input-axis magnitude of :mod:`.dora`)
+    DoRA: a LoRA's tensors plus .dora_scale, the input-axis magnitude of :mod:`..adapters.dora`)
 
-Applying a LoRA adds ``strength * alpha / rank * up @ down`` to each adapted weight live (:mod:`.deltas`): the
+Applying a LoRA adds ``strength * alpha / rank * up @ down`` to each adapted weight live (:mod:`..model.deltas`): the
 model it is applied to keeps its weights, and the result shares them instead of holding a merged copy.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """ControlNet: the value that flows on the canvas (``FT_CONTROLNET``) and a new one made from a base UNet.
 
-Files live in :mod:`.controlnet_files`, applying one while sampling in :mod:`.control`, training in
-:mod:`.controlnet_training`.
+Files live in :mod:`.files`, applying one while sampling in :mod:`.apply`, training in
+:mod:`...methods.controlnet`.
 
 A ControlNet is a trainable copy of the UNet's encoder that reads a condition image (edges, a scribble...) through a
 small convolutional embedding and adds its features to the frozen UNet's skip connections through zero-initialised
