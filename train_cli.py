@@ -73,7 +73,8 @@ class ShellCallbacks:
 
 def load_model(cfg: dict, device: str):
     """The base model config.json names, loaded as Load Base Model loads it, and checked against its fingerprint."""
-    from .nodes.models import load_base_model
+    from .nodes import host
+    from .trainers.model.sources import load_base_model
 
     ident = cfg.get("model", {})
     source = ident.get("source", "")
@@ -86,47 +87,58 @@ def load_model(cfg: dict, device: str):
                          "the graph (a LoRA or embedding applied, or an earlier training) before this run. Save that "
                          "model with Save Checkpoint, load it with Load Base Model and train from it to repeat the "
                          "run from the shell")
-    model = load_base_model(source, device, "auto", prediction=ident.get("prediction_type") or "auto")
+    model = load_base_model(source, device, "auto", prediction=ident.get("prediction_type") or "auto",
+                            resolve=host.model_path)  # the folders --models set (host.set_folders)
     if ident.get("fingerprint") and model.fingerprint() != ident["fingerprint"]:
         raise ValueError(f"config.json: model.fingerprint {ident['fingerprint']} does not match {source!r} as it is "
                          f"now ({model.fingerprint()}): the file changed since the run, or --models points elsewhere")
     return model
 
 
+def _dataset(cfg: dict, dataset, extra: dict) -> tuple:
+    """Most methods train on the run's dataset alone."""
+    return dataset, {}
+
+
+def _dreambooth_inputs(cfg: dict, dataset, extra: dict) -> tuple:
+    """DreamBooth's subjects (each its instance pictures, by caption) and class sets, as the run folder kept them."""
+    from .trainers.methods.dreambooth import Subject
+
+    subjects = [Subject(dataset.with_options(examples=[e for e in dataset.examples
+                                                        if e.caption == s["instance_prompt"]]),
+                        s["instance_prompt"], s["class_prompt"]) for s in cfg.get("subjects", [])]
+    class_sets = [([p for p, _ in extra[k]], extra[k][0][1] if extra[k] else "")
+                  for k in sorted(extra, key=lambda k: int(k.split("-")[1]))]
+    return subjects, {"class_sets": class_sets, "instance": dataset}
+
+
+def _controlnet_inputs(cfg: dict, dataset, extra: dict) -> tuple:
+    """ControlNet's pictures; only a run that started from the UNet can be repeated (a given ControlNet is not
+    kept in the run folder)."""
+    init = cfg.get("controlnet", {}).get("init", "base UNet encoder")
+    if init != "base UNet encoder":
+        raise ValueError(f"config.json: controlnet.init is {init!r}: the run continued a ControlNet given in the "
+                         "graph, which the run folder does not keep; the shell repeats runs that start from the "
+                         "UNet")
+    return dataset, {}
+
+
+#: what a method's train function gets from the run folder (its data and keyword arguments), by method; the others
+#: get :func:`_dataset`
+SHELL_INPUTS = {"dreambooth": _dreambooth_inputs, "controlnet": _controlnet_inputs}
+
+
 def run_training(recipe, cfg: dict, src: Path, model, run, callbacks, shard, scorer=None):
-    """Call the method's train function with what the run folder kept."""
+    """Call the method's train function (trainers.config.recipes.METHODS) with what the run folder kept."""
+    from .trainers.config.recipes import METHODS
     from .trainers.runs.run_dir import read_dataset
 
     dataset, extra = read_dataset(src / "dataset")
     method = recipe.method
-    if method == "lora":
-        from .trainers.methods.lora import train_lora
-
-        return train_lora(recipe, model, dataset, run, callbacks, shard, scorer=scorer)
-    if method == "textual_inversion":
-        from .trainers.methods.textual_inversion import train_textual_inversion
-
-        return train_textual_inversion(recipe, model, dataset, run, callbacks, shard, scorer=scorer)
-    if method == "dreambooth":
-        from .trainers.methods.dreambooth import Subject, train_dreambooth
-
-        subjects = [Subject(dataset.with_options(examples=[e for e in dataset.examples
-                                                            if e.caption == s["instance_prompt"]]),
-                            s["instance_prompt"], s["class_prompt"]) for s in cfg.get("subjects", [])]
-        class_sets = [([p for p, _ in extra[k]], extra[k][0][1] if extra[k] else "")
-                      for k in sorted(extra, key=lambda k: int(k.split("-")[1]))]
-        return train_dreambooth(recipe, model, subjects, run, callbacks, shard, class_sets=class_sets,
-                                instance=dataset, scorer=scorer)
-    if method == "controlnet":
-        from .trainers.methods.controlnet import train_controlnet
-
-        init = cfg.get("controlnet", {}).get("init", "base UNet encoder")
-        if init != "base UNet encoder":
-            raise ValueError(f"config.json: controlnet.init is {init!r}: the run continued a ControlNet given in the "
-                             "graph, which the run folder does not keep; the shell repeats runs that start from the "
-                             "UNet")
-        return train_controlnet(recipe, model, dataset, run, callbacks, shard, scorer=scorer)
-    raise ValueError(f"config.json: method {method!r} has no shell training")
+    if method not in METHODS:
+        raise ValueError(f"config.json: method {method!r} has no shell training")
+    data, kwargs = SHELL_INPUTS.get(method, _dataset)(cfg, dataset, extra)
+    return METHODS[method].train(recipe, model, data, run, callbacks, shard, scorer=scorer, **kwargs)
 
 
 def main_train(args: argparse.Namespace) -> int:

@@ -1,7 +1,9 @@
-"""finetune/models: load a base model."""
+"""finetune/models: load a base model (the loading itself is the library's trainers.model.sources; this node
+lists ComfyUI's model folders and passes its folder lookup)."""
 from __future__ import annotations
 
-from ..trainers.toy.loader import TOY_SOURCE as TOY, TOY_XL_SOURCE as TOY_XL  # the built-ins' names, once
+from ..trainers.model.sources import BUILTINS, OFFLOAD, PREDICTION
+from ..trainers.toy.loader import TOY_SOURCE as TOY  # the built-in toy's name: the node's default
 from . import host
 from .base import COMBO, HIDDEN, ROOT_CATEGORY, torch_call
 
@@ -10,8 +12,8 @@ DTYPES = ["auto", "fp32", "fp16", "bf16"]
 
 
 def base_model_choices() -> list[str]:
-    """The toy first, then diffusers folders and single-file checkpoints from ComfyUI's model folders."""
-    return ([TOY, TOY_XL] + [f"diffusers/{n}" for n in host.list_models("diffusers", folders=True)]
+    """The built-in toys first, then diffusers folders and single-file checkpoints from ComfyUI's model folders."""
+    return (list(BUILTINS) + [f"diffusers/{n}" for n in host.list_models("diffusers", folders=True)]
             + [f"checkpoints/{n}" for n in host.list_models("checkpoints")])
 
 
@@ -27,45 +29,14 @@ def sd1_tokenizer_dir():
     return path if os.path.isfile(os.path.join(path, "vocab.json")) else None
 
 
-OFFLOAD = ["auto", "off"]
-PREDICTION = ["auto", "epsilon", "v_prediction"]  # auto + trainers.families.PREDICTIONS (tested)
-
-
 def load_base_model(model_name: str, device: str = "auto", dtype: str = "auto", offload: str = "auto",
                     prediction: str = "auto"):
-    """The model ``model_name`` names, remembering the name as its source (config.json records it). On a GPU with
-    ``offload`` auto its weights wait in CPU memory and visit the GPU while they run. ``prediction`` auto: what the
-    model predicts comes from its weights (a single file) or its scheduler config (a diffusers folder)."""
-    if offload not in OFFLOAD:
-        raise ValueError(f"offload {offload!r} is not one of {', '.join(OFFLOAD)}")
-    if prediction not in PREDICTION:
-        raise ValueError(f"prediction {prediction!r} is not one of {', '.join(PREDICTION)}")
-    model = _load(model_name, device, dtype, prediction, offload == "auto")  # offloaded: never all on the GPU
-    model.source = TOY if model_name in (TOY, "toy") else TOY_XL if model_name in (TOY_XL, "toy_xl") else model_name
-    return model
+    """The library's :func:`~..trainers.model.sources.load_base_model`, finding model files in ComfyUI's model
+    folders and single-file checkpoints' vocabulary in ComfyUI's own, when it runs inside ComfyUI."""
+    from ..trainers.model import sources
 
-
-def _load(model_name: str, device: str, dtype: str, prediction: str = "auto", offload: bool = False):
-    from ..trainers.model import loading
-
-    if model_name in (TOY, "toy", TOY_XL, "toy_xl"):
-        from ..trainers.toy.loader import load_toy_model, load_toy_xl_model
-
-        dev = loading.resolve_device(device)
-        model = (load_toy_model if model_name in (TOY, "toy") else load_toy_xl_model)()
-        if prediction not in ("auto", model.prediction_type):
-            which = "toy model" if model_name in (TOY, "toy") else "toy SDXL"
-            raise ValueError(f"prediction {prediction!r}: the built-in {which} was trained to predict "
-                             f"{model.prediction_type}; leave prediction on auto")
-        model.prediction_source = "the toy's own"
-        return model.to(dev, loading.resolve_dtype(dtype, dev, model.family), offload=offload)
-    kind, _, name = model_name.partition("/")
-    if kind == "diffusers" and name:
-        return loading.load_diffusers_folder(host.model_path("diffusers", name), device, dtype, prediction, offload)
-    if kind == "checkpoints" and name:
-        return loading.load_single_file(host.model_path("checkpoints", name), sd1_tokenizer_dir(), device, dtype,
-                                        prediction, offload)
-    raise ValueError(f"model_name {model_name!r} is not '{TOY}', 'diffusers/<folder>' or 'checkpoints/<file>'")
+    return sources.load_base_model(model_name, device, dtype, offload, prediction, resolve=host.model_path,
+                                   tokenizer_dir=sd1_tokenizer_dir)
 
 
 class FT_LoadBaseModel:

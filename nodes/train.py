@@ -1,5 +1,6 @@
-"""finetune/train: the training nodes. Each is thin: its inputs come from the method's recipe
-(trainers.recipes), it builds the recipe, calls the method's ``train_<method>`` in trainers/, and converts the result.
+"""finetune/train: the training nodes. Each is thin: it names its method (``METHOD``, an entry of
+trainers.config.recipes.METHODS), whose recipe gives its inputs; it builds the recipe, calls the method's train function
+in trainers/, and converts the result.
 Progress, events, previews and Cancel are wired to ComfyUI here (or to the fallback outside it)."""
 from __future__ import annotations
 
@@ -121,10 +122,44 @@ def chart_ui(log, limit: int = CHART_POINTS) -> dict:
 
 
 class Trainer:
-    """Base of the training nodes. ``execute`` returns the outputs (what Python callers use); ComfyUI calls
-    ``train``, which adds the node's ``ui``: the chart's loss history and the last validation pictures."""
+    """Base of the training nodes. ``METHOD`` names the node's entry of trainers.config.recipes.METHODS: its recipe
+    gives the inputs after the node's links (``LINKS``, ``OPTIONAL_LINKS``) and :meth:`recipe_from` builds it, and
+    its train function trains. ``execute`` returns the outputs (what Python callers use); ComfyUI calls ``train``,
+    which adds the node's ``ui``: the chart's loss history and the last validation pictures."""
 
     FUNCTION = "train"
+    METHOD: str = ""
+    LINKS: dict = {}
+    OPTIONAL_LINKS: dict = SCORER
+
+    @classmethod
+    def entry(cls):
+        """The node's method: its recipe, train function and label."""
+        from ..trainers.config.recipes import METHODS
+
+        return METHODS[cls.METHOD]
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return recipe_inputs(cls.entry().recipe, cls.LINKS, cls.OPTIONAL_LINKS, hidden=HIDDEN)
+
+    @classmethod
+    def recipe_from(cls, args: tuple, inputs: dict):
+        """The node's widget values as the method's recipe (range and choice errors name the input). ComfyUI passes
+        them by name; a Python caller may pass the required ones by position, in the node's order."""
+        recipe_cls = cls.entry().recipe
+        if len(args) > len(recipe_cls.required):
+            raise TypeError(f"{len(args)} positional values, but the node has {len(recipe_cls.required)} required "
+                            f"inputs after its links ({', '.join(recipe_cls.required)})")
+        given = dict(zip(recipe_cls.required, args))
+        twice = sorted(set(given) & set(inputs))
+        if twice:
+            raise TypeError(f"{', '.join(twice)} given both by position and by name")
+        return recipe_cls(**{k: v for k, v in {**given, **inputs}.items() if k in recipe_cls.options()})
+
+    def run_method(self, recipe, model, data, **kw):
+        """:func:`train_in_comfyui` with the node's train function."""
+        return train_in_comfyui(self.entry().train, recipe, model, data, **kw)
 
     @classmethod
     def VALIDATE_INPUTS(cls, gradient_checkpointing="auto"):
@@ -141,21 +176,8 @@ class Trainer:
         return {"ui": chart_ui(log), "result": out}
 
 
-def recipe_from(recipe_cls, args: tuple, inputs: dict):
-    """The node's widget values as the method's recipe (range and choice errors name the input). ComfyUI passes
-    them by name; a Python caller may pass the required ones by position, in the node's order."""
-    if len(args) > len(recipe_cls.required):
-        raise TypeError(f"{len(args)} positional values, but the node has {len(recipe_cls.required)} required "
-                        f"inputs after its links ({', '.join(recipe_cls.required)})")
-    given = dict(zip(recipe_cls.required, args))
-    twice = sorted(set(given) & set(inputs))
-    if twice:
-        raise TypeError(f"{', '.join(twice)} given both by position and by name")
-    return recipe_cls(**{k: v for k, v in {**given, **inputs}.items() if k in recipe_cls.options()})
-
-
 class FT_TrainLoRA(Trainer):
-    RECIPE = "lora"  # trainers.recipes.RECIPES: its inputs, config.json and the shell's train
+    METHOD = "lora"
     DESCRIPTION = ("Train a LoRA (low-rank adapter, through peft; or LyCORIS LoHa / LoKr, or DoRA, with the adapter "
                    "option) on a captioned dataset. Outputs the model with the LoRA applied, the LoRA itself (save it "
                    "with Save LoRA) and the training log. " + _COMMON)
@@ -165,25 +187,16 @@ class FT_TrainLoRA(Trainer):
     OUTPUT_TOOLTIPS = ("The base model with the trained LoRA applied (sharing the base's weights), ready for Sample.",
                        "The LoRA: connect Save LoRA to write it to models/loras, or Apply LoRA.",
                        "Loss per step, learning rate, timings and config: connect Loss Plot.")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        from ..trainers.config.recipes import LoRARecipe
-
-        return recipe_inputs(LoRARecipe, {"model": MODEL, "dataset": DATASET}, SCORER, hidden=HIDDEN)
+    LINKS = {"model": MODEL, "dataset": DATASET}
 
     @torch_call
     def execute(self, model, dataset, *args, **inputs):
-        from ..trainers.methods.lora import train_lora
-        from ..trainers.config.recipes import LoRARecipe
-
-        t = train_in_comfyui(train_lora, recipe_from(LoRARecipe, args, inputs), model, dataset,
-                             scorer=inputs.get("scorer"))
+        t = self.run_method(self.recipe_from(args, inputs), model, dataset, scorer=inputs.get("scorer"))
         return (t.model, t.result, t.log)
 
 
 class FT_TrainTextualInversion(Trainer):
-    RECIPE = "textual_inversion"  # trainers.recipes.RECIPES: its inputs, config.json and the shell's train
+    METHOD = "textual_inversion"
     DESCRIPTION = ("Textual Inversion: teach the model a new word (e.g. <my-cat>) from pictures, by learning only that "
                    "word's embedding vectors; every other weight stays exactly as it was. Outputs the model with the "
                    "word added, the embedding (save it with Save Embedding: ComfyUI's embedding:name, A1111 and "
@@ -194,22 +207,11 @@ class FT_TrainTextualInversion(Trainer):
     OUTPUT_TOOLTIPS = ("The model with the new word added, ready for Sample.",
                        "The learned vectors: connect Save Embedding or Apply Embedding.",
                        "Loss per step, learning rate, timings and config.")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        from ..trainers.config.recipes import TextualInversionRecipe
-
-        return recipe_inputs(TextualInversionRecipe,
-                             {"model": MODEL,
-                              "dataset": LINK("FT_DATASET", "Pictures of the concept.")}, SCORER, hidden=HIDDEN)
+    LINKS = {"model": MODEL, "dataset": LINK("FT_DATASET", "Pictures of the concept.")}
 
     @torch_call
     def execute(self, model, dataset, *args, **inputs):
-        from ..trainers.config.recipes import TextualInversionRecipe
-        from ..trainers.methods.textual_inversion import train_textual_inversion
-
-        t = train_in_comfyui(train_textual_inversion, recipe_from(TextualInversionRecipe, args, inputs), model,
-                             dataset, scorer=inputs.get("scorer"))
+        t = self.run_method(self.recipe_from(args, inputs), model, dataset, scorer=inputs.get("scorer"))
         return (t.model, t.result, t.log)
 
 
@@ -246,7 +248,7 @@ class FT_DreamBoothSubject:
 
 
 class FT_TrainDreamBooth(Trainer):
-    RECIPE = "dreambooth"  # trainers.recipes.RECIPES: its inputs, config.json and the shell's train
+    METHOD = "dreambooth"
     DESCRIPTION = ("DreamBooth: bind a rare identifier ('a sks dog') to a subject from a few pictures, as a LoRA or a "
                    "full fine-tune. With prior preservation each step also trains on class pictures ('a dog'), which "
                    "are generated from the base model when not given (and cached), so the class keeps its meaning. "
@@ -260,35 +262,26 @@ class FT_TrainDreamBooth(Trainer):
                        "Loss per step, learning rate, timings and config.",
                        "With pivotal tuning: the identifier's embedding; save it beside the LoRA with Save "
                        "Embedding (ComfyUI and A1111 then load both).")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        from ..trainers.config.recipes import DreamBoothRecipe
-
-        return recipe_inputs(
-            DreamBoothRecipe,
-            {"model": MODEL,
-             "dataset": LINK("FT_DATASET", "The instance pictures (ignored when subjects is connected).")},
-            {"class_dataset": LINK("FT_DATASET", "Your own class pictures (missing ones are generated)."),
-             "subjects": LINK("FT_SUBJECTS", "Several subjects from chained DreamBooth Subject nodes."), **SCORER},
-            hidden=HIDDEN)
+    LINKS = {"model": MODEL,
+             "dataset": LINK("FT_DATASET", "The instance pictures (ignored when subjects is connected).")}
+    OPTIONAL_LINKS = {"class_dataset": LINK("FT_DATASET", "Your own class pictures (missing ones are generated)."),
+                      "subjects": LINK("FT_SUBJECTS", "Several subjects from chained DreamBooth Subject nodes."),
+                      **SCORER}
 
     @torch_call
     def execute(self, model, dataset, *args, class_dataset=None, subjects=None, **inputs):
-        from ..trainers.methods.dreambooth import Subject, train_dreambooth
-        from ..trainers.config.recipes import DreamBoothRecipe
+        from ..trainers.methods.dreambooth import Subject
 
-        recipe = recipe_from(DreamBoothRecipe, args, inputs)
+        recipe = self.recipe_from(args, inputs)
         subs = list(subjects) if subjects else [Subject(dataset, recipe.instance_prompt.strip(),
                                                         recipe.class_prompt.strip(), class_dataset)]
-        t = train_in_comfyui(train_dreambooth, recipe, model, subs,
-                             class_cache=host.output_dir() / "finetune" / "class_images", progress=host.Progress,
-                             scorer=inputs.get("scorer"))
+        t = self.run_method(recipe, model, subs, class_cache=host.output_dir() / "finetune" / "class_images",
+                            progress=host.Progress, scorer=inputs.get("scorer"))
         return (t.model, t.result, t.log, t.extra.get("embedding"))
 
 
 class FT_TrainControlNet(Trainer):
-    RECIPE = "controlnet"  # trainers.recipes.RECIPES: its inputs, config.json and the shell's train
+    METHOD = "controlnet"
     DESCRIPTION = ("Train a ControlNet for a model: it starts as a copy of the model's UNet encoder with zero output "
                    "convolutions (so it changes nothing at first) and learns to make the picture follow a condition. "
                    "The condition of each training picture is made on the fly by the chosen preprocessor, or taken "
@@ -299,31 +292,21 @@ class FT_TrainControlNet(Trainer):
     RETURN_NAMES = ("control_net", "log")
     OUTPUT_TOOLTIPS = ("The trained ControlNet: connect Apply ControlNet or Save ControlNet.",
                        "Loss per step, learning rate, timings and config: connect Loss Plot.")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        from ..trainers.config.recipes import ControlNetRecipe
-
-        return recipe_inputs(
-            ControlNetRecipe,
-            {"model": LINK("FT_MODEL", "The base model the ControlNet is for (it stays frozen)."),
+    LINKS = {"model": LINK("FT_MODEL", "The base model the ControlNet is for (it stays frozen)."),
              "dataset": LINK("FT_DATASET", "Captioned training pictures; vary position and size, since the "
-                             "condition is what should carry the layout.")},
-            {"conditions": LINK("FT_DATASET", "Condition images paired with the training pictures by file name "
-                                "(any extension), instead of the preprocessor: load their folder with Load Image "
-                                "Dataset (its caption is not used; put any, e.g. 'condition')."),
-             "control_net": LINK("FT_CONTROLNET", "Continue training this ControlNet instead of starting from the "
-                                 "UNet."), **SCORER},
-            hidden=HIDDEN)
+                             "condition is what should carry the layout.")}
+    OPTIONAL_LINKS = {"conditions": LINK("FT_DATASET", "Condition images paired with the training pictures by file "
+                                         "name (any extension), instead of the preprocessor: load their folder with "
+                                         "Load Image Dataset (its caption is not used; put any, e.g. 'condition')."),
+                      "control_net": LINK("FT_CONTROLNET", "Continue training this ControlNet instead of starting "
+                                          "from the UNet."), **SCORER}
 
     @torch_call
     def execute(self, model, dataset, *args, conditions=None, control_net=None, **inputs):
-        from ..trainers.methods.controlnet import train_controlnet
         from ..trainers.data.dataset import pair_conditions
-        from ..trainers.config.recipes import ControlNetRecipe
 
-        recipe = recipe_from(ControlNetRecipe, args, inputs)
+        recipe = self.recipe_from(args, inputs)
         if conditions is not None:
             dataset = pair_conditions(dataset, conditions)
-        t = train_in_comfyui(train_controlnet, recipe, model, dataset, init=control_net, scorer=inputs.get("scorer"))
+        t = self.run_method(recipe, model, dataset, init=control_net, scorer=inputs.get("scorer"))
         return (t.result, t.log)

@@ -250,7 +250,7 @@ def test_metadata_with_windows_separators_matches(folders):
 
 # ------------------------------------------------------------------------------------------ numbers --
 def numeric_fields():
-    for method, cls in sorted(R.RECIPES.items()):
+    for method, cls in sorted((m, e.recipe) for m, e in R.METHODS.items()):
         for name, f in cls.options().items():
             if isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
                 yield method, name, f
@@ -261,7 +261,7 @@ NUMERIC = list(numeric_fields())
 
 @pytest.mark.parametrize("method, name, f", NUMERIC, ids=[f"{m}.{n}" for m, n, _ in NUMERIC])
 def test_every_numeric_option_refuses_nan_inf_and_out_of_range(method, name, f):
-    cls = R.RECIPES[method]
+    cls = R.METHODS[method].recipe
     for bad in (math.nan, math.inf, -math.inf):
         with pytest.raises(ValueError, match=rf"{name} must be (a finite number|a whole number)"):
             cls(**{name: bad})

@@ -14,7 +14,7 @@ from comfyui_finetune import NODE_CLASS_MAPPINGS
 from comfyui_finetune.nodes import host
 from comfyui_finetune.nodes import train as train_nodes
 from comfyui_finetune.nodes.datasets import FT_LoadImageDataset, FT_ToyDataset
-from comfyui_finetune.trainers.config.recipes import RECIPES, TrainConfig
+from comfyui_finetune.trainers.config.recipes import METHODS, TrainConfig
 from comfyui_finetune.trainers.runs.run_dir import TrainingLog
 
 PACK = Path(__file__).resolve().parent.parent
@@ -63,11 +63,11 @@ def test_chart_history_is_bounded_and_keeps_both_ends(folders):
 
 
 def test_advanced_options_are_folded_and_the_essentials_stay_in_view():
-    for cls in (c for c in NODE_CLASS_MAPPINGS.values() if getattr(c, "RECIPE", None)):
+    for cls in (c for c in NODE_CLASS_MAPPINGS.values() if getattr(c, "METHOD", None)):
         spec = cls.INPUT_TYPES()
         inputs = {**spec["required"], **spec["optional"]}
         folded = {n for n, s in inputs.items() if len(s) > 1 and s[1].get("advanced")}
-        recipe = RECIPES[cls.RECIPE]
+        recipe = METHODS[cls.METHOD].recipe
         assert folded == set(recipe.advanced), cls.__name__
         assert {"optimizer", "lr_scheduler", "grad_accum", "mixed_precision", "save_every"} <= folded
         for essential in ("steps", "learning_rate", "batch_size", "seed", "run_name", "validation_prompt",
@@ -76,7 +76,7 @@ def test_advanced_options_are_folded_and_the_essentials_stay_in_view():
         assert set(recipe.advanced) <= set(recipe.options()), cls.__name__
         shown = [n for n, s in inputs.items() if n not in folded and (isinstance(s[0], list) or s[0] in (
             "INT", "FLOAT", "STRING", "BOOLEAN"))]
-        assert len(shown) <= (14 if cls.RECIPE == "lora" else 20), f"{cls.__name__} shows {len(shown)} widgets"
+        assert len(shown) <= (14 if cls.METHOD == "lora" else 20), f"{cls.__name__} shows {len(shown)} widgets"
     assert set(TrainConfig.advanced) < set(TrainConfig.LOOP_OPTIONAL)
 
 

@@ -124,6 +124,14 @@ def test_the_library_never_imports_nodes_or_comfyui():
         assert not (others & COMFY), f"{name} imports {others & COMFY}"
 
 
+def test_the_shell_loads_models_through_the_library():
+    """train_cli uses nodes/ only for ComfyUI's folders (host); a model is loaded by trainers.model.sources."""
+    known = modules()
+    ours, _ = imports("train_cli", known["train_cli"], known)
+    assert {m for m in ours if m.split(".")[0] == "nodes"} <= {"nodes", "nodes.host"}
+    assert "trainers.model.sources" in ours
+
+
 def test_the_toy_weights_are_found_in_one_place():
     from comfyui_finetune.trainers.families.registry import TOY_WEIGHTS
     from comfyui_finetune.trainers.toy import WEIGHTS

@@ -17,14 +17,25 @@ def test_every_training_node_has_a_recipe():
     assert set(TRAINING_NODES) == {"FT_TrainLoRA", "FT_TrainTextualInversion", "FT_TrainDreamBooth",
                                    "FT_TrainControlNet"}
     for cls in TRAINING_NODES.values():
-        assert cls.RECIPE in R.RECIPES, cls
+        assert cls.METHOD in R.METHODS, cls
+
+
+def test_each_method_is_declared_once_in_the_table():
+    """METHODS: the recipe names the method, the train function is the method's own (imported when first asked),
+    the label is how people see it; every training node names its entry."""
+    for name, entry in R.METHODS.items():
+        assert entry.name == entry.recipe.method == name
+        assert callable(entry.train) and entry.train.__name__ == f"train_{name}"
+    assert len({e.label for e in R.METHODS.values()}) == len(R.METHODS)
+    assert R.label_of("textual_inversion") == "Textual Inversion" and R.label_of("unknown") == "unknown"
+    assert sorted(cls.METHOD for cls in TRAINING_NODES.values()) == sorted(R.METHODS)
 
 
 @pytest.mark.parametrize("node", sorted(TRAINING_NODES))
 def test_node_inputs_are_what_the_recipe_declares(node):
     """Names, order, types, defaults, ranges, choices and tooltips: nothing is typed twice, nothing drifts."""
     cls = TRAINING_NODES[node]
-    recipe = R.RECIPES[cls.RECIPE]
+    recipe = R.METHODS[cls.METHOD].recipe
     spec = cls.INPUT_TYPES()
     widgets = {sec: [n for n, s in spec[sec].items() if not (isinstance(s[0], str) and s[0].startswith("FT_"))]
                for sec in ("required", "optional")}
@@ -75,7 +86,7 @@ def test_recipes_module_imports_no_torch():
     import sys
 
     code = ("import sys, comfyui_finetune.trainers.config.recipes as r; r.LoRARecipe.options(); "
-            "print('torch' in sys.modules)")
+            "[(e.recipe.options(), e.label) for e in r.METHODS.values()]; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
 
@@ -90,9 +101,9 @@ def test_pack_version_is_the_pyproject_version():
     assert R.PACK_VERSION == pyproject["project"]["version"] == comfyui_finetune.__version__
 
 
-@pytest.mark.parametrize("method", sorted(R.RECIPES))
+@pytest.mark.parametrize("method", sorted(R.METHODS))
 def test_config_round_trip_gives_the_same_recipe(method):
-    cls = R.RECIPES[method]
+    cls = R.METHODS[method].recipe
     changed = {"steps": 77, "seed": 12345678901234, "learning_rate": 3e-4, "optimizer": "sgd",
                "validation_prompt": "a <b>red</b> circle"}
     recipe = cls(**changed)

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from comfyui_finetune.__main__ import main
 from comfyui_finetune.nodes.datasets import FT_ToyDataset
-from comfyui_finetune.nodes.train import FT_TrainLoRA, FT_TrainTextualInversion
+from comfyui_finetune.nodes.train import (FT_TrainControlNet, FT_TrainDreamBooth, FT_TrainLoRA,
+                                          FT_TrainTextualInversion)
 
 PACK = Path(__file__).resolve().parent.parent
 
@@ -107,6 +108,34 @@ def test_shell_refuses_what_it_cannot_repeat(toy, folders, tmp_path, capsys):
     assert "recipe.rank is not an option of textual_inversion" in capsys.readouterr().err
     assert shell(tmp_path / "nope.json") == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_shell_repeats_dreambooth_and_controlnet_runs(toy, folders, tmp_path, capsys):
+    """Every method of the table trains from the shell: DreamBooth with its subjects and class pictures as the run
+    folder kept them, ControlNet from the UNet (a run that continued a given ControlNet is refused)."""
+    db = dict(instance_prompt="a sks star", class_prompt="a star", prior_preservation=True, prior_loss_weight=1.0,
+              num_class_images=2, mode="lora", train_text_encoder=False, steps=2, learning_rate=1e-3, batch_size=1,
+              seed=3, run_name="db", rank=4)
+    *_, db_log, _ = FT_TrainDreamBooth().execute(toy, toy_set(n=2), **db)
+    cn = dict(preprocessor="canny", steps=2, learning_rate=1e-3, batch_size=2, seed=4, caption_dropout=0.5,
+              run_name="cn", low_threshold=0.1, high_threshold=0.2)
+    _, cn_log = FT_TrainControlNet().execute(toy, toy_set(), **cn)
+    for log in (db_log, cn_log):
+        node_run = run_of(folders, log)
+        assert shell(node_run / "config.json", "--out", tmp_path / "out", "--device", "cpu") == 0
+        shell_run = tmp_path / "out" / "finetune" / log.run
+        assert json.loads(capsys.readouterr().out)["status"] == "finished"
+        results = sorted(p.name for p in node_run.glob("*.safetensors"))
+        assert results and results == sorted(p.name for p in shell_run.glob("*.safetensors"))
+        for name in results:
+            same_tensors(node_run / name, shell_run / name)
+    cfg = json.loads((run_of(folders, cn_log) / "config.json").read_text())
+    cfg["controlnet"] = {**cfg.get("controlnet", {}), "init": "a ControlNet given in the graph"}
+    bad = tmp_path / "given" / "config.json"
+    shutil.copytree(run_of(folders, cn_log), bad.parent)
+    bad.write_text(json.dumps(cfg))
+    assert shell(bad, "--out", tmp_path / "out") == 2
+    assert "controlnet.init is 'a ControlNet given in the graph'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ torchrun --

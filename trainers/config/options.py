@@ -3,7 +3,8 @@ default, range, choices, help text and older spellings; :class:`Recipe` checks e
 with errors that name the input, and reads recorded values back. Imports no torch.
 
 Combo choices name a table of the library (``"loop.optimizers:OPTIMIZERS"``), read when first needed, so the lists are never
-copied and ComfyUI lists the nodes without loading the library.
+copied and ComfyUI lists the nodes without loading the library; :func:`library_object` reads such a name (methods'
+train functions are named so too, in :data:`.recipes.METHODS`).
 """
 from __future__ import annotations
 
@@ -37,13 +38,19 @@ def like(base: type, name: str, default: Any = MISSING, help: str | None = None,
     return field(default=f.default if default is MISSING else default, metadata=meta)
 
 
+def library_object(spec: str) -> Any:
+    """``"module:name"``: the object ``name`` of the library's module ``trainers.module``, imported when asked (a
+    choice table, a method's train function)."""
+    module, _, name = spec.partition(":")
+    library = __package__.rpartition(".")[0]  # the library (trainers/)
+    return getattr(importlib.import_module(f"{library}.{module}"), name)
+
+
 def choices_of(spec: str | tuple[str, ...] | None) -> list[str]:
     if spec is None:
         return []
     if isinstance(spec, str):
-        module, _, table = spec.partition(":")
-        library = __package__.rpartition(".")[0]  # "module:TABLE" names a table of the library (trainers/)
-        return list(getattr(importlib.import_module(f"{library}.{module}"), table))
+        return list(library_object(spec))  # "module:TABLE" names a table of the library
     return list(spec)
 
 

@@ -5,6 +5,7 @@ come a training node's inputs and tooltips (``nodes.base.recipe_inputs``), valid
 input (:meth:`Recipe.check`), the run's ``config.json`` (:func:`run_config`, written whole by the loop) and reading
 a config back into the same typed object (:func:`read_config`). :class:`TrainConfig` holds the options of the shared
 loop; each method's recipe extends it, overriding a shared option's default or help with :func:`like`.
+:data:`METHODS` declares each method once: its recipe, its train function and its label.
 
 The machinery (:func:`option`, :func:`like`, :class:`Recipe`) is in :mod:`.options`. This module imports no torch:
 ComfyUI lists the nodes without loading the library.
@@ -14,9 +15,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
-from .options import Recipe, _fmt, choices_of, like, option  # noqa: F401 - choices_of: the nodes read it here
+from .options import (Recipe, _fmt, choices_of, like, library_object,  # noqa: F401 - choices_of: the nodes read it
+                      option)
 
 #: the pack's version (== pyproject.toml, tested); written into every config.json
 PACK_VERSION = "0.1.0"
@@ -270,8 +272,39 @@ class ControlNetRecipe(TrainConfig):
             if self.preprocessor == "canny" else {}
 
 
-RECIPES: dict[str, type[TrainConfig]] = {r.method: r for r in (LoRARecipe, TextualInversionRecipe,
-                                                                DreamBoothRecipe, ControlNetRecipe)}
+# --------------------------------------------------------------------------------------------- the table --
+@dataclass(frozen=True)
+class MethodEntry:
+    """One training method, declared once: its recipe (which names it, ``recipe.method``), its train function as
+    ``"module:function"`` of the library (imported on first use, so the table loads no torch) and its label (how
+    nodes, errors and run listings name it to people). Training nodes name their entry (``METHOD = "lora"``); the
+    shell and config.json find it by the recorded method."""
+
+    recipe: type[TrainConfig]
+    train_function: str
+    label: str
+
+    @property
+    def name(self) -> str:
+        return self.recipe.method
+
+    @property
+    def train(self) -> Callable:
+        """``train_<method>(recipe, model, data, run, callbacks=None, shard=SINGLE, **kw) -> Trained``."""
+        return library_object(self.train_function)
+
+
+#: every training method, by the name config.json records
+METHODS: dict[str, MethodEntry] = {m.name: m for m in (
+    MethodEntry(LoRARecipe, "methods.lora:train_lora", "LoRA"),
+    MethodEntry(TextualInversionRecipe, "methods.textual_inversion:train_textual_inversion", "Textual Inversion"),
+    MethodEntry(DreamBoothRecipe, "methods.dreambooth:train_dreambooth", "DreamBooth"),
+    MethodEntry(ControlNetRecipe, "methods.controlnet:train_controlnet", "ControlNet"))}
+
+
+def label_of(method: str) -> str:
+    """How people see a method's name (``textual_inversion``: Textual Inversion); an unknown name as it is."""
+    return METHODS[method].label if method in METHODS else method
 
 
 # ------------------------------------------------------------------------------------------- config.json --
@@ -312,8 +345,8 @@ def read_config(config: dict | str | Path, method: str | None = None) -> tuple[T
         raise ValueError(f"{where}: pack.version {version} is newer than this pack ({PACK_VERSION}); update "
                          "comfyui-finetune to read it")
     name = config.get("method")
-    if name not in RECIPES:
-        raise ValueError(f"{where}: method {name!r} is not known; known methods: {', '.join(RECIPES)}")
+    if name not in METHODS:
+        raise ValueError(f"{where}: method {name!r} is not known; known methods: {', '.join(METHODS)}")
     if method is not None and name != method:
         raise ValueError(f"{where}: method is {name!r}, not {method!r}: this run was trained with the {name} node")
-    return RECIPES[name].from_dict(config["recipe"], where=f"{where}: recipe"), config
+    return METHODS[name].recipe.from_dict(config["recipe"], where=f"{where}: recipe"), config

@@ -12,7 +12,7 @@ from typing import Any
 from .distributed import SINGLE, Shard
 from .training import Callbacks, Method, TrainResult, train
 from ..model.model import FTModel
-from ..config.recipes import TrainConfig
+from ..config.recipes import TrainConfig, label_of
 from ..runs.run_dir import RunDir, TrainingLog
 
 
@@ -39,10 +39,6 @@ class Trained:
         return self.run.run_dir
 
 
-LABELS = {"lora": "LoRA", "textual_inversion": "Textual Inversion", "dreambooth": "DreamBooth",
-          "controlnet": "ControlNet"}
-
-
 def check_resume(run: RunDir, recipe: TrainConfig, model: FTModel) -> None:
     """A resume must continue the same training: the same method, the same base model and the same shape of
     trained weights. Every difference is named, with what the run had and what was asked."""
@@ -53,9 +49,8 @@ def check_resume(run: RunDir, recipe: TrainConfig, model: FTModel) -> None:
     if "format" not in legacy:  # a run of the pack before recipes: its checkpoints resume as they are
         was = legacy.get("method")
         if was is not None and was != recipe.method:
-            this = LABELS.get(recipe.method, recipe.method)
-            raise ValueError(f"resume_run {run.name!r} was {LABELS.get(was, was)}; resume it with the "
-                             f"{LABELS.get(was, was)} node (this is the {this} node)")
+            raise ValueError(f"resume_run {run.name!r} was {label_of(was)}; resume it with the "
+                             f"{label_of(was)} node (this is the {label_of(recipe.method)} node)")
         return
     try:
         from ..config.recipes import read_config
@@ -65,9 +60,9 @@ def check_resume(run: RunDir, recipe: TrainConfig, model: FTModel) -> None:
         raise ValueError(f"resume_run {run.name!r}: {e}") from None
     was = cfg.get("model", {})
     if old.method != recipe.method:
-        raise ValueError(f"resume_run {run.name!r} was {LABELS.get(old.method, old.method)} on "
-                         f"{was.get('name', '?')}; resume it with the {LABELS.get(old.method, old.method)} node "
-                         f"(this is the {LABELS.get(recipe.method, recipe.method)} node)")
+        raise ValueError(f"resume_run {run.name!r} was {label_of(old.method)} on "
+                         f"{was.get('name', '?')}; resume it with the {label_of(old.method)} node "
+                         f"(this is the {label_of(recipe.method)} node)")
     diffs = [f"{name} is {getattr(old, name)!r} in the run, {getattr(recipe, name)!r} here"
              for name in recipe.shape if getattr(old, name) != getattr(recipe, name)]
     if was.get("fingerprint") and was["fingerprint"] != model.fingerprint():
