@@ -167,10 +167,9 @@ def comfy_state(model) -> dict:
     adapters merged) in the model's own precision, without the rows Textual Inversion added to the token
     embedding (ComfyUI's CLIP has the fixed vocabulary of its family; its words come as embedding:<name>)."""
     from ..trainers.model.checkpoint import to_single_file
-    from ..trainers.families.registry import FAMILIES
 
-    if not FAMILIES[model.family].config:
-        raise ValueError(f"model: the {FAMILIES[model.family].label} has no ComfyUI equivalent; SD 1.x, 2.x and "
+    if not model.family.config:
+        raise ValueError(f"model: the {model.family.label} has no ComfyUI equivalent; SD 1.x, 2.x and "
                          "SDXL models do (save this one with Save Checkpoint as a diffusers folder)")
     state = to_single_file(model, model.dtype)
     base = model.tokenizer.vocab_size  # the vocabulary without added words (SDXL: both encoders share it)

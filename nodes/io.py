@@ -215,9 +215,7 @@ class FT_SaveCheckpoint:
         if format == SAVE_FORMATS[0]:
             root, rel = host.save_folder("checkpoints", filename)
             tensors = to_single_file(model, dt)
-            from ..trainers.families.registry import FAMILIES
-
-            meta = {"modelspec.architecture": FAMILIES[model.family].architecture,
+            meta = {"modelspec.architecture": model.family.architecture,
                     "finetune_history": json.dumps(model.history)}
             path = save_unique(root / rel.parent, rel.name, tensors, meta)
         else:

@@ -236,7 +236,7 @@ def test_single_file_checkpoint_written_by_comfyui_loads_in_the_pack(server, ran
         assert "checkpoints/random15.safetensors" in FT_LoadBaseModel.INPUT_TYPES()["required"]["model_name"][0]
     finally:
         host._fallback.update(before)
-    assert model.family == "sd15"
+    assert model.family.name == "sd15"
     for name in ("unet", "vae", "text_encoder"):
         ours, ref = getattr(model, name).state_dict(), getattr(random_sd15, name).state_dict()
         shared = [k for k in ref if k in ours]
@@ -390,7 +390,7 @@ def test_sd2_single_file_checkpoint_loads_in_comfyui_and_back(server, tmp_path):
     server.post("/free", {"unload_models": True, "free_memory": True})
     path = server.base / "models" / "checkpoints" / name
     back = loading.load_single_file(path, tok_dir, "cpu", "fp32")
-    assert back.family == "sd2"
+    assert back.family.name == "sd2"
     # what it predicts, told from the weights as ComfyUI tells it: a fresh model's norm biases are zero (no spread),
     # as in the 512 px base models (epsilon); the same file with a wide spread there is read as a 768 px v model
     assert (back.prediction_type, back.native_size) == ("epsilon", 512), back.describe()

@@ -89,7 +89,7 @@ def make(base) -> dict:
     t = time.time()
     model = loading.load_single_file(path, comfyui_path() / "comfy" / "sd1_tokenizer", "cpu", "bf16")
     times["load the file (bf16)"] = time.time() - t
-    assert model.family == "sdxl" and model.native_size == 1024 and model.prediction_type == "epsilon"
+    assert model.family.name == "sdxl" and model.native_size == 1024 and model.prediction_type == "epsilon"
     ds = FT_DatasetFromImages().execute(torch.rand(2, 64, 64, 3), "a photo of sks", resolution=64)[0]
     t = time.time()
     trained, lora, _ = FT_TrainLoRA().execute(model, ds, steps=1, learning_rate=1e-4, batch_size=1, rank=4,
@@ -275,7 +275,7 @@ def test_a_checkpoint_written_by_comfyui_loads_in_the_pack_with_every_weight_equ
     (comfy,) = sorted((server.base / "output" / "checkpoints").glob("ft_comfy_sdxl*.safetensors"))
     server.free()
     model = loading.load_single_file(comfy, comfyui_path() / "comfy" / "sd1_tokenizer", "cpu", "bf16")
-    assert model.family == "sdxl"
+    assert model.family.name == "sdxl"
     ours = to_single_file(model, torch.bfloat16)
     del model
     release()

@@ -51,7 +51,7 @@ def test_every_family_says_what_the_files_and_samplers_need():
     for fam in FAMILIES.values():
         assert fam.base_model_version and fam.class_cfg > 0, fam.name
         if fam.config:  # a family with shipped configs is read and written as a single file
-            from comfyui_finetune.trainers.model.checkpoint import TEXT_ENCODER_LAYOUTS
+            from comfyui_finetune.trainers.families.ldm import TEXT_ENCODER_LAYOUTS
 
             assert fam.text_encoder_files and fam.architecture, fam.name
             assert all(layout in TEXT_ENCODER_LAYOUTS and prefix.endswith(".")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from comfyui_finetune.nodes.models import PREDICTION, FT_LoadBaseModel, load_base_model
-from comfyui_finetune.trainers.loop import objective as diffusion
+from comfyui_finetune.trainers.objectives import ddpm as diffusion
 from comfyui_finetune.trainers.families import registry as families
 from comfyui_finetune.trainers.model import loading
 

@@ -208,7 +208,9 @@ def test_gradient_checkpointing_reads_the_old_switch_and_auto_follows_the_family
             "gradient_checkpointing 'sometimes' is not known; choose one of: auto, on, off")
 
     def on(family, device, value):
-        model = types.SimpleNamespace(family=family, device=torch.device(device))
+        from comfyui_finetune.trainers.families.registry import FAMILIES
+
+        model = types.SimpleNamespace(family=FAMILIES[family], device=torch.device(device))
         return checkpointing(model, R.LoRARecipe(gradient_checkpointing=value))
 
     assert on("sdxl", "cuda", "auto") and not on("sdxl", "cpu", "auto")

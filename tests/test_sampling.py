@@ -21,7 +21,7 @@ def run_sample(model, **kw):
 
 def test_load_toy_node():
     (model,) = FT_LoadBaseModel().execute("toy (built-in)", "cpu", "auto")
-    assert model.family == "toy" and model.native_size == 32
+    assert model.family.name == "toy" and model.native_size == 32
     assert not any(p.is_inference() for p in model.unet.parameters())
 
 
@@ -129,7 +129,7 @@ def test_diffusers_folder_from_models_dir(folders, toy):
     choices = FT_LoadBaseModel.INPUT_TYPES()["required"]["model_name"][0]
     assert "diffusers/my-toy" in choices
     (model,) = FT_LoadBaseModel().execute("diffusers/my-toy", "cpu", "fp32")
-    assert model.family == "toy"
+    assert model.family.name == "toy"
     assert torch.equal(run_sample(model, seed=5), run_sample(toy, seed=5))
 
 

@@ -81,9 +81,9 @@ class Spy(Method):
         return [{"params": [self.p]}]
 
     def predict(self, model, noisy, t, context, batch):
-        self.seen.append((list(batch["captions"]), batch["time_ids"].tolist(), tuple(noisy.shape[-2:]),
+        self.seen.append((list(batch["captions"]), batch["framing"].tolist(), tuple(noisy.shape[-2:]),
                           batch["pixels"].detach().clone()))
-        return model.unet_forward(noisy, t, context, batch["time_ids"]) + self.p
+        return model.denoise(noisy, t, context, batch["framing"]) + self.p
 
     def trainable_state(self):
         return {"p": self.p}
@@ -109,7 +109,7 @@ def test_each_pictures_size_and_crop_reach_the_unet(random_xl, folders):
                        for i, (h, w) in enumerate(sizes)], name="sizes", resolution=32, bucketing=True)
     prepared = data.prepare(ds, 32, 4)  # the multiple the loop uses for this UNet (VAE 2x, two levels)
     expected = {}
-    for bucket, ids in prepared.time_ids.items():
+    for bucket, ids in prepared.framing.items():
         for row, cap in zip(ids.tolist(), prepared.captions[bucket]):
             expected[cap] = row
     h, w = sizes[0]
@@ -166,7 +166,7 @@ def test_a_lora_over_the_unet_and_both_encoders_uses_kohyas_sdxl_names(random_xl
         method, g = random_adapter(model, 2.0)
         x = torch.randn(2, 4, 16, 16, generator=g)
         with torch.no_grad():
-            want = model.unet_forward(x, torch.tensor([100, 700]), model.encode_prompts(["a sks star", "a cat"]))
+            want = model.denoise(x, torch.tensor([100, 700]), model.encode_prompts(["a sks star", "a cat"]))
         lora = method.result("xl", {})
     mods = lora.modules()
     assert {m.split("_")[1] for m in mods} == {"unet", "te1", "te2"}
@@ -175,8 +175,8 @@ def test_a_lora_over_the_unet_and_both_encoders_uses_kohyas_sdxl_names(random_xl
     assert "lora_te2_text_model_encoder_layers_1_mlp_fc2" in mods and not any("lora_te_" in m for m in mods)
     tuned = attach_lora(random_xl.share(), lora_from_state(lora.state, "again"), 1.0)
     with torch.no_grad():
-        got = tuned.unet_forward(x, torch.tensor([100, 700]), tuned.encode_prompts(["a sks star", "a cat"]))
-        base = random_xl.unet_forward(x, torch.tensor([100, 700]), random_xl.encode_prompts(["a sks star", "a cat"]))
+        got = tuned.denoise(x, torch.tensor([100, 700]), tuned.encode_prompts(["a sks star", "a cat"]))
+        base = random_xl.denoise(x, torch.tensor([100, 700]), random_xl.encode_prompts(["a sks star", "a cat"]))
     assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
     assert float((got - base).abs().max()) > 1e-3
 
@@ -226,7 +226,7 @@ def test_a_lora_teaches_the_toy_sdxl_a_concept_through_the_nodes(toy_xl, judge, 
     from test_lora import SEEDS, rate, toy_set, train
 
     (model,) = FT_LoadBaseModel().load("toy SDXL (built-in)")["result"]
-    assert model.family == "toy_xl" and model.text_encoder_2 is not None
+    assert model.family.name == "toy_xl" and model.text_encoder_2 is not None
     base = rate(toy_xl, judge, "a sks star", "purple", "star")
     tuned, lora, _ = train(model, toy_set(), train_text_encoder=True, steps=300)
     after = rate(tuned, judge, "a sks star", "purple", "star")
@@ -321,7 +321,7 @@ def test_a_full_sdxl_fine_tune_saves_as_a_diffusers_folder_that_loads_back(rando
         assert any(not torch.equal(a[k], b[k]) for k in b), f"{part} did not train"
     (name,) = FT_SaveCheckpoint().execute(tuned, "xl_full", "diffusers folder", "fp32")["result"]
     (back,) = FT_LoadBaseModel().load(f"diffusers/{name}")["result"]
-    assert back.family == "toy_xl" and back.text_encoder_2 is not None
+    assert back.family.name == "toy_xl" and back.text_encoder_2 is not None
     for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
         a, b = getattr(back, part).state_dict(), getattr(tuned, part).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b), part
@@ -426,13 +426,13 @@ def test_given_class_pictures_reach_the_unet_with_their_own_size_and_crop(toy_xl
     from comfyui_finetune.trainers.runs.run_dir import RunDir
 
     seen = []
-    real = FTModel.unet_forward
+    real = FTModel.denoise
 
-    def spy(self, x, t, context, time_ids=None, **kw):
-        seen.append(time_ids.tolist())
-        return real(self, x, t, context, time_ids, **kw)
+    def spy(self, x, t, context=None, framing=None, **kw):
+        seen.append(framing.tolist())
+        return real(self, x, t, context, framing, **kw)
 
-    monkeypatch.setattr(FTModel, "unet_forward", spy)
+    monkeypatch.setattr(FTModel, "denoise", spy)
     stars = FT_ToyDataset().execute("purple", "star", 2, "a sks star", 0, "narrow")[0]
     wide = Dataset([Example(np.zeros((32, 64, 3), np.uint8), "a star", "wide")])
     recipe = DreamBoothRecipe(steps=1, batch_size=1, seed=0, num_class_images=1, instance_prompt="a sks star",

@@ -41,7 +41,7 @@ def test_an_sdxl_single_file_round_trips_bit_exact_with_the_original_names(mini)
     assert family_for_checkpoint({k: tuple(v.shape) for k, v in state.items()}).name == "sdxl"
     n = len(state)
     back = model_from_single_file_state(dict(state), "back", TOY_TOKENIZER, "cpu", "fp32", config_dir=cfg)
-    assert back.family == "sdxl" and back.prediction_type == "epsilon" and back.native_size == 1024
+    assert back.family.name == "sdxl" and back.prediction_type == "epsilon" and back.native_size == 1024
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
         a, b = getattr(back, part).state_dict(), getattr(model, part).state_dict()
         assert a.keys() == b.keys(), part
@@ -190,7 +190,7 @@ def test_the_pooled_embedding_is_the_end_of_texts_with_a_new_token_in_the_prompt
     add_token(model, "<new>", torch.randn(1, widths[0]), torch.randn(1, widths[1]))
     prompt = "a <new> thing"
     with torch.no_grad():
-        got = model.encode_prompts([prompt])[0, -1, :model.pooled_dim]
+        got = model.encode_prompts([prompt])[0, -1, :model.family.pooled_dim(model)]
         ids = model.tokenize([prompt], model.tokenizer_2)
         hidden = model.text_encoder_2(ids).last_hidden_state[0]
         end = int((ids[0] == model.tokenizer_2.eos_token_id).nonzero()[0])
@@ -205,7 +205,6 @@ def test_an_offloaded_load_never_puts_a_weight_on_the_gpu(mini, monkeypatch):
     take it off again). Here torch pretends a GPU is there: any weight sent to it raises, as this build has none."""
     from comfyui_finetune.nodes.models import load_base_model
     from comfyui_finetune.trainers.model.checkpoint import to_single_file
-    from comfyui_finetune.trainers.families.registry import FAMILIES
     from comfyui_finetune.trainers.model.loading import DTYPES, model_from_single_file_state
     from comfyui_finetune.trainers.toy.loader import TOY_XL_SOURCE
 
@@ -216,7 +215,7 @@ def test_an_offloaded_load_never_puts_a_weight_on_the_gpu(mini, monkeypatch):
                                            borrowed=True, offload=True),
               load_base_model(TOY_XL_SOURCE, "auto", "auto", "auto")):
         assert m.device.type == "cuda" and m.offload
-        assert m.dtype == DTYPES[FAMILIES[m.family].gpu_dtype]  # auto's dtype on a GPU (SDXL fp16, the toys fp32)
+        assert m.dtype == DTYPES[m.family.gpu_dtype]  # auto's dtype on a GPU (SDXL fp16, the toys fp32)
         for name, part in m.parts().items():
             assert {(p.device.type, p.dtype) for p in part.parameters()} == {("cpu", m.part_dtype(name))}, name
     assert model_from_single_file_state(dict(state), "fp16", TOY_TOKENIZER, "auto", "auto", config_dir=cfg,

@@ -10,32 +10,14 @@ from typing import Callable, Iterator
 
 import torch
 
+from .families.sd import SAMPLERS  # noqa: F401  (the samplers the nodes list: the UNet families')
 from .model.deltas import cached
 from .model.model import vae_chunk
 
 log = logging.getLogger(__name__)
 
-#: sampler name -> (diffusers scheduler class, extra config). Node combos list these keys.
-SAMPLERS: dict[str, tuple[str, dict]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-}
-
-
 class Cancelled(Exception):
     """Raised inside a loop when its ``should_stop`` callback says so."""
-
-
-def make_scheduler(scheduler_config: dict, sampler: str):
-    import diffusers
-
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler {sampler!r} is not known; choose one of: {', '.join(SAMPLERS)}")
-    cls_name, extra = SAMPLERS[sampler]
-    cfg = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
-    return getattr(diffusers, cls_name).from_config(cfg, **extra)
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -88,12 +70,12 @@ def sample(
     width, height = check_size(model, width, height)
     use_cfg = cfg != 1.0
     try:
-        with torch.no_grad(), model.placed(("text_encoder", "text_encoder_2")) as here, cached():
+        with torch.no_grad(), model.placed(model.text_parts) as here, cached():
             cond = here.encode_prompts(list(prompts)).to(here.dtype)
             if use_cfg:
                 uncond = here.encode_prompts([negative_prompt] * len(seeds)).to(here.dtype)
                 cond = torch.cat([uncond, cond])
-        with model.placed(("unet",)) as here:
+        with model.placed((model.family.denoiser_part,)) as here:
             latents = denoise(here, cond, seeds, steps, cfg, sampler, width, height, on_step, should_stop, controls,
                               resize_mode)
         with model.placed(("vae",)) as here:
@@ -141,7 +123,7 @@ def denoise(model, context, seeds, steps, cfg, sampler, width, height, on_step, 
             resize_mode) -> torch.Tensor:
     """The latents :func:`sample` decodes: ``context`` holds the negative prompts' rows first when ``cfg`` != 1."""
     use_cfg = cfg != 1.0
-    scheduler = make_scheduler(model.scheduler_config, sampler)
+    scheduler = model.family.scheduler(model, sampler)
     scheduler.set_timesteps(steps, device=model.device)
     dev, dt = model.device, model.dtype
     context = context.to(dev)
@@ -164,10 +146,10 @@ def denoise(model, context, seeds, steps, cfg, sampler, width, height, on_step, 
         kw = model.conditioning(x, context)
         if prepared:
             down, mid = residuals(prepared, x, t, kw, i, total)
-            pred = model.unet(x, t, down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                              **kw).sample
+            pred = model.denoise(x, t, conditioning=kw, down_block_additional_residuals=down,
+                                 mid_block_additional_residual=mid)
         else:
-            pred = model.unet(x, t, **kw).sample
+            pred = model.denoise(x, t, conditioning=kw)
         if use_cfg:
             p_u, p_c = pred.chunk(2)
             pred = p_u + cfg * (p_c - p_u)
@@ -187,6 +169,6 @@ def decode(model, latents: torch.Tensor) -> torch.Tensor:
     out = []
     for part in latents.split(n):
         with torch.autocast(part.device.type, enabled=False):
-            img = model.vae.decode((part / model.vae.config.scaling_factor).to(model.vae.dtype)).sample
+            img = model.vae.decode(model.latent_format.to_vae(part).to(model.vae.dtype)).sample
         out.append((img.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu())
     return torch.cat(out).contiguous()

@@ -334,9 +334,9 @@ class Prepared:
     masks: dict[tuple[int, int], "object"] = field(default_factory=dict)
     captions: dict[tuple[int, int], list[str]] = field(default_factory=dict)
     index: list[tuple[tuple[int, int], int]] = field(default_factory=list)  # one entry per (repeated) example
-    #: SDXL's time ids, bucket -> (N, 6): original height and width, crop top and left (in the scaled picture),
-    #: target height and width
-    time_ids: dict[tuple[int, int], "object"] = field(default_factory=dict)
+    #: where each picture came from, bucket -> (N, 6): original height and width, crop top and left (in the scaled
+    #: picture), target height and width (SDXL is conditioned on it: its time ids)
+    framing: dict[tuple[int, int], "object"] = field(default_factory=dict)
 
 
 def prepare(dataset: Dataset, native_size: int, multiple: int) -> Prepared:
@@ -360,7 +360,7 @@ def prepare(dataset: Dataset, native_size: int, multiple: int) -> Prepared:
                 side = max(multiple, (min(h, w) // multiple) * multiple)
             bh = bw = side
         img = resize_cover(e.image, bh, bw)
-        out.time_ids.setdefault((bh, bw), []).append(torch.tensor([h, w, *cover(h, w, bh, bw)[2:], bh, bw],
+        out.framing.setdefault((bh, bw), []).append(torch.tensor([h, w, *cover(h, w, bh, bw)[2:], bh, bw],
                                                                   dtype=torch.float32))
         t = torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1
         out.pixels.setdefault((bh, bw), []).append(t)
@@ -372,7 +372,7 @@ def prepare(dataset: Dataset, native_size: int, multiple: int) -> Prepared:
             m = np.full((h, w), 255, np.uint8) if e.mask is None else e.mask
             m = resize_cover(np.repeat(m[..., None], 3, axis=2), bh, bw)[..., :1]
             out.masks.setdefault((bh, bw), []).append(torch.from_numpy(m).permute(2, 0, 1).float() / 255)
-    for store in (out.pixels, out.conditions, out.masks, out.time_ids):
+    for store in (out.pixels, out.conditions, out.masks, out.framing):
         for b in store:
             store[b] = torch.stack(store[b])
     for b, caps in out.captions.items():

@@ -1,72 +1,15 @@
-"""Model families: what differs between the toys, SD 1.x, SD 2.x and SDXL lives here and nowhere else.
+"""The families the pack knows, and how a model is recognised as one of them.
 
-Adding a family is one new :class:`Family` entry plus its shipped config folder, its key maps and its tests; the
-trainers and nodes ask this registry instead of branching on a family's name.
+Each entry is an instance of its lineage's class (:class:`~.sd.SD`, :class:`~.sdxl.SDXL`) with its facts; the
+trainers and nodes ask a model's family object (``model.family``), never a family's name.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-#: the toy's shipped weights (trainers/toy/weights), whose folders carry their own configs
-TOY_WEIGHTS = Path(__file__).resolve().parents[1] / "toy" / "weights"
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    label: str
-    #: folder under the pack's configs/ holding a diffusers layout without weights (None: not single-file)
-    config: str | None
-    native_size: int
-    #: text-encoder width = the UNet's cross_attention_dim, used to recognise a model
-    context_dim: int
-    #: dtype for sampling and frozen weights on a GPU
-    gpu_dtype: str = "fp16"
-    #: what a single file's weights predict: state dict -> "epsilon" or "v_prediction" (None: the shipped config's)
-    detect: Callable[[dict[str, Any]], str] | None = None
-    #: native size per prediction type, where it differs from native_size (SD 2.x: the 512 px base models predict
-    #: epsilon, the 768 px models v)
-    sizes: tuple[tuple[str, int], ...] = ()
-
-    #: the text encoders in a single-file checkpoint, in the model's order: (layout, key prefix), the layout "clip"
-    #: (transformers' names, SD 1.x) or "open_clip" (OpenCLIP's fused resblocks, SD 2.x and SDXL's second encoder);
-    #: empty: the family has no single-file layout (save a diffusers folder)
-    text_encoder_files: tuple[tuple[str, str], ...] = ()
-    #: modelspec.architecture of its single-file checkpoints
-    architecture: str = ""
-    #: kohya's ss_base_model_version in its LoRA files (A1111 and the LoRA browsers group by it)
-    base_model_version: str = ""
-    #: guidance of the class pictures DreamBooth generates from it
-    class_cfg: float = 7.0
-    #: its VAE overflows in fp16 (SDXL's; its config says force_upcast): it stays in fp32 beside an fp16 model
-    vae_upcast: bool = False
-    #: its UNet's activations at native size outgrow a 10-12 GB GPU (SDXL's: a LoRA at 1024 px, batch 1): training
-    #: with gradient_checkpointing "auto" turns checkpointing on for it on a GPU
-    checkpointing_on_gpu: bool = False
-    #: what the pack cannot train on this family yet: (method, or "method:mode", the reason)
-    not_yet: tuple[tuple[str, str], ...] = ()
-
-    def size_for(self, prediction: str) -> int:
-        return dict(self.sizes).get(prediction, self.native_size)
-
-    @property
-    def config_dir(self) -> Path | None:
-        return CONFIGS / self.config if self.config else None
-
-    def unet_config(self) -> dict[str, Any]:
-        """The shipped diffusers config of this family's UNet (empty for the toys, whose folders carry theirs)."""
-        import json
-
-        return json.loads((self.config_dir / "unet" / "config.json").read_text()) if self.config_dir else {}
-
-    @property
-    def controlnet_config(self) -> Path:
-        """The diffusers config of this family's ControlNets (the toy's: its shipped toy ControlNet's)."""
-        return (self.config_dir or TOY_WEIGHTS) / "controlnet" / "config.json"
+from .base import CONFIGS, TOY_WEIGHTS, Family  # noqa: F401  (where the pack's configs and toy weights are)
+from .sd import SD
+from .sdxl import SDXL
 
 
 #: prediction types a model may have (the scheduler's prediction_type); FT_LoadBaseModel's "auto" detects it
@@ -99,35 +42,29 @@ SDXL_ENCODERS = (("clip", "conditioner.embedders.0.transformer."), ("open_clip",
 
 
 FAMILIES: dict[str, Family] = {
-    "toy": Family("toy", "built-in toy model (32x32 shapes)", None, 32, 64, gpu_dtype="fp32",
+    "toy": SD("toy", "built-in toy model (32x32 shapes)", None, 32, 64, gpu_dtype="fp32",
                   base_model_version="finetune_toy", class_cfg=4.0),
-    "toy_xl": Family("toy_xl", "built-in toy SDXL (32x32 shapes, two text encoders)", None, 32, 160,
+    "toy_xl": SDXL("toy_xl", "built-in toy SDXL (32x32 shapes, two text encoders)", None, 32, 160,
                      gpu_dtype="fp32", base_model_version="finetune_toy_xl", class_cfg=4.0),
-    "sd15": Family("sd15", "Stable Diffusion 1.x", "sd15", 512, 768, detect=lambda state: "epsilon",
+    "sd15": SD("sd15", "Stable Diffusion 1.x", "sd15", 512, 768, detect=lambda state: "epsilon",
                    text_encoder_files=(CLIP_L,), architecture="stable-diffusion-v1", base_model_version="sd_v1"),
-    "sd2": Family("sd2", "Stable Diffusion 2.x", "sd2", 768, 1024, detect=sd2_prediction,
+    "sd2": SD("sd2", "Stable Diffusion 2.x", "sd2", 768, 1024, detect=sd2_prediction,
                   sizes=(("epsilon", 512), ("v_prediction", 768)), text_encoder_files=(OPEN_CLIP,),
                   architecture="stable-diffusion-v2", base_model_version="sd_v2"),
-    "sdxl": Family("sdxl", "Stable Diffusion XL", "sdxl", 1024, 2048, detect=sdxl_prediction,
+    "sdxl": SDXL("sdxl", "Stable Diffusion XL", "sdxl", 1024, 2048, detect=sdxl_prediction,
                    text_encoder_files=SDXL_ENCODERS, architecture="stable-diffusion-xl-v1-base",
                    base_model_version="sdxl_base_v1-0", class_cfg=5.0, vae_upcast=True,
                    checkpointing_on_gpu=True),
 }
 
 
+#: every prefix a LoRA file of a known family starts its module names with
+LORA_PREFIXES = tuple(sorted({p for fam in FAMILIES.values() for p in fam.lora_prefixes.values()}))
+
+
 def check_supported(model, recipe) -> None:
     """Refuse, by name, a training the pack cannot do on ``model``'s family yet (before any work is done)."""
-    fam = FAMILIES.get(model.family)
-    if fam is None or not fam.not_yet:
-        return
-    wanted = {recipe.method}
-    if getattr(recipe, "mode", "") == "full":
-        wanted.add(f"{recipe.method}:full")
-    if getattr(recipe, "pivotal_tuning", False):
-        wanted.add(f"{recipe.method}:pivotal")
-    for what, why in fam.not_yet:
-        if what in wanted:
-            raise ValueError(f"{what.replace(':', ' ')} on {fam.label} is not supported yet: {why}")
+    model.family.check_supported(recipe)
 
 
 def family_for_unet(unet_config) -> Family:

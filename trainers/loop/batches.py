@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import objective as diffusion
+from ..objectives.base import randn
 from ..data.augment import augment_batch
 from ..data.dataset import Dataset, Prepared, process_caption
 from .distributed import Shard
@@ -58,7 +58,7 @@ class Encoder:
     def __init__(self, model: FTModel, dataset: Dataset, method, prepared: Prepared, g: torch.Generator,
                  shard: Shard):
         self.model, self.dataset, self.method, self.p, self.g, self.shard = model, dataset, method, prepared, g, shard
-        self.sf = model.vae.config.scaling_factor
+        self.latent_format = model.latent_format
         self.cache_latents = dataset.augment is None
         self.latents = encode_latent_dists(model, prepared.pixels) if self.cache_latents else {}
         self.text: dict[str, torch.Tensor] = {}
@@ -103,16 +103,16 @@ class Encoder:
         px = self.p.pixels[b][idx]
         cond = self.p.conditions[b][idx] if self.p.conditions else None
         mask = self.p.masks[b][idx] if self.p.masks else None
-        time_ids = shard.take(self.p.time_ids[b][idx]) if self.p.time_ids else None  # SDXL: each picture's own
+        framing = shard.take(self.p.framing[b][idx]) if self.p.framing else None  # each picture's own
         if self.cache_latents:
             mean, std = self.latents[b]
             mine = shard.take(idx)
-            eps = diffusion.randn(mean[mine].shape, self.g, shard).to(mean.device)
-            return ((mean[mine] + std[mine] * eps) * self.sf).to(model.dtype), \
+            eps = randn(mean[mine].shape, self.g, shard).to(mean.device)
+            return self.latent_format.to_model(mean[mine] + std[mine] * eps).to(model.dtype), \
                 {"pixels": shard.take(px), "conditions": None if cond is None else shard.take(cond),
-                 "masks": None if mask is None else shard.take(mask), "time_ids": time_ids}
+                 "masks": None if mask is None else shard.take(mask), "framing": framing}
         moved = [t for t in (cond, mask) if t is not None]  # crops and flips move them with the picture
-        geometry = {} if time_ids is not None else None
+        geometry = {} if framing is not None else None
         if moved:
             px, both = augment_batch(px, self.dataset.augment, self.g, condition=torch.cat(moved, dim=1),
                                      geometry=geometry)
@@ -123,25 +123,26 @@ class Encoder:
         else:
             px = augment_batch(px, self.dataset.augment, self.g, geometry=geometry)
         if geometry is not None:
-            time_ids = shard.take(augmented_time_ids(self.p.time_ids[b][idx], geometry))
+            framing = shard.take(augmented_framing(self.p.framing[b][idx], geometry))
         px = shard.take(px)
         with torch.no_grad():
             dist = model.vae.encode(px.to(model.vae.device, model.vae.dtype)).latent_dist
-            eps = diffusion.randn(dist.mean.shape, self.g, shard).to(dist.mean.device, dist.mean.dtype)
-        latents = ((dist.mean + dist.std * eps) * self.sf).to(model.dtype)
-        return latents, {"pixels": px, "conditions": cond, "masks": mask, "time_ids": time_ids}
+            eps = randn(dist.mean.shape, self.g, shard).to(dist.mean.device, dist.mean.dtype)
+        latents = self.latent_format.to_model(dist.mean + dist.std * eps).to(model.dtype)
+        return latents, {"pixels": px, "conditions": cond, "masks": mask, "framing": framing}
 
 
-def augmented_time_ids(time_ids: torch.Tensor, geometry: dict) -> torch.Tensor:
-    """SDXL's time ids (original h, w, crop top, left, target h, w) after a flip and a resized crop
+def augmented_framing(framing: torch.Tensor, geometry: dict) -> torch.Tensor:
+    """Pictures' framing (original h, w, crop top, left, target h, w; SDXL's time ids) after a flip and a resized
+    crop
     (:func:`augment_batch`'s ``geometry``). The picture was the centred (target) window of the original scaled to
     cover it; a flip mirrors that window in the scaled picture, and a crop of (hc, wc) resized back to the target
     is the same as scaling the picture target / hc times more and taking the target window at the crop's corner.
     The original size stays the original's."""
     from ..data.dataset import cover
 
-    out = time_ids.clone()
-    for i, (oh, ow, top, left, th, tw) in enumerate(time_ids.tolist()):
+    out = framing.clone()
+    for i, (oh, ow, top, left, th, tw) in enumerate(framing.tolist()):
         nh, nw = cover(int(oh), int(ow), int(th), int(tw))[:2]
         if geometry["flipped"][i]:
             left = nw - left - tw

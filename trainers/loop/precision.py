@@ -9,7 +9,6 @@ import logging
 import torch
 
 from ..data.dataset import Dataset
-from ..families.registry import FAMILIES
 from ..model.model import FTModel
 from ..config.recipes import TrainConfig
 
@@ -53,9 +52,9 @@ def gpu_options(model: FTModel, cfg: TrainConfig) -> None:
     if model.device.type != "cuda":
         return
     if cfg.channels_last:
-        model.unet.to(memory_format=torch.channels_last)
+        model.denoiser.to(memory_format=torch.channels_last)
     if cfg.torch_compile:
-        model.unet.compile()
+        model.denoiser.compile()
 
 
 def checkpointing(model: FTModel, cfg: TrainConfig) -> bool:
@@ -63,7 +62,7 @@ def checkpointing(model: FTModel, cfg: TrainConfig) -> bool:
     family needs it on a GPU, ``Family.checkpointing_on_gpu``: SDXL; off on the CPU, where memory is rarely short
     and the recomputation costs a third more time)."""
     if cfg.gradient_checkpointing == "auto":
-        return model.device.type == "cuda" and FAMILIES[model.family].checkpointing_on_gpu
+        return model.device.type == "cuda" and model.family.checkpointing_on_gpu
     return cfg.gradient_checkpointing == "on"
 
 
@@ -73,15 +72,15 @@ def enable_checkpointing(model: FTModel, method, cfg: TrainConfig) -> None:
         return
     if cfg.gradient_checkpointing == "auto":
         log.info("gradient checkpointing on (gradient_checkpointing auto: %s on %s; set it to off for speed where "
-                 "memory allows)", model.family, model.device)
-    model.unet.enable_gradient_checkpointing()
+                 "memory allows)", model.family.label, model.device)
+    model.denoiser.enable_gradient_checkpointing()
     if method.trains_text_encoder:
         for te in model.text_encoders:
             # non-reentrant: the frozen embeddings give the first segment no input that needs a gradient, and the
             # reentrant form (transformers 4.x's default) then passes the encoder's LoRA none
             te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for m in method.train_modules(model):
-        if m is not model.unet and m not in model.text_encoders and hasattr(m, "enable_gradient_checkpointing"):
+        if m is not model.denoiser and m not in model.text_encoders and hasattr(m, "enable_gradient_checkpointing"):
             m.enable_gradient_checkpointing()
 
 
@@ -118,7 +117,7 @@ def place_for_training(model: FTModel) -> dict:
         return {}
     from ..model.deltas import share
 
-    home = {name: share(m) for name, m in model.parts().items() if name != "unet"}
+    home = {name: share(m) for name, m in model.parts().items() if name != model.family.denoiser_part}
     for m in home:
         getattr(model, m).to(model.device)
     return home
@@ -127,7 +126,7 @@ def place_for_training(model: FTModel) -> dict:
 def place_unet(model: FTModel, home: dict) -> None:
     """The UNet of an offloaded model (``home`` from :func:`place_for_training`) joins the rest on the device."""
     if home:
-        model.unet.to(model.device)
+        model.denoiser.to(model.device)
 
 
 def release_frozen(model: FTModel, enc, method, dataset: Dataset, home: dict) -> list[str]:
@@ -147,10 +146,9 @@ def release_frozen(model: FTModel, enc, method, dataset: Dataset, home: dict) ->
         with torch.no_grad():
             extra = {cap for pics in method.extra_sets().values() for _, cap in pics}  # DreamBooth's class prompts
             enc.text_embeddings(sorted(enc.closed_captions() | extra))
-        model.text_encoder = home["text_encoder"]
-        if "text_encoder_2" in home:
-            model.text_encoder_2 = home["text_encoder_2"]
-        left.append("text encoders" if "text_encoder_2" in home else "text encoder")
+        for name in model.text_parts:
+            setattr(model, name, home[name])
+        left.append("text encoders" if len(model.text_parts) > 1 else "text encoder")
     gc.collect()
     if model.device.type == "cuda":
         torch.cuda.empty_cache()

@@ -67,7 +67,7 @@ def check_resume(run: RunDir, recipe: TrainConfig, model: FTModel) -> None:
              for name in recipe.shape if getattr(old, name) != getattr(recipe, name)]
     if was.get("fingerprint") and was["fingerprint"] != model.fingerprint():
         diffs.append(f"the run trained on {was.get('name', '?')} ({was.get('family', '?')}, weights "
-                     f"{was['fingerprint']}), this model is {model.name} ({model.family}, weights "
+                     f"{was['fingerprint']}), this model is {model.name} ({model.family.name}, weights "
                      f"{model.fingerprint()})")
     if was.get("prediction_type") and was["prediction_type"] != model.prediction_type:
         diffs.append(f"the run trained {was['prediction_type']}, this model predicts {model.prediction_type} "

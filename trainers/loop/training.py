@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 import torch
 
-from . import objective as diffusion, optimizers, validation
+from ..objectives.base import Objective, diffusion_loss
+from . import optimizers, validation
 from ..data import masks
 from .batches import Batches, Encoder
 from ..data.dataset import Dataset, prepare
@@ -90,39 +91,38 @@ class Method:
 
     def train_modules(self, model: FTModel) -> list[torch.nn.Module]:
         """Modules to put in train mode (default: those holding trainable parameters)."""
-        return [model.unet, *model.text_encoders] if self.trains_text_encoder else [model.unet]
+        return [model.denoiser, *model.text_encoders] if self.trains_text_encoder else [model.denoiser]
 
     def predict(self, model: FTModel, noisy, t, context, batch: dict):
         """The model's prediction for ``noisy`` at ``t`` (a ControlNet adds its residuals here)."""
-        return model.unet_forward(noisy, t, context, batch.get("time_ids"))
+        return model.denoise(noisy, t, context, batch.get("framing"))
 
     def sample_kwargs(self) -> dict:
         """Extra arguments of validation sampling (a ControlNet passes its condition)."""
         return {}
 
-    def loss(self, model: FTModel, latents, context, noise_sched, g, cfg: TrainConfig, batch: dict):
+    def loss(self, model: FTModel, latents, context, objective: Objective, g, cfg: TrainConfig, batch: dict):
         """The denoising loss of one batch; methods with extra terms (prior preservation, ControlNet) override.
         ``batch["shard"]`` is this process's part of a distributed run: draw through it; ``batch["encode_text"]``
         embeds more captions the way the loop does (cached while the text encoder is frozen)."""
-        noisy, t, target = self.noised(latents, noise_sched, g, cfg, batch)
+        noisy, t, target = self.noised(latents, objective, g, cfg, batch)
         pred = self.predict(model, noisy, t, context, batch)
-        return self.loss_of(pred, target, t, noise_sched, cfg, batch)
+        return self.loss_of(pred, target, t, objective, cfg, batch)
 
-    def noised(self, latents, noise_sched, g, cfg: TrainConfig, batch: dict):
-        """(noisy latents, timesteps, target) of one batch: its noise and timesteps drawn from ``g``."""
-        shard = batch.get("shard")
-        noise = diffusion.sample_noise(latents, g, cfg.noise_offset, shard=shard)
-        t = diffusion.sample_timesteps(latents.shape[0], noise_sched, g, latents.device, shard=shard)
-        return noise_sched.add_noise(latents, noise, t), t, diffusion.target_for(noise_sched, latents, noise, t)
+    def noised(self, latents, objective: Objective, g, cfg: TrainConfig, batch: dict):
+        """(noisy latents, timesteps, target) of one batch: its noise and timesteps drawn from ``g`` by the model's
+        objective."""
+        return objective.noised(latents, g, cfg.noise_offset, shard=batch.get("shard"))
 
-    def loss_of(self, pred, target, t, noise_sched, cfg: TrainConfig, batch: dict):
-        """The loss of a prediction: min-SNR weights per timestep, and the batch's masks where it has them."""
-        w = diffusion.min_snr_weights(noise_sched, t, cfg.snr_gamma) if cfg.snr_gamma else None
+    def loss_of(self, pred, target, t, objective: Objective, cfg: TrainConfig, batch: dict):
+        """The loss of a prediction: the objective's weights per timestep (min-SNR), and the batch's masks where it
+        has them."""
+        w = objective.weights(t, cfg)
         mask = batch.get("masks")
         px_w = None if mask is None else masks.latent_weights(mask.to(pred.device), pred.shape[-2:],
                                                                 cfg.unmasked_weight)
-        return diffusion.diffusion_loss(pred, target, weights=w, loss_type=cfg.loss, huber_delta=cfg.huber_delta,
-                                        pixel_weights=px_w)
+        return diffusion_loss(pred, target, weights=w, loss_type=cfg.loss, huber_delta=cfg.huber_delta,
+                              pixel_weights=px_w)
 
     def extra_sets(self) -> dict[str, list]:
         """Pictures the method trains on beside the dataset (name -> list of (uint8 picture, caption)); they are
@@ -211,8 +211,6 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
     (on rank 0) the loop writes a checkpoint at the current step and returns with ``cancelled=True``. ``cfg.batch_size``
     is per process: the global batch of a distributed run is ``batch_size × shard.world``.
     """
-    from diffusers import DDPMScheduler
-
     from . import distributed
 
     cb = callbacks or Callbacks()
@@ -237,13 +235,13 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
     opt, sched = optimizers.make(groups, cfg)
     ema = EMA(params, cfg.ema_decay, cfg.ema_start, cfg.ema_every) if cfg.ema_decay else None
     autocast, scaler = autocast_for(model, cfg)
-    noise_sched = DDPMScheduler.from_config(model.scheduler_config)
+    objective = model.objective()
     ddp = None
     if shard.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         tes = model.text_encoders if method.trains_text_encoder else []  # frozen ones may leave the device
-        trainable = _Trainable([model.unet, *tes, *method.train_modules(model)])
+        trainable = _Trainable([model.denoiser, *tes, *method.train_modules(model)])
         # SDXL reads its first encoder's penultimate layer: the last one trains nothing, which DDP must be told
         ddp = DistributedDataParallel(trainable, broadcast_buffers=False, find_unused_parameters=len(tes) > 1,
                                       device_ids=[model.device.index] if model.device.type == "cuda" else None)
@@ -336,7 +334,7 @@ def train(model: FTModel, dataset: Dataset, method: Method, cfg: TrainConfig, ru
                 def compute():
                     with autocast:
                         context = enc.text_embeddings(caps)
-                        return method.loss(model, latents, context, noise_sched, g, cfg, batch)
+                        return method.loss(model, latents, context, objective, g, cfg, batch)
 
                 sync = ddp is None or micro == cfg.grad_accum - 1
                 with (contextlib.nullcontext() if sync else ddp.no_sync()):

@@ -73,10 +73,10 @@ class ControlNetMethod(Method):
         cond = self.condition(batch).to(noisy.device, noisy.dtype)
         if self.validation_condition is None:
             self.validation_condition = cond[:1].detach().float().cpu().permute(0, 2, 3, 1)
-        kw = model.conditioning(noisy, context, batch.get("time_ids"))
+        kw = model.conditioning(noisy, context, batch.get("framing"))
         down, mid = self.cn.net(noisy, t, controlnet_cond=cond, return_dict=False, **kw)
-        return model.unet(noisy, t, down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                          **kw).sample
+        return model.denoise(noisy, t, conditioning=kw, down_block_additional_residuals=down,
+                             mid_block_additional_residual=mid)
 
     def sample_kwargs(self) -> dict:
         if self.validation_condition is None:

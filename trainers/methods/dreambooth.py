@@ -19,10 +19,10 @@ import torch
 
 from ..data.dataset import Dataset, Example, prepare
 from ..loop.distributed import SINGLE, Shard
-from ..families.registry import FAMILIES
 from .lora import LoRAMethod, attach_lora
 from ..loop.batches import encode_latent_dists
 from ..loop.training import Callbacks, Method
+from ..objectives.base import randn
 from ..model.model import FTModel
 from ..config.recipes import DreamBoothRecipe, TrainConfig
 from ..runs.run_dir import RunDir
@@ -87,7 +87,7 @@ def instance_dataset(subjects: list[Subject]) -> Dataset:
 
 # ------------------------------------------------------------------------------------------ class pictures --
 def model_fingerprint(model: FTModel) -> str:
-    h = hashlib.sha256(f"{model.family}|{model.name}|{json.dumps(model.history, default=str)}".encode())
+    h = hashlib.sha256(f"{model.family.name}|{model.name}|{json.dumps(model.history, default=str)}".encode())
     with torch.no_grad():
         for p in list(model.unet.parameters())[:4] + list(model.text_encoder.parameters())[:2]:
             h.update(np.ascontiguousarray(p.detach().float().cpu().numpy()).tobytes()[:4096])
@@ -114,7 +114,7 @@ def class_images(model: FTModel, prompt: str, count: int, resolution: int, seed:
     pics: list[np.ndarray] = []
     with torch.no_grad():  # fewer at once when the GPU runs out of memory: the same pictures (a seed each)
         for imgs in sample_in_chunks(model, prompt, [seed + i for i in range(count)], batch, steps=25,
-                                     cfg=FAMILIES[model.family].class_cfg, width=resolution, height=resolution):
+                                     cfg=model.family.class_cfg, width=resolution, height=resolution):
             pics += [(im.numpy() * 255).round().astype(np.uint8) for im in imgs]
             if on_progress:
                 on_progress(len(pics), count)
@@ -151,12 +151,14 @@ class FullMethod(Method):
             setattr(model, name, materialize(getattr(model, name)))
 
     def changed_parts(self) -> tuple[str, ...]:
-        return ("unet", "text_encoder", "text_encoder_2") if self.trains_text_encoder else ("unet",)
+        fam = self.model.family
+        return (fam.denoiser_part, *fam.text_parts) if self.trains_text_encoder else (fam.denoiser_part,)
 
     def _modules(self):
         parts = self.model.parts()
-        return [(n, m) for n, m in parts.items() if n == "unet" or (self.trains_text_encoder and
-                                                                     n.startswith("text_encoder"))]
+        fam = self.model.family
+        return [(n, m) for n, m in parts.items() if n == fam.denoiser_part or (self.trains_text_encoder and
+                                                                                n in fam.text_parts)]
 
     def param_groups(self, cfg: TrainConfig) -> list[dict]:
         groups = []
@@ -219,7 +221,7 @@ class DreamBoothMethod(Method):
         bucket = next(iter(prep.pixels))
         self.class_latents = encode_latent_dists(model, prep.pixels)[bucket]
         self.class_captions = prep.captions[bucket]
-        self.class_time_ids = prep.time_ids[bucket]  # a given class picture's own size and crop (SDXL)
+        self.class_framing = prep.framing[bucket]  # a given class picture's own size and crop
 
     def param_groups(self, cfg):
         return self.inner.param_groups(cfg)
@@ -236,34 +238,30 @@ class DreamBoothMethod(Method):
     def after_step(self):
         self.inner.after_step()
 
-    def loss(self, model, latents, context, noise_sched, g, cfg, batch):
+    def loss(self, model, latents, context, objective, g, cfg, batch):
         if self.class_latents is None or self.lam == 0:
-            return super().loss(model, latents, context, noise_sched, g, cfg, batch)
-        from ..loop import objective as diffusion
-
-        noisy, t, target = self.noised(latents, noise_sched, g, cfg, batch)
+            return super().loss(model, latents, context, objective, g, cfg, batch)
+        noisy, t, target = self.noised(latents, objective, g, cfg, batch)
         mean, std = self.class_latents
         shard = batch.get("shard") or SINGLE
         idx = shard.take(torch.randint(len(mean), (latents.shape[0] * shard.world,), generator=g))
-        eps = diffusion.randn(mean[idx].shape, g, shard).to(mean.device)  # the class latents are on the device
-        cl = ((mean[idx] + std[idx] * eps) * model.vae.config.scaling_factor).to(latents.device, latents.dtype)
+        eps = randn(mean[idx].shape, g, shard).to(mean.device)  # the class latents are on the device
+        cl = model.latent_format.to_model(mean[idx] + std[idx] * eps).to(latents.device, latents.dtype)
         ctx = batch["encode_text"]([self.class_captions[i] for i in idx.tolist()]).to(context.dtype)
-        cbatch = {**batch, "masks": None, "time_ids": self.class_time_ids[idx]}
-        cnoisy, ct, ctarget = self.noised(cl, noise_sched, g, cfg, cbatch)
-        if cl.shape[1:] == latents.shape[1:]:  # one UNet call on instance + class pictures, as diffusers' script does
-            ids = None
-            if model.conditioned_on_time_ids:
-                own = batch.get("time_ids")
-                ids = torch.cat([model.whole_time_ids(latents) if own is None else own.float().cpu(),
-                                 cbatch["time_ids"]])
+        cbatch = {**batch, "masks": None, "framing": self.class_framing[idx]}
+        cnoisy, ct, ctarget = self.noised(cl, objective, g, cfg, cbatch)
+        if cl.shape[1:] == latents.shape[1:]:  # one denoiser call on instance + class pictures, as diffusers' does
+            own = batch.get("framing")
+            framing = torch.cat([model.whole_framing(latents) if own is None else own.float().cpu(),
+                                 cbatch["framing"]])
             both = self.predict(model, torch.cat([noisy, cnoisy]), torch.cat([t, ct]), torch.cat([context, ctx]),
-                                {**batch, "time_ids": ids})
+                                {**batch, "framing": framing})
             pred, cpred = both[:len(latents)], both[len(latents):]
         else:  # the instance bucket is not the class pictures' size
             pred = self.predict(model, noisy, t, context, batch)
             cpred = self.predict(model, cnoisy, ct, ctx, cbatch)
-        return (self.loss_of(pred, target, t, noise_sched, cfg, batch)
-                + self.lam * self.loss_of(cpred, ctarget, ct, noise_sched, cfg, cbatch))
+        return (self.loss_of(pred, target, t, objective, cfg, batch)
+                + self.lam * self.loss_of(cpred, ctarget, ct, objective, cfg, cbatch))
 
 
 def make_inner(mode: str, train_text_encoder: bool, rank: int, alpha: float, targets: str,

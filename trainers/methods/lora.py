@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters import tuners as adapters, dora
+from ..families.registry import LORA_PREFIXES
+from ..families.sd import sd_lora_key
 from ..model.deltas import DecomposedDelta, HadamardDelta, KroneckerDelta, LowRankDelta, attach
 from ..loop.distributed import SINGLE, Shard
 from ..loop.training import Callbacks, Method
@@ -37,9 +39,6 @@ TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                                     "proj_out", "conv1", "conv2", "conv_shortcut", "time_emb_proj"),
                                    ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")),
 }
-PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-#: SDXL's two text encoders (kohya's sd-scripts, ComfyUI, A1111/Forge and diffusers read these)
-PREFIX_XL = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 #: adapter kinds (peft's own configs) and what each is for; all save under kohya names that ComfyUI's LoraLoader,
 #: A1111/Forge and LyCORIS read
 KINDS = {
@@ -74,21 +73,10 @@ class LoRA:
 
 
 def kohya_key(part: str, module_path: str, model: FTModel | None = None) -> str:
-    """The kohya name of a module. Text-encoder paths are spelled as transformers 4 named them
-    (``text_model.encoder.layers...``): transformers 5 dropped the ``text_model`` level, the file format did not.
-    An SDXL-architecture ``model`` names its encoders ``lora_te1_`` / ``lora_te2_`` and its UNet modules by their
-    original (LDM) block names (``lora_unet_input_blocks_4_1_...``), as kohya's sd-scripts writes SDXL LoRAs."""
-    if part.startswith("text_encoder") and not module_path.startswith("text_model."):
-        module_path = "text_model." + module_path
-    if model is None or model.text_encoder_2 is None:
-        return PREFIX[part] + module_path.replace(".", "_")
-    if part == "unet":
-        from ..model.checkpoint import unet_key
-
-        cfg = model.unet.config
-        module_path = unet_key(module_path + ".weight", cfg.layers_per_block,
-                               ["CrossAttn" in t for t in cfg.up_block_types])[:-len(".weight")]
-    return PREFIX_XL[part] + module_path.replace(".", "_")
+    """The kohya name of a module of ``part``, as ``model``'s family writes it in LoRA files (SD 1.x's names when no
+    model is given): SD's ``lora_unet_<diffusers path>`` / ``lora_te_...``, SDXL's ``lora_te1_`` / ``lora_te2_`` and
+    original (LDM) UNet block names, as kohya's sd-scripts writes them."""
+    return sd_lora_key(part, module_path) if model is None else model.family.lora_key(model, part, module_path)
 
 
 def kohya_names(module: torch.nn.Module, part: str, model: FTModel | None = None) -> dict[str, torch.nn.Module]:
@@ -140,9 +128,9 @@ class LoRAMethod(Method):
 
     def _parts(self, model: FTModel | None = None) -> list[tuple[str, torch.nn.Module]]:
         model = model or self.model
-        parts = [("unet", model.unet)]
-        if self.trains_text_encoder:  # SDXL: both encoders
-            parts += [(n, m) for n, m in model.parts().items() if n.startswith("text_encoder")]
+        parts = [(model.family.denoiser_part, model.denoiser)]
+        if self.trains_text_encoder:  # every text encoder (SDXL: both)
+            parts += [(n, getattr(model, n)) for n in model.text_parts]
         return parts
 
     def setup(self, model: FTModel) -> None:
@@ -152,7 +140,7 @@ class LoRAMethod(Method):
         self.check_rank(model)
         unet_t, te_t = TARGETS[self.targets]
         for part, mod in self._parts():
-            targets = list(unet_t if part == "unet" else te_t)
+            targets = list(unet_t if part == model.family.denoiser_part else te_t)
             if self.kind == "loha":
                 cfg = LoHaConfig(r=self.rank, alpha=self.alpha, target_modules=targets)
             elif self.kind == "lokr":
@@ -178,7 +166,7 @@ class LoRAMethod(Method):
                     cap = max(cap, min(int(w.shape[0]), int(w[0].numel())))
         if cap and self.rank > cap:
             raise ValueError(f"rank {self.rank} is larger than any layer the LoRA adapts: the widest of this "
-                             f"{model.family} model's '{self.targets}' layers has rank {cap}, so a higher rank only "
+                             f"{model.family.name} model's '{self.targets}' layers has rank {cap}, so a higher rank only "
                              f"adds weights that cannot learn more; use a rank of at most {cap} (4-32 is usual)")
 
     def param_groups(self, cfg: TrainConfig) -> list[dict]:
@@ -284,7 +272,7 @@ def attach_lora(model: FTModel, lora: LoRA, strength: float = 1.0) -> FTModel:
     prefixes = sorted({k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in lora.state})
     unknown = [p for p in prefixes if p not in targets]
     if unknown:
-        raise ValueError(f"LoRA {lora.name!r} does not fit this {model.family} model: {len(unknown)} of its "
+        raise ValueError(f"LoRA {lora.name!r} does not fit this {model.family.name} model: {len(unknown)} of its "
                          f"{len(prefixes)} modules are not in it (e.g. {', '.join(unknown[:3])}). Was it trained "
                          "for another base model?")
     deltas = []
@@ -343,7 +331,7 @@ def lora_from_state(state: dict[str, torch.Tensor], name: str, metadata: dict | 
     """A LoRA, LoHa, LoKr or DoRA file in the kohya / LyCORIS layout (``lora_unet_*`` / ``lora_te_*`` module names)."""
     known = (".lora_down.weight", ".lora_up.weight", ".alpha", f".{dora.SUFFIX}")
     known += tuple(f".{x}" for xs in SUFFIXES.values() for x in xs)
-    bad = [k for k in state if not k.startswith(tuple({*PREFIX.values(), *PREFIX_XL.values()}))
+    bad = [k for k in state if not k.startswith(LORA_PREFIXES)
            or not k.endswith(known)]
     if not state or bad:
         raise ValueError(f"{name}: not a kohya-layout SD LoRA, LoHa, LoKr or DoRA (expected keys lora_unet_*/lora_te_* "

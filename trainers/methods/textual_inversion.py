@@ -54,11 +54,8 @@ def vector_tokens(token: str, n: int) -> list[str]:
 
 
 def encoders(model: FTModel) -> list[tuple[torch.nn.Module, object]]:
-    """(text encoder, its tokenizer) pairs: one, or SDXL's two."""
-    pairs = [(model.text_encoder, model.tokenizer)]
-    if model.text_encoder_2 is not None:
-        pairs.append((model.text_encoder_2, model.tokenizer_2))
-    return pairs
+    """(text encoder, its tokenizer) pairs, in the family's order: one, or SDXL's two."""
+    return list(zip(model.text_encoders, model.tokenizers))
 
 
 def check_new_token(model: FTModel, token: str) -> None:
@@ -157,7 +154,7 @@ class TextualInversionMethod(Method):
         return []  # nothing switches to train mode: only embedding rows learn
 
     def changed_parts(self) -> tuple[str, ...]:
-        return ("text_encoder", "text_encoder_2")  # their embedding tables grew (SDXL: both)
+        return self.model.text_parts  # their embedding tables grew (SDXL: both)
 
     def param_groups(self, cfg: TrainConfig) -> list[dict]:
         groups = []

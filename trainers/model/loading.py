@@ -27,9 +27,12 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device, family: str) -> torch.dtype:
+def resolve_dtype(dtype: str, device: torch.device, family) -> torch.dtype:
+    """The weights' dtype: ``dtype``, or for auto the ``family``'s (a family or its name) on a GPU, fp32 on the
+    CPU."""
     if dtype == "auto":
-        return DTYPES[FAMILIES[family].gpu_dtype] if device.type == "cuda" else torch.float32
+        fam = FAMILIES[family] if isinstance(family, str) else family
+        return DTYPES[fam.gpu_dtype] if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     if device.type == "cpu" and dtype == "fp16":

@@ -8,6 +8,9 @@ from typing import Any
 
 import torch
 
+from ..families.base import Family, LatentFormat
+from ..families.registry import FAMILIES
+
 #: the most pixels one VAE call encodes or decodes: one SDXL picture. The VAE's activations grow with every pixel
 #: of the call (an fp32 SDXL VAE holds 2.5 GB encoding one 1024 px picture, 3.75 GB decoding it), so 16 pictures at
 #: 1024 px in one call would need more memory than the whole training step.
@@ -33,19 +36,16 @@ def pool_at_end_of_text(text_encoder, tokenizer) -> None:
 
 @dataclass(eq=False)
 class FTModel:
-    """The components of a Stable-Diffusion-like model plus what the pack needs to know about them.
-
-    SDXL-architecture models (the UNet's ``addition_embed_type`` is "text_time") have a second text encoder and
-    tokenizer. Their prompt embeddings travel as one tensor like every family's (cached, batched and concatenated for
-    guidance alike): the two encoders' penultimate hidden states side by side, plus one last row holding the second
-    encoder's pooled, projected embedding (zero-padded to the row's width). :meth:`unet_forward` unpacks it and adds
-    the micro-conditioning time ids (original size, crop top-left, target size).
+    """A model's parts and its :class:`~..families.base.Family`, which drives them: the loop and the methods speak of
+    the :attr:`denoiser`, :meth:`encode_prompts`, :meth:`denoise`, :attr:`latent_format` and :meth:`objective`, and
+    the family answers (SDXL's second text encoder, pooled embedding and time ids live in its family class).
+    ``family`` may be given as a family's name.
 
     Nodes never mutate an FTModel they receive (ComfyUI caches node outputs): trainers and adapters work on a
     :meth:`share` of it, whose modules are new but whose frozen weights are the same tensors (see :mod:`.deltas`).
     """
 
-    family: str
+    family: Family
     name: str
     unet: Any
     vae: Any
@@ -70,19 +70,31 @@ class FTModel:
     tokenizer_2: Any = None
 
     def __post_init__(self):
+        if isinstance(self.family, str):
+            self.family = FAMILIES[self.family]
         pool_at_end_of_text(self.text_encoder, self.tokenizer)  # SDXL's text_embeds: the second encoder's pooling
         pool_at_end_of_text(self.text_encoder_2, self.tokenizer_2)
 
     def parts(self) -> dict[str, Any]:
-        """Every module of the model by name: unet, vae, text_encoder (and text_encoder_2 where there is one)."""
-        out = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
-        if self.text_encoder_2 is not None:
-            out["text_encoder_2"] = self.text_encoder_2
-        return out
+        """Every module of the model by name, in the family's order: the denoiser, the VAE, the text encoders."""
+        return {name: getattr(self, name) for name in self.family.parts if getattr(self, name) is not None}
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """What predicts the noise (a UNet, or a transformer)."""
+        return getattr(self, self.family.denoiser_part)
+
+    @property
+    def text_parts(self) -> tuple[str, ...]:
+        return self.family.text_parts
 
     @property
     def text_encoders(self) -> list[Any]:
-        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
+        return [m for m in (getattr(self, n) for n in self.family.text_parts) if m is not None]
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        return [getattr(self, n) for n in self.family.tokenizer_parts]
 
     @property
     def conditioned_on_time_ids(self) -> bool:
@@ -98,12 +110,11 @@ class FTModel:
 
         import numpy as np
 
-        h = hashlib.sha256(self.family.encode())
+        h = hashlib.sha256(self.family.name.encode())
         with torch.no_grad():
             from .deltas import delta_buffers
 
-            for part in [self.unet, self.text_encoder, self.vae] + ([self.text_encoder_2] if self.text_encoder_2
-                                                                       is not None else []):
+            for part in [self.unet, self.text_encoder, self.vae, *self.text_encoders[1:]]:
                 for name, p in [*part.named_parameters(), *delta_buffers(part)]:
                     flat = p.detach().reshape(-1)
                     h.update(f"{name}{tuple(p.shape)}".encode())
@@ -113,7 +124,7 @@ class FTModel:
 
     def identity(self) -> dict:
         """What config.json records about the base model: enough to load it again and to check it is the same."""
-        return {"family": self.family, "name": self.name, "source": self.source, "fingerprint": self.fingerprint(),
+        return {"family": self.family.name, "name": self.name, "source": self.source, "fingerprint": self.fingerprint(),
                 "dtype": str(self.dtype).removeprefix("torch."), "history": list(self.history),
                 "token_vectors": {k: list(v) for k, v in self.token_vectors.items()},
                 "prediction_type": self.prediction_type}
@@ -126,11 +137,8 @@ class FTModel:
 
     def describe(self) -> str:
         """One line for the loader node: family, native size and prediction type (and how it was chosen)."""
-        from ..families.registry import FAMILIES
-
         how = f" ({self.prediction_source})" if self.prediction_source else ""
-        label = FAMILIES[self.family].label if self.family in FAMILIES else self.family
-        return f"{self.name}: {label}, {self.native_size} px, {self.prediction_type}{how}"
+        return f"{self.name}: {self.family.label}, {self.native_size} px, {self.prediction_type}{how}"
 
     @property
     def vae_scale_factor(self) -> int:
@@ -167,46 +175,37 @@ class FTModel:
                    return_tensors="pt").input_ids
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings (B, tokens, width) as the UNet's cross-attention expects them, on ``device`` (computed
-        where the text encoder is: in CPU memory when it was offloaded). SDXL: both encoders' penultimate hidden
-        states concatenated, then the pooled embedding as one more row (see the class docstring)."""
-        ids = self.tokenize(prompts).to(self.text_encoder.device)
-        if self.text_encoder_2 is None:
-            return self.text_encoder(ids)[0].to(self.device)
-        first = self.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
-        ids2 = self.tokenize(prompts, self.tokenizer_2).to(self.text_encoder_2.device)
-        out2 = self.text_encoder_2(ids2, output_hidden_states=True)
-        hidden = torch.cat([first.to(self.device), out2.hidden_states[-2].to(self.device)], dim=-1)
-        pooled = out2.text_embeds.to(self.device, hidden.dtype)
-        row = torch.nn.functional.pad(pooled, (0, hidden.shape[-1] - pooled.shape[-1]))
-        return torch.cat([hidden, row[:, None]], dim=1)
+        """Text embeddings (B, tokens, width) as the denoiser expects them, on ``device`` (computed where the text
+        encoders are: in CPU memory when they were offloaded); the family says how."""
+        return self.family.encode_prompts(self, prompts)
 
-    def conditioning(self, x: torch.Tensor, context: torch.Tensor, time_ids: torch.Tensor | None = None) -> dict:
-        """The keyword arguments a UNet (or ControlNet) call takes for :meth:`encode_prompts`' ``context``. SDXL: the
-        pooled row is split off into ``added_cond_kwargs`` with ``time_ids`` (B, 6: original h, w, crop top, left,
-        target h, w), which default to the latents' own size, uncropped."""
-        if not self.conditioned_on_time_ids:
-            return {"encoder_hidden_states": context}
-        hidden, pooled = context[:, :-1], context[:, -1, :self.pooled_dim]
-        if time_ids is None:
-            time_ids = self.whole_time_ids(x)
-        return {"encoder_hidden_states": hidden,
-                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(x.device, hidden.dtype)}}
+    def conditioning(self, x: torch.Tensor, context: torch.Tensor, framing: torch.Tensor | None = None) -> dict:
+        """The keyword arguments a denoiser (or ControlNet) call takes for :meth:`encode_prompts`' ``context``, and
+        for ``framing`` (B, 6: original height, width, crop top, left, target height, width; default: whole pictures
+        the size of ``x``) where the family is conditioned on it."""
+        return self.family.conditioning(self, x, context, framing)
 
-    def whole_time_ids(self, x: torch.Tensor) -> torch.Tensor:
-        """SDXL's time ids of latents ``x`` showing whole, uncropped pictures of their own size."""
+    def whole_framing(self, x: torch.Tensor) -> torch.Tensor:
+        """The framing of latents ``x`` showing whole, uncropped pictures of their own size."""
         h, w = x.shape[-2] * self.vae_scale_factor, x.shape[-1] * self.vae_scale_factor
         return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).expand(len(x), 6)
 
-    def unet_forward(self, x: torch.Tensor, t, context: torch.Tensor, time_ids: torch.Tensor | None = None,
-                     **kw) -> torch.Tensor:
-        """The UNet's prediction for latents ``x`` at timesteps ``t`` (see :meth:`conditioning`)."""
-        return self.unet(x, t, **self.conditioning(x, context, time_ids), **kw).sample
+    def denoise(self, x: torch.Tensor, t, context: torch.Tensor | None = None, framing: torch.Tensor | None = None,
+                *, conditioning: dict | None = None, **extra) -> torch.Tensor:
+        """The denoiser's prediction for latents ``x`` at timesteps ``t``, conditioned on ``context`` (or on a
+        :meth:`conditioning` already made); ``extra`` goes to the denoiser (a ControlNet's residuals)."""
+        if conditioning is None:
+            conditioning = self.conditioning(x, context, framing)
+        return self.family.denoise(self, x, t, conditioning, **extra)
 
     @property
-    def pooled_dim(self) -> int:
-        """SDXL: the width of the pooled text embedding (the second encoder's projection)."""
-        return int(self.text_encoder_2.config.projection_dim)
+    def latent_format(self) -> LatentFormat:
+        """How VAE latents become the denoiser's (scale and shift)."""
+        return self.family.latent_format(self)
+
+    def objective(self):
+        """The training objective of this model (its family's, with its scheduler config)."""
+        return self.family.objective(self)
 
     def to(self, device, dtype=None, offload: bool = False) -> "FTModel":
         """Every part on ``device`` (in ``dtype``), in place; offloaded only when asked. ``offload`` (a GPU
@@ -227,10 +226,7 @@ class FTModel:
         """The precision of part ``name``: the model's, except a VAE that overflows in fp16 (SDXL's: the family says
         so, as its config's force_upcast tells diffusers' SDXL pipeline), which stays in fp32 beside an fp16 model
         (84 M weights)."""
-        from ..families.registry import FAMILIES
-
-        fam = FAMILIES.get(self.family)
-        if name == "vae" and self.dtype == torch.float16 and fam is not None and fam.vae_upcast:
+        if name == "vae" and self.dtype == torch.float16 and self.family.vae_upcast:
             return torch.float32
         return self.dtype
 
@@ -272,20 +268,8 @@ class FTModel:
         return self.share(own=tuple(self.parts()))
 
     def to_pipeline(self):
-        """A diffusers StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) over the same modules (no copy)."""
-        from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-        if self.text_encoder_2 is not None:
-            return StableDiffusionXLPipeline(
-                vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
-                tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=self.unet,
-                scheduler=DDIMScheduler.from_config(self.scheduler_config))
-
-        return StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-            scheduler=DDIMScheduler.from_config(self.scheduler_config), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
-        )
+        """A diffusers pipeline of the model's family over the same modules (no copy)."""
+        return self.family.pipeline(self)
 
     def __repr__(self) -> str:  # shown in ComfyUI's error messages and logs
-        return f"FTModel({self.family}, {self.name!r}, {self.device}, {str(self.dtype).removeprefix('torch.')})"
+        return f"FTModel({self.family.name}, {self.name!r}, {self.device}, {str(self.dtype).removeprefix('torch.')})"

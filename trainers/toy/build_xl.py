@@ -53,7 +53,7 @@ def train_unet_xl(cfg, out: Path, pics: list[world.Picture]) -> dict:
 
     params = list(unet.parameters()) + list(te.parameters()) + list(te2.parameters())
     ema_loss, ms = train_denoiser(cfg, params, mean, std, vae.config.scaling_factor, noise_sched, g, condition,
-                                  model.unet_forward, "xl unet")
+                                  model.denoise, "xl unet")
     unet.eval().save_pretrained(str(dst / "unet"), safe_serialization=True)
     te.eval().save_pretrained(str(dst / "text_encoder"), safe_serialization=True)
     legacy_text_encoder_keys(dst / "text_encoder")  # the key layout every other tool (and transformers 4) reads

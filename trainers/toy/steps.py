@@ -51,7 +51,7 @@ def train_denoiser(cfg, params: list, mean: torch.Tensor, std: torch.Tensor, sf:
 
     from diffusers.training_utils import EMAModel
 
-    from ..loop import objective as diffusion
+    from ..objectives import base, ddpm
 
     log = logging.getLogger(__name__)
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
@@ -68,12 +68,12 @@ def train_denoiser(cfg, params: list, mean: torch.Tensor, std: torch.Tensor, sf:
         pos += cfg.batch_size
         lat = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * sf
         drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout
-        noise = diffusion.sample_noise(lat, g)
-        t = diffusion.sample_timesteps(len(idx), noise_sched, g, lat.device)
+        noise = base.sample_noise(lat, g)
+        t = ddpm.sample_timesteps(len(idx), noise_sched, g, lat.device)
         noisy = noise_sched.add_noise(lat, noise, t)
         pred = forward(noisy, t, condition(idx, drop))
-        w = diffusion.min_snr_weights(noise_sched, t, 5.0)
-        loss = diffusion.diffusion_loss(pred, diffusion.target_for(noise_sched, lat, noise, t), weights=w)
+        w = ddpm.min_snr_weights(noise_sched, t, 5.0)
+        loss = base.diffusion_loss(pred, ddpm.target_for(noise_sched, lat, noise, t), weights=w)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ...model.checkpoint import unet_key
+from ...families.ldm import unet_key
 from .value import ControlNet, describe_architecture, family_of
 from ...families.registry import FAMILIES
 

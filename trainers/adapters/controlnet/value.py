@@ -66,8 +66,7 @@ def check_compatible(cn: ControlNet, model: FTModel, what: str = "control_net") 
     keys = ("cross_attention_dim", "block_out_channels", "layers_per_block", "in_channels", "down_block_types")
     diff = [k for k in keys if _norm(getattr(c, k, None)) != _norm(getattr(u, k, None))]
     if diff or hint_factor(c) != model.vae_scale_factor:
-        fam = FAMILIES.get(model.family)
-        model_desc = f"{fam.label if fam else model.family} (cross-attention width {u.cross_attention_dim})"
+        model_desc = f"{model.family.label} (cross-attention width {u.cross_attention_dim})"
         detail = "; ".join(f"{k} {_norm(getattr(c, k, None))} vs {_norm(getattr(u, k, None))}" for k in diff) or \
             f"condition downsampling x{hint_factor(c)} vs the VAE's x{model.vae_scale_factor}"
         raise ValueError(f"{what} {cn.name!r} is a ControlNet for {cn.architecture()}, but the model {model.name!r} "

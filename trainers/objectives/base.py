@@ -1,6 +1,10 @@
-"""Diffusion training math shared by every trainer: noise, timesteps, targets, loss weights.
+"""What a training step draws and aims at, the seam between a family and the loop: an :class:`Objective` noises a
+batch of latents (its noise and timesteps drawn from the run's generator) and says the target of the prediction and
+each sample's loss weight. A family picks its objective (``Family.objective``): DDPM (epsilon or v-prediction, with
+min-SNR weights) for the UNet families; a flow-matching objective joins it here.
 
-Pure torch + diffusers schedulers. Every random draw takes an explicit ``torch.Generator`` so runs repeat.
+Pure torch. Every random draw takes an explicit ``torch.Generator`` so runs repeat; with a ``shard`` of a distributed
+run each rank draws the whole global batch and keeps its rows.
 """
 from __future__ import annotations
 
@@ -28,47 +32,6 @@ def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset
     return noise
 
 
-def sample_timesteps(n: int, scheduler, generator: torch.Generator, device, shard=None) -> torch.Tensor:
-    num = scheduler.config.num_train_timesteps
-    world = 1 if shard is None else shard.world
-    t = torch.randint(0, num, (n * world,), generator=generator)
-    return (t if world == 1 else shard.take(t)).to(device=device, dtype=torch.long)
-
-
-def snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at ``timesteps``."""
-    ac = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
-    return ac / (1.0 - ac).clamp_min(1e-12)
-
-
-def target_for(scheduler, latents, noise, timesteps) -> torch.Tensor:
-    """What the UNet must predict: the noise (epsilon), or the velocity (v-prediction)."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    if kind == "sample":
-        return latents
-    raise ValueError(f"unsupported prediction_type {kind!r} in the scheduler config: expected epsilon, "
-                     "v_prediction or sample")
-
-
-def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023) for the scheduler's prediction type.
-
-    epsilon: min(snr, g) / snr;  v-prediction: min(snr, g) / (snr + 1), using snr + 1 in the numerator's min so a
-    zero-terminal-SNR schedule (snr = 0 at the last step) still gets a non-zero weight there.
-    """
-    s = snr(scheduler, timesteps)
-    kind = scheduler.config.prediction_type
-    if kind == "v_prediction":
-        return torch.minimum(s + 1.0, torch.full_like(s, gamma)) / (s + 1.0)
-    if kind == "epsilon":
-        return torch.minimum(s, torch.full_like(s, gamma)) / s.clamp_min(1e-8)
-    return torch.ones_like(s)
-
-
 def diffusion_loss(pred, target, *, weights=None, loss_type: str = "mse", huber_delta: float = 0.1,
                    pixel_weights=None):
     """Per-sample loss (mean over all but the batch dimension, or the ``pixel_weights``-weighted mean: a masked
@@ -88,3 +51,15 @@ def diffusion_loss(pred, target, *, weights=None, loss_type: str = "mse", huber_
     if weights is not None:
         per = per * weights
     return per.mean()
+
+
+class Objective:
+    """The training math of one family: :meth:`noised` draws a batch's noise and timesteps and gives (noisy latents,
+    timesteps, target); :meth:`weights` gives each sample's loss weight (None: all alike)."""
+
+    def noised(self, latents: torch.Tensor, g: torch.Generator, noise_offset: float = 0.0,
+               shard=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def weights(self, t: torch.Tensor, cfg) -> torch.Tensor | None:
+        return None
