@@ -81,7 +81,7 @@ def kohya_key(part: str, module_path: str, model: FTModel | None = None) -> str:
 
 def kohya_names(module: torch.nn.Module, part: str, model: FTModel | None = None) -> dict[str, torch.nn.Module]:
     """kohya name -> module, for every module of ``module`` that has a weight (``part``: "unet", "text_encoder"
-    or "text_encoder_2"; ``model``: the model it belongs to, for SDXL's names)."""
+    or another text-encoder part of the family; ``model``: the model it belongs to, whose family names them)."""
     out = {}
     for name, m in module.named_modules():
         if name and isinstance(getattr(m, "weight", None), torch.Tensor):
