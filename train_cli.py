@@ -74,7 +74,7 @@ class ShellCallbacks:
 def load_model(cfg: dict, device: str):
     """The base model config.json names, loaded as Load Base Model loads it, and checked against its fingerprint."""
     from .nodes import host
-    from .trainers.model.sources import load_base_model
+    from .trainers.sources import load_base_model
 
     ident = cfg.get("model", {})
     source = ident.get("source", "")

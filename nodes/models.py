@@ -1,8 +1,8 @@
-"""finetune/models: load a base model (the loading itself is the library's trainers.model.sources; this node
+"""finetune/models: load a base model (the loading itself is the library's trainers.sources; this node
 lists ComfyUI's model folders and passes its folder lookup)."""
 from __future__ import annotations
 
-from ..trainers.model.sources import BUILTINS, OFFLOAD, PREDICTION
+from ..trainers.sources import BUILTINS, OFFLOAD, PREDICTION
 from ..trainers.toy.loader import TOY_SOURCE as TOY  # the built-in toy's name: the node's default
 from . import host
 from .base import COMBO, HIDDEN, ROOT_CATEGORY, torch_call
@@ -31,9 +31,9 @@ def sd1_tokenizer_dir():
 
 def load_base_model(model_name: str, device: str = "auto", dtype: str = "auto", offload: str = "auto",
                     prediction: str = "auto"):
-    """The library's :func:`~..trainers.model.sources.load_base_model`, finding model files in ComfyUI's model
+    """The library's :func:`~..trainers.sources.load_base_model`, finding model files in ComfyUI's model
     folders and single-file checkpoints' vocabulary in ComfyUI's own, when it runs inside ComfyUI."""
-    from ..trainers.model import sources
+    from ..trainers import sources
 
     return sources.load_base_model(model_name, device, dtype, offload, prediction, resolve=host.model_path,
                                    tokenizer_dir=sd1_tokenizer_dir)

@@ -125,11 +125,11 @@ def test_the_library_never_imports_nodes_or_comfyui():
 
 
 def test_the_shell_loads_models_through_the_library():
-    """train_cli uses nodes/ only for ComfyUI's folders (host); a model is loaded by trainers.model.sources."""
+    """train_cli uses nodes/ only for ComfyUI's folders (host); a model is loaded by trainers.sources."""
     known = modules()
     ours, _ = imports("train_cli", known["train_cli"], known)
     assert {m for m in ours if m.split(".")[0] == "nodes"} <= {"nodes", "nodes.host"}
-    assert "trainers.model.sources" in ours
+    assert "trainers.sources" in ours
 
 
 def test_the_toy_weights_are_found_in_one_place():
@@ -144,3 +144,18 @@ def test_no_library_file_is_over_400_lines():
              for name, p in modules().items() if name.startswith(("trainers", "nodes"))}
     big = {k: v for k, v in sizes.items() if v > 420}
     assert not big, big
+
+
+def test_the_librarys_folders_stack_without_a_circle():
+    """trainers/ read as its folders (config/, families/, model/, loop/ ...; a top-level module stands alone): no two
+    import each other, even through other folders, so each folder sits above all it uses."""
+    def folder(m: str) -> str:
+        return ".".join(m.split(".")[:2])
+
+    rooms: dict[str, set[str]] = {}
+    for name, deps in graph().items():
+        if name.startswith("trainers."):
+            rooms.setdefault(folder(name), set()).update(
+                folder(d) for d in deps if d.startswith("trainers.") and folder(d) != folder(name))
+    assert {"trainers.families", "trainers.model", "trainers.loop", "trainers.toy"} <= set(rooms)
+    assert circles(rooms) == []

@@ -1,11 +1,11 @@
-"""A base model from its source string is the library's (trainers.model.sources): the built-in toys by name, model
+"""A base model from its source string is the library's (trainers.sources): the built-in toys by name, model
 files through the caller's folder lookup (ComfyUI's, passed by the nodes and the shell), never ComfyUI itself."""
 from __future__ import annotations
 
 import pytest
 
 from comfyui_finetune.nodes.models import base_model_choices
-from comfyui_finetune.trainers.model.sources import BUILTINS, builtin, load_base_model
+from comfyui_finetune.trainers.sources import BUILTINS, builtin, load_base_model
 from comfyui_finetune.trainers.toy.loader import TOY_SOURCE, TOY_XL_SOURCE
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..toy.loader import TOY_SOURCE, TOY_XL_SOURCE, load_toy_model, load_toy_xl_model
+from .toy.loader import TOY_SOURCE, TOY_XL_SOURCE, load_toy_model, load_toy_xl_model
 
 OFFLOAD = ["auto", "off"]
 PREDICTION = ["auto", "epsilon", "v_prediction"]  # auto + trainers.families.PREDICTIONS (tested)
@@ -65,7 +65,7 @@ def load_base_model(model_name: str, device: str = "auto", dtype: str = "auto", 
 
 
 def _load_builtin(toy: Builtin, device: str, dtype: str, prediction: str, offload: bool):
-    from . import loading
+    from .model import loading
 
     dev = loading.resolve_device(device)
     model = toy.load()
@@ -78,7 +78,7 @@ def _load_builtin(toy: Builtin, device: str, dtype: str, prediction: str, offloa
 
 def _load_file(model_name: str, device: str, dtype: str, prediction: str, offload: bool,
                resolve: Callable[[str, str], Path] | None, tokenizer_dir: Callable[[], str | None] | None):
-    from . import loading
+    from .model import loading
 
     kind, _, name = model_name.partition("/")
     if kind in ("diffusers", "checkpoints") and name and resolve is None:
