@@ -231,3 +231,17 @@ def test_on_gpus_the_process_group_also_has_a_backend_for_the_cpu_tensors_the_lo
     backends = BackendConfig(distributed.backend_for("cuda")).get_device_backend_map()
     assert backends == {"cpu": "gloo", "cuda": "nccl"} and chosen == [1]
     assert distributed.backend_for("cpu") == "gloo"
+
+
+def test_a_run_written_before_the_family_rework_resumes_bit_exactly(toy, folders, tmp_path, capsys):
+    """A run folder and config.json written by the version before families became classes (tests/data/
+    run_before_families, made by commit 2911371) resumes with today's code, and ends with the LoRA that version
+    trained without a stop, to the bit: the same model fingerprint, the same draws in the same order."""
+    kept = Path(__file__).parent / "data" / "run_before_families"
+    cut = tmp_path / "out" / "finetune" / "cut"
+    shutil.copytree(kept / "cut", cut)
+    assert json.loads((cut / "status.json").read_text())["status"] == "cancelled"
+    assert shell(cut / "config.json", "--resume", "--device", "cpu") == 0
+    assert json.loads((cut / "status.json").read_text())["status"] == "finished"
+    assert "step-6" in {p.name for p in (cut / "checkpoints").iterdir()}
+    same_tensors(kept / "uninterrupted_lora.safetensors", cut / "lora.safetensors")
