@@ -79,7 +79,8 @@ def checked(fn: Callable) -> Callable:
 
 def torch_call(fn: Callable) -> Callable:
     """Run a node function outside ComfyUI's inference mode, so models loaded or trained in it stay trainable,
-    and with the unique node id registered for progress events; its numeric inputs are checked first."""
+    and with the unique node id registered for progress events; its numeric inputs are checked first. Inside
+    ComfyUI, a Cancel leaves it as ComfyUI's own exception (:func:`host.cancels_for_comfyui`)."""
 
     @functools.wraps(fn)
     def wrapper(self, *args: Any, unique_id: str | None = None, **kwargs: Any):
@@ -88,7 +89,7 @@ def torch_call(fn: Callable) -> Callable:
         from . import host
 
         check_numbers(type(self), args, kwargs)
-        with torch.inference_mode(False), host.executing_node(unique_id):
+        with torch.inference_mode(False), host.executing_node(unique_id), host.cancels_for_comfyui():
             return fn(self, *args, **kwargs)
 
     return wrapper

@@ -16,6 +16,11 @@ import threading
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
+#: Cancel was pressed: the library's exception (the training loop keeps the step that finished and marks the run
+#: cancelled). Inside ComfyUI, ComfyUI's InterruptProcessingException becomes this where the pack's progress bar
+#: raises it, and turns back into ComfyUI's at the node's edge (:func:`cancels_for_comfyui`).
+from ..trainers.loop.cancel import Interrupted
+
 log = logging.getLogger("comfyui_finetune")
 
 #: Model kinds the pack reads or writes, mapped to ComfyUI's folder_paths keys (and the fallback subfolder).
@@ -23,10 +28,6 @@ MODEL_KINDS = ("checkpoints", "diffusers", "loras", "embeddings", "controlnet", 
 _executing: contextvars.ContextVar[str | None] = contextvars.ContextVar("ft_executing", default=None)
 _fallback = {"input": None, "output": None, "models": None}
 _interrupt = threading.Event()
-
-
-class Interrupted(Exception):
-    """Cancel was pressed (ComfyUI's own exception is raised instead when ComfyUI is running)."""
 
 
 def _comfy() -> Any | None:
@@ -198,6 +199,25 @@ def interrupted() -> bool:
     return _interrupt.is_set()
 
 
+def _comfy_interrupt() -> type[BaseException]:
+    """ComfyUI's own exception for Cancel (call inside ComfyUI only)."""
+    import comfy.model_management as mm
+
+    return mm.InterruptProcessingException
+
+
+@contextlib.contextmanager
+def cancels_for_comfyui() -> Iterator[None]:
+    """Around a node's work: inside ComfyUI, the library's :class:`Interrupted` leaves as ComfyUI's
+    InterruptProcessingException, so ComfyUI reports a cancel and not an error. Outside ComfyUI nothing changes."""
+    try:
+        yield
+    except Interrupted as e:
+        if not in_comfyui():
+            raise
+        raise _comfy_interrupt()(str(e)) from e
+
+
 def raise_if_interrupted(message: str = "cancelled") -> None:
     """Raise ComfyUI's InterruptProcessingException (or :class:`Interrupted`) if Cancel was pressed."""
     if in_comfyui():
@@ -227,9 +247,13 @@ class Progress:
                               disable=os.environ.get("FT_NO_PROGRESS") == "1")
 
     def update(self, value: int, preview: Any | None = None) -> None:
-        """Set the absolute position; inside ComfyUI this raises if Cancel was pressed."""
+        """Set the absolute position; raises :class:`Interrupted` if Cancel was pressed (inside ComfyUI, where
+        ComfyUI's bar raises its own exception, that one is translated)."""
         if self._bar is not None:
-            self._bar.update_absolute(value, self.total, preview)
+            try:
+                self._bar.update_absolute(value, self.total, preview)
+            except _comfy_interrupt() as e:  # the library knows Cancel as its own exception
+                raise Interrupted(f"cancelled at {value} of {self.total}") from e
         else:
             self._tqdm.update(value - self._tqdm.n)
             raise_if_interrupted()

@@ -159,3 +159,17 @@ def test_the_librarys_folders_stack_without_a_circle():
                 folder(d) for d in deps if d.startswith("trainers.") and folder(d) != folder(name))
     assert {"trainers.families", "trainers.model", "trainers.loop", "trainers.toy"} <= set(rooms)
     assert circles(rooms) == []
+
+
+def test_no_function_is_over_80_lines():
+    """A function reads at a glance: none in trainers/ or nodes/ spans more than 80 lines (def to last line)."""
+    long = []
+    for name, p in modules().items():
+        if not name.startswith(("trainers", "nodes")):
+            continue
+        for node in ast.walk(ast.parse(p.read_text(), str(p))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 80:
+                    long.append(f"{p.relative_to(PACK).as_posix()}:{node.lineno} {node.name}() is {n} lines")
+    assert not long, "split these functions (80 lines at most):\n" + "\n".join(sorted(long))

@@ -84,24 +84,46 @@ def test_cancel_keeps_a_checkpoint_and_resume_is_bit_exact(toy, folders, monkeyp
         assert torch.equal(straight.state[k], resumed.state[k]), k
 
 
-def test_interrupt_raised_by_a_progress_callback_still_checkpoints(toy, folders):
-    """Inside ComfyUI the progress bar itself raises on Cancel; the step that finished is kept."""
-    from comfyui_finetune.trainers.loop.training import Callbacks, train as loop_train
+def test_interrupt_raised_by_a_progress_callback_still_checkpoints(toy, folders, monkeypatch):
+    """Inside ComfyUI the progress bar itself raises ComfyUI's InterruptProcessingException on Cancel: nodes/host.py
+    turns it into the library's Interrupted, so the loop keeps the step that finished and marks the run cancelled;
+    at the node's edge ComfyUI gets its own exception back."""
+    import sys
+    import types
+
+    from comfyui_finetune.trainers.loop.training import Callbacks, Interrupted, train as loop_train
     from comfyui_finetune.trainers.config.recipes import TrainConfig
     from comfyui_finetune.trainers.runs.run_dir import RunDir
     from comfyui_finetune.trainers.methods.lora import LoRAMethod
 
-    class InterruptProcessingException(Exception):  # the name ComfyUI uses
+    class InterruptProcessingException(Exception):  # ComfyUI's, raised by its progress bar's hook on Cancel
         pass
 
-    def on_step(info):
-        if info.step == 2:
-            raise InterruptProcessingException()
+    class ProgressBar:  # comfy.utils.ProgressBar, with Cancel pressed as step 2 ends
+        def __init__(self, total):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            if value == 2:
+                raise InterruptProcessingException()
+
+    comfy = types.ModuleType("comfy")
+    comfy.utils = types.ModuleType("comfy.utils")
+    comfy.utils.ProgressBar = ProgressBar
+    comfy.model_management = types.ModuleType("comfy.model_management")
+    comfy.model_management.InterruptProcessingException = InterruptProcessingException
+    for name, module in (("comfy", comfy), ("comfy.utils", comfy.utils),
+                         ("comfy.model_management", comfy.model_management),
+                         ("folder_paths", types.ModuleType("folder_paths"))):
+        monkeypatch.setitem(sys.modules, name, module)
+    assert host.in_comfyui()
+    bar = host.Progress(5)
 
     run = RunDir.create(folders["output"], "raised")
-    with pytest.raises(InterruptProcessingException):
+    with pytest.raises(InterruptProcessingException) as raised, host.cancels_for_comfyui():
         loop_train(toy.clone(), toy_set(n=4), LoRAMethod(4, 4.0), TrainConfig(steps=5, batch_size=2), run,
-                   Callbacks(on_step=on_step))
+                   Callbacks(on_step=lambda info: bar.update(info.step)))
+    assert isinstance(raised.value.__cause__, Interrupted)
     assert [s for s, _ in run.checkpoints()] == [2]
     assert json.loads((run.path / "status.json").read_text())["status"] == "cancelled"
 

@@ -229,7 +229,7 @@ def test_frozen_parts_leave_the_device_once_their_outputs_are_cached(toy, tmp_pa
         ds = ds.with_options(augment=Augment(flip=True))
     ds = ds.with_options(**dataset_opts)
     model = offloaded(toy)
-    with caplog.at_level(logging.INFO, logger="comfyui_finetune.trainers.loop.training"), torch.inference_mode(False):
+    with caplog.at_level(logging.INFO, logger="comfyui_finetune.trainers.loop"), torch.inference_mode(False):
         if method == "lora":
             t = train_lora(steps(LoRARecipe), model, ds, run_dir(tmp_path, "lora"))
         else:
