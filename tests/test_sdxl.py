@@ -1,7 +1,7 @@
-"""SDXL's conditioning, on the toy SDXL and on its random-weight twin: both text encoders and the pooled embedding
-match diffusers' StableDiffusionXLPipeline, each picture's original size and crop reach the UNet as time ids,
-sampling matches the pipeline, and a LoRA over the UNet and both encoders is saved under kohya's SDXL names and
-computes what peft trained; the learning test teaches the toy SDXL a concept through the nodes."""
+"""SDXL on the toy SDXL and on its random-weight twin: each picture's original size and crop reach the UNet as time
+ids, a LoRA over the UNet and both encoders is saved under kohya's SDXL names, and every method trains on it; the
+learning tests teach the toy SDXL a concept through the nodes. (Its conditioning and sampling equal diffusers'
+StableDiffusionXLPipeline in the table over every family, test_every_family.py.)"""
 from __future__ import annotations
 
 import numpy as np
@@ -30,40 +30,6 @@ def random_xl():
         unet = models.new_unet_xl().eval()
     return FTModel("toy_xl", "random_xl", unet, toy.vae, te, tok, dict(toy.scheduler_config), text_encoder_2=te2,
                    tokenizer_2=CLIPTokenizer.from_pretrained(str(WEIGHTS / "pipeline" / "tokenizer")))
-
-
-def pipeline(model):
-    pipe = model.to_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def test_prompt_embeddings_and_time_ids_are_the_pipelines(random_xl):
-    pipe = pipeline(random_xl)
-    prompts = ["a red circle", "a sks star on a white background"]
-    with torch.no_grad():
-        ctx = random_xl.encode_prompts(prompts)
-        embeds, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=False)
-        kw = random_xl.conditioning(torch.zeros(2, 4, 4, 6), ctx)
-    assert ctx.shape == (2, random_xl.max_length + 1, 160)
-    assert torch.allclose(kw["encoder_hidden_states"], embeds, atol=1e-6)
-    assert torch.allclose(kw["added_cond_kwargs"]["text_embeds"], pooled, atol=1e-6)
-    f = random_xl.vae_scale_factor
-    want = pipe._get_add_time_ids((4 * f, 6 * f), (0, 0), (4 * f, 6 * f), torch.float32,
-                                  text_encoder_projection_dim=64)
-    assert torch.equal(kw["added_cond_kwargs"]["time_ids"], want.expand(2, 6)), "sampling: the latents' own size"
-
-
-def test_sampling_matches_the_sdxl_pipeline(random_xl):
-    from comfyui_finetune.trainers.sampling import initial_noise, sample
-
-    ours = sample(random_xl, ["a blue square"], seeds=[3], steps=6, cfg=4.0, negative_prompt="")
-    pipe = pipeline(random_xl)
-    with torch.no_grad():
-        theirs = pipe("a blue square", negative_prompt="", num_inference_steps=6, guidance_scale=4.0, height=32,
-                      width=32, latents=initial_noise([3], (4, 16, 16)), output_type="pt").images
-    assert float((ours - theirs.permute(0, 2, 3, 1)).abs().max()) < 2e-3
 
 
 class Spy(Method):
