@@ -14,12 +14,18 @@ import json
 import re
 from pathlib import Path
 
-NODES = {"lora": "FT_TrainLoRA", "textual_inversion": "FT_TrainTextualInversion", "dreambooth": "FT_TrainDreamBooth",
-         "controlnet": "FT_TrainControlNet"}
 DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 #: the dataset nodes' options (nodes.datasets.OPTIONS) as the snapshot records them
 DATASET_OPTIONS = ("repeats", "resolution", "bucketing", "no_upscale", "caption_dropout", "shuffle_captions",
                    "keep_tokens")
+
+
+def training_nodes() -> dict[str, str]:
+    """method -> the name of the node that trains it, from each training node's own ``METHOD``."""
+    from . import train
+
+    return {cls.METHOD: name for name, cls in vars(train).items()
+            if isinstance(cls, type) and issubclass(cls, train.Trainer) and cls is not train.Trainer}
 
 
 class NotFaithful(Exception):
@@ -45,7 +51,7 @@ def build(folder: Path) -> dict:
         recipe, cfg = read_config(folder / "config.json")
     except (OSError, ValueError) as e:
         raise NotFaithful(f"config.json cannot be read back: {e}") from None
-    node = NODES.get(recipe.method)
+    node = training_nodes().get(recipe.method)
     if node is None:
         raise NotFaithful(f"no training node for method {recipe.method!r}")
     model = cfg.get("model") or {}

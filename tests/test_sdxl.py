@@ -47,9 +47,9 @@ class Spy(Method):
         return [{"params": [self.p]}]
 
     def predict(self, model, noisy, t, context, batch):
-        self.seen.append((list(batch["captions"]), batch["framing"].tolist(), tuple(noisy.shape[-2:]),
-                          batch["pixels"].detach().clone()))
-        return model.denoise(noisy, t, context, batch["framing"]) + self.p
+        self.seen.append((list(batch.captions), batch.framing.tolist(), tuple(noisy.shape[-2:]),
+                          batch.pixels.detach().clone()))
+        return model.denoise(noisy, t, context, batch.framing) + self.p
 
     def trainable_state(self):
         return {"p": self.p}

@@ -3,12 +3,15 @@ is checkpointed) and their latents and text embeddings (:class:`Encoder`, with c
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
 import torch
 
 from ..objectives.base import randn
 from ..data.augment import augment_batch
 from ..data.dataset import Dataset, Prepared, process_caption
-from .distributed import Shard
+from .distributed import SINGLE, Shard
 from ..model.model import FTModel, vae_chunk
 
 
@@ -48,6 +51,33 @@ class Batches:
 
     def load(self, st: dict) -> None:
         self.epoch, self.pos = [list(b) for b in st["epoch"]], int(st["pos"])
+
+
+@dataclass
+class Batch:
+    """One micro-batch as a method's loss sees it: this process's rows of latents and what came with them (its
+    captions and their embeddings, pictures, paired conditions, masks, framing), and the run's generator and config,
+    through which every random draw and every option goes."""
+
+    latents: torch.Tensor
+    captions: list[str]
+    generator: torch.Generator
+    cfg: Any
+    shard: Shard = SINGLE
+    #: embeds more captions the way the loop does (cached while the text encoders are frozen)
+    encode_text: Callable[[list[str]], torch.Tensor] | None = None
+    items: list = field(default_factory=list)
+    #: the captions' embeddings, made under the run's autocast just before the loss
+    context: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
+    conditions: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
+    #: each picture's original size, crop and target size (B, 6), for the families conditioned on it
+    framing: torch.Tensor | None = None
+
+    def but(self, **changes) -> "Batch":
+        """The same batch with ``changes`` (DreamBooth's class pictures: other latents, captions, no masks)."""
+        return replace(self, **changes)
 
 
 class Encoder:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from . import distributed, optimizers, validation
-from .batches import Batches, Encoder
+from .batches import Batch, Batches, Encoder
 from .cancel import CANCELS
 from .distributed import SINGLE, Shard
 from .ema import EMA, swapped_in
@@ -244,9 +244,8 @@ class TrainingRun:
         items = self.batches.next()
         caps = shard.take(enc.captions(items))
         latents, seen = enc.images(items)
-        batch = {"items": shard.take(items), "captions": caps, "shard": shard,
-                 "encode_text": enc.text_embeddings, **seen}
-        compute = functools.partial(self._loss, caps, latents, batch)
+        batch = Batch(latents, caps, self.g, cfg, shard, enc.text_embeddings, shard.take(items), **seen)
+        compute = functools.partial(self._loss, batch)
         sync = self.ddp is None or micro == cfg.grad_accum - 1
         with (contextlib.nullcontext() if sync else self.ddp.no_sync()):
             loss = compute() if self.ddp is None else self.ddp(compute)
@@ -254,10 +253,10 @@ class TrainingRun:
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return float(loss.detach()) / cfg.grad_accum
 
-    def _loss(self, caps: list[str], latents: torch.Tensor, batch: dict) -> torch.Tensor:
+    def _loss(self, batch: Batch) -> torch.Tensor:
         with self.autocast:
-            context = self.enc.text_embeddings(caps)
-            return self.method.loss(self.model, latents, context, self.objective, self.g, self.cfg, batch)
+            batch.context = self.enc.text_embeddings(batch.captions)
+            return self.method.loss(self.model, batch, self.objective)
 
     def _optimizer_step(self) -> float:
         """Unscale, clip, step and schedule; returns the learning rate the step used."""

@@ -25,6 +25,7 @@ from ..model.model import FTModel
 from ..objectives.base import Objective, diffusion_loss
 from ..runs.run_dir import RunDir
 from .cancel import Interrupted  # noqa: F401  (the library's Cancel: raise it from a callback)
+from .batches import Batch  # noqa: F401  (what a method's loss takes, re-exported)
 from .distributed import SINGLE, Shard
 from .run import Callbacks, StepInfo, TrainingRun, TrainResult  # noqa: F401  (the loop's interface, re-exported)
 
@@ -84,32 +85,33 @@ class Method:
         """Modules to put in train mode (default: those holding trainable parameters)."""
         return [model.denoiser, *model.text_encoders] if self.trains_text_encoder else [model.denoiser]
 
-    def predict(self, model: FTModel, noisy, t, context, batch: dict):
+    def predict(self, model: FTModel, noisy, t, context, batch: Batch):
         """The model's prediction for ``noisy`` at ``t`` (a ControlNet adds its residuals here)."""
-        return model.denoise(noisy, t, context, batch.get("framing"))
+        return model.denoise(noisy, t, context, batch.framing)
 
     def sample_kwargs(self) -> dict:
         """Extra arguments of validation sampling (a ControlNet passes its condition)."""
         return {}
 
-    def loss(self, model: FTModel, latents, context, objective: Objective, g, cfg: TrainConfig, batch: dict):
+    def loss(self, model: FTModel, batch: Batch, objective: Objective):
         """The denoising loss of one batch; methods with extra terms (prior preservation, ControlNet) override.
         ``batch["shard"]`` is this process's part of a distributed run: draw through it; ``batch["encode_text"]``
         embeds more captions the way the loop does (cached while the text encoder is frozen)."""
-        noisy, t, target = self.noised(latents, objective, g, cfg, batch)
-        pred = self.predict(model, noisy, t, context, batch)
-        return self.loss_of(pred, target, t, objective, cfg, batch)
+        noisy, t, target = self.noised(batch.latents, objective, batch)
+        pred = self.predict(model, noisy, t, batch.context, batch)
+        return self.loss_of(pred, target, t, objective, batch)
 
-    def noised(self, latents, objective: Objective, g, cfg: TrainConfig, batch: dict):
+    def noised(self, latents, objective: Objective, batch: Batch):
         """(noisy latents, timesteps, target) of one batch: its noise and timesteps drawn from ``g`` by the model's
         objective."""
-        return objective.noised(latents, g, cfg.noise_offset, shard=batch.get("shard"))
+        return objective.noised(latents, batch.generator, batch.cfg.noise_offset, shard=batch.shard)
 
-    def loss_of(self, pred, target, t, objective: Objective, cfg: TrainConfig, batch: dict):
+    def loss_of(self, pred, target, t, objective: Objective, batch: Batch):
         """The loss of a prediction: the objective's weights per timestep (min-SNR), and the batch's masks where it
         has them."""
+        cfg = batch.cfg
         w = objective.weights(t, cfg)
-        mask = batch.get("masks")
+        mask = batch.masks
         px_w = None if mask is None else masks.latent_weights(mask.to(pred.device), pred.shape[-2:],
                                                                 cfg.unmasked_weight)
         return diffusion_loss(pred, target, weights=w, loss_type=cfg.loss, huber_delta=cfg.huber_delta,

@@ -58,14 +58,14 @@ class ControlNetMethod(Method):
     def train_modules(self, model):
         return [self.cn.net]
 
-    def condition(self, batch: dict) -> torch.Tensor:
+    def condition(self, batch) -> torch.Tensor:
         from ..data.preprocess import PREPROCESSORS
 
-        if batch.get("conditions") is not None:
-            return batch["conditions"]
+        if batch.conditions is not None:
+            return batch.conditions
         if self.preprocessor is None:
             raise ValueError("the dataset has no paired conditions and no preprocessor was chosen")
-        px = (batch["pixels"].float() + 1) / 2
+        px = (batch.pixels.float() + 1) / 2
         img = PREPROCESSORS[self.preprocessor](px.permute(0, 2, 3, 1), **self.options)
         return img.permute(0, 3, 1, 2)
 
@@ -73,7 +73,7 @@ class ControlNetMethod(Method):
         cond = self.condition(batch).to(noisy.device, noisy.dtype)
         if self.validation_condition is None:
             self.validation_condition = cond[:1].detach().float().cpu().permute(0, 2, 3, 1)
-        kw = model.conditioning(noisy, context, batch.get("framing"))
+        kw = model.conditioning(noisy, context, batch.framing)
         down, mid = self.cn.net(noisy, t, controlnet_cond=cond, return_dict=False, **kw)
         return model.denoise(noisy, t, conditioning=kw, down_block_additional_residuals=down,
                              mid_block_additional_residual=mid)

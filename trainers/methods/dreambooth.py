@@ -238,30 +238,31 @@ class DreamBoothMethod(Method):
     def after_step(self):
         self.inner.after_step()
 
-    def loss(self, model, latents, context, objective, g, cfg, batch):
+    def loss(self, model, batch, objective):
         if self.class_latents is None or self.lam == 0:
-            return super().loss(model, latents, context, objective, g, cfg, batch)
-        noisy, t, target = self.noised(latents, objective, g, cfg, batch)
+            return super().loss(model, batch, objective)
+        latents, context, g, shard = batch.latents, batch.context, batch.generator, batch.shard
+        noisy, t, target = self.noised(latents, objective, batch)
         mean, std = self.class_latents
-        shard = batch.get("shard") or SINGLE
         idx = shard.take(torch.randint(len(mean), (latents.shape[0] * shard.world,), generator=g))
         eps = randn(mean[idx].shape, g, shard).to(mean.device)  # the class latents are on the device
         cl = model.latent_format.to_model(mean[idx] + std[idx] * eps).to(latents.device, latents.dtype)
-        ctx = batch["encode_text"]([self.class_captions[i] for i in idx.tolist()]).to(context.dtype)
-        cbatch = {**batch, "masks": None, "framing": self.class_framing[idx]}
-        cnoisy, ct, ctarget = self.noised(cl, objective, g, cfg, cbatch)
+        caps = [self.class_captions[i] for i in idx.tolist()]
+        ctx = batch.encode_text(caps).to(context.dtype)
+        cbatch = batch.but(latents=cl, captions=caps, context=ctx, masks=None, framing=self.class_framing[idx])
+        cnoisy, ct, ctarget = self.noised(cl, objective, cbatch)
         if cl.shape[1:] == latents.shape[1:]:  # one denoiser call on instance + class pictures, as diffusers' does
-            own = batch.get("framing")
+            own = batch.framing
             framing = torch.cat([model.whole_framing(latents) if own is None else own.float().cpu(),
-                                 cbatch["framing"]])
+                                 cbatch.framing])
             both = self.predict(model, torch.cat([noisy, cnoisy]), torch.cat([t, ct]), torch.cat([context, ctx]),
-                                {**batch, "framing": framing})
+                                batch.but(framing=framing))
             pred, cpred = both[:len(latents)], both[len(latents):]
         else:  # the instance bucket is not the class pictures' size
             pred = self.predict(model, noisy, t, context, batch)
             cpred = self.predict(model, cnoisy, ct, ctx, cbatch)
-        return (self.loss_of(pred, target, t, objective, cfg, batch)
-                + self.lam * self.loss_of(cpred, ctarget, ct, objective, cfg, cbatch))
+        return (self.loss_of(pred, target, t, objective, batch)
+                + self.lam * self.loss_of(cpred, ctarget, ct, objective, cbatch))
 
 
 def make_inner(mode: str, train_text_encoder: bool, rank: int, alpha: float, targets: str,
