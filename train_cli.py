@@ -186,9 +186,9 @@ def main_train(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if shard.main:
-        last = trained.run.log[-1]["loss"] if trained.run.log else float("nan")
+        last = trained.log[-1]["loss"] if trained.log else float("nan")
         state = "stopped" if trained.cancelled else "finished"
-        print(json.dumps({"run": str(run.path), "status": state, "step": trained.run.step, "loss": last,
+        print(json.dumps({"run": str(run.path), "status": state, "step": trained.step, "loss": last,
                           "processes": shard.world, "files": sorted(p.name for p in run.path.iterdir())}, indent=1))
         if trained.cancelled:
             print(f"resume with: python -m comfyui_finetune train {run.path / 'config.json'} --resume",

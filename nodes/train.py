@@ -95,7 +95,7 @@ def train_in_comfyui(train_fn, recipe, model, data, **kw):
         cb.bar.close()
         host.give_back_gpu(model.device)
     if trained.cancelled:
-        msg = f"cancelled at step {trained.run.step}; resume with resume_run='{run.name}'"
+        msg = f"cancelled at step {trained.step}; resume with resume_run='{run.name}'"
         host.log.info("%s (checkpoint written)", msg)
         host.raise_if_interrupted(msg)
         raise host.Interrupted(msg)
@@ -192,7 +192,7 @@ class FT_TrainLoRA(Trainer):
     @torch_call
     def execute(self, model, dataset, *args, **inputs):
         t = self.run_method(self.recipe_from(args, inputs), model, dataset, scorer=inputs.get("scorer"))
-        return (t.model, t.result, t.log)
+        return (t.model, t.result, t.training_log)
 
 
 class FT_TrainTextualInversion(Trainer):
@@ -212,7 +212,7 @@ class FT_TrainTextualInversion(Trainer):
     @torch_call
     def execute(self, model, dataset, *args, **inputs):
         t = self.run_method(self.recipe_from(args, inputs), model, dataset, scorer=inputs.get("scorer"))
-        return (t.model, t.result, t.log)
+        return (t.model, t.result, t.training_log)
 
 
 class FT_DreamBoothSubject:
@@ -277,7 +277,7 @@ class FT_TrainDreamBooth(Trainer):
                                                         recipe.class_prompt.strip(), class_dataset)]
         t = self.run_method(recipe, model, subs, class_cache=host.output_dir() / "finetune" / "class_images",
                             progress=host.Progress, scorer=inputs.get("scorer"))
-        return (t.model, t.result, t.log, t.extra.get("embedding"))
+        return (t.model, t.result, t.training_log, t.extra.get("embedding"))
 
 
 class FT_TrainControlNet(Trainer):
@@ -309,4 +309,4 @@ class FT_TrainControlNet(Trainer):
         if conditions is not None:
             dataset = pair_conditions(dataset, conditions)
         t = self.run_method(recipe, model, dataset, init=control_net, scorer=inputs.get("scorer"))
-        return (t.result, t.log)
+        return (t.result, t.training_log)

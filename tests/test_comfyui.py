@@ -518,3 +518,66 @@ def test_controlnet_trained_by_the_pack_runs_in_comfyui(server, random_sd15, tmp
     assert len(entry["outputs"]["12"]["images"]) == 1
     print(f"ComfyUI's ControlNet loader read {name} and {diffusers_name} ({n_params} parameters, no missing or "
           "unexpected key); ControlNetLoader -> ControlNetApplyAdvanced -> KSampler ran with the first")
+
+
+def _interrupt_when(server, ready, timeout: float = 300) -> None:
+    """POST /interrupt (ComfyUI's Cancel button) once ``ready()`` is true."""
+    import time
+
+    deadline = time.time() + timeout
+    while not ready():
+        assert time.time() < deadline, f"never ready to cancel:\n{server.log()[-3000:]}"
+        time.sleep(0.3)
+    server.post("/interrupt", {})
+
+
+def _queue(server, prompt: dict) -> str:
+    return server.post("/prompt", {"prompt": prompt, "client_id": "ft-tests"})["prompt_id"]
+
+
+def _finished(server, pid: str, timeout: float = 300) -> dict:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        hist = server.get(f"/history/{pid}")
+        if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
+            return hist[pid]
+        time.sleep(0.5)
+    raise TimeoutError(f"prompt {pid} did not end:\n{server.log()[-3000:]}")
+
+
+def test_cancel_in_comfyui_keeps_the_training_and_stops_sampling(server):
+    """ComfyUI's Cancel (POST /interrupt) during a training: ComfyUI reports an interruption, not an error, and the
+    run keeps the checkpoint of the step that finished and says cancelled; during FT_Sample it stops too."""
+    import time
+
+    prompt = json.loads((PACK / "example_workflows" / "api" / "toy_train_lora.json").read_text())
+    train = {k: prompt[k] for k in ("1", "2", "3")}
+    train["3"]["inputs"].update(steps=5000, save_every=0, validation_every=0, run_name="cancel_me")
+    runs = server.base / "output" / "finetune"
+    before = set(runs.glob("cancel_me*")) if runs.is_dir() else set()
+
+    def stepped() -> bool:
+        new = [p for p in runs.glob("cancel_me*") if p not in before] if runs.is_dir() else []
+        log = new[0] / "log.jsonl" if new else None
+        return bool(log and log.is_file() and len(log.read_text().splitlines()) >= 2)
+
+    pid = _queue(server, train)
+    _interrupt_when(server, stepped)
+    entry = _finished(server, pid)
+    events = [e for e, _ in entry["status"]["messages"]]
+    assert "execution_interrupted" in events and "execution_error" not in events, entry["status"]["messages"]
+    (run,) = [p for p in runs.glob("cancel_me*") if p not in before]
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "cancelled" and status["step"] >= 2, status
+    assert (run / "checkpoints" / f"step-{status['step']}" / "manifest.json").is_file()
+
+    sample = {"1": prompt["1"], "5": {**prompt["5"], "inputs": {**prompt["5"]["inputs"], "model": ["1", 0],
+                                                                 "steps": 5000, "batch_size": 1}}}
+    started = time.time()
+    pid = _queue(server, sample)
+    _interrupt_when(server, lambda: time.time() - started > 5)
+    entry = _finished(server, pid)
+    events = [e for e, _ in entry["status"]["messages"]]
+    assert "execution_interrupted" in events and "execution_error" not in events, entry["status"]["messages"]

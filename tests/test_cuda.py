@@ -48,7 +48,7 @@ def recipe(cls, precision, **kw):
 
 
 def finite(trained) -> bool:
-    return all(torch.isfinite(torch.tensor(r["loss"])) for r in trained.run.log) and len(trained.run.log) > 0
+    return all(torch.isfinite(torch.tensor(r["loss"])) for r in trained.log) and len(trained.log) > 0
 
 
 def draws(model) -> torch.Tensor:
@@ -117,7 +117,7 @@ def test_a_resumed_run_continues_where_it_stopped(toy, tmp_path, device, precisi
         train_lora(recipe(LoRARecipe, precision, steps=2, save_every=1, validation_every=0), model, toy_set(), half)
         resumed = train_lora(recipe(LoRARecipe, precision, steps=4, resume_run="half", validation_every=0), model,
                              toy_set(), RunDir(half.path))
-    assert resumed.run.resumed_from == 2 and resumed.run.step == 4
+    assert resumed.resumed_from == 2 and resumed.step == 4
     a = torch.cat([v.flatten() for v in whole.result.state.values()])
     b = torch.cat([v.flatten() for v in resumed.result.state.values()])
     # the same data, noise and timesteps: a GPU's kernels may round differently, so close rather than bit-exact

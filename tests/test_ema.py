@@ -81,7 +81,7 @@ def test_a_run_with_an_average_resumes_exactly_and_validation_does_not_change_it
     plain = run(toy, tmp_path, "plain")
     run(toy, tmp_path, "half", steps=3, save_every=1)
     resumed = run(toy, tmp_path, "half", resume_run="half")
-    assert resumed.run.resumed_from == 3
+    assert resumed.resumed_from == 3
     for k in whole.result.state:
         assert torch.equal(whole.result.state[k], plain.result.state[k]), f"validation changed {k}"
         assert torch.equal(whole.result.state[k], resumed.result.state[k]), f"resume changed {k}"

@@ -84,7 +84,7 @@ def test_a_worse_late_checkpoint_leaves_the_result_at_the_best_one(toy, tmp_path
     status = json.loads((folder / "status.json").read_text())
     best = status["best_step"]
     print({s: round(r["score"], 4) for s, r in got.items()}, "best", best)
-    assert best == t.run.best_step and best in (30, 60)
+    assert best == t.best_step and best in (30, 60)
     assert got[best]["score"] > got[90]["score"] and status["best_score"] == got[best]["score"]
     want = checkpoint_lora(folder, best)
     assert all(torch.equal(t.result.state[k], want[k]) for k in want), "the result is the best checkpoint's LoRA"
@@ -92,7 +92,7 @@ def test_a_worse_late_checkpoint_leaves_the_result_at_the_best_one(toy, tmp_path
     # the node's chart: live events as each save point is scored, and the kept history with the best step
     assert [(s, sc["score"]) for s, sc, _ in seen] == [(s, got[s]["score"]) for s in (30, 60, 90)]
     assert seen[-1][2] == best
-    chart = chart_ui(TrainingLog.from_result(t.run))["finetune_chart"][0]
+    chart = chart_ui(TrainingLog.from_result(t))["finetune_chart"][0]
     assert chart["best_step"] == best
     assert chart["scores"] == [[s, got[s]["score"], got[s]["clip_t"], got[s]["clip_i"]] for s in (30, 60, 90)]
 
@@ -104,7 +104,7 @@ def test_early_stopping_ends_the_run_after_saves_without_improvement(toy, tmp_pa
     status = json.loads((folder / "status.json").read_text())
     got = scores(folder)
     print({s: round(r["score"], 4) for s, r in got.items()})
-    assert status["stopped_early"] and status["step"] == 60 and t.run.step == 60 and sorted(got) == [30, 60]
+    assert status["stopped_early"] and status["step"] == 60 and t.step == 60 and sorted(got) == [30, 60]
     assert status["best_step"] == 30 and got[30]["score"] > got[60]["score"]
     want = checkpoint_lora(folder, 30)
     assert all(torch.equal(t.result.state[k], want[k]) for k in want)

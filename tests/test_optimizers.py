@@ -98,7 +98,7 @@ def test_a_run_with_each_optimizer_resumes_where_it_stopped(toy, tmp_path, name)
     whole = lora_run(toy, tmp_path, name, "whole")
     lora_run(toy, tmp_path, name, "half", steps=2, save_every=1)
     resumed = lora_run(toy, tmp_path, name, "half", resume_run="half")
-    assert resumed.run.resumed_from == 2
+    assert resumed.resumed_from == 2
     a, b = whole.result.state, resumed.result.state
     assert a.keys() == b.keys()
     for k in a:
@@ -131,7 +131,7 @@ def _kohya(lora, peft_key: str) -> torch.Tensor:
 
 def test_adafactor_with_its_own_schedule_trains(toy, tmp_path):
     t = lora_run(toy, tmp_path, "adafactor", "ada", lr_scheduler="adafactor", steps=6)
-    lrs = [r["lr"] for r in t.run.log]
+    lrs = [r["lr"] for r in t.log]
     # relative step with warm-up init: the step size grows from 0 with the step count (kohya's "adafactor" schedule)
     assert lrs[0] == 0.0 and all(b > a > 0 for a, b in zip(lrs[1:], lrs[2:])), lrs
 

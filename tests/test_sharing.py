@@ -340,4 +340,4 @@ def test_an_offloaded_dreambooths_class_pictures_are_encoded_before_the_unet_joi
     assert set(seen[:unet]) == {"AutoencoderKL", "CLIPTextModel", "encode 4", "encode 3"}, seen
     with torch.inference_mode(False):
         again = train_dreambooth(recipe, toy.share(), [subject], run_dir(tmp_path, "placed"))
-    assert got.run.log[0]["loss"] == again.run.log[0]["loss"]
+    assert got.log[0]["loss"] == again.log[0]["loss"]

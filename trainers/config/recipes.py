@@ -290,7 +290,7 @@ class MethodEntry:
 
     @property
     def train(self) -> Callable:
-        """``train_<method>(recipe, model, data, run, callbacks=None, shard=SINGLE, **kw) -> Trained``."""
+        """``train_<method>(recipe, model, data, run, callbacks=None, shard=SINGLE, **kw) -> TrainResult``."""
         return library_object(self.train_function)
 
 

@@ -14,9 +14,9 @@ import functools
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -32,7 +32,7 @@ from .validation import BestKeeper
 from ..config.recipes import TrainConfig, run_config
 from ..data.dataset import Dataset, prepare
 from ..model.model import FTModel
-from ..runs.run_dir import RunDir, save_dataset
+from ..runs.run_dir import RunDir, TrainingLog, save_dataset
 
 if TYPE_CHECKING:
     from .training import Method
@@ -61,9 +61,15 @@ class Callbacks:
 
 @dataclass
 class TrainResult:
-    model: FTModel
+    """What a training gives back, the one result type: the loop's record of the run (its log rows, config, step,
+    time) and, once the method has handed over (:meth:`handed_over`), the tuned model and what was trained. When it
+    was cancelled, ``model`` and ``result`` are None after the hand-over (the checkpoint is written: resume the
+    run)."""
+
+    #: the training's own model until the hand-over, then the tuned model for the graph
+    model: FTModel | None
     method: Method
-    log: list[dict]
+    log: list[dict]  #: the log rows (step, loss, lr, seconds, scores)
     config: dict
     run_dir: Path
     step: int
@@ -71,6 +77,19 @@ class TrainResult:
     seconds: float
     resumed_from: int | None = None
     best_step: int | None = None  #: keep_best: the step whose checkpoint is the result
+    #: what was trained: a LoRA, an Embedding, a ControlNet (None for a full fine-tune: the weights are the model's)
+    result: Any = None
+    #: more a method hands on (DreamBooth's pivotal embedding)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def training_log(self) -> TrainingLog:
+        """The run's log as it flows on the canvas (FT_TRAINING_LOG)."""
+        return TrainingLog.from_result(self)
+
+    def handed_over(self, model: FTModel | None, result: Any, extra: dict | None = None) -> "TrainResult":
+        """This result with the tuned model and what was trained (both None when the run was cancelled)."""
+        return replace(self, model=model, result=result, extra=dict(extra or {}))
 
 
 class _Trainable(torch.nn.Module):

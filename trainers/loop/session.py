@@ -1,42 +1,18 @@
 """One training, start to finish, the same from a node, the shell and torchrun: :func:`run_method` trains a method
 on a share of the model in a run folder, and each method's ``train_<method>`` (lora.train_lora,
 textual_inversion.train_textual_inversion, dreambooth.train_dreambooth, controlnet_training.train_controlnet) turns
-the loop's result into a :class:`Trained`: the tuned model, what was trained, and the log."""
+the loop's result into the one result type, :class:`~.run.TrainResult`, handed over: the tuned model, what was
+trained, and the log."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .distributed import SINGLE, Shard
 from .training import Callbacks, Method, TrainResult, train
 from ..model.model import FTModel
 from ..config.recipes import TrainConfig, label_of
-from ..runs.run_dir import RunDir, TrainingLog
-
-
-@dataclass
-class Trained:
-    """What a training gives back. When it was cancelled, ``model`` and ``result`` are None (the checkpoint is
-    written: resume the run)."""
-
-    model: FTModel | None
-    result: Any
-    run: TrainResult
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def cancelled(self) -> bool:
-        return self.run.cancelled
-
-    @property
-    def log(self) -> TrainingLog:
-        return TrainingLog.from_result(self.run)
-
-    @property
-    def run_dir(self) -> Path:
-        return self.run.run_dir
+from ..runs.run_dir import RunDir
 
 
 def check_resume(run: RunDir, recipe: TrainConfig, model: FTModel) -> None:

@@ -93,13 +93,13 @@ class ControlNetMethod(Method):
 def train_controlnet(recipe: ControlNetRecipe, model: FTModel, dataset, run: RunDir,
                      callbacks: Callbacks | None = None, shard: Shard = SINGLE, *, init: ControlNet | None = None,
                      scorer=None):
-    """Train a ControlNet for ``model``: returns a Trained whose result is the ControlNet (also kept in the run
+    """Train a ControlNet for ``model``: returns a TrainResult whose result is the ControlNet (also kept in the run
     folder as ``controlnet.safetensors``, original layout, fp16). A dataset with paired conditions trains on them;
     otherwise the recipe's preprocessor makes each condition."""
     import json
 
     from ..adapters.controlnet.files import file_contents
-    from ..loop.session import Trained, run_method, save_in_run
+    from ..loop.session import run_method, save_in_run
 
     paired = any(e.condition is not None for e in dataset.examples)
     if paired:
@@ -111,10 +111,10 @@ def train_controlnet(recipe: ControlNetRecipe, model: FTModel, dataset, run: Run
                             "init": init.name if init is not None else "base UNet encoder"}}
     res = run_method(method, recipe, model, dataset, run, callbacks, shard, extra_config=extra, scorer=scorer)
     if res.cancelled:
-        return Trained(None, None, res)
+        return res.handed_over(None, None)
     if model.offload:  # the result waits in CPU memory as the model does (ComfyUI caches it; sampling copies it)
         method.cn.net.to("cpu")
     cn = method.result(run.name, {"finetune_config": json.dumps(res.config, default=str)})
     cn.source = f"trained: run {run.name}, {res.step} steps"
     save_in_run(run, "controlnet", *file_contents(cn, layout="original", dtype="fp16"))
-    return Trained(model, cn, res)
+    return res.handed_over(model, cn)

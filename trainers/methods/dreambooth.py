@@ -369,13 +369,13 @@ def train_dreambooth(recipe: DreamBoothRecipe, model: FTModel, subjects: list[Su
                      callbacks: Callbacks | None = None, shard: Shard = SINGLE, *, class_cache: Path | None = None,
                      class_sets: list | None = None, instance: Dataset | None = None,
                      progress: Callable | None = None, scorer=None):
-    """DreamBooth on one or several subjects: returns a Trained whose result is the LoRA (lora mode; None in full
+    """DreamBooth on one or several subjects: returns a TrainResult whose result is the LoRA (lora mode; None in full
     mode, whose weights are the model's) and ``extra["embedding"]`` the identifier's embedding (pivotal tuning).
 
     Class pictures come from ``class_sets`` when given (a repeated run), else from the subjects' class datasets and
     generation from the base model (cached under ``class_cache``)."""
     from ..runs.export import embedding_metadata, lora_metadata
-    from ..loop.session import Trained, result_metadata, run_method, save_in_run, settle
+    from ..loop.session import result_metadata, run_method, save_in_run, settle
 
     from ..families.registry import check_supported
 
@@ -394,7 +394,7 @@ def train_dreambooth(recipe: DreamBoothRecipe, model: FTModel, subjects: list[Su
     res = run_method(method, recipe, model, instance, run, callbacks, shard,
                      extra_config=extra, scorer=scorer)
     if res.cancelled:
-        return Trained(None, None, res)
+        return res.handed_over(None, None)
     tuned, lora, out = res.model, None, {}
     if recipe.mode == "lora":
         got = method.result(run.name, result_metadata(res, subjects[0].dataset.resolution or model.native_size))
@@ -411,4 +411,4 @@ def train_dreambooth(recipe: DreamBoothRecipe, model: FTModel, subjects: list[Su
         tuned = settle(tuned, model, method)
     tuned.history = tuned.history + [{"trained": f"dreambooth-{recipe.mode}", "run": run.name, "steps": res.step,
                                       "subjects": extra["subjects"]}]
-    return Trained(tuned, lora, res, out)
+    return res.handed_over(tuned, lora, out)

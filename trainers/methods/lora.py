@@ -244,20 +244,20 @@ class LoRAMethod(Method):
 
 def train_lora(recipe: LoRARecipe, model: FTModel, dataset, run: RunDir, callbacks: Callbacks | None = None,
                shard: Shard = SINGLE, *, scorer=None):
-    """Train a LoRA: returns a Trained with the model (LoRA applied, strength 1) and the LoRA; the LoRA is also
+    """Train a LoRA: returns a TrainResult with the model (LoRA applied, strength 1) and the LoRA; the LoRA is also
     kept in the run folder as ``lora.safetensors`` (kohya layout)."""
     from ..runs.export import lora_metadata
-    from ..loop.session import Trained, result_metadata, run_method, save_in_run, settle
+    from ..loop.session import result_metadata, run_method, save_in_run, settle
 
     method = LoRAMethod.from_recipe(recipe)
     res = run_method(method, recipe, model, dataset, run, callbacks, shard, scorer=scorer)
     if res.cancelled:
-        return Trained(None, None, res)
+        return res.handed_over(None, None)
     lora = method.result(run.name, result_metadata(res, dataset.resolution or model.native_size))
     save_in_run(run, "lora", lora.state, lora_metadata(lora))
     tuned = attach_lora(settle(res.model, model, method), lora, 1.0)  # res.model is the training's own share
     tuned.history[-1] = {"trained": "lora", "run": run.name, "steps": res.step, "rank": recipe.rank}
-    return Trained(tuned, lora, res)
+    return res.handed_over(tuned, lora)
 
 
 def lora_delta(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -215,10 +215,10 @@ def captioned_for(recipe: TextualInversionRecipe, dataset):
 
 def train_textual_inversion(recipe: TextualInversionRecipe, model: FTModel, dataset, run: RunDir,
                             callbacks: Callbacks | None = None, shard: Shard = SINGLE, *, scorer=None):
-    """Learn a new word: returns a Trained with the model that knows it and the Embedding (also kept in the run
+    """Learn a new word: returns a TrainResult with the model that knows it and the Embedding (also kept in the run
     folder as ``embedding.safetensors``)."""
     from ..runs.export import embedding_metadata
-    from ..loop.session import Trained, run_method, save_in_run, settle
+    from ..loop.session import run_method, save_in_run, settle
 
     from ..families.registry import check_supported
 
@@ -228,14 +228,14 @@ def train_textual_inversion(recipe: TextualInversionRecipe, model: FTModel, data
     dataset = captioned_for(recipe, dataset)
     res = run_method(method, recipe, model, dataset, run, callbacks, shard, scorer=scorer)
     if res.cancelled:
-        return Trained(None, None, res)
+        return res.handed_over(None, None)
     emb = method.result(run.name, {"token": method.token, "init_token": method.init_token, "steps": res.step,
                                    "finetune_config": res.config})
     save_in_run(run, "embedding", emb.tensors(), embedding_metadata(emb))
     tuned = settle(res.model, model, method)
     tuned.history = tuned.history + [{"trained": "textual_inversion", "run": run.name, "token": method.token,
                                       "steps": res.step}]
-    return Trained(tuned, emb, res)
+    return res.handed_over(tuned, emb)
 
 
 def apply_embedding(model: FTModel, emb: Embedding, token: str | None = None) -> FTModel:
