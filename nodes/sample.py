@@ -5,7 +5,7 @@ from . import host
 from .base import COMBO, FLOAT, HIDDEN, INT, LINK, MAX_SEED, ROOT_CATEGORY, SEED, STRING, torch_call
 
 SAMPLER_NAMES = ["ddim", "euler", "euler_ancestral", "dpmpp_2m"]  # keys of trainers.sampling.SAMPLERS (tested)
-RESIZE_MODES = ["crop", "fit", "stretch"]  # == trainers.controlnet.RESIZE_MODES (tested)
+RESIZE_MODES = ["crop", "fit", "stretch"]  # == trainers.adapters.controlnet.apply.RESIZE_MODES (tested)
 
 
 def sample_images(model, prompt, negative_prompt, seed, steps, cfg, sampler, width, height, batch_size, control=None,
