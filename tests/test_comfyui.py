@@ -547,13 +547,21 @@ def _finished(server, pid: str, timeout: float = 300) -> dict:
     raise TimeoutError(f"prompt {pid} did not end:\n{server.log()[-3000:]}")
 
 
+def _interrupted_in(entry: dict) -> str | None:
+    """The node ComfyUI says it was interrupted in (an error instead is no interruption: None)."""
+    events = dict(entry["status"]["messages"])
+    if "execution_error" in events or "execution_interrupted" not in events:
+        return None
+    return events["execution_interrupted"].get("node_type")
+
+
 def test_cancel_in_comfyui_keeps_the_training_and_stops_sampling(server):
     """ComfyUI's Cancel (POST /interrupt) during a training: ComfyUI reports an interruption, not an error, and the
     run keeps the checkpoint of the step that finished and says cancelled; during FT_Sample it stops too."""
     import time
 
     prompt = json.loads((PACK / "example_workflows" / "api" / "toy_train_lora.json").read_text())
-    train = {k: prompt[k] for k in ("1", "2", "3")}
+    train = {k: prompt[k] for k in ("1", "2", "3", "7", "11")}  # the loss plot and its preview: an output
     train["3"]["inputs"].update(steps=5000, save_every=0, validation_every=0, run_name="cancel_me")
     runs = server.base / "output" / "finetune"
     before = set(runs.glob("cancel_me*")) if runs.is_dir() else set()
@@ -566,18 +574,18 @@ def test_cancel_in_comfyui_keeps_the_training_and_stops_sampling(server):
     pid = _queue(server, train)
     _interrupt_when(server, stepped)
     entry = _finished(server, pid)
-    events = [e for e, _ in entry["status"]["messages"]]
-    assert "execution_interrupted" in events and "execution_error" not in events, entry["status"]["messages"]
+    stopped = _interrupted_in(entry)
+    assert stopped == "FT_TrainLoRA", entry["status"]["messages"]
     (run,) = [p for p in runs.glob("cancel_me*") if p not in before]
     status = json.loads((run / "status.json").read_text())
     assert status["status"] == "cancelled" and status["step"] >= 2, status
     assert (run / "checkpoints" / f"step-{status['step']}" / "manifest.json").is_file()
 
     sample = {"1": prompt["1"], "5": {**prompt["5"], "inputs": {**prompt["5"]["inputs"], "model": ["1", 0],
-                                                                 "steps": 5000, "batch_size": 1}}}
+                                                                 "steps": 500, "batch_size": 16}},
+              "8": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}}}
     started = time.time()
     pid = _queue(server, sample)
-    _interrupt_when(server, lambda: time.time() - started > 5)
+    _interrupt_when(server, lambda: time.time() - started > 2)
     entry = _finished(server, pid)
-    events = [e for e, _ in entry["status"]["messages"]]
-    assert "execution_interrupted" in events and "execution_error" not in events, entry["status"]["messages"]
+    assert _interrupted_in(entry) == "FT_Sample", entry["status"]["messages"]
