@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 
@@ -34,8 +34,8 @@ from ..data.dataset import Dataset, prepare
 from ..model.model import FTModel
 from ..runs.run_dir import RunDir, TrainingLog, save_dataset
 
-if TYPE_CHECKING:
-    from .training import Method
+#: ``Method`` in annotations is :class:`.training.Method` (the contract training.py declares and imports this
+#: module for; named, not imported, so the two do not import each other)
 
 log = logging.getLogger(__name__)
 
