@@ -62,11 +62,6 @@ FAMILIES: dict[str, Family] = {
 LORA_PREFIXES = tuple(sorted({p for fam in FAMILIES.values() for p in fam.lora_prefixes.values()}))
 
 
-def check_supported(model, recipe) -> None:
-    """Refuse, by name, a training the pack cannot do on ``model``'s family yet (before any work is done)."""
-    model.family.check_supported(recipe)
-
-
 def family_for_unet(unet_config) -> Family:
     """Recognise the family of a diffusers UNet config."""
     ctx = unet_config.get("cross_attention_dim") if isinstance(unet_config, dict) else unet_config.cross_attention_dim

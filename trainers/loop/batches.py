@@ -4,10 +4,11 @@ is checkpointed) and their latents and text embeddings (:class:`Encoder`, with c
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
+from ..config.recipes import TrainConfig
 from ..objectives.base import randn
 from ..data.augment import augment_batch
 from ..data.dataset import Dataset, Prepared, process_caption
@@ -62,7 +63,7 @@ class Batch:
     latents: torch.Tensor
     captions: list[str]
     generator: torch.Generator
-    cfg: Any
+    cfg: TrainConfig
     shard: Shard = SINGLE
     #: embeds more captions the way the loop does (cached while the text encoders are frozen)
     encode_text: Callable[[list[str]], torch.Tensor] | None = None

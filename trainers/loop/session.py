@@ -59,9 +59,7 @@ def run_method(method: Method, recipe: TrainConfig, model: FTModel, dataset, run
     """Train ``method`` on a share of ``model`` (never ``model`` itself: ComfyUI caches it; the share's frozen
     weights are ``model``'s own tensors, and what trains is new or copied by the method) in ``run``, resuming when
     the recipe names a run to resume (after :func:`check_resume`)."""
-    from ..families.registry import check_supported
-
-    check_supported(model, recipe)
+    model.family.check_supported(recipe)
     if recipe.resume_run.strip():
         check_resume(run, recipe, model)
     return train(work_on if work_on is not None else model.share(), dataset, method, recipe, run, callbacks,

@@ -377,9 +377,7 @@ def train_dreambooth(recipe: DreamBoothRecipe, model: FTModel, subjects: list[Su
     from ..runs.export import embedding_metadata, lora_metadata
     from ..loop.session import result_metadata, run_method, save_in_run, settle
 
-    from ..families.registry import check_supported
-
-    check_supported(model, recipe)  # before class pictures are made
+    model.family.check_supported(recipe)  # before class pictures are made
     check_subjects(subjects, recipe.prior_preservation, recipe.prior_loss_weight)
     inner = make_method(recipe, model, subjects)
     if class_sets is None and recipe.prior_preservation:

@@ -220,9 +220,7 @@ def train_textual_inversion(recipe: TextualInversionRecipe, model: FTModel, data
     from ..runs.export import embedding_metadata
     from ..loop.session import run_method, save_in_run, settle
 
-    from ..families.registry import check_supported
-
-    check_supported(model, recipe)
+    model.family.check_supported(recipe)
     method = TextualInversionMethod.from_recipe(recipe)
     method.validate(model)
     dataset = captioned_for(recipe, dataset)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..families.registry import FAMILIES, PREDICTIONS, family_for_checkpoint, family_for_unet
+from ..families.base import Family
+from ..families.registry import PREDICTIONS, family_for_checkpoint, family_for_unet
 from .model import FTModel
 
 log = logging.getLogger(__name__)
@@ -27,12 +28,10 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device, family) -> torch.dtype:
-    """The weights' dtype: ``dtype``, or for auto the ``family``'s (a family or its name) on a GPU, fp32 on the
-    CPU."""
+def resolve_dtype(dtype: str, device: torch.device, family: Family) -> torch.dtype:
+    """The weights' dtype: ``dtype``, or for auto the ``family``'s on a GPU, fp32 on the CPU."""
     if dtype == "auto":
-        fam = FAMILIES[family] if isinstance(family, str) else family
-        return DTYPES[fam.gpu_dtype] if device.type == "cuda" else torch.float32
+        return DTYPES[family.gpu_dtype] if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     if device.type == "cpu" and dtype == "fp16":
@@ -63,7 +62,7 @@ def load_diffusers_folder(folder: str | Path, device: str = "auto", dtype: str =
         unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), use_safetensors=True, local_files_only=True)
         fam = family_for_unet(unet.config)
         dev = resolve_device(device)
-        dt = resolve_dtype(dtype, dev, fam.name)
+        dt = resolve_dtype(dtype, dev, fam)
         vae = AutoencoderKL.from_pretrained(str(folder / "vae"), use_safetensors=True, local_files_only=True)
         te = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), use_safetensors=True, local_files_only=True)
         te2 = CLIPTextModelWithProjection.from_pretrained(str(folder / "text_encoder_2"), use_safetensors=True,
@@ -130,7 +129,7 @@ def model_from_single_file_state(state: dict[str, torch.Tensor], name: str, toke
     toks = [_tokenizer(name, fam.label, cfg_dir, sub, tokenizer_dir)
             for sub in ("tokenizer", "tokenizer_2")[:len(fam.text_encoder_files)]]
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev, fam.name)
+    dt = resolve_dtype(dtype, dev, fam)
     cfg = str(cfg_dir)
     if prediction == "auto":
         prediction, how = (fam.detect(state), "detected from the weights") if fam.detect else (None, "")
