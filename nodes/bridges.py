@@ -58,6 +58,54 @@ def unsupported_reason(state: dict, comfy_config: str) -> str | None:
     return None
 
 
+# ------------------------------------------------------------------------------ where ComfyUI versions differ --
+# Told apart by what ComfyUI's objects have, never by its version number. ComfyUI 0.8 bakes patches into its weights
+# in place when asked (force_patch_weights) and copies what its loader is given; newer ComfyUI (Dynamic VRAM, on by
+# default on NVIDIA) refuses force_patch_weights, hands patched weights out lazily, and loads by assigning the very
+# tensors it is given.
+
+def materialized(value):
+    """A plain tensor for one value of ComfyUI's state dict. Newer ComfyUI hands out weights whose patches (LoRAs,
+    merges) are not applied yet (``LazyCastingParam``: its own storage is the *unpatched* weight); they announce
+    themselves with a ``device`` that is not a torch device, and moving one applies its patches."""
+    import torch
+
+    if isinstance(value, torch.Tensor) and not isinstance(value.device, torch.device):
+        value = value.to("cpu")
+    return value
+
+
+def comfy_checkpoint(model, clip, vae) -> dict:
+    """The original-layout state dict ComfyUI's CheckpointSave would write from this MODEL, CLIP and VAE, every
+    patch baked in, as plain tensors (some may still be ComfyUI's own: the caller must not keep them)."""
+    import comfy.model_management as mm
+    import torch
+
+    with torch.inference_mode():
+        if hasattr(model, "state_dict_for_saving"):  # patches applied lazily, on the way out (ComfyUI's save_checkpoint)
+            mm.load_models_gpu([model, clip.load_model()])
+            clip_sd = clip.state_dict_for_saving() if hasattr(clip, "state_dict_for_saving") else clip.get_sd()
+            state = model.state_dict_for_saving(clip_sd, vae.get_sd())
+        else:  # ComfyUI 0.8: as its CheckpointSave, every patch baked into the weights in place
+            mm.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
+            state = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd())
+        return {k: materialized(v) for k, v in state.items()}
+
+
+def unaliased(state: dict, model, loader) -> dict:
+    """``state`` (from :func:`comfy_state`) made safe to hand to ComfyUI's ``loader``: a loader that can assign the
+    tensors it is given (one with Dynamic VRAM's ``disable_dynamic`` switch) gets copies of those that are the pack
+    model's own, so that neither a later training step nor ComfyUI's memory pinning touches the other's weights. A
+    loader that copies (ComfyUI 0.8) gets them as they are, so the weights are never held three times."""
+    import inspect
+
+    if "disable_dynamic" not in inspect.signature(loader).parameters:
+        return state
+    ours = {t.untyped_storage().data_ptr() for part in model.parts().values()
+            for t in [*part.parameters(), *part.buffers()]}
+    return {k: v.clone() if v.untyped_storage().data_ptr() in ours else v for k, v in state.items()}
+
+
 class FT_ApplyLoRAToComfy:
     DESCRIPTION = ("Apply a LoRA trained in this graph (LoRA, LoHa, LoKr or DoRA) to ComfyUI's MODEL and CLIP through "
                    "ComfyUI's own LoRA loading, so the native KSampler samples with it: the same result as saving "
@@ -133,9 +181,6 @@ class FT_ModelFromComfy:
 
     @torch_call
     def execute(self, model, clip, vae, device="auto", dtype="auto", offload="auto"):
-        import comfy.model_management as mm
-        import torch
-
         from ..trainers.model.loading import model_from_single_file_state
 
         config = type(model.model.model_config).__name__
@@ -148,9 +193,7 @@ class FT_ModelFromComfy:
                       "v-prediction models")
         if reason:
             raise ValueError(reason)
-        with torch.inference_mode():  # as ComfyUI's CheckpointSave: every patch baked into the weights
-            mm.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
-            state = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd())
+        state = comfy_checkpoint(model, clip, vae)
         state = {k: v for k, v in state.items() if k.startswith(
             ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")) or k in MARKERS}
         # borrowed: weights of our own, as ComfyUI patches and restores its weights in place when a LoRA or merge runs
@@ -205,6 +248,7 @@ class FT_ModelToComfy:
         state = comfy_state(model)
         import comfy.sd
 
+        state = unaliased(state, model, comfy.sd.load_state_dict_guess_config)
         out = comfy.sd.load_state_dict_guess_config(state, output_vae=True, output_clip=True,
                                                     embedding_directory=[str(p) for p in host.model_dirs("embeddings")])
         if out is None:

@@ -87,7 +87,7 @@ def train_in_comfyui(train_fn, recipe, model, data, **kw):
     host.hand_over_gpu(model.device)
     try:
         trained = train_fn(recipe, model, data, run, cb.loop_callbacks(), **kw)
-    except Exception:
+    except BaseException:  # ComfyUI's interrupt is a BaseException from 0.1x on
         if not resume and not any(run.path.iterdir()):  # refused before anything was written: leave no trace
             run.path.rmdir()
         raise

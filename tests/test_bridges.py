@@ -105,3 +105,79 @@ def test_textual_inversion_rows_stay_behind(toy):
     state = bridges.comfy_state(worded)
     assert torch.equal(state[key], plain)
     assert set(state) == set(to_single_file(as_sd15, torch.float32))
+
+
+# ------------------------------------------------------------------ the ComfyUI versions, against fake_comfy.py --
+def _comfy_parts(version: str):
+    """A MODEL, CLIP and VAE as each ComfyUI holds them, with a LoRA-like patch on one weight of the model and one
+    of the text encoder, and the patched weights every version must hand over."""
+    import torch
+    import fake_comfy as fc
+
+    torch.manual_seed(0)
+    unet, te, vae = torch.nn.Linear(3, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+    unet_patch, te_patch = {"weight": torch.ones(2, 3)}, {"bias": torch.full((2,), 0.5)}
+    expected = {"model.diffusion_model.weight": unet.weight + 1, "model.diffusion_model.bias": unet.bias,
+                "cond_stage_model.weight": te.weight, "cond_stage_model.bias": te.bias + 0.5,
+                "first_stage_model.weight": vae.weight, "first_stage_model.bias": vae.bias}
+    expected = {k: v.detach().clone() for k, v in expected.items()}
+    if version == "0.8":
+        model, clip = fc.ModelPatcher08(unet, unet_patch), fc.CLIP(fc.ModelPatcher(te, te_patch), saving_api=False)
+    else:
+        dynamic = version == "0.38 dynamic VRAM"
+        model = fc.ModelPatcher038(unet, unet_patch, dynamic=dynamic)
+        clip = fc.CLIP(fc.ModelPatcher(te, te_patch, dynamic=dynamic), saving_api=True)
+    return model, clip, fc.VAE(vae), expected
+
+
+@pytest.mark.parametrize("version", ["0.8", "0.38", "0.38 dynamic VRAM"])
+def test_model_from_comfyui_gets_the_patched_checkpoint_from_every_comfyui(monkeypatch, version):
+    """What Model from ComfyUI builds on: ComfyUI's CheckpointSave state dict with every patch in, as plain tensors.
+    0.38 under Dynamic VRAM refuses force_patch_weights, takes the UNet first in BaseModel.state_dict_for_saving and
+    hands patched weights out lazily over the unpatched ones; 0.8 has none of that."""
+    import torch
+    import fake_comfy as fc
+
+    fc.install(monkeypatch)
+    model, clip, vae, expected = _comfy_parts(version)
+    state = bridges.comfy_checkpoint(model, clip, vae)
+    assert set(state) == set(expected)
+    for key, want in expected.items():
+        assert type(state[key]) in (torch.Tensor, torch.nn.Parameter) and isinstance(state[key].device, torch.device)
+        assert torch.equal(state[key], want), key
+    if version == "0.38 dynamic VRAM":  # what the 0.8 way of asking meets there
+        with pytest.raises(AssertionError):
+            fc.load_models_gpu([model], force_patch_weights=True)
+        assert not torch.equal(clip.get_sd()["bias"], expected["cond_stage_model.bias"])  # get_sd is unpatched
+
+
+def test_a_lazily_patched_weight_is_materialised_not_read_underneath():
+    import torch
+    import fake_comfy as fc
+
+    module = torch.nn.Linear(2, 2)
+    patcher = fc.ModelPatcher(module, {"weight": torch.ones(2, 2)})
+    lazy = fc.LazyCastingParam(patcher, "weight", module.weight.detach())
+    assert torch.equal(lazy.detach(), module.weight)  # what a plain read (or detach) would take: the unpatched one
+    assert torch.equal(bridges.materialized(lazy), module.weight + 1)
+    plain = torch.zeros(2)
+    assert bridges.materialized(plain) is plain
+
+
+@pytest.mark.parametrize("assigns", [False, True], ids=["copying loader (0.8)", "assigning loader (0.38)"])
+def test_model_to_comfyui_never_shares_a_tensor_with_the_pack_model(monkeypatch, toy, assigns):
+    """Under Dynamic VRAM ComfyUI's loader keeps the tensors it is given as its weights: the pack's model must not
+    be among them, or a later training step would change ComfyUI's MODEL (and ComfyUI's pinning the pack's)."""
+    import torch
+    import fake_comfy as fc
+
+    sd = fc.install(monkeypatch, assigns=assigns)
+    as_sd15 = dataclasses.replace(toy, family="sd15")
+    with pytest.raises(RuntimeError, match="did not recognise"):  # the fake loader recognises nothing
+        bridges.FT_ModelToComfy().execute(as_sd15)
+    ours = {t.untyped_storage().data_ptr() for part in as_sd15.parts().values()
+            for t in [*part.parameters(), *part.buffers()]}
+    (given,) = sd.loaded
+    assert not {v.untyped_storage().data_ptr() for v in given.values()} & ours
+    unet_key = "model.diffusion_model.input_blocks.0.0.weight"
+    assert torch.equal(given[unet_key], as_sd15.unet.conv_in.weight.to(given[unet_key].dtype))
