@@ -3,6 +3,12 @@
     GET /finetune/runs                          every run under output/finetune/, newest first (JSON)
     GET /finetune/runs/<run>/resume_workflow    an API-format graph that resumes the run, or why there is none
     GET /finetune/runs/<run>/<file>             one of the run's files (.json .jsonl .txt .png .jpg .jpeg .webp)
+    GET /workflow_templates/<pack>/<name>.jpg   an example workflow's thumbnail, for ComfyUI's template browser
+
+The front end asks ComfyUI for a pack's template thumbnails at ``/api/workflow_templates/<pack folder>/<name>.jpg``.
+ComfyUI 0.8 serves a pack's example_workflows/ folder as it is; newer ComfyUI serves only the ``.json`` files there,
+so the pack serves its own thumbnails at that address (the longer, more specific route: where ComfyUI still serves
+the folder, either answer is the same file). Only ``<name>.jpg`` files lying in example_workflows/ go out.
 
 ComfyUI also serves every route under ``/api``. Nothing outside the run folders is ever served: a name is checked
 as text (decoded again and again, so ``%2e%2e`` and ``%252e%252e`` are ``..`` too) and then where it really leads
@@ -339,6 +345,36 @@ def add_routes(routes, root_fn: Callable[[], Path] = runs_root) -> None:
         return web.Response(body=body, headers={**HEADERS, "Content-Type": ctype})
 
 
+#: the pack's example workflows, and the name ComfyUI knows the pack by (its folder in custom_nodes, links kept)
+EXAMPLES = Path(__file__).parent.parent / "example_workflows"
+TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def template_thumbnail(name: str, folder: Path = EXAMPLES) -> Path:
+    """The thumbnail of example workflow ``name`` (without ``.jpg``): a plain file in ``folder``, or Refused."""
+    if not TEMPLATE_NAME.fullmatch(name) or ".." in name:
+        raise Refused(404, "no such template thumbnail")
+    path = folder / f"{name}.jpg"
+    if path.is_symlink() or not path.is_file():
+        raise Refused(404, "no such template thumbnail")
+    return path
+
+
+def add_template_routes(routes, folder: Path = EXAMPLES, pack: str | None = None) -> None:
+    """The thumbnails of the example workflows at the address the front end asks ComfyUI for them (ComfyUI adds
+    the ``/api`` twin)."""
+    from aiohttp import web
+
+    @routes.get(f"/workflow_templates/{pack or folder.parent.name}/{{name}}.jpg")
+    async def thumbnail(request):
+        try:
+            body, ctype = file_body(template_thumbnail(request.match_info["name"], folder))
+        except Refused as e:
+            return web.Response(text=dumps({"error": str(e)}), status=e.status, content_type="application/json",
+                                headers=HEADERS)
+        return web.Response(body=body, headers={**HEADERS, "Content-Type": ctype, "Cache-Control": "max-age=3600"})
+
+
 def register() -> bool:
     """Add the routes to ComfyUI's running server (True), when the pack is loaded by ComfyUI; else do nothing."""
     server = sys.modules.get("server")  # ComfyUI's server.py, imported before the custom nodes load
@@ -347,6 +383,7 @@ def register() -> bool:
         return False
     try:
         add_routes(instance.routes)
+        add_template_routes(instance.routes)
     except Exception:  # the nodes must load even if the panel's routes cannot be added
         log.exception("comfyui-finetune: the runs panel's routes could not be added")
         return False

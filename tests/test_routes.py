@@ -288,3 +288,58 @@ def test_encoded_paths_over_http(served, path):
     status, _, body = served(path)
     assert status in (400, 404), body[:200]
     assert b"secret" not in body
+
+
+# ------------------------------------------------------------------------------------ template thumbnails --
+def test_template_thumbnails_are_the_example_jpgs_only(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"jpg")
+    (tmp_path / "a.json").write_text("{}")
+    (tmp_path / "link.jpg").symlink_to(tmp_path / "a.jpg")
+    assert routes.template_thumbnail("a", tmp_path) == tmp_path / "a.jpg"
+    for name in ("b", "link", "../a", "..", ".hidden", "a.json", "", "a/../a", "x" * 200):
+        with pytest.raises(routes.Refused):
+            routes.template_thumbnail(name, tmp_path)
+    shipped = sorted(p.stem for p in routes.EXAMPLES.glob("*.json"))
+    assert shipped and all(routes.template_thumbnail(n).is_file() for n in shipped)  # every example has one
+
+
+def test_thumbnails_win_over_a_comfyui_that_serves_only_json(served):
+    """Newer ComfyUI answers /workflow_templates/<pack>/<file> itself, .json only (app/custom_node_manager.py
+    @fcd026b), registered after the custom nodes' routes, and copies every route under /api: the pack's longer route
+    must answer the front end's thumbnail requests there."""
+    web = pytest.importorskip("aiohttp.web")
+    pack = routes.EXAMPLES.parent.name
+    table = web.RouteTableDef()
+    routes.add_template_routes(table)
+
+    @table.get("/workflow_templates/{module_name}/{filename}")
+    async def comfyui_0_38(request):
+        if not request.match_info["filename"].endswith(".json"):
+            raise web.HTTPNotFound()
+        return web.json_response({"from": "comfyui"})
+
+    app = web.Application()
+    app.add_routes([web.RouteDef(r.method, "/api" + r.path, r.handler, r.kwargs) for r in table])
+    app.add_routes(table)
+
+    async def ask(path):
+        from aiohttp.test_utils import make_mocked_request
+
+        request = make_mocked_request("GET", path, app=app)
+        match = await app.router.resolve(request)
+        request._match_info = match
+        response = await match.handler(request)
+        return response.status, getattr(response, "body", b"")
+
+    loop = asyncio.new_event_loop()
+    try:
+        status, body = loop.run_until_complete(ask(f"/api/workflow_templates/{pack}/toy_train_lora.jpg"))
+        assert status == 200 and body == (routes.EXAMPLES / "toy_train_lora.jpg").read_bytes()
+        status, body = loop.run_until_complete(ask(f"/api/workflow_templates/{pack}/toy_train_lora.json"))
+        assert status == 200 and b"comfyui" in body
+        assert loop.run_until_complete(ask(f"/api/workflow_templates/{pack}/nothing.jpg"))[0] == 404
+    finally:
+        loop.close()
+    status, headers, body = served(f"/workflow_templates/{pack}/toy_train_lora.jpg")
+    assert status == 200 and headers["Content-Type"] == "image/jpeg" and body[:2] == b"\xff\xd8"
+    assert served(f"/workflow_templates/{pack}/..%2fREADME.jpg")[0] == 404
