@@ -77,8 +77,10 @@ class ShowsDataset:
 class FT_LoadImageDataset(ShowsDataset):
     DESCRIPTION = ("Load a folder of pictures from ComfyUI's input folder as a training dataset. Captions come from "
                    "name.txt beside name.png, or metadata.jsonl / metadata.csv (file_name, text), or the caption "
-                   "input for pictures without one. PNG, JPEG and WebP; transparency, greyscale, 16-bit and CMYK "
-                   "are converted; unreadable files are skipped with a warning. A picture's alpha channel, or a "
+                   "input for pictures without one; captions in UTF-8, UTF-16 or a Windows code page. Every common "
+                   "picture format Pillow reads (PNG, JPEG, WebP, BMP, GIF, TIFF, TGA, ...; HEIC with pillow-heif); "
+                   "transparency, greyscale, 16-bit and CMYK are converted, an animation gives its first frame; "
+                   "unreadable files and formats not read here are named in a warning. A picture's alpha channel, or a "
                    "name.mask.png beside it (white trains), is its loss mask (see the trainers' unmasked_weight).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("FT_DATASET",)
@@ -104,7 +106,9 @@ class FT_LoadImageDataset(ShowsDataset):
         """Re-run when a file in the folder is added, removed or changed."""
         import hashlib
 
-        root = host.input_dir() / folder
+        from ..trainers.data.names import find_nfc
+
+        root = host.input_dir() / find_nfc(host.input_dir(), folder)
         h = hashlib.sha256(repr(sorted(kw.items())).encode())
         if root.is_dir():
             for p in sorted(root.rglob("*")):
@@ -116,11 +120,13 @@ class FT_LoadImageDataset(ShowsDataset):
     @checked
     def execute(self, folder, caption, token, **options):
         from ..trainers.data.dataset import load_folder
+        from ..trainers.data.names import find_nfc
 
         if folder == NO_FOLDER:
             raise ValueError("folder: there is no subfolder in ComfyUI's input folder; put your pictures in "
                              "input/<name>/ and refresh the page")
-        path = host.inside(host.input_dir(), folder, "folder")
+        host.inside(host.input_dir(), folder, "folder")  # the name is checked as given, then as spelled on disk
+        path = host.inside(host.input_dir(), find_nfc(host.input_dir(), folder), "folder")
         return (_apply_options(load_folder(path, caption, token, options.get("repeats", 1)), options),)
 
 

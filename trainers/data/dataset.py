@@ -6,7 +6,6 @@ dropout and shuffling, augmentation). Nothing here touches the model; :func:`pre
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -17,7 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .images import IMAGE_SUFFIXES, MAX_PIXELS, PictureTooLarge, is_mask_file, load_image, load_mask
+from .captions import is_blank, read_metadata, read_text
+from .images import MAX_PIXELS, PictureTooLarge, load_image, load_mask, picture_suffixes
+from .names import nfc, scan_folder
 
 log = logging.getLogger(__name__)
 @dataclass(frozen=True)
@@ -115,127 +116,130 @@ class Dataset:
 
 
 # ---------------------------------------------------------------------------------------------------- loading --
-def read_text(path: Path, what: str = "caption") -> str:
-    """A caption or metadata file's text: UTF-8 (with or without a byte-order mark); a file in another encoding is
-    read as Windows-1252 (the usual Latin-1 superset: "café" saved by an old editor) with a warning naming it;
-    bytes that are no text at all are an error naming the file and the fix."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        bad = e.start
-    try:
-        text = raw.decode("cp1252")
-    except UnicodeDecodeError:
-        raise ValueError(f"{what} file {path.name} is not text in UTF-8 (byte 0x{raw[bad]:02x} at position {bad}) "
-                         "nor in Windows-1252: save it as UTF-8") from None
-    log.warning("%s file %s is not UTF-8 (byte 0x%02x at position %d): read as Windows-1252 (%r); save it as "
-                "UTF-8 to be sure", what, path.name, raw[bad], bad, text[:40])
-    return text
+@dataclass
+class _Tally:
+    """What loading a folder noticed, for the warnings."""
 
-
-def read_metadata(folder: Path) -> dict[str, str]:
-    """Captions from ``metadata.jsonl`` / ``metadata.csv`` (Hugging Face imagefolder: ``file_name`` + ``text``)."""
-    caps: dict[str, str] = {}
-    jl, cs = folder / "metadata.jsonl", folder / "metadata.csv"
-    rows: list[dict] = []
-    if jl.is_file():
-        for i, line in enumerate(read_text(jl, "metadata").splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{jl.name} line {i} is not valid JSON ({e.msg}); each line must be an "
-                                     'object like {"file_name": "a.png", "text": "a caption"}') from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{jl.name} line {i} is a {type(row).__name__}, not an object like "
-                                     '{"file_name": "a.png", "text": "a caption"}')
-                rows.append(row)
-        source = jl.name
-    elif cs.is_file():
-        rows = list(csv.DictReader(read_text(cs, "metadata").splitlines()))
-        source = cs.name
-    else:
-        return caps
-    for i, r in enumerate(rows, 1):
-        fn = r.get("file_name")
-        text = r.get("text", r.get("caption"))
-        if not fn or text is None:
-            raise ValueError(f"{source} row {i} lacks {'file_name' if not fn else 'text'}: each row needs "
-                             "file_name (the picture, relative to the folder) and text (its caption)")
-        caps[Path(str(fn).replace("\\", "/")).as_posix()] = str(text).strip()
-    return caps
+    examples: list[Example] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)
+    uncaptioned: list[str] = field(default_factory=list)
+    blank: list[str] = field(default_factory=list)  #: caption files and metadata rows holding only whitespace
+    notes: list[str] = field(default_factory=list)  #: guessed caption encodings (read_text logs them)
+    frames: list[str] = field(default_factory=list)  #: animations and multi-page files, of which the first frame
 
 
 def load_folder(folder: str | Path, caption: str = "", token: str = "", repeats: int = 1) -> Dataset:
     """Load every image under ``folder`` (recursively) with its caption.
 
     Captions, in order of precedence: ``name.txt`` beside ``name.png``; ``metadata.jsonl`` / ``metadata.csv``;
-    else ``caption`` with ``{token}`` replaced by ``token``. Unreadable files are skipped with a warning; a file
-    that is a symbolic link leading out of the folder is an error (a shared workflow must not read elsewhere).
+    else ``caption`` with ``{token}`` replaced by ``token``. A caption holding only whitespace counts as none. Names
+    match in one Unicode normalisation (NFC). Unreadable files, pictures in formats this Pillow does not read and
+    guessed caption encodings are named in warnings; a file that is a symbolic link leading out of the folder is an
+    error (a shared workflow must not read elsewhere).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"dataset folder {folder} does not exist")
-    meta = read_metadata(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                   and not is_mask_file(p))
+    tally = _Tally()
+    meta = read_metadata(folder, tally.notes)
+    found = scan_folder(folder)
     real = folder.resolve()
-    for p in files + sorted(folder.rglob("*.txt")) + [folder / "metadata.jsonl", folder / "metadata.csv"]:
+    for p in found.files() + [folder / "metadata.jsonl", folder / "metadata.csv"]:
         if p.exists() and real not in p.resolve().parents:
             raise ValueError(f"dataset folder {folder.name!r}: {p.relative_to(folder).as_posix()} is a link to a file "
                              "outside the folder; copy the file in instead of linking to it")
-    names = {p.relative_to(folder).as_posix() for p in files}
-    unknown = sorted(set(meta) - names)
+    unknown = sorted(set(meta) - {rel for _, rel, _ in found.pictures})
     if unknown:
         log.warning("dataset %s: the metadata names %d file(s) that are not in the folder, whose captions are not "
                     "used: %s", folder.name, len(unknown), ", ".join(unknown[:5]))
-    examples, skipped, uncaptioned, reasons = [], [], [], {}
-    for p in files:
-        rel = p.relative_to(folder).as_posix()
+    _load_pictures(folder, found, meta, caption.replace("{token}", token).strip(), tally)
+    _check_loaded(folder, found, tally, caption)
+    notes = _folder_notes(folder, found, tally, unknown)
+    return Dataset(tally.examples, name=folder.name, repeats=repeats, source=str(folder.name), warnings=tuple(notes))
+
+
+def _load_pictures(folder: Path, found, meta: dict[str, str], fallback: str, tally: _Tally) -> None:
+    for key, rel, p in found.pictures:
         try:
-            img, mask = load_image(p), load_mask(p)
+            img, mask = load_image(p, tally.frames), load_mask(p, found.masks.get(key))
         except Exception as e:  # any decoder failure: the file is unusable, the rest of the folder is not
             log.warning("skipping %s: not a readable image (%s)", rel, e)
-            skipped.append(rel)
+            tally.skipped.append(rel)
             if isinstance(e, PictureTooLarge):
-                reasons[rel] = str(e)
+                tally.reasons[rel] = str(e)
             continue
-        side = p.with_suffix(".txt")
-        if side.is_file():
-            cap = read_text(side).strip()
-        elif rel in meta:
-            cap = meta[rel]
-        else:
-            cap = caption.replace("{token}", token).strip()
-            uncaptioned.append(rel)
+        cap = _caption_of(folder, key, rel, found, meta, tally)
+        if cap is None:
+            cap = fallback
+            tally.uncaptioned.append(rel)
         if mask is not None and mask.shape != img.shape[:2]:
             raise ValueError(f"dataset folder {folder.name!r}: the mask of {rel} is {mask.shape[1]}x{mask.shape[0]}, "
                              f"the picture {img.shape[1]}x{img.shape[0]}; a mask must have its picture's size")
-        examples.append(Example(img, cap, rel, mask=mask))
-    if not examples:
-        big = "".join(f"; {k}: {v}" for k, v in list(reasons.items())[:3])
-        what = f"{len(skipped)} unreadable file(s): {', '.join(skipped[:5])}{big}" if skipped else "no image files"
+        tally.examples.append(Example(img, cap, rel, mask=mask))
+
+
+def _caption_of(folder: Path, key: str, rel: str, found, meta: dict[str, str], tally: _Tally) -> str | None:
+    """The caption of picture ``rel``: its ``name.txt``, else its metadata row; None when neither holds any text."""
+    side = found.captions.get(key)
+    if side is not None:
+        text = read_text(side, notes=tally.notes).strip()
+        if not is_blank(text):
+            return text
+        tally.blank.append(nfc(side.relative_to(folder).as_posix()))
+    text = meta.get(rel)
+    if text is not None:
+        if not is_blank(text):
+            return text
+        tally.blank.append(f"the metadata row of {rel}")
+    return None
+
+
+def _check_loaded(folder: Path, found, tally: _Tally, caption: str) -> None:
+    """Refuse a folder with no usable picture, or with pictures without a caption and no caption input."""
+    if not tally.examples:
+        big = "".join(f"; {k}: {v}" for k, v in list(tally.reasons.items())[:3])
+        what = (f"{len(tally.skipped)} unreadable file(s): {', '.join(tally.skipped[:5])}{big}" if tally.skipped
+                else "no image files")
+        if found.unloaded:
+            what += f"; {len(found.unloaded)} picture(s) in a format not read here: {'; '.join(found.unloaded[:3])}"
         raise ValueError(f"dataset folder {folder.name!r} has no usable image ({what}); accepted formats: "
-                         f"{', '.join(IMAGE_SUFFIXES)}")
-    if uncaptioned and not caption.strip():
-        raise ValueError(f"{len(uncaptioned)} image(s) in {folder.name!r} have no caption ({', '.join(uncaptioned[:3])}"
-                         f"{'…' if len(uncaptioned) > 3 else ''}): add name.txt files or metadata.jsonl, or set the "
-                         "caption input (e.g. 'a photo of {token}')")
-    orphans = [t.relative_to(folder).as_posix() for t in folder.rglob("*.txt")
-               if not any(t.with_suffix(s).is_file() for s in IMAGE_SUFFIXES + tuple(x.upper() for x in IMAGE_SUFFIXES))]
+                         f"{', '.join(picture_suffixes())}")
+    if tally.uncaptioned and not caption.strip():
+        n, first = len(tally.uncaptioned), ", ".join(tally.uncaptioned[:3])
+        blank = (f"; {len(tally.blank)} caption(s) hold only whitespace: {', '.join(tally.blank[:3])}"
+                 if tally.blank else "")
+        raise ValueError(f"{n} image(s) in {folder.name!r} have no caption ({first}{'…' if n > 3 else ''}{blank}): "
+                         "add name.txt files or metadata.jsonl, or set the caption input (e.g. 'a photo of {token}')")
+
+
+def _folder_notes(folder: Path, found, tally: _Tally, unknown: list[str]) -> list[str]:
+    """The warnings a loader node shows (each also logged)."""
+    keys = {k for k, _, _ in found.pictures} | found.unloaded_keys
+    orphans = [nfc(t.relative_to(folder).as_posix()) for k, t in found.captions.items() if k not in keys]
     notes = []
     if orphans:
         log.warning("caption files without an image in %s: %s", folder.name, ", ".join(orphans[:5]))
         notes.append(f"{len(orphans)} caption file(s) without a picture: {', '.join(orphans[:5])}")
-    if skipped:
-        log.warning("dataset %s: %d image(s) loaded, %d skipped", folder.name, len(examples), len(skipped))
-        notes.append(f"{len(skipped)} file(s) skipped, not readable images: {', '.join(skipped[:5])}")
+    if found.unloaded:
+        notes.append(f"{len(found.unloaded)} picture(s) not loaded, in a format not read here: "
+                     f"{'; '.join(found.unloaded[:5])}")
+        log.warning("dataset %s: %s", folder.name, notes[-1])
+    if tally.skipped:
+        log.warning("dataset %s: %d image(s) loaded, %d skipped", folder.name, len(tally.examples), len(tally.skipped))
+        notes.append(f"{len(tally.skipped)} file(s) skipped, not readable images: {', '.join(tally.skipped[:5])}")
     if unknown:
         notes.append(f"the metadata names {len(unknown)} file(s) not in the folder: {', '.join(unknown[:5])}")
-    if uncaptioned:
-        notes.append(f"{len(uncaptioned)} picture(s) without a caption file use the caption input")
-    return Dataset(examples, name=folder.name, repeats=repeats, source=str(folder.name), warnings=tuple(notes))
+    if tally.blank:
+        notes.append(f"{len(tally.blank)} caption(s) hold only whitespace and count as none: "
+                     f"{', '.join(tally.blank[:5])}; write the caption in, or delete the file to use the caption input")
+        log.warning("dataset %s: %s", folder.name, notes[-1])
+    for note in tally.frames:
+        log.warning("dataset %s: %s", folder.name, note)
+    notes += tally.notes[:10] + tally.frames[:10]  # the log has them all
+    if tally.uncaptioned:
+        notes.append(f"{len(tally.uncaptioned)} picture(s) without a caption file use the caption input")
+    return notes
 
 
 def from_images(images: np.ndarray, captions: list[str], name: str = "images") -> Dataset:
@@ -256,8 +260,8 @@ def pair_conditions(dataset: Dataset, conditions: Dataset) -> Dataset:
 
     A condition of another size is resized and cropped like its picture when batches are prepared.
     """
-    def key(name: str) -> str:
-        return str(Path(name).with_suffix("")).lower()
+    def key(name: str) -> str:  # macOS's NFD names match the NFC names typed elsewhere
+        return nfc(str(Path(name).with_suffix(""))).lower()
 
     by_name: dict[str, np.ndarray] = {}
     for c in conditions.examples:
