@@ -17,7 +17,10 @@ from .train_cli import add_train_args, main_train
 
 
 def add_demo_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="demo_output", help="folder for the demo's pictures (default: demo_output)")
+    from .flags import named
+
+    parser.add_argument("--out", type=named, default="demo_output",
+                        help="folder for the demo's pictures (default: demo_output)")
 
 
 def main_demo(args: argparse.Namespace) -> int:

@@ -410,10 +410,13 @@ class PreviewImage(SaveImage):
 # ---------------------------------------------------------------------------------------------------- CLI --
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m comfyui_finetune run``."""
+    from .flags import named
+
     parser.add_argument("workflow", help="an API-format workflow JSON (in ComfyUI: Workflow > Export (API))")
-    parser.add_argument("--out", default="./output", help="output folder (ComfyUI's output/; default ./output)")
-    parser.add_argument("--input", default=None, help="input folder (ComfyUI's input/; default ./input)")
-    parser.add_argument("--models", default=None,
+    parser.add_argument("--out", type=named, default="./output",
+                        help="output folder (ComfyUI's output/; default ./output)")
+    parser.add_argument("--input", type=named, default=None, help="input folder (ComfyUI's input/; default ./input)")
+    parser.add_argument("--models", type=named, default=None,
                         help="models folder holding checkpoints/, loras/, ... (ComfyUI's models/; default ./models)")
 
 

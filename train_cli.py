@@ -20,24 +20,31 @@ import sys
 import time
 from pathlib import Path
 
+from .flags import named, whole
+
 log = logging.getLogger("comfyui_finetune.train")
+#: the most steps a recipe takes (its steps option's range)
+MAX_STEPS = 1_000_000
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m comfyui_finetune train``."""
     parser.add_argument("config", help="a run's config.json (output/finetune/<run>/config.json)")
-    parser.add_argument("--steps", type=int, default=None, help="train for this many steps in total instead")
-    parser.add_argument("--out", default="./output", help="output folder: runs go to OUT/finetune/ (default ./output)")
-    parser.add_argument("--models", default=None,
+    parser.add_argument("--steps", type=whole(1, MAX_STEPS), default=None,
+                        help="train for this many steps in total instead")
+    parser.add_argument("--out", type=named, default="./output",
+                        help="output folder: runs go to OUT/finetune/ (default ./output)")
+    parser.add_argument("--models", type=named, default=None,
                         help="models folder holding checkpoints/, diffusers/ ... (ComfyUI's models/; default ./models)")
-    parser.add_argument("--run-name", default=None, help="name of the new run folder (default: the config's)")
+    parser.add_argument("--run-name", type=named, default=None,
+                        help="name of the new run folder (default: the config's)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the config's own run from its last checkpoint, in its folder")
-    parser.add_argument("--stop-after", type=int, default=None, metavar="N",
+    parser.add_argument("--stop-after", type=whole(1, MAX_STEPS), default=None, metavar="N",
                         help="stop cleanly after step N with a checkpoint (resume later with --resume)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="where to train (auto: the GPU when there is one)")
-    parser.add_argument("--scorer", default=None, metavar="FOLDER",
+    parser.add_argument("--scorer", type=named, default=None, metavar="FOLDER",
                         help="a CLIP model folder (transformers layout, safetensors) to score checkpoints with, for "
                              "a config with keep_best")
 
@@ -160,7 +167,7 @@ def main_train(args: argparse.Namespace) -> int:
     device = distributed.device_for(shard, device)
     host.set_folders(output=args.out, models=args.models)
     try:
-        overrides = {"steps": args.steps} if args.steps else {}
+        overrides = {"steps": args.steps} if args.steps is not None else {}
         if args.resume:
             overrides["resume_run"] = src.name
         recipe = type(recipe).from_dict({**recipe.to_dict(), **overrides}, where="command line")
@@ -168,14 +175,14 @@ def main_train(args: argparse.Namespace) -> int:
         if args.resume:
             run = RunDir(src, writes=shard.main)
         else:
-            name = args.run_name or recipe.run_name
+            name = recipe.run_name if args.run_name is None else args.run_name
             name = distributed.share(open_run(host.output_dir() / "finetune", name).name if shard.main else None,
                                      shard)
             run = RunDir(host.output_dir() / "finetune" / name, writes=shard.main)
         cb = ShellCallbacks(recipe.steps, args.stop_after, quiet=not shard.main)
         signal.signal(signal.SIGINT, cb.interrupt)
         scorer = None
-        if args.scorer:
+        if args.scorer is not None:
             from .trainers.eval.metrics import load_clip_scorer
 
             scorer = load_clip_scorer(args.scorer, device)

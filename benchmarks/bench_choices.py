@@ -24,8 +24,10 @@ LR = {("lora", "adamw"): 1e-3, ("loha", "adamw"): 3e-3, ("lokr", "adamw"): 1e-3,
 
 
 def main() -> None:
+    from comfyui_finetune.flags import whole
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=whole(1), default=200)
     ap.add_argument("--only", choices=["kinds", "optimizers"])
     ap.add_argument("--runs", default="", help="only these, e.g. lora:lion,loha:adamw (lora:adamw is the reference)")
     args = ap.parse_args()

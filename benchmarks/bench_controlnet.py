@@ -14,12 +14,14 @@ import torch
 
 
 def main() -> None:
+    from comfyui_finetune.flags import whole
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--train-steps", type=int, default=30)
+    ap.add_argument("--batch", type=whole(1), default=8)
+    ap.add_argument("--steps", type=whole(1), default=20)
+    ap.add_argument("--repeats", type=whole(1), default=3)
+    ap.add_argument("--train-steps", type=whole(1), default=30)
     args = ap.parse_args()
 
     import tempfile

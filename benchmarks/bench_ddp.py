@@ -57,10 +57,12 @@ def timed(procs: int, config: Path, out: Path, name: str, device: str) -> tuple[
 
 
 def main() -> None:
+    from comfyui_finetune.flags import whole
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--procs", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=4, help="the global batch")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--procs", type=whole(1), default=2)
+    ap.add_argument("--batch", type=whole(1), default=4, help="the global batch")
+    ap.add_argument("--steps", type=whole(1), default=30)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
     n, b = args.procs, args.batch

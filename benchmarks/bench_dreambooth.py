@@ -76,18 +76,20 @@ def main() -> None:
     from comfyui_finetune.nodes import host
     from comfyui_finetune.trainers.toy.loader import load_toy_judge, load_toy_model, load_toy_xl_model
 
+    from comfyui_finetune.flags import positive, whole
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=whole(1), default=200)
     ap.add_argument("--only", choices=["one", "two"], default=None)
-    ap.add_argument("--class-images", type=int, default=16)
+    ap.add_argument("--class-images", type=whole(1), default=16)
     ap.add_argument("--prior-weight", type=float, default=1.0)
     ap.add_argument("--pp-only", action="store_true", help="only the runs with prior preservation")
-    ap.add_argument("--seed", type=int, default=0,
+    ap.add_argument("--seed", type=whole(0), default=0,
                     help="training seed (it seeds the class pictures too; the judged samples keep theirs)")
-    ap.add_argument("--samples", type=int, default=16, help="judged generations per prompt")
+    ap.add_argument("--samples", type=whole(1), default=16, help="judged generations per prompt")
     ap.add_argument("--model", choices=["toy", "toy_xl"], default="toy", help="the toy, or the toy SDXL")
     ap.add_argument("--modes", default="lora,full", help="two subjects: which modes (lora, full)")
-    ap.add_argument("--full-lr", type=float, default=2e-4, help="two subjects: full mode's learning rate")
+    ap.add_argument("--full-lr", type=positive, default=2e-4, help="two subjects: full mode's learning rate")
     ap.add_argument("--targets", default=None, help="lora mode's target_modules (default: the node's)")
     args = ap.parse_args()
     SEEDS[:] = list(range(2000, 2000 + args.samples))

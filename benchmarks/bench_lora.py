@@ -24,10 +24,12 @@ def peak_mb(device: str) -> float:
 
 
 def main() -> None:
+    from comfyui_finetune.flags import whole
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--steps", type=whole(1), default=60)
+    ap.add_argument("--batch-size", type=whole(1), default=4)
     args = ap.parse_args()
     os.environ.setdefault("FT_NO_PROGRESS", "1")
 

@@ -11,10 +11,12 @@ import torch
 
 
 def main() -> None:
+    from comfyui_finetune.flags import whole
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch", type=whole(1), default=4)
+    ap.add_argument("--repeats", type=whole(1), default=5)
     args = ap.parse_args()
 
     from comfyui_finetune.trainers.data import preprocess as pp

@@ -158,18 +158,20 @@ def count_sampling(model, parts: dict, args) -> None:
 
 
 def main() -> None:
+    from comfyui_finetune.flags import whole
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=1024)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=2, help="the first step also makes AdamW's state; 0: no training")
-    ap.add_argument("--pictures", type=int, default=16, help="the dataset's size (its latents are encoded first)")
+    ap.add_argument("--size", type=whole(1), default=1024)
+    ap.add_argument("--batch", type=whole(1), default=1)
+    ap.add_argument("--steps", type=whole(0), default=2, help="the first step also makes AdamW's state; 0: no training")
+    ap.add_argument("--pictures", type=whole(1), default=16, help="the dataset's size (its latents are encoded first)")
     ap.add_argument("--checkpointing", default="on", choices=["on", "off"],
                     help="on: what gradient_checkpointing auto chooses for SDXL on a GPU")
     ap.add_argument("--method", default="lora", choices=["lora", "dreambooth"],
                     help="dreambooth: FT_TrainDreamBooth's defaults (LoRA, prior preservation: each step adds a class "
                     "picture per instance picture)")
-    ap.add_argument("--class-pictures", type=int, default=8, help="dreambooth: the class pictures given")
-    ap.add_argument("--sample", type=int, default=1, metavar="N",
+    ap.add_argument("--class-pictures", type=whole(1), default=8, help="dreambooth: the class pictures given")
+    ap.add_argument("--sample", type=whole(0), default=1, metavar="N",
                     help="also count FT_Sample of N pictures at the same size (one denoising step, then the decode); "
                     "0: no sampling")
     args = ap.parse_args()
@@ -183,9 +185,9 @@ def main() -> None:
     print(f"SDXL's architecture at {args.size} px, weights in 2 bytes, the VAE in fp32, bf16 autocast; counted on "
           "the CPU")
     print("  weights: " + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in parts.items()))
-    if args.steps:
+    if args.steps > 0:  # 0 is a value: no training
         count_training(model, parts, args)
-    if args.sample:
+    if args.sample > 0:
         count_sampling(model, parts, args)
 
 

@@ -254,7 +254,7 @@ def measure(kind: str, case: tuple[str, int, int], args) -> dict:
 
 
 def peak_tflops(args) -> float | None:
-    if args.peak_tflops:
+    if args.peak_tflops is not None:
         return args.peak_tflops
     import torch
 
@@ -328,24 +328,29 @@ def parse_case(text: str) -> tuple[str, int, int]:
 
 
 def main() -> None:
+    from comfyui_finetune.flags import positive, whole
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--case", action="append", type=parse_case, help="model:size:batch (toy, sd15, sdxl); repeatable")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--warmup", type=int, default=2, help="first steps left out of each median")
+    ap.add_argument("--rounds", type=whole(1), default=3)
+    ap.add_argument("--steps", type=whole(1), default=6)
+    ap.add_argument("--warmup", type=whole(0), default=2, help="first steps left out of each median")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"], help="GPU only")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both")
     ap.add_argument("--no-offload", action="store_true", help="GPU: the pack's model stays on the GPU "
                     "(FT_LoadBaseModel offload off); by default its weights wait in CPU memory and the VAE and text encoder leave the "
                     "GPU once their outputs are cached, as the node's default does")
     ap.add_argument("--growth", choices=["toy", "sd15", "sdxl"], help="also: step time against batch and size")
-    ap.add_argument("--peak-tflops", type=float, default=0.0)
+    ap.add_argument("--peak-tflops", type=positive, default=None, help="the GPU's peak (default: from its name)")
     ap.add_argument("--worker", choices=["floor", "pack"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
-    ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=whole(1), help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=whole(1), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.warmup >= args.steps:
+        ap.error(f"--warmup {args.warmup} must be below --steps {args.steps}: each median needs a step after the "
+                 "warm-up")
     if args.worker:
         import torch
 
