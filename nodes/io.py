@@ -13,15 +13,15 @@ def lora_choices() -> list[str]:
 
 
 def read_model_file(kind: str, name: str, what: str):
-    """(tensors, metadata, path) of a safetensors file from one of ComfyUI's model folders; other formats are
-    refused because they can run code when opened."""
-    from safetensors import safe_open
+    """(tensors, metadata, path) of a safetensors file from one of ComfyUI's model folders, its contents checked
+    (a whole file, finite values); other formats are refused because they can run code when opened."""
+    from ..trainers.runs import reading
 
     path = host.model_path(kind, name)
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"{what} {name!r}: only .safetensors files are loaded ({path.suffix} files can run code)")
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}, path
+    state, meta = reading.read(path, what)
+    return state, meta, path
 
 
 def read_lora_file(name: str):

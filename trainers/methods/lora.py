@@ -327,6 +327,29 @@ def apply_lora(model: FTModel, lora: LoRA, strength: float = 1.0) -> FTModel:
     return attach_lora(model.share(), lora, strength)
 
 
+def _missing(keys: set[str]) -> list[str]:
+    """What one module's tensors lack to make a weight change (by the adapter kind they are of)."""
+    if keys & set(SUFFIXES["loha"]):
+        return sorted(set(SUFFIXES["loha"]) - keys)
+    if keys & set(SUFFIXES["lokr"]):
+        return [f"lokr_{f} or lokr_{f}_a + lokr_{f}_b" for f in ("w1", "w2")
+                if f"lokr_{f}" not in keys and not {f"lokr_{f}_a", f"lokr_{f}_b"} <= keys]
+    return sorted({"lora_down.weight", "lora_up.weight"} - keys)
+
+
+def _check_whole(state: dict[str, torch.Tensor], name: str) -> None:
+    """Every module of a LoRA file has all the tensors its kind needs (a pair cut in half is a damaged file)."""
+    by_module: dict[str, set[str]] = {}
+    for k in state:
+        module, _, suffix = k.partition(".")
+        by_module.setdefault(module, set()).add(suffix)
+    broken = {m: _missing(keys) for m, keys in by_module.items() if _missing(keys)}
+    if broken:
+        m, lack = next(iter(broken.items()))
+        raise ValueError(f"{name}: {len(broken)} of its {len(by_module)} modules are incomplete (e.g. {m} has no "
+                         f"{', '.join(lack)}): the file is damaged or was cut; download or save it again")
+
+
 def lora_from_state(state: dict[str, torch.Tensor], name: str, metadata: dict | None = None) -> LoRA:
     """A LoRA, LoHa, LoKr or DoRA file in the kohya / LyCORIS layout (``lora_unet_*`` / ``lora_te_*`` module names)."""
     known = (".lora_down.weight", ".lora_up.weight", ".alpha", f".{dora.SUFFIX}")
@@ -337,6 +360,7 @@ def lora_from_state(state: dict[str, torch.Tensor], name: str, metadata: dict | 
         raise ValueError(f"{name}: not a kohya-layout SD LoRA, LoHa, LoKr or DoRA (expected keys lora_unet_*/lora_te_* "
                          f"ending in .lora_down.weight/.lora_up.weight, .hada_w1_a..., .lokr_w1...; found "
                          f"{(bad or list(state))[:3]})")
+    _check_whole(state, name)
     if any(k.endswith(".hada_w1_a") for k in state):
         kind, ranks = "loha", [v.shape[0] for k, v in state.items() if k.endswith(".hada_w1_b")]
     elif any(".lokr_" in k for k in state):

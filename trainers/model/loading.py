@@ -46,6 +46,8 @@ def load_diffusers_folder(folder: str | Path, device: str = "auto", dtype: str =
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    from ..runs.reading import check_finite, header
+
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder} is not a diffusers model folder: it has no model_index.json "
@@ -58,6 +60,9 @@ def load_diffusers_folder(folder: str | Path, device: str = "auto", dtype: str =
                 f"{folder / sub} has no .safetensors weights" + (
                     " (only a pickled .bin, which the pack refuses to load because it can run code: convert it "
                     "to safetensors first)" if has_bin else ""))
+    for sub in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if xl else ()):
+        for weights in sorted((folder / sub).glob("*.safetensors")):  # the headers: a file cut short is named
+            header(weights, f"{folder.name}/{sub}:")
     with torch.inference_mode(False):
         unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), use_safetensors=True, local_files_only=True)
         fam = family_for_unet(unet.config)
@@ -67,6 +72,9 @@ def load_diffusers_folder(folder: str | Path, device: str = "auto", dtype: str =
         te = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), use_safetensors=True, local_files_only=True)
         te2 = CLIPTextModelWithProjection.from_pretrained(str(folder / "text_encoder_2"), use_safetensors=True,
                                                           local_files_only=True).eval() if xl else None
+    for sub, part in (("unet", unet), ("vae", vae), ("text_encoder", te), ("text_encoder_2", te2)):
+        if part is not None:  # the values, as read (one pass over memory, not over the files again)
+            check_finite(dict(part.named_parameters()), f"{folder.name}/{sub}")
     tok = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
     tok2 = CLIPTokenizer.from_pretrained(str(folder / "tokenizer_2"), local_files_only=True) if xl else None
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
@@ -83,28 +91,28 @@ def load_diffusers_folder(folder: str | Path, device: str = "auto", dtype: str =
 
 
 def read_checkpoint_header(path: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
+    from ..runs.reading import header
 
-    with safe_open(str(path), framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return header(path, "checkpoint")[0]
 
 
 def load_single_file(path: str | Path, tokenizer_dir: str | Path | None, device: str = "auto",
                      dtype: str = "auto", prediction: str = "auto", offload: bool = False) -> FTModel:
     """Load an original-layout SD 1.x/2.x/XL checkpoint file (:func:`model_from_single_file_state` on its
     tensors)."""
-    from safetensors.torch import load_file
+    from ..runs.reading import read
 
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"{path.name}: only .safetensors checkpoints are loaded; a {path.suffix} file is a pickle "
                          "that can run code when opened. Convert it to safetensors first")
+    shapes = read_checkpoint_header(path)  # a damaged file is named here, before anything is read
     try:
-        family_for_checkpoint(read_checkpoint_header(path))
+        family_for_checkpoint(shapes)
     except ValueError as e:
         raise ValueError(f"{path.name}: {e}") from None
-    return model_from_single_file_state(load_file(str(path)), path.stem, tokenizer_dir, device, dtype, prediction,
-                                        offload=offload)
+    return model_from_single_file_state(read(path, "checkpoint")[0], path.stem, tokenizer_dir, device, dtype,
+                                        prediction, offload=offload)
 
 
 def model_from_single_file_state(state: dict[str, torch.Tensor], name: str, tokenizer_dir: str | Path | None,

@@ -117,30 +117,27 @@ def from_state(state: dict[str, torch.Tensor], config: dict, name: str, source: 
 def load_file(path: str | Path) -> ControlNet:
     """A single ``.safetensors`` ControlNet in the original or the diffusers layout (a diffusers folder's weights
     file is read with the folder's config.json)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file as st_load
+    from ...runs import reading
 
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"{path.name}: only .safetensors ControlNets are loaded; a {path.suffix} file is a pickle "
                          "that can run code when opened. Convert it to safetensors first")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    shapes, meta = reading.header(path, "ControlNet")
     layout = detect_layout(shapes)
     sibling = path.with_name("config.json")
     if layout == "diffusers" and not meta.get(CONFIG_KEY) and sibling.is_file():
         config = json.loads(sibling.read_text())  # a diffusers folder's weights file: use the folder's config
     else:
         config = config_for_file(shapes, meta, path.name)
-    cn = from_state(st_load(str(path)), config, path.stem, source=path.name)
+    cn = from_state(reading.read(path, "ControlNet")[0], config, path.stem, source=path.name)
     cn.meta = {k: v for k, v in meta.items() if k != CONFIG_KEY}
     return cn
 
 
 def load_folder(folder: str | Path) -> ControlNet:
     """A diffusers ControlNet folder (config.json + diffusion_pytorch_model.safetensors)."""
-    from safetensors.torch import load_file as st_load
+    from ...runs import reading
 
     folder = Path(folder)
     cfg_file = folder / "config.json"
@@ -152,7 +149,7 @@ def load_folder(folder: str | Path) -> ControlNet:
                                                         "load because it can run code)" if has_bin else ""))
     state: dict[str, torch.Tensor] = {}
     for w in weights:
-        state.update(st_load(str(w)))
+        state.update(reading.read(w, f"ControlNet {folder.name}:")[0])
     return from_state(state, json.loads(cfg_file.read_text()), folder.name, source=folder.name)
 
 
