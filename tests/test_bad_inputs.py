@@ -451,20 +451,20 @@ def test_out_of_memory_making_validation_pictures_says_so_and_keeps_the_checkpoi
 
 
 def test_a_full_disk_leaves_the_earlier_checkpoint_whole(toy, folders, monkeypatch):
-    import safetensors.torch
+    from comfyui_finetune.trainers.runs import integrity
 
-    real = safetensors.torch.save_file
+    real = integrity.write_safetensors  # how a checkpoint's tensors are written (hashed as they go)
     calls = {"n": 0}
 
-    def save_file(tensors, path, metadata=None):
+    def write_safetensors(path, tensors):
         calls["n"] += 1
         if calls["n"] >= 2:
             with open(path, "wb") as f:
                 f.write(b"partial")  # some bytes got out before the disk filled
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(tensors, path, metadata=metadata)
+        return real(path, tensors)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    monkeypatch.setattr(integrity, "write_safetensors", write_safetensors)
     with pytest.raises(OSError, match="the disk is full while writing checkpoint step-4 of run full .the earlier "
                                       "checkpoints are intact.*free some space"):
         lora(toy, toy_set(), steps=4, save_every=2, run_name="full")

@@ -211,14 +211,10 @@ class TrainingRun:
         distributed.barrier(self.shard)  # every rank lists the checkpoints after rank 0 has tidied them
 
     def _resume(self) -> None:
-        run = self.run
-        ckpts = run.checkpoints()
-        if not ckpts:
-            raise FileNotFoundError(f"nothing to resume in run {run.path.name}: it has no complete checkpoint")
-        self.at, folder = ckpts[-1]
-        self.log_rows = self.state.load(folder, run.path.name)
+        """Continue from the newest checkpoint that is whole and reads (:meth:`.state.LoopState.resume`)."""
+        self.at, self.log_rows = self.state.resume(self.run, self.cfg.steps)
         self.resumed_from = self.at
-        log.info("resumed %s from step %d", run.path.name, self.at)
+        log.info("resumed %s from step %d", self.run.name, self.at)
 
     def _write_config(self, extra_config: dict | None) -> None:
         run, dataset = self.run, self.dataset
@@ -352,14 +348,14 @@ class TrainingRun:
             self._see(self.log_rows[-1], False, True)  # the last step is a candidate too
         self.pending.flush()
         self.checkpoint()
+        if keeper is not None and not cancelled and self.shard.main and keeper.best_step not in (None, at):
+            # the result is the best-scoring checkpoint's weights (a damaged one is skipped for the next best)
+            row = self.state.load_best(self.run, keeper.history, at)
+            keeper.best_step, keeper.best_value = row["step"], row["score"]
+            log.info("the result is step %d's checkpoint (best %s %.4f)", row["step"], keeper.ranking, row["score"])
         best = keeper.status() if keeper is not None else {}
         self.run.status("cancelled" if cancelled else "finished", step=at, total=self.cfg.steps, **best,
                         **({"stopped_early": True} if self.stopped_early else {}))
-        if keeper is not None and not cancelled and self.shard.main and keeper.best_step not in (None, at):
-            # the result is the best-scoring checkpoint's weights
-            self.state.load(dict(self.run.checkpoints())[keeper.best_step], self.run.path.name)
-            log.info("the result is step %d's checkpoint (best %s %.4f)", keeper.best_step, keeper.ranking,
-                     keeper.best_value)
         optimizers.finish(self.opt)  # schedule-free: what is handed on is the averaged weights
         if self.ema is not None and not cancelled:
             self.ema.copy_to_params()  # the moving average is the result

@@ -5,12 +5,15 @@
     log.jsonl          one line per step: step, loss, lr, seconds
     status.json        running / finished / cancelled / failed, with the error
     checkpoints/step-N/  trainable.safetensors + state.pt (optimizer, LR schedule, RNG, data position) + log.json,
-                       and manifest.json written last: a folder without it is incomplete and never resumed
+                       and manifest.json written last, with each file's size and sha256: a folder without it is
+                       incomplete and never resumed; one whose files differ from it is damaged, and a resume
+                       takes the newest checkpoint that is whole and reads (:func:`newest_usable`)
     samples/           validation pictures
 """
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -18,14 +21,26 @@ from pathlib import Path
 
 import torch
 
+from .integrity import DamagedCheckpoint
+
+log = logging.getLogger(__name__)
+
 
 class RunDir:
     """``<output>/finetune/<run>/``. ``writes`` is False on the ranks of a distributed run other than rank 0:
-    they read checkpoints but never write."""
+    they read checkpoints but never write. ``warnings`` (what this session skipped or worked around: a damaged
+    checkpoint) go into every status.json it writes."""
 
     def __init__(self, path: Path, writes: bool = True):
         self.path = Path(path)
         self.writes = writes
+        self.warnings: list[str] = []
+
+    def warn(self, message: str) -> None:
+        """Say ``message`` in the log and in status.json from now on (rank 0 only)."""
+        if self.writes:
+            log.warning("%s", message)
+            self.warnings.append(message)
 
     @property
     def name(self) -> str:
@@ -61,7 +76,8 @@ class RunDir:
             started = float(self.read_json("status.json")["started"])
         except (OSError, ValueError, KeyError, TypeError):
             started = time.time()
-        self.write_json("status.json", {"status": state, "time": time.time(), "started": started, **extra})
+        notes = {"warnings": list(self.warnings)} if self.warnings else {}
+        self.write_json("status.json", {"status": state, "time": time.time(), "started": started, **extra, **notes})
 
     def append_log(self, rows: list[dict]) -> None:
         if not self.writes or not rows:
@@ -73,14 +89,16 @@ class RunDir:
     def log_writer(self, history: list[dict], total: int) -> LogWriter:
         return LogWriter(self, history, total)
 
-    def checkpoints(self) -> list[tuple[int, Path]]:
-        """Complete checkpoints (their manifest was written last), oldest first."""
+    def checkpoint_folders(self) -> list[tuple[int, Path]]:
+        """Every ``checkpoints/step-N`` folder, finished or not, oldest first."""
         root = self.path / "checkpoints"
-        found = []
-        for p in root.glob("step-*") if root.is_dir() else []:
-            if (p / "manifest.json").is_file() and p.name[5:].isdigit():
-                found.append((int(p.name[5:]), p))
-        return sorted(found)
+        return sorted((int(p.name[5:]), p) for p in (root.glob("step-*") if root.is_dir() else [])
+                      if p.name[5:].isdigit() and p.is_dir())
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints (their manifest was written last), oldest first; whether their files are whole is
+        checked when they are read (:func:`load_checkpoint`)."""
+        return [(step, p) for step, p in self.checkpoint_folders() if (p / "manifest.json").is_file()]
 
 
 class LogWriter:
@@ -131,9 +149,9 @@ def open_run(root: Path, run_name: str, resume_run: str = "", default: str = "ru
 
 def save_checkpoint(run: RunDir, step: int, method_name: str, trainable: dict[str, torch.Tensor], state: dict,
                     log_rows: list[dict]) -> Path:
-    """Write ``checkpoints/step-<step>/`` atomically: a temporary folder, the manifest last, then a rename."""
-    from safetensors.torch import save_file
-
+    """Write ``checkpoints/step-<step>/`` atomically: a temporary folder, each file hashed as it is written, the
+    manifest (sizes and digests) last, then a rename."""
+    from . import integrity
     from .atomic import disk_full, publish_folder
 
     folder = run.path / "checkpoints" / f"step-{step}"
@@ -142,12 +160,11 @@ def save_checkpoint(run: RunDir, step: int, method_name: str, trainable: dict[st
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()},
-                  str(tmp / "trainable.safetensors"))
-        torch.save(state, tmp / "state.pt")
-        (tmp / "log.json").write_text(json.dumps(log_rows))
-        (tmp / "manifest.json").write_text(json.dumps({"step": step, "method": method_name,
-                                                       "files": ["trainable.safetensors", "state.pt", "log.json"]}))
+        entries = {"trainable.safetensors": integrity.write_safetensors(
+            tmp / "trainable.safetensors", {k: v.detach().contiguous().cpu() for k, v in trainable.items()}),
+            "state.pt": integrity.write_pickle(tmp / "state.pt", state),
+            "log.json": integrity.write_text(tmp / "log.json", json.dumps(log_rows))}
+        (tmp / "manifest.json").write_text(integrity.manifest(step, method_name, entries))
         return publish_folder(tmp, folder, f"checkpoint step-{step}")  # manifest last, fsynced, then renamed
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -157,14 +174,60 @@ def save_checkpoint(run: RunDir, step: int, method_name: str, trainable: dict[st
         raise
 
 
+#: what state.pt must hold for a resume (LoopState.save writes them)
+STATE_KEYS = ("optimizer", "lr_scheduler", "rng", "data")
+
+
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict, list[dict]]:
-    """(trainable tensors, state, log rows) of a complete checkpoint; only safetensors and weights-only pickles."""
+    """(trainable tensors, state, log rows) of a whole checkpoint; only safetensors and weights-only pickles. A
+    folder that does not match its manifest, or whose files do not read, is a :class:`DamagedCheckpoint` saying
+    which file and what is wrong; nothing of it is used."""
     from safetensors.torch import load_file
 
+    from .integrity import problems, reason
+
+    found = problems(folder)
+    if found:
+        raise DamagedCheckpoint(f"{folder.name}: " + "; ".join(found), found)
+
+    def read(name: str, how):
+        try:
+            return how(folder / name)
+        except MemoryError:
+            raise
+        except Exception as e:  # the libraries' errors for a damaged file are of many types
+            raise DamagedCheckpoint(f"{folder.name}: {name} cannot be read ({reason(e)})",
+                                    [f"{name} cannot be read ({reason(e)})"]) from e
+
+    trainable = read("trainable.safetensors", lambda p: load_file(str(p)))
     # on the CPU: a GPU run's optimizer and EMA state would come back on the GPU it was saved from (every rank of a
     # multi-GPU run onto GPU 0; no GPU at all: an error); loading them moves each tensor to its weight's device
-    state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
-    return load_file(str(folder / "trainable.safetensors")), state, json.loads((folder / "log.json").read_text())
+    state = read("state.pt", lambda p: torch.load(p, weights_only=True, map_location="cpu"))
+    rows = read("log.json", lambda p: json.loads(p.read_text(encoding="utf-8")))
+    lacks = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
+    if lacks or not isinstance(rows, list):
+        what = f"state.pt lacks {', '.join(lacks)}" if lacks else "log.json is not a list of steps"
+        raise DamagedCheckpoint(f"{folder.name}: {what}", [what])
+    return trainable, state, rows
+
+
+def newest_usable(run: RunDir) -> tuple[int, Path, tuple, list[str]]:
+    """(step, folder, what :func:`load_checkpoint` read, the newer checkpoints skipped and why) of the newest
+    checkpoint of ``run`` that is whole and reads. None: a FileNotFoundError when the run has no checkpoint, else a
+    :class:`DamagedCheckpoint` naming the run folder, what is wrong with each checkpoint and the fix."""
+    skipped: list[str] = []
+    for step, folder in reversed(run.checkpoint_folders()):
+        try:
+            return step, folder, load_checkpoint(folder), skipped
+        except DamagedCheckpoint as e:
+            skipped.append(str(e))
+    if not skipped:
+        raise FileNotFoundError(f"nothing to resume in run {run.name}: it has no complete checkpoint")
+    raise DamagedCheckpoint(
+        f"resume_run {run.name!r} cannot resume: no checkpoint in {run.path / 'checkpoints'} is usable ("
+        + "; ".join(skipped) + "). Nothing was trained from them. Start a new run (empty resume_run; in the shell, "
+        "leave out --resume), or put back an intact copy of a checkpoint folder; the damaged folders can be deleted",
+        skipped)
 
 
 @dataclass
