@@ -203,7 +203,7 @@ def test_a_state_file_without_the_training_state_is_named(tmp_path):
 
 # ------------------------------------------------------------------------------------ what is written --
 def test_each_file_is_hashed_as_it_is_written_and_reads_back_the_same(tmp_path):
-    """The pack's own safetensors writer (hashing as it writes) gives what safetensors reads, for every dtype a
+    """A checkpoint written with its digests reads back the same, for every dtype a
     trainable state may hold; the manifest's sizes and digests are those of the files on disk."""
     from comfyui_finetune.trainers.runs.run_dir import save_checkpoint
 

@@ -1,18 +1,17 @@
-"""Is a checkpoint folder whole? Each file of a checkpoint is hashed (sha256) while it is written, and the
+"""Is a checkpoint folder whole? Each file of a checkpoint is hashed (sha256) as it is written, and the
 folder's ``manifest.json``, written last, records every file's size and digest. :func:`problems` compares the folder
 with its manifest and says, file by file, what is wrong: missing, cut short, grown, or other bytes than were
 written. Checkpoints of older versions have a manifest without sizes and digests: for them only the files' presence
 is checked here, and whether they read is checked where they are read (run_dir.load_checkpoint).
 
 The digest costs one pass of sha256 over the bytes (about 1 GB/s per core with SHA-NI, the speed of writing them
-to a disk): the tensors are hashed from memory as they are written, never read back
-(benchmarks/bench_checkpoint_digest.py measures it)."""
+to a disk): state.pt and log.json are hashed as they are written; trainable.safetensors is written by the
+safetensors library and hashed from the page cache right after (benchmarks/bench_checkpoint_digest.py measures
+it)."""
 from __future__ import annotations
 
 import hashlib
 import json
-import struct
-import sys
 from pathlib import Path
 
 import torch
@@ -21,14 +20,6 @@ FORMAT = 2  #: manifests with sizes and sha256 digests; older ones have only "fi
 #: what a checkpoint holds: trainable.safetensors, state.pt (weights-only pickle), log.json
 FILES = ("trainable.safetensors", "state.pt", "log.json")
 CHUNK = 8 << 20
-
-#: safetensors' dtype names
-_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-           torch.bool: "BOOL"}
-for _name, _st in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
-    if hasattr(torch, _name):
-        _DTYPES[getattr(torch, _name)] = _st
 
 
 class DamagedCheckpoint(ValueError):
@@ -68,32 +59,14 @@ def file_digest(path: Path) -> dict:
     return {"bytes": size, "sha256": sha.hexdigest()}
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
-    """A safetensors file of ``tensors`` (on the CPU, contiguous), hashed as it is written; returns its entry.
-    The layout is safetensors' own (a little-endian u64 header length, the JSON header padded to 8 bytes, the data
-    with the widest dtypes first, so every tensor stays aligned); dtypes it does not know are written by the
-    library and hashed after."""
-    if sys.byteorder != "little" or any(t.dtype not in _DTYPES for t in tensors.values()):
-        from safetensors.torch import save_file
+def saved_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
+    """safetensors' own ``save_file`` of ``tensors`` (on the CPU, contiguous), then its entry: the file is hashed
+    as it lies in the page cache just written (the format stays the library's; the read-back costs about what
+    hashing while writing would)."""
+    from safetensors.torch import save_file
 
-        save_file(tensors, str(path))
-        return file_digest(path)
-    items = sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0]))
-    header, offset = {}, 0
-    for name, t in items:
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    with open(path, "wb") as raw:
-        f = _Hashing(raw)
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for _, t in items:
-            if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy())
-        return f.entry()
+    save_file(tensors, str(path))
+    return file_digest(path)
 
 
 def write_pickle(path: Path, obj) -> dict:

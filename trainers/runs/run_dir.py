@@ -160,7 +160,7 @@ def save_checkpoint(run: RunDir, step: int, method_name: str, trainable: dict[st
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        entries = {"trainable.safetensors": integrity.write_safetensors(
+        entries = {"trainable.safetensors": integrity.saved_safetensors(
             tmp / "trainable.safetensors", {k: v.detach().contiguous().cpu() for k, v in trainable.items()}),
             "state.pt": integrity.write_pickle(tmp / "state.pt", state),
             "log.json": integrity.write_text(tmp / "log.json", json.dumps(log_rows))}
