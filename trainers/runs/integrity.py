@@ -16,13 +16,15 @@ from pathlib import Path
 
 import torch
 
+from .reading import DamagedFile
+
 FORMAT = 2  #: manifests with sizes and sha256 digests; older ones have only "files"
 #: what a checkpoint holds: trainable.safetensors, state.pt (weights-only pickle), log.json
 FILES = ("trainable.safetensors", "state.pt", "log.json")
 CHUNK = 8 << 20
 
 
-class DamagedCheckpoint(ValueError):
+class DamagedCheckpoint(DamagedFile):
     """A checkpoint folder that cannot be trained from; ``problems`` say what is wrong, file by file."""
 
     def __init__(self, message: str, problems: list[str] | None = None):
