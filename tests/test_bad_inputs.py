@@ -453,10 +453,10 @@ def test_out_of_memory_making_validation_pictures_says_so_and_keeps_the_checkpoi
 def test_a_full_disk_leaves_the_earlier_checkpoint_whole(toy, folders, monkeypatch):
     from comfyui_finetune.trainers.runs import integrity
 
-    real = integrity.write_safetensors  # how a checkpoint's tensors are written (hashed as they go)
+    real = integrity.saved_safetensors  # how a checkpoint's tensors are written (then hashed)
     calls = {"n": 0}
 
-    def write_safetensors(path, tensors):
+    def saved_safetensors(path, tensors):
         calls["n"] += 1
         if calls["n"] >= 2:
             with open(path, "wb") as f:
@@ -464,7 +464,7 @@ def test_a_full_disk_leaves_the_earlier_checkpoint_whole(toy, folders, monkeypat
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, tensors)
 
-    monkeypatch.setattr(integrity, "write_safetensors", write_safetensors)
+    monkeypatch.setattr(integrity, "saved_safetensors", saved_safetensors)
     with pytest.raises(OSError, match="the disk is full while writing checkpoint step-4 of run full .the earlier "
                                       "checkpoints are intact.*free some space"):
         lora(toy, toy_set(), steps=4, save_every=2, run_name="full")
