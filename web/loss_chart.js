@@ -5,14 +5,21 @@
 // history. After a reload during a run, the steps before it are read back from the run's log.jsonl.
 // With keep_best, each save point's score ("finetune.score" events, kept with the history) is drawn as a dot on its
 // own scale, and the best step (the checkpoint that becomes the result) is marked.
-// The chart is a DOM widget: it has its own place among the widgets, and ComfyUI draws previews below it.
-// The advanced loop options are folded away (the front end's "advanced" inputs); a button shows or hides them.
+// The chart is a DOM widget: it has its own place among the widgets, and ComfyUI draws previews below it. Its canvas
+// is drawn at the size it is shown at (times devicePixelRatio): the classic canvas gives it a fixed row, Nodes 2.0
+// stretches it to the node's free height.
+// The advanced loop options (the inputs the schema marks "advanced") are folded away. Where the front end folds them
+// itself (Nodes 2.0 on front ends whose widgets carry visibility.surfaces: its "Show advanced inputs" button at the
+// node's foot), the pack leaves it to the front end. Elsewhere (the classic canvas, whose layout keeps a row for an
+// advanced input even while it is not drawn; the older front ends' Nodes 2.0, which shows them all) the pack's own
+// button shows or hides them.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const MAX_POINTS = 2000; // live points kept per node (thinned evenly beyond)
 const KEPT_POINTS = 400; // points stored in the workflow (the ui output already holds at most this many)
-const HEIGHT = 150;
+const HEIGHT = 150; // the chart's height on the canvas (CSS pixels)
+const ROW_MARGIN = 20; // what a DOM widget's row adds around its element on the canvas
 const SMOOTH = 0.9; // exponential smoothing of the loss line
 const stats = { events: 0, points: 0, draws: 0, restored: 0, backfilled: 0, scores: 0 };
 window.finetuneChartStats = stats; // read by the browser test
@@ -53,8 +60,9 @@ function draw(node) {
   st.pending = false;
   const canvas = node.__ftCanvas;
   if (!canvas) return;
+  // the size the canvas is shown at (CSS pixels); the backing store follows it, so nothing is stretched
   const w = Math.max(100, canvas.clientWidth || node.size[0] - 20);
-  const h = HEIGHT;
+  const h = Math.max(60, canvas.clientHeight || HEIGHT);
   const dpr = window.devicePixelRatio || 1;
   if (canvas.width !== Math.round(w * dpr) || canvas.height !== Math.round(h * dpr)) {
     canvas.width = Math.round(w * dpr);
@@ -183,7 +191,10 @@ function keep(node) {
   node.properties.ft_chart = { run: st.run, total: st.total, seconds: st.seconds ?? null,
                                points: thin(st.points, KEPT_POINTS), scores: st.scores, best_step: st.best };
   // tell the front end the workflow changed, so the browser's copy (restored on reload) holds the chart
-  app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
+  // (captureCanvasState where the front end has it: checkState is its deprecated name)
+  const tracker = app.extensionManager?.workflow?.activeWorkflow?.changeTracker;
+  if (typeof tracker?.captureCanvasState === "function") tracker.captureCanvasState();
+  else tracker?.checkState?.();
 }
 
 function restore(node, saved) {
@@ -221,44 +232,90 @@ async function backfill(node, run, before) {
   }
 }
 
+// The chart's row: a box that takes the row's height (a fixed row on the canvas, the node's free height in Nodes 2.0),
+// with the canvas laid over it, so the canvas's own size never feeds back into the layout.
 function addChart(node) {
+  const box = document.createElement("div");
+  box.className = "ft-loss-chart-box";
+  box.style.cssText = `position: relative; width: 100%; height: 100%; min-height: ${HEIGHT}px; overflow: hidden;`;
   const canvas = document.createElement("canvas");
   canvas.className = "ft-loss-chart";
-  canvas.style.width = "100%";
-  canvas.style.height = `${HEIGHT}px`;
+  canvas.style.cssText = "position: absolute; inset: 0; width: 100%; height: 100%; display: block;";
+  box.append(canvas);
   node.__ftCanvas = canvas;
-  const widget = node.addDOMWidget("ft_chart", "ft_chart", canvas, {
-    serialize: false, getMinHeight: () => HEIGHT + 4, getMaxHeight: () => HEIGHT + 4,
+  const widget = node.addDOMWidget("ft_chart", "ft_chart", box, {
+    serialize: false, getMinHeight: () => HEIGHT + ROW_MARGIN, getMaxHeight: () => HEIGHT + ROW_MARGIN,
   });
   widget.serialize = false;
+  if (typeof ResizeObserver === "function") {
+    let seen = "";
+    new ResizeObserver(() => { // redraw at the new size (a resized node, Nodes 2.0 switched on or off)
+      const size = `${canvas.clientWidth}x${canvas.clientHeight}x${window.devicePixelRatio || 1}`;
+      if (size !== seen) (seen = size, schedule(node));
+    }).observe(box);
+  }
+  addAdvancedFold(node);
+  schedule(node);
+}
+
+function vueNodes() {
+  return !!window.LiteGraph?.vueNodesMode;
+}
+
+// whether the front end itself folds this "advanced" input in Nodes 2.0 (vue) or on the canvas
+function frontEndFolds(widget, vue) {
+  const surfaces = widget.visibility?.surfaces;
+  return !!surfaces && surfaces[vue ? "vueNode" : "canvas"] === "advanced";
+}
+
+function setHidden(widget, hidden) {
+  widget.hidden = hidden; // the canvas
+  if (widget.options) widget.options.hidden = hidden; // the older front ends' Nodes 2.0 read it here
+}
+
+function addAdvancedFold(node) {
   const advanced = (node.widgets ?? []).filter((w) => w.options?.advanced);
-  if (advanced.length) {
-    // fold the advanced loop options away: hidden widgets take no room and keep their values (saved and queued);
-    // the front end's own "advanced" flag is not used, since its layout still makes room for those widgets
-    const shown = () => !!node.properties?.ft_show_advanced;
-    const label = () => `${shown() ? "Hide" : "Show"} advanced options (${advanced.length})`;
-    const apply = (resize) => {
-      for (const w of advanced) w.hidden = !shown();
-      button.label = label();
-      if (resize) { // showing grows the node by the folded widgets' height; hiding gives that height back
-        const before = node.size[1];
-        const h = node.computeSize()[1];
-        node.setSize([node.size[0], shown() ? Math.max(h, before) : Math.max(h, before - advancedHeight())]);
+  if (!advanced.length) return;
+  // folded: hidden widgets take no room and keep their values (saved and queued)
+  const shown = () => !!node.properties?.ft_show_advanced;
+  const label = () => `${shown() ? "Hide" : "Show"} advanced options (${advanced.length})`;
+  const advancedHeight = () => advanced.reduce((sum, w) => sum + (w.computedHeight || 24), 0);
+  const button = node.addWidget("button", "ft_advanced", null, () => {
+    node.properties = node.properties || {};
+    node.properties.ft_show_advanced = !shown();
+    apply(true);
+  }, { serialize: false });
+  button.serialize = false;
+  let tier = false; // whether the pack marked them "advanced" on the canvas surface (below)
+  // vue: whether the node is (about to be) drawn by Nodes 2.0
+  const apply = (resize, vue = vueNodes()) => {
+    if (tier) for (const w of advanced) w.advanced = false; // undo it before asking who folds them now
+    tier = false;
+    if (frontEndFolds(advanced[0], vue)) {
+      // the front end's own toggle shows them: nothing of the pack's in the way
+      for (const w of advanced) setHidden(w, false);
+      setHidden(button, true);
+      if (vue) {
+        // the front end sizes a Nodes 2.0 node by its canvas rows too (and grows it to that on load): while they are
+        // folded, the canvas tier keeps them out of that size, so the node does not grow over its neighbours
+        for (const w of advanced) w.advanced = true;
+        tier = true;
       }
       node.setDirtyCanvas(true, true);
-    };
-    const advancedHeight = () => advanced.reduce((sum, w) => sum + (w.computedHeight || 24), 0);
-    const button = node.addWidget("button", "ft_advanced", null, () => {
-      node.properties = node.properties || {};
-      node.properties.ft_show_advanced = !shown();
-      apply(true);
-    }, { serialize: false });
-    button.serialize = false;
-    node.__ftAdvanced = apply;
-    for (const w of advanced) w.hidden = true;
+      return;
+    }
+    for (const w of advanced) setHidden(w, !shown());
+    setHidden(button, false);
     button.label = label();
-  }
-  schedule(node);
+    if (resize && !vue) { // showing grows the node by the folded widgets' height; hiding gives it back
+      const before = node.size[1];
+      const h = node.computeSize()[1];
+      node.setSize([node.size[0], shown() ? Math.max(h, before) : Math.max(h, before - advancedHeight())]);
+    }
+    node.setDirtyCanvas(true, true);
+  };
+  node.__ftAdvanced = apply;
+  apply(false);
 }
 
 function nodeFor(detail) {
@@ -335,5 +392,12 @@ app.registerExtension({
   setup() {
     api.addEventListener("finetune.progress", onProgress);
     api.addEventListener("finetune.score", onScore);
+    // Nodes 2.0 switched on or off: who folds the advanced options may change. Told before the front end redraws the
+    // nodes (so it sizes them with the right rows), and once more after it has switched.
+    app.ui?.settings?.addEventListener?.("Comfy.VueNodes.Enabled.change", (e) => {
+      const nodes = () => app.graph?.nodes ?? app.graph?._nodes ?? [];
+      for (const node of nodes()) node.__ftAdvanced?.(false, !!e.detail?.value);
+      setTimeout(() => { for (const node of nodes()) node.__ftAdvanced?.(false); }, 50);
+    });
   },
 });
