@@ -2,7 +2,9 @@
 // finished / cancelled / failed with the error), steps, final loss, loss curve, latest validation pictures and
 // config, and two actions: copy the config as JSON, and load a workflow that resumes the run. Everything comes from
 // the pack's read-only routes (GET /finetune/runs, /finetune/runs/<run>/<file>, /finetune/runs/<run>/resume_workflow;
-// nodes/routes.py). While the tab is open the list refreshes every few seconds when a run is running.
+// nodes/routes.py). While the tab is open the list refreshes every few seconds when a run is running, and at once
+// when a run starts or writes its validation pictures ("finetune.preview": the pack listens to every event it sends,
+// so the front end never warns of an unknown message type).
 // Every text that comes from a file goes in through textContent, never as HTML.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -305,20 +307,25 @@ function mount(root) {
   };
   api.addEventListener("finetune.progress", onProgress);
   refreshBtn.addEventListener("click", refresh);
+  refreshNow = refresh;
   state.mounted = true;
   refresh();
   return () => {
     alive = false;
     state.mounted = false;
+    refreshNow = null;
     clearTimeout(timer);
     api.removeEventListener("finetune.progress", onProgress);
   };
 }
 
 let unmount = null;
+let refreshNow = null; // the open tab's refresh
 app.registerExtension({
   name: "comfyui_finetune.runs_panel",
   async setup() {
+    // new validation pictures of a run: the open tab shows them at once
+    api.addEventListener("finetune.preview", () => refreshNow?.());
     const manager = app.extensionManager;
     if (!manager?.registerSidebarTab) {
       console.warn("comfyui-finetune: this front end has no sidebar tabs; the runs panel is not shown");
