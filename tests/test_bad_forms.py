@@ -35,6 +35,9 @@ def warnings_of(ds) -> str:
 # ------------------------------------------------------------------------------------------------- pictures --
 @pytest.mark.parametrize("suffix", [".bmp", ".tif", ".tiff", ".tga", ".ppm", ".qoi", ".gif", ".BMP", ".TIF"])
 def test_lossless_formats_load_with_their_exact_pixels(suffix, tmp_path):
+    fmt = Image.registered_extensions().get(suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:  # QOI: Pillow writes it from 11 on (the oldest declared is 10.1)
+        pytest.skip(f"this Pillow cannot write {suffix} pictures for the test")
     picture(tmp_path / f"p{suffix}")
     (ex,) = data.load_folder(tmp_path, caption="a photo").examples
     assert ex.image.shape == (4, 6, 3) and ex.image.dtype == np.uint8

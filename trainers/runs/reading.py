@@ -71,7 +71,7 @@ def _reason(path: Path, e: BaseException) -> str:
     declared = int.from_bytes(head[:8], "little")
     if declared > size - 8 and declared < 100 * 2 ** 20:
         return f"it is cut short at {size:,} bytes, inside its {declared:,}-byte header"
-    if "not fully covered" in text or "incomplete" in text:
+    if "not fully covered" in text or "incomplete" in text.lower():  # safetensors 0.4: MetadataIncompleteBuffer
         return f"it is cut short at {size:,} bytes"
     return text
 
