@@ -27,6 +27,21 @@ def skip_reason() -> str:
     return f"COMFYUI_PATH={p} has no main.py: it is not a ComfyUI checkout"
 
 
+def front_end_root() -> Path | None:
+    """An unpacked front end to serve instead of the one ComfyUI pins (``--front-end-root``): the ``static`` folder of a
+    comfyui-frontend-package wheel, from ``$COMFYUI_FRONTEND_ROOT``; None when unset or not such a folder."""
+    p = os.environ.get("COMFYUI_FRONTEND_ROOT")
+    return Path(p) if p and (Path(p) / "index.html").is_file() else None
+
+
+def front_end_skip_reason() -> str:
+    p = os.environ.get("COMFYUI_FRONTEND_ROOT")
+    if not p:
+        return ("COMFYUI_FRONTEND_ROOT is not set: point it at the static/ folder of an unpacked "
+                "comfyui-frontend-package wheel (tests/README.md) to test that front end too")
+    return f"COMFYUI_FRONTEND_ROOT={p} has no index.html: it is not a front end's static/ folder"
+
+
 class ComfyServer:
     def __init__(self, base: Path, *flags: str):
         self.base = base
