@@ -168,7 +168,7 @@ def test_a_10_s_sound_is_cut_into_pictures_and_joined_back_at_its_length_without
     y = tone(330, rate, seconds, 0.4) + tone(660, rate, seconds, 0.1)
     pics, length = to_pictures(y, rate, TOY)
     assert length == 80000 and pics.shape[0] == math.ceil(10 * 8000 / 8192) == 10
-    out = to_audio(pics, TOY, iterations=32, length=length)
+    out = to_audio(pics, TOY, iterations=16, length=length)
     assert out.shape == (1, 80000)
     near, elsewhere = _join_jumps(out[0], 8192, 10, 512)
     print("largest jump near joins / elsewhere:", near, elsewhere)
