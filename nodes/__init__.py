@@ -5,6 +5,8 @@ Only the standard library is imported here: torch, diffusers and the trainers lo
 from __future__ import annotations
 
 from . import host
+from .audio import (FT_AudioToSpectrogram, FT_DatasetFromAudio, FT_JudgeAudio, FT_LoadAudioDataset,
+                    FT_SpectrogramToAudio, FT_ToyAudioDataset)
 from .bridges import FT_ApplyLoRAToComfy, FT_ModelFromComfy, FT_ModelToComfy
 from .controlnet import (FT_ApplyControlNet, FT_CannyEdges, FT_Grayscale, FT_LoadControlNet, FT_SaveControlNet,
                          FT_Scribble, FT_SoftEdges, FT_TileBlur)
@@ -52,6 +54,12 @@ NODES = [
     (FT_KID, "KID (finetune)"),
     (FT_CompareGrid, "Compare Grid (finetune)"),
     (FT_EvalReport, "Eval Report (finetune)"),
+    (FT_AudioToSpectrogram, "Audio to Spectrogram (finetune)"),
+    (FT_SpectrogramToAudio, "Spectrogram to Audio (finetune)"),
+    (FT_LoadAudioDataset, "Load Audio Dataset (finetune)"),
+    (FT_DatasetFromAudio, "Dataset from Audio (finetune)"),
+    (FT_ToyAudioDataset, "Toy Audio Dataset (finetune)"),
+    (FT_JudgeAudio, "Judge Audio (finetune)"),
 ]
 #: the bridges to ComfyUI's MODEL / CLIP / VAE call its own loaders: registered only inside ComfyUI
 BRIDGES = [

@@ -27,7 +27,7 @@ def test_node_schema(node_id, cls):
     if cls.RETURN_TYPES:
         assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
     for t in cls.RETURN_TYPES:
-        assert t in ("IMAGE", "MASK", "STRING", "FLOAT", "INT", "LATENT") or t.startswith("FT_"), t
+        assert t in ("IMAGE", "MASK", "AUDIO", "STRING", "FLOAT", "INT", "LATENT") or t.startswith("FT_"), t
     spec = cls.INPUT_TYPES()
     assert set(spec) <= {"required", "optional", "hidden"}
     for section in ("required", "optional"):
@@ -44,7 +44,7 @@ def test_node_schema(node_id, cls):
             elif kind in ("STRING", "BOOLEAN"):
                 assert "default" in opts
             else:
-                assert kind in ("IMAGE", "MASK") or kind.startswith("FT_"), f"{node_id}.{name}: type {kind}"
+                assert kind in ("IMAGE", "MASK", "AUDIO") or kind.startswith("FT_"), f"{node_id}.{name}: type {kind}"
 
 
 def test_sampler_names_match_library():

@@ -70,3 +70,9 @@ def caption_of(note: str | None, timbre: str | None, rhythm: str | None) -> str:
     if rhythm:
         words.append(RHYTHM_PHRASES[rhythm])
     return " ".join(words)
+
+#: the spectrogram presets, channel choices and ways of joining windows, for node menus (trainers/audio/spectrogram.py
+#: defines them; tests/test_audio_nodes.py checks these lists are its own)
+PRESET_NAMES = ("toy_8k_64mel", "riffusion_44k_512mel")
+CHANNELS = ("mono mix", "left", "right", "stereo")
+JOINS = ("concatenate", "batch")
