@@ -57,8 +57,9 @@ class FT_LoadBaseModel:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model_name": COMBO(base_model_choices(), "Which model: the built-in toy (or toy SDXL), a diffusers "
-                                    "folder (models/diffusers) or a single-file checkpoint (models/checkpoints).",
+                "model_name": COMBO(base_model_choices(), "Which model: the built-in toy (or toy SDXL, or toy audio: tones "
+                                    "as spectrograms), a diffusers folder (models/diffusers) or a single-file "
+                                    "checkpoint (models/checkpoints).",
                                     TOY),
                 "device": COMBO(DEVICES, "Where the model runs: auto picks the GPU when there is one."),
                 "dtype": COMBO(DTYPES, "Weight precision: auto is fp16 on a GPU for SD models and fp32 on the CPU."),

@@ -4,7 +4,7 @@ For each family's toy-sized model: its prompt embeddings and conditioning are wh
 pipeline computes; sampling draws what that pipeline draws; a LoRA over the denoiser and every text encoder saved
 under the family's kohya names computes what peft trained, and those names start with the family's prefixes; an
 embedding learned in every text encoder round-trips through its file; a family without a single-file layout
-refuses to write one, by name. The toy is the SD lineage's row, the toy SDXL's
+refuses to write one, by name. The toy (and the toy audio model) are the SD lineage's rows, the toy SDXL's
 random-weight twin SDXL's (full-size and mini SD 1.x / 2.x / SDXL files: test_sdxl_files.py, test_comfyui*.py).
 """
 from __future__ import annotations
@@ -41,6 +41,12 @@ def _toy():
     return load_toy_model()
 
 
+def _toy_audio():
+    from comfyui_finetune.trainers.toy.loader import load_toy_audio_model
+
+    return load_toy_audio_model()
+
+
 def _sd_conditioning(pipe, prompts, x):
     embeds, _ = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
     return {"encoder_hidden_states": embeds}
@@ -58,7 +64,8 @@ def _sdxl_conditioning(pipe, prompts, x):
 
 
 #: family -> (its toy-sized model, what its diffusers pipeline conditions the denoiser with)
-ROWS = {"toy": (_toy, _sd_conditioning), "toy_xl": (_random_toy_xl, _sdxl_conditioning)}
+ROWS = {"toy": (_toy, _sd_conditioning), "toy_xl": (_random_toy_xl, _sdxl_conditioning),
+        "toy_audio": (_toy_audio, _sd_conditioning)}
 
 
 def test_every_built_in_family_has_a_row():
@@ -145,7 +152,8 @@ def test_an_embedding_in_every_text_encoder_round_trips_through_its_file(row, fo
     from test_textual_inversion import train_ti, yellow_triangles
 
     base, _ = row
-    tuned, emb, _ = train_ti(base, yellow_triangles(4), steps=4, num_vectors=2, batch_size=2)
+    init = "tone" if base.family.sound_preset else "triangle"  # a word of the model's own world
+    tuned, emb, _ = train_ti(base, yellow_triangles(4), steps=4, num_vectors=2, batch_size=2, init_token=init)
     widths = [te.get_input_embeddings().weight.shape[1] for te in base.text_encoders]
     assert [v.shape for v in (emb.vectors, emb.vectors_2) if v is not None] == [(2, w) for w in widths]
     for te, te0 in zip(tuned.text_encoders, base.text_encoders):

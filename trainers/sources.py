@@ -1,6 +1,7 @@
 """A base model from its source string: the name Load Base Model offers and config.json records.
 
-A source is a built-in toy (:data:`BUILTINS`: ``toy (built-in)`` or ``toy``, ``toy SDXL (built-in)`` or ``toy_xl``),
+A source is a built-in toy (:data:`BUILTINS`: ``toy (built-in)`` or ``toy``, ``toy SDXL (built-in)`` or ``toy_xl``,
+``toy audio (built-in)`` or ``toy_audio``),
 ``diffusers/<folder>`` or ``checkpoints/<file>``. The library never asks ComfyUI where model folders are: the caller
 gives ``resolve(kind, name) -> path`` (the nodes and the shell pass nodes/host.py's ``model_path``) and, for
 single-file checkpoints, ``tokenizer_dir`` (ComfyUI's shipped SD 1.x/2.x CLIP vocabulary, when there is one).
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .toy.loader import TOY_SOURCE, TOY_XL_SOURCE, load_toy_model, load_toy_xl_model
+from .toy.loader import TOY_AUDIO_SOURCE, TOY_SOURCE, TOY_XL_SOURCE, load_toy_audio_model, load_toy_model
+from .toy.loader import load_toy_xl_model
 
 OFFLOAD = ["auto", "off"]
 PREDICTION = ["auto", "epsilon", "v_prediction"]  # auto + trainers.families.PREDICTIONS (tested)
@@ -32,7 +34,8 @@ class Builtin:
 #: the built-in toys by their source name (the Load Base Model choice), in the order the node lists them
 BUILTINS: dict[str, Builtin] = {b.source: b for b in (
     Builtin(TOY_SOURCE, "toy", "toy model", load_toy_model),
-    Builtin(TOY_XL_SOURCE, "toy_xl", "toy SDXL", load_toy_xl_model))}
+    Builtin(TOY_XL_SOURCE, "toy_xl", "toy SDXL", load_toy_xl_model),
+    Builtin(TOY_AUDIO_SOURCE, "toy_audio", "toy audio model", load_toy_audio_model))}
 
 
 def builtin(model_name: str) -> Builtin | None:

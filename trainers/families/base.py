@@ -74,6 +74,9 @@ class Family:
     checkpointing_on_gpu: bool = False
     #: what the pack cannot train on this family yet: (method, or "method:mode", the reason)
     not_yet: tuple[tuple[str, str], ...] = ()
+    #: its pictures are spectrograms of this preset (trainers/audio/spectrogram.py; the toy audio model): a run's
+    #: validation writes their sound beside them, and the base model's before the first step
+    sound_preset: str | None = None
 
     #: what a lineage's models are made of (class attributes, not fields). The model's parts by name, in order: the
     #: denoiser first, the VAE, then the text encoders (each with its tokenizer)

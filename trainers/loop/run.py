@@ -164,6 +164,9 @@ class TrainingRun:
         self.keeper = BestKeeper.create(cfg, self.scorer, dataset)
         if self.keeper is not None and resume:
             self.keeper.replay(self.log_rows)
+        if not resume and self.model.family.sound_preset and cfg.validation_prompt and cfg.validation_every \
+                and self.shard.main:  # the sound before training, at the validation seeds: step-0-<i>.wav
+            validation.pictures(self.model, self.method, cfg, self.run, 0, [self.autocast], dataset.resolution)
         self.pending = self.run.log_writer(self.log_rows, cfg.steps)  # log.jsonl every few seconds, cut back on resume
 
     def _open_data(self, global_batch: int):

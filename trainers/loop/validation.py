@@ -133,4 +133,17 @@ def pictures(model, method, cfg, run, step: int, contexts, resolution: int = 0) 
         folder.mkdir(exist_ok=True)
         for i, im in enumerate(imgs):
             to_pil(im).save(folder / f"step-{step}-{i}.png")
+        if model.family.sound_preset:
+            sounds(imgs, model.family.sound_preset, folder, step, cfg.seed)
     return imgs
+
+
+def sounds(imgs: torch.Tensor, preset: str, folder, step: int, seed: int) -> None:
+    """The sound of each validation spectrogram, as ``step-<N>-<i>.wav`` beside its picture (Griffin-Lim seeded by
+    the run's seed, so the base's and the tuned model's sounds at a seed differ only by what was learned)."""
+    from ..audio.files import write_wav
+    from ..audio.spectrogram import get_preset, to_audio
+
+    waves = to_audio(imgs.float().cpu(), preset, iterations=32, seed=seed, join="batch")
+    for i, w in enumerate(waves):
+        write_wav(folder / f"step-{step}-{i}.wav", w.numpy(), get_preset(preset).sample_rate)

@@ -27,7 +27,8 @@ from .steps import train_denoiser
 from .tokenizer import write_tokenizer
 
 log = logging.getLogger(__name__)
-STAGES = ("judge", "vae", "unet", "clip", "controlnet", "eval", "xl", "xl_eval")
+STAGES = ("judge", "vae", "unet", "clip", "controlnet", "eval", "xl", "xl_eval", "audio_vae", "audio_unet",
+          "audio_eval")
 
 
 @dataclass
@@ -51,6 +52,9 @@ class BuildConfig:
     controlnet_steps: int = 1500
     controlnet_lr: float = 1e-3
     controlnet_caption_dropout: float = 0.3
+    audio_clips: int = 4096  # the toy audio model's training clips (one 64 x 64 spectrogram each)
+    audio_vae_steps: int = 500
+    audio_unet_steps: int = 3000
 
 
 # ----------------------------------------------------------------------------------------------------- judge --
@@ -362,6 +366,10 @@ def build(out: Path = WEIGHTS, cfg: BuildConfig | None = None, stages=STAGES) ->
         elif stage == "xl_eval":
             report["xl_eval"] = evaluate(cfg, out, (out.parent if out == WEIGHTS else out) / "toy_xl_samples.png",
                                          xl=True)
+        elif stage.startswith("audio"):
+            from . import build_audio
+
+            report[stage] = build_audio.run(stage, cfg, out)
         log.info("stage %s: %s", stage, {k: v for k, v in report[stage].items() if k != "per_class"})
         report_path.write_text(json.dumps(report, indent=1))
     report.pop("total_seconds", None)  # the stages may come from several invocations: each stage has its seconds

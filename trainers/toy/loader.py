@@ -16,13 +16,29 @@ def missing_weights_error(folder: Path) -> FileNotFoundError:
 
 
 def load_toy_model(folder: str | Path = WEIGHTS, device="cpu"):
+    return _load_sd_layout(Path(folder) / "pipeline", "toy", TOY_SOURCE).to(device)
+
+
+#: how config.json names the built-in toy audio model, and its folder inside the weights folder
+TOY_AUDIO_SOURCE = "toy audio (built-in)"
+AUDIO_FOLDER = "pipeline_audio"
+
+
+def load_toy_audio_model(folder: str | Path = WEIGHTS, device="cpu"):
+    """The toy audio model: the toy's architecture trained on the toy sound world's 64 x 64 mel-spectrogram
+    pictures (trainers/audio, preset toy_8k_64mel); its pictures become sound with Spectrogram to Audio."""
+    return _load_sd_layout(Path(folder) / AUDIO_FOLDER, "toy_audio", TOY_AUDIO_SOURCE).to(device)
+
+
+def _load_sd_layout(p: Path, family: str, source: str):
+    import json
+
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from ..model.model import FTModel
 
-    p = Path(folder) / "pipeline"
     if not (p / "unet" / "diffusion_pytorch_model.safetensors").exists():
         raise missing_weights_error(p)
     with torch.inference_mode(False):
@@ -30,11 +46,8 @@ def load_toy_model(folder: str | Path = WEIGHTS, device="cpu"):
         vae = AutoencoderKL.from_pretrained(str(p / "vae"), use_safetensors=True).eval()
         te = CLIPTextModel.from_pretrained(str(p / "text_encoder"), use_safetensors=True).eval()
     tok = CLIPTokenizer.from_pretrained(str(p / "tokenizer"))
-    import json
-
     sched = json.loads((p / "scheduler" / "scheduler_config.json").read_text())
-    model = FTModel("toy", "toy", unet, vae, te, tok, sched, source=TOY_SOURCE)
-    return model.to(device)
+    return FTModel(family, family, unet, vae, te, tok, sched, source=source)
 
 
 #: how config.json names the built-in toy SDXL, and its folder inside the weights folder (its VAE is the toy's own,

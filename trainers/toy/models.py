@@ -94,3 +94,38 @@ def new_unet_xl():
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(**UNET_XL_CONFIG)
+
+
+# ---------------------------------------------------------------------------------------------- toy audio --
+#: the toy audio model: the toy's architecture on 64 x 64 mel-spectrogram pictures (the toy_8k_64mel preset). Its
+#: VAE has one level more (x4 down), so its UNet works on the same 16 x 16 latents as the toy's; its text encoder
+#: is 48 wide, so the model is told apart from the picture toy by its cross-attention width
+AUDIO_IMAGE_SIZE = 64
+AUDIO_TEXT_WIDTH = 48
+AUDIO_VAE_CONFIG = dict(
+    VAE_CONFIG, down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+    block_out_channels=[16, 32, 64], norm_num_groups=16, sample_size=AUDIO_IMAGE_SIZE,
+)
+AUDIO_UNET_CONFIG = dict(UNET_CONFIG, cross_attention_dim=AUDIO_TEXT_WIDTH)
+
+
+def audio_text_config(vocab_size: int, bos: int, eos: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=AUDIO_TEXT_WIDTH, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=MAX_LENGTH, bos_token_id=bos, eos_token_id=eos,
+        pad_token_id=eos, projection_dim=AUDIO_TEXT_WIDTH,
+    )
+
+
+def new_audio_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**AUDIO_VAE_CONFIG)
+
+
+def new_audio_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**AUDIO_UNET_CONFIG)

@@ -64,13 +64,14 @@ def build_vocab(words=WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
-def write_tokenizer(folder: Path) -> Path:
-    """Write vocab.json/merges.txt and save a CLIPTokenizer in diffusers' `tokenizer/` layout."""
+def write_tokenizer(folder: Path, words=WORDS) -> Path:
+    """Write vocab.json/merges.txt and save a CLIPTokenizer in diffusers' `tokenizer/` layout; ``words`` become
+    single tokens (the toy audio model's tokenizer has its own world's words)."""
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = build_vocab()
+    vocab, merges = build_vocab(words)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_LENGTH,
