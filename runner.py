@@ -7,7 +7,7 @@ The workflow is the JSON that ComfyUI's "Export (API)" writes and ``POST /prompt
 The runner follows ComfyUI's classic node API (``INPUT_TYPES``, ``RETURN_TYPES``, ``FUNCTION``, ``OUTPUT_NODE``):
 it checks the whole workflow first and reports every problem at once (:func:`validate`), then runs only the output
 nodes and their ancestors, each once, in dependency order (:func:`run`). Besides the pack's nodes it provides two
-core ComfyUI nodes, :class:`SaveImage` and :class:`PreviewImage`. Importing this module imports no torch.
+core ComfyUI nodes, :class:`SaveImage` and :class:`PreviewImage`, and for sound :class:`SaveAudio` and :class:`PreviewAudio`. Importing this module imports no torch.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 PRIMITIVES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 #: Hidden input kinds ComfyUI fills in, by the value in INPUT_TYPES()["hidden"] (and the usual parameter name).
 _HIDDEN = {"UNIQUE_ID": "unique_id", "PROMPT": "prompt", "EXTRA_PNGINFO": "extra_pnginfo", "DYNPROMPT": "dynprompt"}
-_CORE = "SaveImage, PreviewImage"
+_CORE = "SaveImage, PreviewImage, SaveAudio, PreviewAudio"
 
 
 class WorkflowError(ValueError):
@@ -72,7 +72,8 @@ def node_mappings() -> dict[str, type]:
     """The pack's node classes plus the runner's stand-ins for ComfyUI's SaveImage and PreviewImage."""
     from . import NODE_CLASS_MAPPINGS
 
-    return {**NODE_CLASS_MAPPINGS, "SaveImage": SaveImage, "PreviewImage": PreviewImage}
+    return {**NODE_CLASS_MAPPINGS, "SaveImage": SaveImage, "PreviewImage": PreviewImage, "SaveAudio": SaveAudio,
+            "PreviewAudio": PreviewAudio}
 
 
 # --------------------------------------------------------------------------------------------- validation --
@@ -405,6 +406,69 @@ class PreviewImage(SaveImage):
         from .nodes import host
 
         return _save_pngs(images, filename_prefix, host.output_dir() / "preview", "temp", prompt, extra_pnginfo)
+
+
+def _save_sounds(audio: Any, prefix: str, root: Path, kind: str) -> dict:
+    """Save each clip of an AUDIO batch as ``<prefix>_<counter:05d>_.wav`` under ``root``; ComfyUI's "ui" result."""
+    from .nodes import host
+    from .trainers.audio.files import write_wav
+
+    rel = host.safe_relative(prefix, "filename_prefix")
+    if not isinstance(audio, dict) or "waveform" not in audio or "sample_rate" not in audio:
+        raise ValueError("audio: expected ComfyUI's AUDIO (a dict with 'waveform' and 'sample_rate')")
+    folder = root / rel.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    subfolder = "" if str(rel.parent) == "." else rel.parent.as_posix()
+    counter, saved = _next_counter(folder, rel.name), []
+    for clip in audio["waveform"]:
+        filename = f"{rel.name}_{counter:05d}_.wav"
+        write_wav(folder / filename, clip.detach().float().cpu().numpy(), int(audio["sample_rate"]))
+        saved.append({"filename": filename, "subfolder": subfolder, "type": kind})
+        counter += 1
+    return {"ui": {"audio": saved}}
+
+
+class SaveAudio:
+    """ComfyUI's core SaveAudio node, for the headless runner: one file per clip of the batch, as 16-bit WAV (the
+    standard library writes it; ComfyUI's own node writes FLAC with PyAV)."""
+
+    RETURN_TYPES = ()
+    FUNCTION = "save_flac"
+    OUTPUT_NODE = True
+    CATEGORY = "audio"
+    SHOWS = ("audio",)  # its player (workflows.py)
+    DESCRIPTION = "Saves the input audio to your ComfyUI output directory."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "audio": ("AUDIO", {"tooltip": "The sound to save."}),
+            "filename_prefix": ("STRING", {"default": "audio/ComfyUI", "tooltip": (
+                "The prefix for the files to save; it may include a subfolder.")})},
+            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+    def save_flac(self, audio: Any, filename_prefix: str = "audio/ComfyUI", prompt: Any = None,
+                  extra_pnginfo: Any = None) -> dict:
+        from .nodes import host
+
+        return _save_sounds(audio, filename_prefix, host.output_dir(), "output")
+
+
+class PreviewAudio(SaveAudio):
+    """ComfyUI's core PreviewAudio node, for the headless runner: saves into ``<output>/preview/`` ("temp")."""
+
+    DESCRIPTION = "Saves the input audio to the preview folder (<output>/preview/) to listen to."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"audio": ("AUDIO", {"tooltip": "The sound to preview."})},
+                "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+    def save_flac(self, audio: Any, filename_prefix: str = "ComfyUI_temp", prompt: Any = None,
+                  extra_pnginfo: Any = None) -> dict:
+        from .nodes import host
+
+        return _save_sounds(audio, filename_prefix, host.output_dir() / "preview", "temp")
 
 
 # ---------------------------------------------------------------------------------------------------- CLI --

@@ -35,8 +35,9 @@ WIDTH, GAP, TITLE, MARGIN, TITLE_CHAR = 360, 40, 30, 40, 7.2
 #: the front end's slot row and widget row heights; a multiline text box takes about three widget rows
 SLOT, ROW, MULTILINE = 20, 24, 3
 #: room for what a node shows after it runs, so a grown node pushes nothing under its neighbour: the training
-#: nodes' chart (150) + "advanced" button + validation preview (256 + caption), pictures, text results
-SHOWS = {"chart": 150 + ROW + 300, "images": 300, "thumbnails": 240, "text": 110}
+#: nodes' chart (150) + "advanced" button + validation preview (256 + caption), pictures, text results, an audio
+#: player
+SHOWS = {"chart": 150 + ROW + 300, "images": 300, "thumbnails": 240, "text": 110, "audio": 90}
 
 
 def _shows(cls) -> int:

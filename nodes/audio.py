@@ -235,6 +235,7 @@ class FT_JudgeAudio:
                        "when no clip has a pitch.")
     FUNCTION = "execute"
     OUTPUT_NODE = True
+    SHOWS = ("text",)  # room the example layouts leave for it (workflows.py)
 
     @classmethod
     def INPUT_TYPES(cls):

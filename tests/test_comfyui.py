@@ -81,6 +81,8 @@ def test_api_example_runs(server, path):
                     assert (server.base / "output" / img["subfolder"] / img["filename"]).is_file()
     if path.stem == "toy_text_to_image":
         assert len(entry["outputs"]["3"]["images"]) == 4
+    if path.stem == "toy_sound_lora":
+        heard_in_comfyui(server, prompt, entry)
     if path.stem == "toy_train_lora":  # queued again unchanged: ComfyUI's cache answers, nothing retrains
         again = server.run_prompt(prompt)
         cached = [n for event, data in again["status"]["messages"] if event == "execution_cached"
@@ -94,6 +96,34 @@ def test_api_example_runs(server, path):
         old[trainer]["inputs"]["gradient_checkpointing"] = "sometimes"  # ComfyUI still runs the outputs left valid
         errors = server.post("/prompt", {"prompt": old, "client_id": "ft-tests"}).get("node_errors", {})
         assert "gradient_checkpointing 'sometimes' is not known; choose one of" in json.dumps(errors.get(trainer))
+
+
+def heard_in_comfyui(server, prompt: dict, entry: dict) -> None:
+    """The sound example's files, written by ComfyUI's own SaveAudio (FLAC through PyAV), decoded by PyAV in
+    ComfyUI's environment and judged: the LoRA's 'a sks tone' plays the note it was taught."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from comfyui_finetune.trainers.audio.judge import judge_many
+
+    (tuned,) = [n for n, v in prompt.items() if v["_meta"]["title"] == "LoRA" and v["class_type"] == "SaveAudio"]
+    files = [server.base / "output" / a["subfolder"] / a["filename"] for a in entry["outputs"][tuned]["audio"]]
+    assert len(files) == 4 and all(f.suffix == ".flac" and f.is_file() for f in files)
+    decode = ("import av, sys, numpy as np\n"
+              "for path in sys.argv[1:]:\n"
+              "    with av.open(path) as f:\n"
+              "        x = np.concatenate([fr.to_ndarray().reshape(-1) for fr in f.decode(audio=0)])\n"
+              "    scale = np.iinfo(x.dtype).max + 1.0 if x.dtype.kind in 'iu' else 1.0\n"
+              "    np.save(path + '.npy', (x / scale).astype(np.float32))\n")
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)  # ComfyUI's environment has PyAV
+    subprocess.run([python, "-c", decode, *map(str, files)], check=True, timeout=120)
+    waves = [np.load(str(f) + ".npy") for f in files]
+    assert all(len(w) == 8192 for w in waves)
+    res = judge_many(waves, 8000, "d")
+    assert res["note_acc"] >= 0.75, res["counts"]
 
 
 @pytest.fixture(scope="module")
