@@ -2,7 +2,7 @@
 
     GET /finetune/runs                          every run under output/finetune/, newest first (JSON)
     GET /finetune/runs/<run>/resume_workflow    an API-format graph that resumes the run, or why there is none
-    GET /finetune/runs/<run>/<file>             one of the run's files (.json .jsonl .txt .png .jpg .jpeg .webp)
+    GET /finetune/runs/<run>/<file>             one of the run's files (.json .jsonl .txt .png .jpg .jpeg .webp .wav)
     GET /workflow_templates/<pack>/<name>.jpg   an example workflow's thumbnail, for ComfyUI's template browser
 
 The front end asks ComfyUI for a pack's template thumbnails at ``/api/workflow_templates/<pack folder>/<name>.jpg``.
@@ -34,7 +34,8 @@ log = logging.getLogger("comfyui_finetune")
 
 #: the files a run's route serves, and their content types (text never goes out as HTML)
 TYPES = {".json": "application/json", ".jsonl": "text/plain; charset=utf-8", ".txt": "text/plain; charset=utf-8",
-         ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+         ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
+         ".wav": "audio/wav"}
 CURVE_POINTS = 200
 MAX_PATH = 1024
 MAX_BYTES = 64 * 2 ** 20
@@ -241,6 +242,9 @@ def run_summary(folder: Path) -> dict | None:
         "curve": curve(rows),
         "sample_step": last_sample,
         "samples": [f"samples/{name}" for step, _, name in samples if step == last_sample],
+        # a sound model's validation pictures have their sound beside them (step-<N>-<i>.wav)
+        "sounds": [f"samples/{name[:-4]}.wav" for step, _, name in samples if step == last_sample
+                   and (folder / "samples" / f"{name[:-4]}.wav").is_file()],
         "last_checkpoint": max(checkpoints) if checkpoints else None,
         "best_step": _number(status.get("best_step"), int),  # keep_best: the checkpoint that is the result
         "best_score": _number(status.get("best_score")),

@@ -380,6 +380,19 @@ def _check_runs_panel(page: Page, run: str, steps: int, final_loss: float, shot:
     page.page.screenshot(path=str(shot))
 
 
+def _check_sound_in_runs_panel(page: Page, shot: Path) -> None:
+    """A sound model's run: the runs panel offers its validation sounds to listen to, served as audio/wav."""
+    page.page.locator(RUNS_TAB).first.click()
+    sel = '.ft-run[data-run^="toy_sound_lora"] audio.ft-run-sound'
+    page.page.wait_for_selector(sel, timeout=20_000)
+    sources = page.js(f"() => [...document.querySelectorAll('{sel}')].map(a => a.src)")
+    assert sources and all(s.endswith(".wav") for s in sources), sources
+    head = page.js("async (u) => { const r = await fetch(u); return [r.status, r.headers.get('content-type'), "
+                   "(await r.arrayBuffer()).byteLength]; }", sources[0])
+    assert head[0] == 200 and head[1] == "audio/wav" and head[2] > 16000, head  # 8192 samples of 16-bit PCM
+    page.page.screenshot(path=str(shot))
+
+
 def test_keep_best_scores_and_the_best_step_on_the_chart(server, browser, artefacts):
     """keep_best on the toy LoRA (a Load CLIP Scorer linked in the page, a save point every 50 steps): each save
     point's score reaches the chart live, the best step is marked, and both are kept through a reload."""
@@ -460,6 +473,8 @@ def test_example_layouts_do_not_overlap_after_a_run(servers, front_end, browser,
               f"{len(overlaps)}")
         page.screenshot(artefacts / f"{path.stem}_{front_end}.png")
         assert overlaps == [], overlaps
+        if path.stem == "toy_sound_lora":
+            _check_sound_in_runs_panel(page, artefacts / f"runs_panel_sound_{front_end}.png")
         for c in charts:
             assert not c["covered"] and c["roomBelow"] >= 256 and c["points"] > 0, c
             page.focus(c["id"])  # a chart off the page is not drawn at its size until it is shown

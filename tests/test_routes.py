@@ -93,7 +93,7 @@ def test_the_listing_of_fake_runs_is_exact(runs):
     got = list_runs(runs)
     assert [r["name"] for r in got] == ["big", "ti-running", "failed-run", "lora-cat", "no-status"]
     common = {"model": "toy", "model_source": "toy (built-in)", "family": "toy", "images": 4, "error": None,
-              "sample_step": None, "samples": [], "last_checkpoint": None, "results": [], "best_step": None,
+              "sample_step": None, "samples": [], "sounds": [], "last_checkpoint": None, "results": [], "best_step": None,
               "best_score": None, "ranking": None}
     assert got[3] == {**common, "name": "lora-cat", "method": "lora", "dataset": "cats", "status": "finished",
                       "step": 10, "total": 10, "final_loss": 0.1, "started": 900.0, "updated": 1000.0,
@@ -127,6 +127,21 @@ def test_run_files_are_served_from_the_run_folder(runs):
     assert routes.file_body(run_file(runs, "lora-cat", "captions.txt")) == (b"<b>bold</b>", "text/plain; charset=utf-8")
     assert routes.file_body(run_file(runs, "lora-cat", "log.jsonl"))[1] == "text/plain; charset=utf-8"
     assert routes.file_body(run_file(runs, "lora-cat", "samples/step-5-0.png")) == (b"\x89PNG fake", "image/png")
+
+
+def test_a_sound_runs_samples_list_and_serve_their_sound(tmp_path):
+    run = tmp_path / "finetune" / "sound"
+    (run / "samples").mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"status": "finished", "step": 4, "total": 4}))
+    for name in ("step-0-0", "step-4-0", "step-4-1"):
+        (run / "samples" / f"{name}.png").write_bytes(b"\x89PNG fake")
+    for name in ("step-0-0", "step-4-1"):
+        (run / "samples" / f"{name}.wav").write_bytes(b"RIFF fake")
+    (got,) = list_runs(tmp_path / "finetune")
+    assert got["samples"] == ["samples/step-4-0.png", "samples/step-4-1.png"]
+    assert got["sounds"] == ["samples/step-4-1.wav"]
+    assert routes.file_body(run_file(tmp_path / "finetune", "sound", "samples/step-0-0.wav")) == (b"RIFF fake",
+                                                                                                 "audio/wav")
 
 
 LONG = "a" * 5000

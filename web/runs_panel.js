@@ -36,6 +36,8 @@ const CSS = `
 .ft-run-samples { display: flex; gap: 4px; flex-wrap: wrap; }
 .ft-run-sample { width: 64px; height: 64px; object-fit: contain; image-rendering: pixelated;
   border: 1px solid rgba(128,128,128,0.35); border-radius: 3px; }
+.ft-run-sounds { display: flex; flex-direction: column; gap: 2px; }
+.ft-run-sound { width: 100%; height: 28px; }
 .ft-run-actions { display: flex; gap: 6px; flex-wrap: wrap; }
 .ft-run-actions button, .ft-runs-refresh { font-size: 12px; padding: 2px 8px; cursor: pointer; border-radius: 4px;
   border: 1px solid rgba(128,128,128,0.5); background: transparent; color: inherit; }
@@ -196,7 +198,7 @@ function makeCard(run) {
   const pre = el("pre", "ft-run-config");
   pre.hidden = true;
   card.append(head, meta, el("div", "ft-run-times"), el("div", "ft-run-error"), el("canvas", "ft-run-curve"),
-    el("div", "ft-run-samples"), actions, el("div", "ft-run-message"), pre);
+    el("div", "ft-run-samples"), el("div", "ft-run-sounds"), actions, el("div", "ft-run-message"), pre);
   return card;
 }
 
@@ -248,6 +250,20 @@ function updateCard(card, run) {
       img.loading = "lazy";
       img.src = api.apiURL(runURL(run.name, file));
       return img;
+    }));
+  }
+  const sounds = card.querySelector(".ft-run-sounds");  // a sound model's samples: their sound, to listen to
+  const akey = (run.sounds || []).join("|");
+  if (sounds.dataset.key !== akey) {
+    sounds.dataset.key = akey;
+    sounds.replaceChildren(...(run.sounds || []).map((file) => {
+      const audio = el("audio", "ft-run-sound");
+      audio.controls = true;
+      audio.preload = "none";
+      audio.dataset.file = file;
+      audio.title = `step ${run.sample_step}: ${file.split("/").pop()}`;
+      audio.src = api.apiURL(runURL(run.name, file));
+      return audio;
     }));
   }
 }
