@@ -23,7 +23,7 @@ from ..runs.export import legacy_text_encoder_keys
 from . import judge as judge_mod
 from . import WEIGHTS, control, models, world
 from .steps import cosine as _cosine, encode_pictures, every as _every, no_build_paths as _no_build_paths
-from .steps import train_denoiser
+from .steps import fit_vae, train_denoiser
 from .tokenizer import write_tokenizer
 
 log = logging.getLogger(__name__)
@@ -164,20 +164,8 @@ def train_vae(cfg: BuildConfig, out: Path, train_x: torch.Tensor) -> dict:
     torch.manual_seed(cfg.seed + 2)
     rng = np.random.default_rng(cfg.seed + 2)
     vae = models.new_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=1e-4)
-    sched = _cosine(opt, cfg.vae_steps, 50)
     t0 = time.time()
-    for i in range(cfg.vae_steps):
-        x = _vae_batch(rng, cfg.batch_size)
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
-        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + cfg.vae_kl * post.kl().mean()
-        opt.zero_grad(); loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 5.0)
-        opt.step(); sched.step()
-        if _every(i, 100, cfg.vae_steps):
-            log.info("vae step %d/%d loss %.4f", i + 1, cfg.vae_steps, loss.item())
-    vae.eval()
+    fit_vae(vae, lambda: _vae_batch(rng, cfg.batch_size), cfg, "vae")
     with torch.no_grad():
         lat = torch.cat([vae.encode(train_x[i:i + 256]).latent_dist.mean for i in range(0, len(train_x), 256)])
         std = float(lat.std())

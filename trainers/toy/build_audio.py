@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..audio import names, spectrogram, world as sound
 from . import models
 from .loader import AUDIO_FOLDER as FOLDER
-from .steps import cosine, every, no_build_paths, train_denoiser
+from .steps import fit_vae, no_build_paths, train_denoiser
 from .tokenizer import write_tokenizer
 
 log = logging.getLogger(__name__)
@@ -77,20 +77,8 @@ def train_vae(cfg, out: Path, train_x: torch.Tensor) -> dict:
     torch.manual_seed(cfg.seed + 12)
     rng = np.random.default_rng(cfg.seed + 12)
     vae = models.new_audio_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=1e-4)
-    sched = cosine(opt, cfg.vae_steps, 50)
     t0 = time.time()
-    for i in range(cfg.vae_steps):
-        x = _vae_batch(rng, cfg.batch_size)
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
-        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + cfg.vae_kl * post.kl().mean()
-        opt.zero_grad(); loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 5.0)
-        opt.step(); sched.step()
-        if every(i, 100, cfg.vae_steps):
-            log.info("audio vae step %d/%d loss %.4f", i + 1, cfg.vae_steps, loss.item())
-    vae.eval()
+    fit_vae(vae, lambda: _vae_batch(rng, cfg.batch_size), cfg, "audio vae")
     with torch.no_grad():
         lat = torch.cat([vae.encode(train_x[i:i + 256]).latent_dist.mean for i in range(0, len(train_x), 256)])
         std = float(lat.std())

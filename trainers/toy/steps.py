@@ -39,6 +39,31 @@ def encode_pictures(vae, pics) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
 
 
+def fit_vae(vae, next_batch, cfg, label: str) -> None:
+    """The toy builds' VAE training: ``cfg.vae_steps`` AdamW steps (cosine schedule, gradient clipping) of MSE +
+    0.5 L1 reconstruction and a ``cfg.vae_kl`` KL term on ``next_batch()`` (pictures in [-1, 1]); leaves it in eval
+    mode."""
+    import logging
+
+    import torch.nn.functional as F
+
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=1e-4)
+    sched = cosine(opt, cfg.vae_steps, 50)
+    for i in range(cfg.vae_steps):
+        x = next_batch()
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + cfg.vae_kl * post.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 5.0)
+        opt.step()
+        sched.step()
+        if every(i, 100, cfg.vae_steps):
+            logging.getLogger(__name__).info("%s step %d/%d loss %.4f", label, i + 1, cfg.vae_steps, loss.item())
+    vae.eval()
+
+
 def train_denoiser(cfg, params: list, mean: torch.Tensor, std: torch.Tensor, sf: float, noise_sched,
                    g: torch.Generator, condition, forward, label: str) -> tuple[float, float]:
     """The toy builds' text-to-image training: ``cfg.unet_steps`` AdamW steps (cosine schedule, EMA, gradient
