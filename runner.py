@@ -6,8 +6,9 @@ The workflow is the JSON that ComfyUI's "Export (API)" writes and ``POST /prompt
 
 The runner follows ComfyUI's classic node API (``INPUT_TYPES``, ``RETURN_TYPES``, ``FUNCTION``, ``OUTPUT_NODE``):
 it checks the whole workflow first and reports every problem at once (:func:`validate`), then runs only the output
-nodes and their ancestors, each once, in dependency order (:func:`run`). Besides the pack's nodes it provides two
-core ComfyUI nodes, :class:`SaveImage` and :class:`PreviewImage`, and for sound :class:`SaveAudio` and :class:`PreviewAudio`. Importing this module imports no torch.
+nodes and their ancestors, each once, in dependency order (:func:`run`). Besides the pack's nodes it provides four
+core ComfyUI nodes: :class:`SaveImage` and :class:`PreviewImage`, and for sound :class:`SaveAudio` and
+:class:`PreviewAudio`. Importing this module imports no torch.
 """
 from __future__ import annotations
 

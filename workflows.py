@@ -140,8 +140,40 @@ def all_mappings() -> dict:
     return {**node_mappings(), **NODE_CLASS_MAPPINGS}
 
 
+def _shape(name: str, required: dict, returns: tuple) -> type:
+    return type(name, (), {"INPUT_TYPES": classmethod(lambda cls: {"required": dict(required)}),
+                           "RETURN_TYPES": returns})
+
+
+_SEED = ("INT", {"default": 0, "min": 0, "max": 2 ** 64 - 1, "control_after_generate": True})
+#: ComfyUI's own nodes some examples use around the pack's (their inputs and outputs as ComfyUI 0.8's nodes.py
+#: declares them, combos left open): only for laying those examples out and checking their links; the headless
+#: runner does not run them, ComfyUI does (tests/test_comfyui.py)
+COMFY_SHAPES = {cls.__name__: cls for cls in (
+    _shape("CheckpointLoaderSimple", {"ckpt_name": ([], {})}, ("MODEL", "CLIP", "VAE")),
+    _shape("CLIPTextEncode", {"text": ("STRING", {"multiline": True}), "clip": ("CLIP", {})}, ("CONDITIONING",)),
+    _shape("EmptyLatentImage", {"width": ("INT", {}), "height": ("INT", {}), "batch_size": ("INT", {})},
+           ("LATENT",)),
+    _shape("KSampler", {"model": ("MODEL", {}), "seed": _SEED, "steps": ("INT", {}), "cfg": ("FLOAT", {}),
+                        "sampler_name": ([], {}), "scheduler": ([], {}), "positive": ("CONDITIONING", {}),
+                        "negative": ("CONDITIONING", {}), "latent_image": ("LATENT", {}),
+                        "denoise": ("FLOAT", {})}, ("LATENT",)),
+    _shape("VAEDecode", {"samples": ("LATENT", {}), "vae": ("VAE", {})}, ("IMAGE",)),
+)}
+
+
+def layout_mappings() -> dict:
+    """The classes an example may use: the pack's, the runner's and :data:`COMFY_SHAPES`."""
+    return {**COMFY_SHAPES, **all_mappings()}
+
+
+def needs_comfyui(graph: dict) -> list[str]:
+    """The ComfyUI nodes (of :data:`COMFY_SHAPES`) an API-format graph uses: it runs in ComfyUI only."""
+    return sorted({n["class_type"] for n in graph.values() if n.get("class_type") in COMFY_SHAPES})
+
+
 def regenerate(folder: Path = EXAMPLES) -> list[Path]:
-    mappings = all_mappings()
+    mappings = layout_mappings()
     written = []
     for api_file in sorted((folder / "api").glob("*.json")):
         ui = api_to_ui(json.loads(api_file.read_text()), mappings)
@@ -203,6 +235,27 @@ def thumbnail(name: str, target: Path, work: Path, size: int = THUMBNAIL) -> Pat
     return target
 
 
+def spectrogram_card(target: Path, size: int = THUMBNAIL) -> Path:
+    """The card of the Riffusion example, which needs a checkpoint this pack cannot ship: what its graph draws, a
+    ``riffusion_44k_512mel`` spectrogram, here of toy-world tones (a saw arpeggio, pulsing) made in numpy."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .trainers.audio.names import NOTES
+    from .trainers.audio.spectrogram import to_pictures
+    from .trainers.audio.world import NOTES as HZ, synth
+
+    rate, rng = 44100, np.random.default_rng(0)
+    wave = np.concatenate([synth(HZ[n] * 2, "saw", "four times", rng, sample_rate=rate, length=rate * 128 // 100)
+                           for n in NOTES[:4]])
+    pictures, _ = to_pictures(torch.from_numpy(wave)[None], rate, "riffusion_44k_512mel")
+    card = Image.fromarray((pictures[0].numpy() * 255).round().astype(np.uint8)).resize((size, size))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    card.save(target, "JPEG", quality=90)
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import tempfile
@@ -218,7 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.thumbnails:
         with tempfile.TemporaryDirectory() as work:
             for api in sorted((EXAMPLES / "api").glob("*.json")):
-                print(thumbnail(api.stem, EXAMPLES / f"{api.stem}.jpg", Path(work)).relative_to(EXAMPLES.parent))
+                if needs_comfyui(json.loads(api.read_text())):
+                    print(f"{api.stem}: needs ComfyUI's own nodes, its card is drawn without running it")
+                    target = spectrogram_card(EXAMPLES / f"{api.stem}.jpg")
+                else:
+                    target = thumbnail(api.stem, EXAMPLES / f"{api.stem}.jpg", Path(work))
+                print(target.relative_to(EXAMPLES.parent))
     return 0
 
 

@@ -466,6 +466,11 @@ def test_example_layouts_do_not_overlap_after_a_run(servers, front_end, browser,
     try:
         page.load(path)
         assert page.js(OVERLAPS) == [], "overlapping before the run"
+        from comfyui_finetune import workflows
+
+        if workflows.needs_comfyui(json.loads((PACK / "example_workflows" / "api" / path.name).read_text())):
+            pytest.skip(f"{path.stem} needs a model file the pack cannot ship; tests/test_comfyui.py runs it on a "
+                        "random-weight stand-in")
         seconds = page.run()
         overlaps = page.js(OVERLAPS)
         charts = page.js(CHARTS)

@@ -67,9 +67,11 @@ API_EXAMPLES = sorted((PACK / "example_workflows" / "api").glob("*.json"))
 
 
 @pytest.mark.parametrize("path", API_EXAMPLES, ids=[p.stem for p in API_EXAMPLES])
-def test_api_example_runs(server, path):
+def test_api_example_runs(server, path, request):
     """The very JSON the headless runner runs also runs in ComfyUI (training under its inference mode too)."""
     prompt = json.loads(path.read_text())
+    if path.stem == "riffusion_sound":  # a Riffusion checkpoint cannot be had here: SD 1.5 with random weights
+        stand_in_riffusion(server, request.getfixturevalue("random_sd15"), prompt)
     entry = server.run_prompt(prompt)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[-3000:]
     for nid, node in prompt.items():
@@ -83,6 +85,10 @@ def test_api_example_runs(server, path):
         assert len(entry["outputs"]["3"]["images"]) == 4
     if path.stem == "toy_sound_lora":
         heard_in_comfyui(server, prompt, entry)
+    if path.stem == "riffusion_sound":  # the format only: 5.12 s at 44.1 kHz from one 512 x 512 picture
+        (saved,) = entry["outputs"]["8"]["audio"]
+        waves = decoded_by_comfyui([server.base / "output" / saved["subfolder"] / saved["filename"]])
+        assert len(waves[0]) == 512 * 441 and np_finite_and_sounding(waves[0])
     if path.stem == "toy_train_lora":  # queued again unchanged: ComfyUI's cache answers, nothing retrains
         again = server.run_prompt(prompt)
         cached = [n for event, data in again["status"]["messages"] if event == "execution_cached"
@@ -98,29 +104,63 @@ def test_api_example_runs(server, path):
         assert "gradient_checkpointing 'sometimes' is not known; choose one of" in json.dumps(errors.get(trainer))
 
 
-def heard_in_comfyui(server, prompt: dict, entry: dict) -> None:
-    """The sound example's files, written by ComfyUI's own SaveAudio (FLAC through PyAV), decoded by PyAV in
-    ComfyUI's environment and judged: the LoRA's 'a sks tone' plays the note it was taught."""
+def stand_in_riffusion(server, random_sd15, prompt: dict) -> None:
+    """An SD 1.5 single file with random weights where the Riffusion example expects its checkpoint (written by the
+    pack's Save Checkpoint, read by ComfyUI's Load Checkpoint), and 2 sampling steps instead of 30 (CPU time)."""
+    from comfyui_finetune.nodes import host
+    from comfyui_finetune.nodes.io import FT_SaveCheckpoint
+
+    target = server.base / "models" / "checkpoints" / prompt["1"]["inputs"]["ckpt_name"]
+    if not target.is_file():
+        saved = dict(host._fallback)
+        host.set_folders(models=server.base / "models")
+        try:
+            (name,) = FT_SaveCheckpoint().execute(random_sd15, target.stem, "single file (.safetensors)",
+                                                  "fp16")["result"]
+        finally:
+            host._fallback.update(saved)
+        assert name == target.name, name
+    prompt["5"]["inputs"]["steps"] = 2
+
+
+def np_finite_and_sounding(wave) -> bool:
+    import numpy as np
+
+    return bool(np.isfinite(wave).all() and np.abs(wave).max() > 0.01)
+
+
+def decoded_by_comfyui(files: list) -> list:
+    """Sound files decoded by PyAV in ComfyUI's environment (the tests' may lack it): the first channel, float32."""
     import os
     import subprocess
     import sys
 
     import numpy as np
 
+    decode = ("import av, sys, numpy as np\n"
+              "for path in sys.argv[1:]:\n"
+              "    parts = []\n"
+              "    with av.open(path) as f:\n"
+              "        for fr in f.decode(audio=0):\n"
+              "            a, n = fr.to_ndarray(), len(fr.layout.channels)\n"
+              "            parts.append(a[0] if fr.format.is_planar else a.reshape(-1, n)[:, 0])\n"
+              "    x = np.concatenate(parts)\n"
+              "    scale = np.iinfo(x.dtype).max + 1.0 if x.dtype.kind in 'iu' else 1.0\n"
+              "    np.save(path + '.npy', (x / scale).astype(np.float32))\n")
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)  # ComfyUI's environment has PyAV
+    subprocess.run([python, "-c", decode, *map(str, files)], check=True, timeout=120)
+    return [np.load(str(f) + ".npy") for f in files]
+
+
+def heard_in_comfyui(server, prompt: dict, entry: dict) -> None:
+    """The sound example's files, written by ComfyUI's own SaveAudio (FLAC through PyAV), decoded by PyAV in
+    ComfyUI's environment and judged: the LoRA's 'a sks tone' plays the note it was taught."""
     from comfyui_finetune.trainers.audio.judge import judge_many
 
     (tuned,) = [n for n, v in prompt.items() if v["_meta"]["title"] == "LoRA" and v["class_type"] == "SaveAudio"]
     files = [server.base / "output" / a["subfolder"] / a["filename"] for a in entry["outputs"][tuned]["audio"]]
     assert len(files) == 4 and all(f.suffix == ".flac" and f.is_file() for f in files)
-    decode = ("import av, sys, numpy as np\n"
-              "for path in sys.argv[1:]:\n"
-              "    with av.open(path) as f:\n"
-              "        x = np.concatenate([fr.to_ndarray().reshape(-1) for fr in f.decode(audio=0)])\n"
-              "    scale = np.iinfo(x.dtype).max + 1.0 if x.dtype.kind in 'iu' else 1.0\n"
-              "    np.save(path + '.npy', (x / scale).astype(np.float32))\n")
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)  # ComfyUI's environment has PyAV
-    subprocess.run([python, "-c", decode, *map(str, files)], check=True, timeout=120)
-    waves = [np.load(str(f) + ".npy") for f in files]
+    waves = decoded_by_comfyui(files)
     assert all(len(w) == 8192 for w in waves)
     res = judge_many(waves, 8000, "d")
     assert res["note_acc"] >= 0.75, res["counts"]
