@@ -42,6 +42,16 @@ def front_end_skip_reason() -> str:
     return f"COMFYUI_FRONTEND_ROOT={p} has no index.html: it is not a front end's static/ folder"
 
 
+def offline_flags(root: Path) -> list[str]:
+    """The flags that keep a test ComfyUI off the network and free of optional services, as its own command line
+    declares them (comfy/cli_args.py): ``--offline`` where it exists (newer ComfyUI, where ``--disable-api-nodes``
+    is its deprecated alias), else ``--disable-api-nodes`` (0.8); and ``--disable-assets`` where there is an assets
+    database, which needs SQLAlchemy to start."""
+    declared = (root / "comfy" / "cli_args.py").read_text(encoding="utf-8", errors="replace")
+    flags = ["--offline" if '"--offline"' in declared else "--disable-api-nodes"]
+    return flags + (["--disable-assets"] if '"--disable-assets"' in declared else [])
+
+
 class ComfyServer:
     def __init__(self, base: Path, *flags: str):
         self.base = base
@@ -59,7 +69,7 @@ class ComfyServer:
             link.symlink_to(PACK, target_is_directory=True)
         python = os.environ.get("COMFYUI_PYTHON", sys.executable)
         cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--disable-auto-launch", "--disable-api-nodes", "--base-directory", str(self.base), *self.flags]
+               "--disable-auto-launch", *offline_flags(root), "--base-directory", str(self.base), *self.flags]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=root, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
