@@ -71,8 +71,8 @@ def caption_of(note: str | None, timbre: str | None, rhythm: str | None) -> str:
         words.append(RHYTHM_PHRASES[rhythm])
     return " ".join(words)
 
-#: the spectrogram presets, channel choices and ways of joining windows, for node menus (trainers/audio/spectrogram.py
-#: defines them; tests/test_audio_nodes.py checks these lists are its own)
+#: the spectrogram presets' names (spectrogram.py defines the presets; tests/test_audio_nodes.py checks the names are
+#: theirs), the channel choices and the ways of joining windows, for node menus and spectrogram.py
 PRESET_NAMES = ("toy_8k_64mel", "riffusion_44k_512mel")
 CHANNELS = ("mono mix", "left", "right", "stereo")
 JOINS = ("concatenate", "batch")

@@ -33,10 +33,9 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from .names import CHANNELS, JOINS  # noqa: F401  (declared torch-free, for node menus)
 from .resample import resample
 
-CHANNELS = ("mono mix", "left", "right", "stereo")
-JOINS = ("concatenate", "batch")
 MEL_SCALES = ("htk", "slaney")
 MAPPINGS = ("db", "power")
 #: fast Griffin-Lim's momentum (as Riffusion's torchaudio GriffinLim)
