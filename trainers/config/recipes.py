@@ -33,7 +33,10 @@ class TrainConfig(Recipe):
     """The shared loop's options (every training method has them)."""
 
     steps: int = option(500, "Optimizer steps in total (counting steps done before a resume).", min=1, max=1_000_000)
-    learning_rate: float = option(1e-4, "Peak learning rate.", min=1e-7, max=1.0, step=1e-5, round=False)
+    learning_rate: float = option(0.0, "Peak learning rate. 0 = auto: the rate that fits the model's family and the "
+                                  "method (and the adapter kind, the optimizer); the log and the run's config.json "
+                                  "say which it chose. Type a number to set it yourself.", min=0.0, max=1.0,
+                                  step=1e-5, round=False)
     batch_size: int = option(1, "Pictures per step (all from the same size bucket).", min=1, max=256)
     seed: int = option(0, "Seeds every random choice: the same seed and inputs give the same result.", min=0,
                        max=MAX_SEED, seed=True)
@@ -90,7 +93,7 @@ class TrainConfig(Recipe):
         if self.optimizer == "schedulefree_adamw" and self.lr_scheduler != "constant":
             raise ValueError(f"optimizer schedulefree_adamw schedules itself: set lr_scheduler to constant (got "
                              f"{self.lr_scheduler!r}); its warm-up is warmup_steps")
-        if self.optimizer == "prodigy" and self.learning_rate < 0.1:
+        if self.optimizer == "prodigy" and 0 < self.learning_rate < 0.1:
             raise ValueError(f"optimizer prodigy finds its own step size: learning_rate is a multiplier of it, "
                              f"usually 1.0 (got {_fmt(self.learning_rate)}, which would barely train)")
 
@@ -130,8 +133,9 @@ class LoRARecipe(TrainConfig):
     """LoRA: low-rank adapters on the UNet (and optionally the text encoder)."""
 
     method: ClassVar[str] = "lora"
-    learning_rate: float = like(TrainConfig, "learning_rate", help="Peak learning rate (LoRA: 1e-4 on SD, ~1e-3 on "
-                                "the toy).")
+    learning_rate: float = like(TrainConfig, "learning_rate", help="Peak learning rate. 0 = auto: 1e-4 on SD 1.x, "
+                                "2.x and SDXL, 1e-3 on the toys; x4 for lokr, /3 with lion, 1.0 with prodigy (the log "
+                                "and config.json say which). Type a number to set it yourself.")
     seed: int = like(TrainConfig, "seed", help="Seeds noise, timesteps, data order and dropout: same inputs, same "
                      "LoRA.")
     run_name: str = like(TrainConfig, "run_name", "lora")
@@ -149,7 +153,7 @@ class LoRARecipe(TrainConfig):
                           "(LyCORIS): a Kronecker product, the smallest files, good for styles. dora: a LoRA plus a "
                           "learned magnitude per input channel (DoRA), closer to a full fine-tune at the same rank, "
                           "~1.2x the step time on the toy. Each saves a file ComfyUI's LoraLoader, A1111/Forge "
-                          "and LyCORIS read.", choices="methods.lora:KINDS")
+                          "and LyCORIS read.", choices="adapters.kinds:KINDS")
 
     required = ("steps", "learning_rate", "batch_size", "rank", "alpha", "seed", "target_modules",
                 "train_text_encoder", "text_encoder_lr", "run_name")
@@ -170,8 +174,9 @@ class TextualInversionRecipe(TrainConfig):
     num_vectors: int = option(1, "Embedding vectors for the word: more can hold more detail, but take prompt space "
                               "and learn slower.", min=1, max=32)
     steps: int = like(TrainConfig, "steps", 1000)
-    learning_rate: float = like(TrainConfig, "learning_rate", 5e-3, "Peak learning rate (TI usually 1e-3 to 1e-2).",
-                                step=1e-4)
+    learning_rate: float = like(TrainConfig, "learning_rate", help="Peak learning rate. 0 = auto: 5e-3 on SD 1.x, "
+                                "2.x and SDXL, 0.02 on the toys (the log and config.json say which). Type a number "
+                                "to set it yourself (1e-3 to 1e-2 is usual).", step=1e-4)
     seed: int = like(TrainConfig, "seed", help="Seeds noise, timesteps, data order and templates: same inputs, same "
                      "embedding.")
     caption_mode: str = option("dataset captions", "Captions to train with: the dataset's own (they must contain the "
@@ -207,9 +212,12 @@ class DreamBoothRecipe(TrainConfig):
     mode: str = option("lora", "lora: a small adapter; full: every UNet weight (strongest, largest).",
                        choices="methods.dreambooth:MODES")
     train_text_encoder: bool = option(False, "Also train the text encoder (LoRA or full).")
-    steps: int = like(TrainConfig, "steps", 400)
-    learning_rate: float = like(TrainConfig, "learning_rate", help="Peak learning rate (full: ~5e-6 on SD; LoRA: "
-                                "~1e-4).", step=1e-6)
+    steps: int = like(TrainConfig, "steps", 400, "Optimizer steps of the whole run (counting steps done before a "
+                      "resume). Several subjects share them: each is drawn in about steps / N of them, so give N x "
+                      "steps for each to train as long as it would alone.")
+    learning_rate: float = like(TrainConfig, "learning_rate", help="Peak learning rate. 0 = auto: lora mode 1e-4 on "
+                                "SD 1.x, 2.x and SDXL, 1e-3 on the toys; full mode 5e-6 on SD, 2e-4 on the toys (the "
+                                "log and config.json say which). Type a number to set it yourself.", step=1e-6)
     batch_size: int = like(TrainConfig, "batch_size", help="Instance pictures per step (as many class pictures are "
                            "added).")
     seed: int = like(TrainConfig, "seed", help="Seeds training and class-picture generation.")
@@ -247,8 +255,9 @@ class ControlNetRecipe(TrainConfig):
     preprocessor: str = option("canny", "Makes each training picture's condition on the fly (ignored when a "
                                "conditions dataset is connected).", choices="data.preprocess:PREPROCESSORS")
     steps: int = like(TrainConfig, "steps", 1000)
-    learning_rate: float = like(TrainConfig, "learning_rate", 1e-5, "Peak learning rate (SD: 1e-5; the toy: 1e-3).",
-                                step=1e-6)
+    learning_rate: float = like(TrainConfig, "learning_rate", help="Peak learning rate. 0 = auto: 1e-5 on SD 1.x, "
+                                "2.x and SDXL, 1e-3 on the toys (the log and config.json say which). Type a number "
+                                "to set it yourself.", step=1e-6)
     batch_size: int = like(TrainConfig, "batch_size", 4)
     seed: int = like(TrainConfig, "seed", help="Seeds noise, timesteps, data order and caption dropout: same inputs, "
                      "same result.")

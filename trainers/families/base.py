@@ -72,6 +72,13 @@ class Family:
     #: its denoiser's activations at native size outgrow a 10-12 GB GPU (SDXL's: a LoRA at 1024 px, batch 1):
     #: training with gradient_checkpointing "auto" turns checkpointing on for it on a GPU
     checkpointing_on_gpu: bool = False
+    #: the learning rate each method starts from on this family when its learning_rate is 0 (auto): (method, or
+    #: "method:mode", the rate); the loop scales it for the adapter kind and the
+    #: optimizer (loop.session.resolve_auto). Real SD's are the field's
+    #: (kohya's, diffusers' examples); a toy's are measured by benchmarks/bench_concepts.py
+    learning_rates: tuple[tuple[str, float], ...] = (
+        ("lora", 1e-4), ("dreambooth", 1e-4), ("dreambooth:full", 5e-6), ("textual_inversion", 5e-3),
+        ("controlnet", 1e-5))
     #: what the pack cannot train on this family yet: (method, or "method:mode", the reason)
     not_yet: tuple[tuple[str, str], ...] = ()
     #: its pictures are spectrograms of this preset (trainers/audio/spectrogram.py; the toy audio model): a run's
@@ -117,6 +124,17 @@ class Family:
         for what, why in self.not_yet:
             if what in wanted:
                 raise ValueError(f"{what.replace(':', ' ')} on {self.label} is not supported yet: {why}")
+
+    def learning_rate(self, recipe) -> tuple[float, str]:
+        """This family's AdamW rate for ``recipe``'s method (and mode), and where it came from. ``recipe``'s own
+        learning_rate is not read: ``loop.session.resolve_auto`` asks this where it is 0 (auto), then scales the rate
+        for the adapter kind and the optimizer."""
+        from ..config.recipes import label_of
+
+        rates = dict(self.learning_rates)
+        mode = getattr(recipe, "mode", "")
+        key = f"{recipe.method}:{mode}" if f"{recipe.method}:{mode}" in rates else recipe.method
+        return rates[key], f"{self.label}, {label_of(recipe.method)}{' ' + mode if key != recipe.method else ''}"
 
     # --------------------------------------------------------------------------------------- behaviour --
     def encode_prompts(self, model, prompts: list[str]) -> torch.Tensor:

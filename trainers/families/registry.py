@@ -41,14 +41,19 @@ CLIP_L, OPEN_CLIP = ("clip", "cond_stage_model.transformer."), ("open_clip", "co
 SDXL_ENCODERS = (("clip", "conditioner.embedders.0.transformer."), ("open_clip", "conditioner.embedders.1.model."))
 
 
+#: what the toys learn at (measured: benchmarks/bench_concepts.py): ten times real SD's LoRA rate, a few steps
+TOY_RATES = (("lora", 1e-3), ("dreambooth", 1e-3), ("dreambooth:full", 2e-4), ("textual_inversion", 2e-2),
+             ("controlnet", 1e-3))
+
 FAMILIES: dict[str, Family] = {
     "toy": SD("toy", "built-in toy model (32x32 shapes)", None, 32, 64, gpu_dtype="fp32",
-                  base_model_version="finetune_toy", class_cfg=4.0),
+                  base_model_version="finetune_toy", class_cfg=4.0, learning_rates=TOY_RATES),
     "toy_xl": SDXL("toy_xl", "built-in toy SDXL (32x32 shapes, two text encoders)", None, 32, 160,
-                     gpu_dtype="fp32", base_model_version="finetune_toy_xl", class_cfg=4.0),
+                     gpu_dtype="fp32", base_model_version="finetune_toy_xl", class_cfg=4.0,
+                     learning_rates=TOY_RATES),
     "toy_audio": SD("toy_audio", "built-in toy audio model (64x64 mel spectrograms of tones)", None, 64, 48,
                     gpu_dtype="fp32", base_model_version="finetune_toy_audio", class_cfg=4.0,
-                    sound_preset="toy_8k_64mel"),
+                    sound_preset="toy_8k_64mel", learning_rates=TOY_RATES),
     "sd15": SD("sd15", "Stable Diffusion 1.x", "sd15", 512, 768, detect=lambda state: "epsilon",
                    text_encoder_files=(CLIP_L,), architecture="stable-diffusion-v1", base_model_version="sd_v1"),
     "sd2": SD("sd2", "Stable Diffusion 2.x", "sd2", 768, 1024, detect=sd2_prediction,

@@ -32,6 +32,8 @@ class Spec:
     package: str = ""  #: the module it needs ("" = torch or a dependency)
     pip: str = ""  #: what to install
     schedule_free: bool = False
+    #: a learning rate left to auto, for this optimizer: the AdamW rate -> (its rate, why)
+    auto_lr: Callable[[float], tuple[float, str]] | None = None
 
 
 def _fused(groups: list[dict]) -> bool | None:
@@ -86,11 +88,13 @@ OPTIMIZERS: dict[str, Spec] = {
     "adam": Spec(lambda g, c: torch.optim.Adam(g, lr=c.learning_rate, weight_decay=c.weight_decay, fused=_fused(g))),
     "sgd": Spec(lambda g, c: torch.optim.SGD(g, lr=c.learning_rate, momentum=0.9, weight_decay=c.weight_decay)),
     "rmsprop": Spec(lambda g, c: torch.optim.RMSprop(g, lr=c.learning_rate, weight_decay=c.weight_decay)),
-    "prodigy": Spec(_prodigy, "prodigyopt", "prodigyopt"),
+    "prodigy": Spec(_prodigy, "prodigyopt", "prodigyopt",
+                    auto_lr=lambda lr: (1.0, "prodigy finds its own step size, 1.0 is its multiplier")),
     "adafactor": Spec(_adafactor),
     "adamw8bit": Spec(_adamw8bit, "bitsandbytes", "bitsandbytes"),
     "schedulefree_adamw": Spec(_schedulefree, "schedulefree", "schedulefree", schedule_free=True),
-    "lion": Spec(_lion, "lion_pytorch", "lion-pytorch"),
+    "lion": Spec(_lion, "lion_pytorch", "lion-pytorch",
+                 auto_lr=lambda lr: (lr / 3, "/3 for lion, whose sign updates are larger (its paper: 3-10x lower)")),
 }
 #: names understood by diffusers.optimization.get_scheduler, and Adafactor's own
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",

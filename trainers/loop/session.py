@@ -6,13 +6,19 @@ trained, and the log."""
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import replace
 from pathlib import Path
 
 from .distributed import SINGLE, Shard
+from .optimizers import OPTIMIZERS
+from ..adapters.kinds import LR_SCALE
 from .training import Callbacks, Method, TrainResult, train
 from ..model.model import FTModel
 from ..config.recipes import TrainConfig, label_of
 from ..runs.run_dir import RunDir
+
+log = logging.getLogger(__name__)
 
 
 def check_resume(run: RunDir, recipe: TrainConfig, model: FTModel) -> None:
@@ -53,6 +59,29 @@ def check_resume(run: RunDir, recipe: TrainConfig, model: FTModel) -> None:
                          + ". Set them as the run had them, or start a new run (empty resume_run)")
 
 
+def resolve_auto(recipe: TrainConfig, model: FTModel, extra_config: dict | None) -> tuple[TrainConfig, dict]:
+    """The recipe with its auto values resolved: learning_rate 0 becomes ``model``'s family's rate for the method
+    (:meth:`.Family.learning_rate`), scaled for the adapter kind (``adapters.kinds.LR_SCALE``: lokr) and the optimizer
+    (``Spec.auto_lr``: prodigy, lion); said in the log and kept in the run's config.json (``"chosen"``: each value
+    and why). A typed learning_rate is kept as it is."""
+    extra = dict(extra_config or {})
+    if recipe.learning_rate > 0:
+        return recipe, extra
+    lr, why = model.family.learning_rate(recipe)
+    notes = [why]
+    kind = getattr(recipe, "adapter", "lora") if getattr(recipe, "mode", "lora") == "lora" else "lora"
+    if kind in LR_SCALE:
+        lr *= LR_SCALE[kind][0]
+        notes.append(f"x{LR_SCALE[kind][0]:g} for {kind}: {LR_SCALE[kind][1]}")
+    if OPTIMIZERS[recipe.optimizer].auto_lr:
+        lr, note = OPTIMIZERS[recipe.optimizer].auto_lr(lr)
+        notes.append(note)
+    lr, why = float(f"{lr:.3g}"), "auto: " + "; ".join(notes)
+    log.info("learning_rate %g (%s)", lr, why)
+    extra["chosen"] = {**extra.get("chosen", {}), "learning_rate": why}
+    return replace(recipe, learning_rate=lr), extra
+
+
 def run_method(method: Method, recipe: TrainConfig, model: FTModel, dataset, run: RunDir,
                callbacks: Callbacks | None = None, shard: Shard = SINGLE, extra_config: dict | None = None,
                work_on: FTModel | None = None, scorer=None) -> TrainResult:
@@ -62,6 +91,7 @@ def run_method(method: Method, recipe: TrainConfig, model: FTModel, dataset, run
     model.family.check_supported(recipe)
     if recipe.resume_run.strip():
         check_resume(run, recipe, model)
+    recipe, extra_config = resolve_auto(recipe, model, extra_config)
     return train(work_on if work_on is not None else model.share(), dataset, method, recipe, run, callbacks,
                  resume=bool(recipe.resume_run.strip()), extra_config=extra_config, shard=shard, scorer=scorer)
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters import tuners as adapters, dora
+from ..adapters.kinds import KINDS, LR_SCALE  # noqa: F401 - LR_SCALE: the families read it here too
 from ..families.registry import LORA_PREFIXES
 from ..families.sd import sd_lora_key
 from ..model.deltas import DecomposedDelta, HadamardDelta, KroneckerDelta, LowRankDelta, attach
@@ -38,15 +39,6 @@ TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "attention+feedforward+conv": (("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in",
                                     "proj_out", "conv1", "conv2", "conv_shortcut", "time_emb_proj"),
                                    ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")),
-}
-#: adapter kinds (peft's own configs) and what each is for; all save under kohya names that ComfyUI's LoraLoader,
-#: A1111/Forge and LyCORIS read
-KINDS = {
-    "lora": "low-rank up @ down: the usual choice",
-    "loha": "LyCORIS LoHa, the Hadamard product of two low-rank pairs: more capacity at the same rank and size",
-    "lokr": "LyCORIS LoKr, a Kronecker product: the smallest files, good for styles",
-    "dora": "DoRA, a LoRA whose weight is split into direction and a learned magnitude per input channel: closer "
-            "to a full fine-tune at the same rank, a little larger and slower",
 }
 #: the tensors of each kind in a file, after the module's kohya name (``<name>.<suffix>``)
 SUFFIXES = {"loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),

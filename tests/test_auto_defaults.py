@@ -1,0 +1,104 @@
+"""learning_rate 0 = auto: each family's rate per method, scaled per adapter kind and optimizer; said in the log and
+the run's config.json; a typed rate is kept as it is."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+
+import pytest
+
+from comfyui_finetune.trainers.config.recipes import (ControlNetRecipe, DreamBoothRecipe, LoRARecipe,
+                                                     TextualInversionRecipe)
+from comfyui_finetune.trainers.families.registry import FAMILIES
+from comfyui_finetune.trainers.adapters.kinds import LR_SCALE
+
+
+class _Model:
+    def __init__(self, family):
+        self.family = FAMILIES[family]
+
+
+def auto(family, recipe):
+    from comfyui_finetune.trainers.loop.session import resolve_auto
+
+    got, extra = resolve_auto(recipe, _Model(family), {"subjects": []})
+    assert extra["subjects"] == []
+    return got.learning_rate, extra.get("chosen", {}).get("learning_rate")
+
+
+@pytest.mark.parametrize("family, recipe, want", [
+    ("toy", LoRARecipe(), 1e-3),
+    ("toy_xl", LoRARecipe(), 1e-3),
+    ("toy_audio", LoRARecipe(), 1e-3),
+    ("sd15", LoRARecipe(), 1e-4),
+    ("sdxl", LoRARecipe(), 1e-4),
+    ("toy", LoRARecipe(adapter="lokr"), 1e-3 * LR_SCALE["lokr"][0]),
+    ("sd15", LoRARecipe(adapter="lokr"), 1e-4 * LR_SCALE["lokr"][0]),
+    ("toy", LoRARecipe(adapter="loha"), 1e-3),
+    ("toy", LoRARecipe(adapter="dora"), 1e-3),
+    ("toy", DreamBoothRecipe(), 1e-3),
+    ("toy", DreamBoothRecipe(adapter="lokr"), 1e-3 * LR_SCALE["lokr"][0]),
+    ("toy", DreamBoothRecipe(mode="full"), 2e-4),
+    ("toy", DreamBoothRecipe(mode="full", adapter="lokr"), 2e-4),  # no adapter in full mode
+    ("sd15", DreamBoothRecipe(mode="full"), 5e-6),
+    ("sd2", DreamBoothRecipe(), 1e-4),
+    ("toy", TextualInversionRecipe(), 2e-2),
+    ("sdxl", TextualInversionRecipe(), 5e-3),
+    ("toy", ControlNetRecipe(), 1e-3),
+    ("sd15", ControlNetRecipe(), 1e-5),
+    ("toy", LoRARecipe(optimizer="prodigy"), 1.0),
+    ("sd15", LoRARecipe(optimizer="lion"), float(f"{1e-4 / 3:.3g}")),
+    ("toy", LoRARecipe(optimizer="lion", adapter="lokr"), float(f"{4e-3 / 3:.3g}")),
+])
+def test_auto_resolves_from_the_family_the_method_the_kind_and_the_optimizer(family, recipe, want):
+    lr, why = auto(family, recipe)
+    assert lr == pytest.approx(want) and why.startswith("auto: ")
+    assert FAMILIES[family].label in why
+
+
+def test_a_typed_rate_is_kept():
+    assert auto("toy", LoRARecipe(learning_rate=5e-4, adapter="lokr")) == (5e-4, None)
+    assert auto("sd15", LoRARecipe(learning_rate=0.5, optimizer="prodigy")) == (0.5, None)
+    assert auto("toy", LoRARecipe(learning_rate=2e-3, optimizer="lion")) == (2e-3, None)
+
+
+def test_every_family_has_a_rate_for_every_method():
+    from comfyui_finetune.trainers.config.recipes import METHODS
+
+    for fam in FAMILIES.values():
+        for name, entry in METHODS.items():
+            assert auto(fam.name, entry.recipe())[0] > 0, (fam.name, name)
+
+
+@pytest.mark.parametrize("recipe", [LoRARecipe, DreamBoothRecipe, TextualInversionRecipe, ControlNetRecipe])
+def test_the_tooltip_says_what_auto_picks(recipe):
+    """The help text names the rate auto picks on real SD and on the toys (one table, read here)."""
+    help_text = recipe.options()["learning_rate"].metadata["help"]
+    assert "0 = auto" in help_text and recipe().learning_rate == 0
+    said = {float(x) for x in re.findall(r"\b\d+(?:\.\d+)?(?:e-\d+)?\b", help_text)}
+    modes = [recipe(mode="full"), recipe()] if recipe is DreamBoothRecipe else [recipe()]
+    for fam in ("toy", "sd15"):
+        for r in modes:
+            assert any(math.isclose(auto(fam, r)[0], x) for x in said), (fam, r, help_text)
+    if recipe is LoRARecipe:
+        assert f"x{LR_SCALE['lokr'][0]:g} for lokr" in help_text
+
+
+def test_the_run_says_what_auto_chose(toy, folders, caplog):
+    from comfyui_finetune.nodes.datasets import FT_ToyDataset
+    from comfyui_finetune.nodes.train import FT_TrainLoRA
+
+    ds = FT_ToyDataset().execute("purple", "star", 2, "a sks star", 0, "narrow")[0]
+    with caplog.at_level(logging.INFO):
+        _, lora, log = FT_TrainLoRA().execute(toy, ds, steps=2, batch_size=2, adapter="lokr", run_name="auto")
+    want = 1e-3 * LR_SCALE["lokr"][0]
+    assert any(f"learning_rate {want:g} (auto: " in r.getMessage() for r in caplog.records)
+    config = json.loads((folders["output"] / "finetune" / log.run / "config.json").read_text())
+    assert config["recipe"]["learning_rate"] == pytest.approx(want)
+    assert "lokr" in config["chosen"]["learning_rate"]
+    assert log.rows[0]["lr"] == pytest.approx(want)
+    from comfyui_finetune.trainers.runs.export import lora_metadata
+
+    assert float(lora_metadata(lora)["ss_learning_rate"]) == pytest.approx(want)
