@@ -49,9 +49,13 @@ loaded by ComfyUI's own LoraLoader, A1111/Forge and diffusers. It is the usual f
 ## First settings
 
 - **On the toy** (the template *toy_train_lora*): Toy Dataset with 8 purple stars captioned `a sks star`, then
-  `steps` 200, `learning_rate` 1e-3, `batch_size` 4, `rank` 8, `alpha` 8, `target_modules` attention+feedforward,
-  `validation_prompt` `a sks star` every 50 steps. About 15 s on a CPU.
-- **On SD 1.5**: Load Image Dataset (the dataset's `resolution` 0 is the model's own 512), `learning_rate` 1e-4,
+  `steps` 200, `learning_rate` 0 (auto: 1e-3 on the toy), `batch_size` 4, `rank` 8, `alpha` 8, `target_modules`
+  attention+feedforward, `validation_prompt` `a sks star` every 50 steps. About 15 s on a CPU.
+- **`learning_rate` 0 = auto** picks the rate of the model's family: 1e-4 on SD 1.x, 2.x and SDXL, 1e-3 on the toys;
+  times 4 for `lokr` (its Kronecker factor starts at zero: on the toy at LoRA's rate it drew the new concept in 12 % of
+  pictures); divided by 3 with the lion optimizer, 1.0 with prodigy. The log and the run's config.json say what it
+  chose and why; a typed number is used as it is.
+- **On SD 1.5**: Load Image Dataset (the dataset's `resolution` 0 is the model's own 512), `learning_rate` auto,
   `rank` 8-16 with `alpha` equal to it, `target_modules` attention, `batch_size` 1-4, and the default 500 steps as a
   first look: set a `validation_prompt` and `validation_every` (e.g. 100) and `save_every`, and train further with
   `resume_run` if the concept is not there yet. On a GPU with little memory set `gradient_checkpointing` to on (auto already does for SDXL).
@@ -68,11 +72,11 @@ make.
 ## First settings
 
 - **On the toy** (the template *toy_textual_inversion*): 8 yellow triangles captioned `a <yt>`, `token` `<yt>`,
-  `init_token` triangle, `num_vectors` 1, `steps` 300, `learning_rate` 0.02, `batch_size` 4, `caption_mode` dataset
-  captions.
+  `init_token` triangle, `num_vectors` 1, `steps` 300, `learning_rate` 0 (auto: 0.02 on the toys), `batch_size` 4,
+  `caption_mode` dataset captions.
 - **On SD 1.5**: 3-10 pictures, a new `token` in brackets (`<my-cat>`), an `init_token` that is one known word close to
-  the concept (cat, painting), `num_vectors` 1-4, the default `learning_rate` 5e-3 (1e-3 to 1e-2 is usual) and 1000
-  steps, with a `validation_prompt` that uses the token. When the dataset's captions do not contain the token, choose
+  the concept (cat, painting), `num_vectors` 1-4, `learning_rate` auto (5e-3 on SD 1.x, 2.x and SDXL; 1e-3 to 1e-2
+  is usual) and 1000 steps, with a `validation_prompt` that uses the token. When the dataset's captions do not contain the token, choose
   `caption_mode` object templates (a thing) or style templates (a look).
 
 """ + _CHART,
@@ -88,7 +92,7 @@ valid input of another training node (two stages).
 ## First settings
 
 - **On the toy** (the template *toy_dreambooth*): 8 purple stars, `instance_prompt` `a sks star`, `class_prompt`
-  `a star`, `mode` full, `steps` 200, `learning_rate` 2e-4, `batch_size` 4, `num_class_images` 32, once without and
+  `a star`, `mode` full, `steps` 200, `learning_rate` 0 (auto: 2e-4 in full mode on the toys), `batch_size` 4, `num_class_images` 32, once without and
   once with `prior_preservation`: without it 'a star' turns purple every time, with it never.
 - **The trade-off, measured on the toy** (purple circles 'a sks circle', 16 class pictures, 5 seeds): prior
   preservation keeps the class without costing the subject once it has enough steps. In lora mode at lr 1e-3, 200
@@ -96,8 +100,8 @@ valid input of another training node (two stages).
   way; `prior_loss_weight` 2 or 64 class pictures helped less than the steps (0.22 to 0.12 / 0.16). In full mode the
   learning rate decides it: two subjects at 300 steps drift 0.55 at 1e-4, 0.01 at 4e-4.
 - **On SD 1.5**: 3-20 pictures of the subject, an identifier that means nothing yet (`sks`), the class as the model
-  knows it, `prior_preservation` on with the default 100 class pictures and 400 steps; `learning_rate` about 1e-4 in
-  lora mode, about 5e-6 in full mode. Full mode copies and trains the whole UNet: it needs far more GPU memory than
+  knows it, `prior_preservation` on with the default 100 class pictures and 400 steps; `learning_rate` auto picks
+  1e-4 in lora mode (times 4 for `lokr`) and 5e-6 in full mode on SD 1.x, 2.x and SDXL, 1e-3 and 2e-4 on the toys. Full mode copies and trains the whole UNet: it needs far more GPU memory than
   lora mode (`gradient_checkpointing` helps). Watch a `validation_prompt` with the identifier and one with the class
   prompt alone: the second should not turn into your subject.
 
@@ -114,9 +118,9 @@ Vary position and size in the training pictures: the condition is what should ca
 
 - **On the toy** (the template *toy_train_controlnet*): 256 toy pictures of any colour and shape with `geometry`
   broad, `preprocessor` canny with `low_threshold` 0.1 and `high_threshold` 0.2 (the toy's pictures are faint for the
-  defaults), `steps` 300, `learning_rate` 1e-3, `batch_size` 8, `caption_dropout` 0.3. About 50 s on a CPU; 150 steps
+  defaults), `steps` 300, `learning_rate` 0 (auto: 1e-3 on the toys), `batch_size` 8, `caption_dropout` 0.3. About 50 s on a CPU; 150 steps
   already raise the mask IoU of off-centre shapes from 0.16 to 0.73.
-- **On SD 1.5**: the defaults (`learning_rate` 1e-5, `batch_size` 4, `caption_dropout` 0.5) with many varied pictures.
+- **On SD 1.5**: the defaults (`learning_rate` auto, 1e-5 on SD 1.x, 2.x and SDXL, `batch_size` 4, `caption_dropout` 0.5) with many varied pictures.
   A ControlNet often starts following its condition only after some thousands of steps: use `save_every`, a
   `validation_prompt` and `resume_run` to train in stages, and `grad_accum` for a larger effective batch.
 
