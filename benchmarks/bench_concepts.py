@@ -1,0 +1,183 @@
+"""Every method over every new subject the toy world can make: the subject rate, the class drift and their spread
+over training seeds, each judged by the toy judge over --samples pictures (32 by default).
+
+    python benchmarks/bench_concepts.py [--method dreambooth|lora|ti] [--concepts all|purple circle,red cross,...]
+                                        [--seeds 0,1,2] [--samples 32] [--pp off,on] [--subjects 1|2]
+                                        [--mode lora|full] [--adapter lora,loha,lokr,dora] [--model toy|toy_xl]
+                                        [--steps N] [--lr X] [--batch N] [--class-images N] [--train-text-encoder]
+                                        [--targets T] [--json FILE]
+
+Every option not given is the node's default ("auto" learning rate included), so the table measures what a new
+user gets. The concepts (:data:`CONCEPTS`): the colour the base never draws on every shape (purple), every known
+colour on the shape it never saw (cross), and the known colour / shape pairs it was never shown (blue star, yellow
+triangle). Prompts: "a sks <shape>" for the subject and "a <shape>" for its class (a second subject: "a zwx
+<shape>"); the drift is the share of class pictures drawn as the subject (its colour and shape). Textual Inversion
+learns "<sks>" from "a <sks>" captions, starting from the shape's word; it can only recombine what the base draws
+(``tests/test_textual_inversion.py``), so only the held-out pairs are its concepts by default.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from comfyui_finetune.trainers.toy.world import BASE_COLORS, HELD_OUT_COMBOS, NEW_COLORS, NEW_SHAPES, SHAPES
+
+#: (colour, shape): the new colour on every shape, every known colour on the new shape, the held-out pairs
+CONCEPTS = ([(c, s) for c in NEW_COLORS for s in SHAPES] + [(c, s) for c in BASE_COLORS for s in NEW_SHAPES]
+            + list(HELD_OUT_COMBOS))
+IDS = ("sks", "zwx")
+
+
+def rate(model, judge, prompt: str, color: str, shape: str, samples: int) -> float:
+    from comfyui_finetune.trainers.sampling import sample
+
+    with torch.inference_mode(False):
+        res = judge.judge(sample(model, prompt, seeds=list(range(2000, 2000 + samples)), steps=20, cfg=4.0))
+    return float(np.mean([r["color"] == color and r["shape"] == shape for r in res]))
+
+
+def pictures(color: str, shape: str, caption: str):
+    from comfyui_finetune.nodes.datasets import FT_ToyDataset
+
+    return FT_ToyDataset().execute(color, shape, 6, caption, 0, "narrow")[0]
+
+
+def partner(concept):
+    """The second subject trained beside ``concept``: the next concept of another shape and colour."""
+    i = CONCEPTS.index(concept)
+    return next(c for c in CONCEPTS[i + 1:] + CONCEPTS[:i] if c[0] != concept[0] and c[1] != concept[1])
+
+
+def train(base, method: str, subjects, seed: int, opts: dict):
+    """Train ``subjects`` [(colour, shape, identifier)] with the node of ``method``; returns the tuned model and
+    the learning rate the run used."""
+    from comfyui_finetune.nodes import train as nodes
+
+    if method == "dreambooth":
+        chain = None
+        for color, shape, ident in subjects:
+            ds = pictures(color, shape, "x")
+            chain = nodes.FT_DreamBoothSubject().execute(ds, f"a {ident} {shape}", f"a {shape}", previous=chain)[0]
+        model, _, log, _ = nodes.FT_TrainDreamBooth().execute(base, None, subjects=chain, seed=seed,
+                                                              run_name="bench", **opts)
+    elif method == "lora":
+        (color, shape, ident), = subjects
+        model, _, log = nodes.FT_TrainLoRA().execute(base, pictures(color, shape, f"a {ident} {shape}"), seed=seed,
+                                                     run_name="bench", **opts)
+    else:
+        (color, shape, ident), = subjects
+        model, _, log = nodes.FT_TrainTextualInversion().execute(
+            base, pictures(color, shape, f"a <{ident}>"), token=f"<{ident}>", init_token=shape, seed=seed,
+            run_name="bench", **opts)
+    return model, log.config.get("recipe", {}).get("learning_rate"), log.steps
+
+
+def measure(base, judge, method, concept, seed, opts, n_subjects, samples) -> dict:
+    subs = [(*concept, IDS[0])] + ([(*partner(concept), IDS[1])] if n_subjects == 2 else [])
+    t0 = time.time()
+    model, lr, steps = train(base, method, subs, seed, opts)
+    out = {"lr": lr, "steps": steps, "subject": [], "drift": []}
+    for color, shape, ident in subs:
+        prompt = f"a <{ident}>" if method == "ti" else f"a {ident} {shape}"
+        out["subject"].append(rate(model, judge, prompt, color, shape, samples))
+        out["drift"].append(rate(model, judge, f"a {shape}", color, shape, samples))
+    out["seconds"] = time.time() - t0
+    return out
+
+
+def spread(xs) -> str:
+    return f"{np.mean(xs):4.2f} [{min(xs):.2f}-{max(xs):.2f}]"
+
+
+def options(args, method: str, pp: bool | None) -> dict:
+    given = {"steps": args.steps, "learning_rate": args.lr, "batch_size": args.batch,
+             "num_class_images": args.class_images, "prior_loss_weight": args.prior_weight, "mode": args.mode,
+             "rank": args.rank, "target_modules": args.targets,
+             "train_text_encoder": True if args.train_text_encoder else None}
+    opts = {k: v for k, v in given.items() if v is not None}
+    if method != "dreambooth":
+        for k in ("num_class_images", "prior_loss_weight", "mode"):
+            opts.pop(k, None)
+        if method == "ti":
+            for k in ("rank", "target_modules", "train_text_encoder"):
+                opts.pop(k, None)
+    if method == "dreambooth":
+        opts["prior_preservation"] = pp
+    return opts
+
+
+def main() -> None:
+    import os
+
+    os.environ.setdefault("FT_NO_PROGRESS", "1")
+    from comfyui_finetune.flags import positive, whole
+    from comfyui_finetune.nodes import host
+    from comfyui_finetune.trainers.toy.loader import load_toy_judge, load_toy_model, load_toy_xl_model
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", choices=["dreambooth", "lora", "ti"], default="dreambooth")
+    ap.add_argument("--concepts", default=None, help="'all' or 'colour shape,colour shape' (default: all; TI: the "
+                    "held-out pairs)")
+    ap.add_argument("--seeds", default="0,1,2", help="training seeds")
+    ap.add_argument("--samples", type=whole(1), default=32, help="judged pictures per prompt")
+    ap.add_argument("--pp", default="off,on", help="DreamBooth: prior preservation off, on or both")
+    ap.add_argument("--subjects", type=int, choices=[1, 2], default=1, help="DreamBooth: subjects at once")
+    ap.add_argument("--mode", choices=["lora", "full"], default=None)
+    ap.add_argument("--adapter", default="lora", help="Train LoRA / DreamBooth: adapter kinds, comma-separated")
+    ap.add_argument("--model", choices=["toy", "toy_xl"], default="toy")
+    ap.add_argument("--steps", type=whole(1), default=None)
+    ap.add_argument("--lr", type=positive, default=None)
+    ap.add_argument("--batch", type=whole(1), default=None)
+    ap.add_argument("--class-images", type=whole(1), default=None)
+    ap.add_argument("--prior-weight", type=float, default=None)
+    ap.add_argument("--rank", type=whole(1), default=None)
+    ap.add_argument("--targets", default=None)
+    ap.add_argument("--train-text-encoder", action="store_true", help="DreamBooth / Train LoRA: adapt the text "
+                    "encoder too")
+    ap.add_argument("--json", type=Path, default=None, help="append every run's figures to this file (JSON lines)")
+    args = ap.parse_args()
+    if args.concepts in (None, "all"):
+        concepts = list(HELD_OUT_COMBOS) if args.method == "ti" and args.concepts is None else CONCEPTS
+    else:
+        concepts = [tuple(c.split()) for c in args.concepts.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        host.set_folders(output=Path(tmp) / "out", models=Path(tmp) / "models", input=Path(tmp) / "in")
+        base = load_toy_model() if args.model == "toy" else load_toy_xl_model()
+        judge = load_toy_judge()
+        for pp in ([None] if args.method != "dreambooth" else [p == "on" for p in args.pp.split(",")]):
+            for kind in (args.adapter.split(",") if args.method != "ti" else [None]):
+                opts = options(args, args.method, pp) | ({"adapter": kind} if kind else {})
+                head = (f"{args.method} on {args.model}, {args.subjects} subject(s), "
+                        + ", ".join(f"{k} {v}" for k, v in opts.items()))
+                print(f"\n{head}\n  {'concept':16} {'subject':>18} {'drift':>18}   lr, steps, s/run")
+                table = []
+                for concept in concepts:
+                    runs = [measure(base, judge, args.method, concept, s, opts, args.subjects, args.samples)
+                            for s in seeds]
+                    row = {"concept": " ".join(concept), "options": opts, "model": args.model,
+                           "method": args.method, "subjects": args.subjects, "runs": runs}
+                    table.append(row)
+                    first = [r["subject"][0] for r in runs]
+                    drift = [r["drift"][0] for r in runs]
+                    second = (f"   2nd {' '.join(partner(concept))}: {spread([r['subject'][1] for r in runs])}"
+                              if args.subjects == 2 else "")
+                    print(f"  {' '.join(concept):16} {spread(first):>18} {spread(drift):>18}   "
+                          f"{runs[0]['lr']:g}, {runs[0]['steps']}, {np.mean([r['seconds'] for r in runs]):.0f}"
+                          f"{second}", flush=True)
+                    if args.json:
+                        with args.json.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
+                subj = [np.mean([r["subject"][0] for r in row["runs"]]) for row in table]
+                print(f"  concepts at >= 0.90: {sum(s >= 0.9 for s in subj)} of {len(subj)}; worst "
+                      f"{min(subj):.2f}; worst drift {max(max(r['drift'][0] for r in row['runs']) for row in table):.2f}")
+
+
+if __name__ == "__main__":
+    main()
