@@ -1,7 +1,7 @@
 """The adapter kinds, declared once (torch-free): what each is for, and how an auto learning rate treats it.
 
 Training builds them in :mod:`..methods.lora` (peft's ``LoraConfig``, ``LoHaConfig``, ``LoKrConfig``, DoRA);
-the families' auto learning rate (:meth:`..families.base.Family.learning_rate`) reads :data:`LR_SCALE`.
+the loop's auto learning rate (``loop.session.resolve_auto``) reads :data:`LR_SCALE`.
 """
 from __future__ import annotations
 

@@ -41,7 +41,9 @@ CLIP_L, OPEN_CLIP = ("clip", "cond_stage_model.transformer."), ("open_clip", "co
 SDXL_ENCODERS = (("clip", "conditioner.embedders.0.transformer."), ("open_clip", "conditioner.embedders.1.model."))
 
 
-#: what the toys learn at (measured: benchmarks/bench_concepts.py): ten times real SD's LoRA rate, a few steps
+#: the rates the toys learn at: LoRA and DreamBooth lora mode measured over many concepts by
+#: benchmarks/bench_concepts.py; full mode, Textual Inversion and ControlNet the rates their toy tests and examples
+#: train at
 TOY_RATES = (("lora", 1e-3), ("dreambooth", 1e-3), ("dreambooth:full", 2e-4), ("textual_inversion", 2e-2),
              ("controlnet", 1e-3))
 

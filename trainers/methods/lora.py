@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters import tuners as adapters, dora
-from ..adapters.kinds import KINDS, LR_SCALE  # noqa: F401 - LR_SCALE: the families read it here too
+from ..adapters.kinds import KINDS
 from ..families.registry import LORA_PREFIXES
 from ..families.sd import sd_lora_key
 from ..model.deltas import DecomposedDelta, HadamardDelta, KroneckerDelta, LowRankDelta, attach
