@@ -124,7 +124,7 @@ def count_training(model, parts: dict, args) -> None:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             log = node().execute(model, ds, **inputs)[2]
     latents, setup, steps = live_peaks(prof, [mark(prof, "ft: unet placed"), mark(prof, "ft: encoders left")])
-    print(f"{node.__name__} with its defaults (rank {defaults.rank}, {defaults.target_modules}, text encoders "
+    print(f"{node.__name__} with its defaults (rank {defaults.rank}, {log.config['recipe']['target_modules']}, text encoders "
           f"{'trained' if defaults.train_text_encoder else 'frozen'}{more}), batch {args.batch}, {n} pictures, "
           f"{args.steps} steps, gradient checkpointing {args.checkpointing}:")
     rows = [("caching the latents (VAE and text encoders on the GPU)", sum(parts.values()) - parts["unet"], latents),

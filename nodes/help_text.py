@@ -55,8 +55,11 @@ loaded by ComfyUI's own LoraLoader, A1111/Forge and diffusers. It is the usual f
   times 4 for `lokr` (its Kronecker factor starts at zero: on the toy at LoRA's rate it drew the new concept in 12 % of
   pictures); divided by 3 with the lion optimizer, 1.0 with prodigy. The log and the run's config.json say what it
   chose and why; a typed number is used as it is.
+- **`target_modules` auto** picks the family's layers: attention on SD 1.x, 2.x and SDXL (the usual LoRA), attention +
+  feed-forward + convolutions on the toys, whose colours are drawn in their convolutional top level (on attention
+  alone a toy LoRA draws a new colour as a blob, or not at all).
 - **On SD 1.5**: Load Image Dataset (the dataset's `resolution` 0 is the model's own 512), `learning_rate` auto,
-  `rank` 8-16 with `alpha` equal to it, `target_modules` attention, `batch_size` 1-4, and the default 500 steps as a
+  `rank` 8-16 with `alpha` equal to it, `target_modules` auto (attention), `batch_size` 1-4, and the default 500 steps as a
   first look: set a `validation_prompt` and `validation_every` (e.g. 100) and `save_every`, and train further with
   `resume_run` if the concept is not there yet. On a GPU with little memory set `gradient_checkpointing` to on (auto already does for SDXL).
 
@@ -101,7 +104,9 @@ valid input of another training node (two stages).
   learning rate decides it: two subjects at 300 steps drift 0.55 at 1e-4, 0.01 at 4e-4.
 - **On SD 1.5**: 3-20 pictures of the subject, an identifier that means nothing yet (`sks`), the class as the model
   knows it, `prior_preservation` on with the default 100 class pictures and 400 steps; `learning_rate` auto picks
-  1e-4 in lora mode (times 4 for `lokr`) and 5e-6 in full mode on SD 1.x, 2.x and SDXL, 1e-3 and 2e-4 on the toys. Full mode copies and trains the whole UNet: it needs far more GPU memory than
+  1e-4 in lora mode (times 4 for `lokr`) and 5e-6 in full mode on SD 1.x, 2.x and SDXL, 1e-3 and 2e-4 on the toys;
+  `target_modules` auto picks attention + feed-forward on SD, and adds the convolutions on the toys (where a new
+  colour is drawn). Full mode copies and trains the whole UNet: it needs far more GPU memory than
   lora mode (`gradient_checkpointing` helps). Watch a `validation_prompt` with the identifier and one with the class
   prompt alone: the second should not turn into your subject.
 

@@ -102,3 +102,47 @@ def test_the_run_says_what_auto_chose(toy, folders, caplog):
     from comfyui_finetune.trainers.runs.export import lora_metadata
 
     assert float(lora_metadata(lora)["ss_learning_rate"]) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("family, recipe, want", [
+    ("toy", LoRARecipe(), "attention+feedforward+conv"),
+    ("toy_xl", DreamBoothRecipe(), "attention+feedforward+conv"),
+    ("sd15", LoRARecipe(), "attention"),
+    ("sdxl", LoRARecipe(), "attention"),
+    ("sd2", DreamBoothRecipe(), "attention+feedforward"),
+    ("toy", LoRARecipe(target_modules="attention"), "attention"),  # a chosen preset is kept
+])
+def test_auto_targets_come_from_the_family(family, recipe, want):
+    from comfyui_finetune.trainers.loop.session import resolve_auto
+
+    got, extra = resolve_auto(recipe, _Model(family), None)
+    assert got.target_modules == want
+    assert ("target_modules" in extra.get("chosen", {})) == (recipe.target_modules == "auto")
+
+
+@pytest.mark.parametrize("recipe", [LoRARecipe, DreamBoothRecipe])
+def test_the_targets_tooltip_says_what_auto_picks(recipe):
+    from comfyui_finetune.trainers.loop.session import resolve_auto
+
+    help_text = recipe.options()["target_modules"].metadata["help"]
+    assert recipe().target_modules == "auto"
+    for fam in ("toy", "sd15"):
+        preset = resolve_auto(recipe(), _Model(fam), None)[0].target_modules
+        assert re.search(rf"\b{re.escape(preset)}\b(?!\+)", help_text), (fam, preset, help_text)
+
+
+def test_a_resume_compares_the_targets_auto_resolves_to(toy, folders):
+    """A run started with auto resumes with auto (the same preset); asked for another preset, the resume names it."""
+    from comfyui_finetune.nodes.datasets import FT_ToyDataset
+    from comfyui_finetune.nodes.train import FT_TrainLoRA
+
+    ds = FT_ToyDataset().execute("purple", "star", 2, "a sks star", 0, "narrow")[0]
+    _, _, log = FT_TrainLoRA().execute(toy, ds, steps=2, batch_size=2, run_name="targets")
+    config = json.loads((folders["output"] / "finetune" / log.run / "config.json").read_text())
+    assert config["recipe"]["target_modules"] == "attention+feedforward+conv"
+    assert config["chosen"]["target_modules"].startswith("auto: ")
+    FT_TrainLoRA().execute(toy, ds, steps=3, batch_size=2, run_name="targets", resume_run=log.run)
+    with pytest.raises(ValueError, match="target_modules is 'attention\\+feedforward\\+conv' in the run, "
+                                         "'attention' here"):
+        FT_TrainLoRA().execute(toy, ds, steps=4, batch_size=2, run_name="targets", resume_run=log.run,
+                               target_modules="attention")

@@ -66,14 +66,14 @@ def test_choices_come_from_the_library_tables():
     from comfyui_finetune.trainers.methods.dreambooth import MODES
     from comfyui_finetune.trainers.loop.training import LOSSES, PRECISIONS
     from comfyui_finetune.trainers.loop.optimizers import LR_SCHEDULERS, OPTIMIZERS
-    from comfyui_finetune.trainers.methods.lora import TARGETS
+    from comfyui_finetune.trainers.methods.lora import TARGET_CHOICES
     from comfyui_finetune.trainers.data.preprocess import PREPROCESSORS
     from comfyui_finetune.trainers.methods.textual_inversion import CAPTION_MODES
 
     opt = NODE_CLASS_MAPPINGS["FT_TrainLoRA"].INPUT_TYPES()["optional"]
     assert opt["optimizer"][0] == list(OPTIMIZERS) and opt["lr_scheduler"][0] == list(LR_SCHEDULERS)
     assert opt["loss"][0] == list(LOSSES) and opt["mixed_precision"][0] == list(PRECISIONS)
-    assert NODE_CLASS_MAPPINGS["FT_TrainLoRA"].INPUT_TYPES()["required"]["target_modules"][0] == list(TARGETS)
+    assert NODE_CLASS_MAPPINGS["FT_TrainLoRA"].INPUT_TYPES()["required"]["target_modules"][0] == list(TARGET_CHOICES)
     assert NODE_CLASS_MAPPINGS["FT_TrainDreamBooth"].INPUT_TYPES()["required"]["mode"][0] == list(MODES)
     ti = NODE_CLASS_MAPPINGS["FT_TrainTextualInversion"].INPUT_TYPES()["required"]
     assert ti["caption_mode"][0] == list(CAPTION_MODES)

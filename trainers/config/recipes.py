@@ -142,8 +142,10 @@ class LoRARecipe(TrainConfig):
     rank: int = option(8, "LoRA rank: the adapter's capacity (4-32 is usual).", min=1, max=256)
     alpha: float = option(8.0, "LoRA alpha: the update is scaled by alpha / rank (alpha = rank keeps it at 1).",
                           min=0.01, max=1024.0, step=0.5)
-    target_modules: str = option("attention", "Which layers get adapters: attention only (small, the usual choice), "
-                                 "+ feed-forward, + convolutions (LoCon, most capacity).", choices="methods.lora:TARGETS")
+    target_modules: str = option("auto", "Which layers get adapters: attention only (small, the usual choice on "
+                                 "SD), + feed-forward, + convolutions (LoCon, most capacity). auto: attention on SD "
+                                 "1.x, 2.x and SDXL, attention+feedforward+conv on the toys (the log and config.json "
+                                 "say which).", choices="methods.lora:TARGET_CHOICES")
     train_text_encoder: bool = option(False, "Also adapt the text encoder's attention (stronger binding of the "
                                       "token, more drift).")
     text_encoder_lr: float = option(0.0, "Learning rate of the text encoder (0 = same as learning_rate).", min=0.0,
@@ -224,8 +226,9 @@ class DreamBoothRecipe(TrainConfig):
     run_name: str = like(TrainConfig, "run_name", "dreambooth")
     rank: int = like(LoRARecipe, "rank", help="LoRA rank (lora mode).")
     alpha: float = like(LoRARecipe, "alpha", help="LoRA alpha (lora mode).")
-    target_modules: str = like(LoRARecipe, "target_modules", "attention+feedforward", "Layers with adapters (lora "
-                               "mode).")
+    target_modules: str = like(LoRARecipe, "target_modules", help="Layers with adapters (lora mode). auto: "
+                               "attention+feedforward on SD 1.x, 2.x and SDXL, attention+feedforward+conv on the toys "
+                               "(the log and config.json say which).")
     pivotal_tuning: bool = option(False, "lora mode: also learn an embedding for the identifier (Textual Inversion + "
                                   "LoRA). The identifier must be a new word, e.g. 'a <sks> dog'; it starts from the "
                                   "class prompt's last word.")

@@ -79,6 +79,10 @@ class Family:
     learning_rates: tuple[tuple[str, float], ...] = (
         ("lora", 1e-4), ("dreambooth", 1e-4), ("dreambooth:full", 5e-6), ("textual_inversion", 5e-3),
         ("controlnet", 1e-5))
+    #: the layers a LoRA-kind adapter trains on this family when target_modules is "auto": (method, preset of
+    #: methods.lora.TARGETS). Real SD's are the field's (kohya's LoRA on attention; DreamBooth's LoRA with the
+    #: feed-forward too); a toy's are measured by benchmarks/bench_concepts.py
+    lora_targets: tuple[tuple[str, str], ...] = (("lora", "attention"), ("dreambooth", "attention+feedforward"))
     #: what the pack cannot train on this family yet: (method, or "method:mode", the reason)
     not_yet: tuple[tuple[str, str], ...] = ()
     #: its pictures are spectrograms of this preset (trainers/audio/spectrogram.py; the toy audio model): a run's
@@ -135,6 +139,13 @@ class Family:
         mode = getattr(recipe, "mode", "")
         key = f"{recipe.method}:{mode}" if f"{recipe.method}:{mode}" in rates else recipe.method
         return rates[key], f"{self.label}, {label_of(recipe.method)}{' ' + mode if key != recipe.method else ''}"
+
+    def target_modules(self, recipe) -> tuple[str, str]:
+        """The target preset of ``recipe``'s method on this family, and where it came from (asked by
+        ``loop.session.resolve_auto`` where the recipe's target_modules is "auto")."""
+        from ..config.recipes import label_of
+
+        return dict(self.lora_targets)[recipe.method], f"{self.label}, {label_of(recipe.method)}"
 
     # --------------------------------------------------------------------------------------- behaviour --
     def encode_prompts(self, model, prompts: list[str]) -> torch.Tensor:

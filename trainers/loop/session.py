@@ -60,11 +60,18 @@ def check_resume(run: RunDir, recipe: TrainConfig, model: FTModel) -> None:
 
 
 def resolve_auto(recipe: TrainConfig, model: FTModel, extra_config: dict | None) -> tuple[TrainConfig, dict]:
-    """The recipe with its auto values resolved: learning_rate 0 becomes ``model``'s family's rate for the method
+    """The recipe with its auto values resolved, each said in the log and kept in the run's config.json
+    (``"chosen"``: each value and why): target_modules "auto" becomes the family's preset for the method
+    (:meth:`.Family.target_modules`); learning_rate 0 becomes the family's rate for the method
     (:meth:`.Family.learning_rate`), scaled for the adapter kind (``adapters.kinds.LR_SCALE``: lokr) and the optimizer
-    (``Spec.auto_lr``: prodigy, lion); said in the log and kept in the run's config.json (``"chosen"``: each value
-    and why). A typed learning_rate is kept as it is."""
+    (``Spec.auto_lr``: prodigy, lion). A typed value is kept as it is, and so is a value already resolved: a method
+    built from the recipe (LoRA's adapters) resolves it first and hands the ``"chosen"`` notes on."""
     extra = dict(extra_config or {})
+    if getattr(recipe, "target_modules", None) == "auto":
+        targets, why = model.family.target_modules(recipe)
+        log.info("target_modules %s (auto: %s)", targets, why)
+        extra["chosen"] = {**extra.get("chosen", {}), "target_modules": f"auto: {why}"}
+        recipe = replace(recipe, target_modules=targets)
     if recipe.learning_rate > 0:
         return recipe, extra
     lr, why = model.family.learning_rate(recipe)
@@ -89,9 +96,9 @@ def run_method(method: Method, recipe: TrainConfig, model: FTModel, dataset, run
     weights are ``model``'s own tensors, and what trains is new or copied by the method) in ``run``, resuming when
     the recipe names a run to resume (after :func:`check_resume`)."""
     model.family.check_supported(recipe)
+    recipe, extra_config = resolve_auto(recipe, model, extra_config)  # a resume compares what auto resolves to
     if recipe.resume_run.strip():
         check_resume(run, recipe, model)
-    recipe, extra_config = resolve_auto(recipe, model, extra_config)
     return train(work_on if work_on is not None else model.share(), dataset, method, recipe, run, callbacks,
                  resume=bool(recipe.resume_run.strip()), extra_config=extra_config, shard=shard, scorer=scorer)
 

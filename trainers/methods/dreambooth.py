@@ -375,10 +375,11 @@ def train_dreambooth(recipe: DreamBoothRecipe, model: FTModel, subjects: list[Su
     Class pictures come from ``class_sets`` when given (a repeated run), else from the subjects' class datasets and
     generation from the base model (cached under ``class_cache``)."""
     from ..runs.export import embedding_metadata, lora_metadata
-    from ..loop.session import result_metadata, run_method, save_in_run, settle
+    from ..loop.session import resolve_auto, result_metadata, run_method, save_in_run, settle
 
     model.family.check_supported(recipe)  # before class pictures are made
     check_subjects(subjects, recipe.prior_preservation, recipe.prior_loss_weight)
+    recipe, chosen = resolve_auto(recipe, model, None)  # the inner method is built with what auto picks
     inner = make_method(recipe, model, subjects)
     if class_sets is None and recipe.prior_preservation:
         class_sets = gather_class_sets(recipe, model, subjects, class_cache or run.path.parent / "class_images",
@@ -388,7 +389,7 @@ def train_dreambooth(recipe: DreamBoothRecipe, model: FTModel, subjects: list[Su
     method = DreamBoothMethod(recipe.mode, inner, recipe.prior_loss_weight, class_sets, instance.resolution)
     extra = {"subjects": [{"instance_prompt": s.instance_prompt, "class_prompt": s.class_prompt,
                            "identifier": s.identifier, "images": len(s.dataset.examples)} for s in subjects],
-             "class_images": sum(len(p) for p, _ in class_sets)}
+             "class_images": sum(len(p) for p, _ in class_sets), **chosen}
     res = run_method(method, recipe, model, instance, run, callbacks, shard,
                      extra_config=extra, scorer=scorer)
     if res.cancelled:

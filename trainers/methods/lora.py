@@ -40,6 +40,8 @@ TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                                     "proj_out", "conv1", "conv2", "conv_shortcut", "time_emb_proj"),
                                    ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")),
 }
+#: the node's choices: "auto" (the family's preset for the method, ``Family.lora_targets``) or a preset
+TARGET_CHOICES = ("auto", *TARGETS)
 #: the tensors of each kind in a file, after the module's kohya name (``<name>.<suffix>``)
 SUFFIXES = {"loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
             "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")}
@@ -239,10 +241,11 @@ def train_lora(recipe: LoRARecipe, model: FTModel, dataset, run: RunDir, callbac
     """Train a LoRA: returns a TrainResult with the model (LoRA applied, strength 1) and the LoRA; the LoRA is also
     kept in the run folder as ``lora.safetensors`` (kohya layout)."""
     from ..runs.export import lora_metadata
-    from ..loop.session import result_metadata, run_method, save_in_run, settle
+    from ..loop.session import resolve_auto, result_metadata, run_method, save_in_run, settle
 
+    recipe, chosen = resolve_auto(recipe, model, None)  # the adapter is built with what auto picks
     method = LoRAMethod.from_recipe(recipe)
-    res = run_method(method, recipe, model, dataset, run, callbacks, shard, scorer=scorer)
+    res = run_method(method, recipe, model, dataset, run, callbacks, shard, extra_config=chosen, scorer=scorer)
     if res.cancelled:
         return res.handed_over(None, None)
     lora = method.result(run.name, result_metadata(res, dataset.resolution or model.native_size))
