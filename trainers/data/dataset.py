@@ -366,7 +366,7 @@ def prepare(dataset: Dataset, native_size: int, multiple: int) -> Prepared:
         img = resize_cover(e.image, bh, bw)
         out.framing.setdefault((bh, bw), []).append(torch.tensor([h, w, *cover(h, w, bh, bw)[2:], bh, bw],
                                                                   dtype=torch.float32))
-        t = torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1
+        t = torch.tensor(img).permute(2, 0, 1).float() / 127.5 - 1  # a copy: a picture may be read-only
         out.pixels.setdefault((bh, bw), []).append(t)
         out.captions.setdefault((bh, bw), []).append(e.caption)
         if paired:
