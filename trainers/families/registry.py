@@ -50,7 +50,7 @@ TOY_RATES = (("lora", 1e-3), ("dreambooth", 1e-3), ("dreambooth:full", 2e-4), ("
 #: the layers the toys' adapters train: the convolutions too. A toy draws its colours in its convolutional top
 #: level, which has no attention (as SD's has), so an adapter on attention alone cannot repaint it: on the toy SDXL,
 #: DreamBooth on attention + feed-forward drew a new purple circle in 2 of 32 pictures (purple blobs), with the
-#: convolutions in 16 of 16 (benchmarks/bench_concepts.py --model toy_xl --seeds 0)
+#: convolutions in 32 of 32 (benchmarks/bench_concepts.py --model toy_xl --seeds 0)
 TOY_TARGETS = (("lora", "attention+feedforward+conv"), ("dreambooth", "attention+feedforward+conv"))
 
 FAMILIES: dict[str, Family] = {
