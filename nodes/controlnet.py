@@ -7,7 +7,7 @@ ControlNetApplyAdvanced and PreviewImage.
 """
 from __future__ import annotations
 
-from . import host
+from . import host, load_check
 from .base import COMBO, FLOAT, HIDDEN, INT, LINK, ROOT_CATEGORY, STRING, checked, torch_call
 
 CATEGORY = f"{ROOT_CATEGORY}/controlnet"
@@ -214,4 +214,5 @@ class FT_SaveControlNet:
         path = save(control_net, root / rel.parent, rel.name, layout, dtype, meta)
         name = path.relative_to(root).as_posix()
         host.log.info("saved ControlNet %s (%s layout, %s)", name, layout, dtype)
-        return {"ui": {"text": [f"saved controlnet/{name}"]}, "result": (name,)}
+        checked = load_check.check_controlnet(path, control_net, layout, dtype)
+        return {"ui": {"text": [f"saved controlnet/{name}: {checked}"]}, "result": (name,)}

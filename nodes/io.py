@@ -1,7 +1,7 @@
 """finetune/io: save adapters where ComfyUI's loaders find them, and apply them to a model."""
 from __future__ import annotations
 
-from . import host
+from . import host, load_check
 from .base import COMBO, FLOAT, LINK, ROOT_CATEGORY, STRING, checked, torch_call
 
 CATEGORY = f"{ROOT_CATEGORY}/io"
@@ -61,7 +61,8 @@ class FT_SaveLoRA:
         path = save_unique(root / rel.parent, rel.name, lora.state, lora_metadata(lora))
         name = path.relative_to(root).as_posix()
         host.log.info("saved LoRA %s (%d tensors)", name, len(lora.state))
-        return {"ui": {"text": [f"saved loras/{name}"]}, "result": (name,)}
+        checked = load_check.check_lora(path, lora)
+        return {"ui": {"text": [f"saved loras/{name}: {checked}"]}, "result": (name,)}
 
 
 class FT_ApplyLoRA:
@@ -137,8 +138,9 @@ class FT_SaveEmbedding:
         path = save_unique(root / rel.parent, rel.name, embedding.tensors(),
                            embedding_metadata(embedding))
         name = path.relative_to(root).as_posix()
+        checked = load_check.check_embedding(path, root, embedding)
         return {"ui": {"text": [f"saved embeddings/{name}: write embedding:{name.removesuffix('.safetensors')} "
-                                "in a ComfyUI prompt"]}, "result": (name,)}
+                                f"in a ComfyUI prompt; {checked}"]}, "result": (name,)}
 
 
 class FT_ApplyEmbedding:
@@ -218,9 +220,11 @@ class FT_SaveCheckpoint:
             meta = {"modelspec.architecture": model.family.architecture,
                     "finetune_history": json.dumps(model.history)}
             path = save_unique(root / rel.parent, rel.name, tensors, meta)
+            checked = f": {load_check.check_checkpoint(path, tensors, model.family)}"
         else:
             root, rel = host.save_folder("diffusers", filename)
             (root / rel.parent).mkdir(parents=True, exist_ok=True)
             path = save_diffusers(model, unique_path(root / rel.parent, rel.name, ""), dt)
+            checked = ""
         name = path.relative_to(root).as_posix()
-        return {"ui": {"text": [f"saved {root.name}/{name}"]}, "result": (name,)}
+        return {"ui": {"text": [f"saved {root.name}/{name}{checked}"]}, "result": (name,)}

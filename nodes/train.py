@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import time
 
-from . import host
+from . import host, load_check
 from .base import HIDDEN, LINK, ROOT_CATEGORY, STRING, checked, recipe_inputs, torch_call
 
 CATEGORY = f"{ROOT_CATEGORY}/train"
@@ -173,7 +173,26 @@ class Trainer:
     def train(self, *args, **kwargs):
         out = self.execute(*args, **kwargs)
         log = out[self.RETURN_TYPES.index("FT_TRAINING_LOG")]
+        check_results(out, host.output_dir() / "finetune" / log.run)
         return {"ui": chart_ui(log), "result": out}
+
+
+def check_results(out: tuple, folder) -> list:
+    """The result files a run folder keeps (``lora``, ``embedding``, ``controlnet.safetensors``), read back as
+    the save nodes' files are (:mod:`.load_check`: by ComfyUI's loaders inside ComfyUI)."""
+    from ..trainers.adapters.controlnet.value import ControlNet
+    from ..trainers.methods.lora import LoRA
+    from ..trainers.methods.textual_inversion import Embedding
+
+    checks = {LoRA: ("lora", lambda p, v: load_check.check_lora(p, v)),
+              Embedding: ("embedding", lambda p, v: load_check.check_embedding(p, folder, v)),
+              ControlNet: ("controlnet", lambda p, v: load_check.check_controlnet(p, v, "original", "fp16"))}
+    done = []
+    for value in out:
+        stem, check = checks.get(type(value), (None, None))
+        if stem and (folder / f"{stem}.safetensors").is_file():
+            done.append(check(folder / f"{stem}.safetensors", value))
+    return done
 
 
 class FT_TrainLoRA(Trainer):

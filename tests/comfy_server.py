@@ -154,6 +154,57 @@ def load_controlnet_in_comfyui(path: Path) -> int:
     return int(text.split("LOADED ControlNet")[1].split()[0])
 
 
+#: the pack's load check (nodes/load_check.py) run inside ComfyUI's own python, where it reads with ComfyUI's loaders:
+#: ``kind`` lora, embedding, checkpoint or controlnet (the file read back into the pack's value first), or
+#: lora-keys (any file's keys matched for ``family``, as Save LoRA matches them)
+LOAD_CHECK_PROBE = """
+import json, os, sys, tempfile
+from pathlib import Path
+kind, path, pack, extra = sys.argv[1], Path(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+sys.argv = [sys.argv[0], '--cpu']
+import comfy.options
+comfy.options.enable_args_parsing()
+link = Path(tempfile.mkdtemp()) / 'comfyui_finetune'
+link.symlink_to(pack, target_is_directory=True)
+sys.path.insert(0, str(link.parent))
+from comfyui_finetune.nodes import host, load_check
+from comfyui_finetune.trainers.families.registry import FAMILIES
+from comfyui_finetune.trainers.runs import reading
+assert host.in_comfyui()
+state, meta = reading.read(path, kind)
+try:
+    if kind == 'lora-keys':
+        total, ignored = load_check.comfy_lora_ignored(path, FAMILIES[extra['family']])
+        out = {'total': total, 'ignored': ignored}
+    else:
+        if kind == 'lora':
+            from comfyui_finetune.trainers.methods.lora import lora_from_state
+            got = load_check.check_lora(path, lora_from_state(state, path.stem, meta))
+        elif kind == 'embedding':
+            from comfyui_finetune.trainers.methods.textual_inversion import embedding_from_state
+            got = load_check.check_embedding(path, Path(extra['root']), embedding_from_state(state, path.stem, meta))
+        elif kind == 'checkpoint':
+            got = load_check.check_checkpoint(path, state, FAMILIES[extra['family']])
+        else:
+            from comfyui_finetune.trainers.adapters.controlnet.files import load_file
+            got = load_check.check_controlnet(path, load_file(path), extra['layout'], extra['dtype'])
+        out = {'text': str(got), 'by': got.by, 'applied': got.applied, 'total': got.total}
+except load_check.NotApplied as e:
+    out = {'error': str(e)}
+print('RESULT ' + json.dumps(out))
+"""
+
+
+def checked_in_comfyui(kind: str, path: Path, **extra) -> dict:
+    """What the pack's load check says of ``path`` inside ComfyUI (:data:`LOAD_CHECK_PROBE`)."""
+    out = subprocess.run([os.environ.get("COMFYUI_PYTHON", sys.executable), "-c", LOAD_CHECK_PROBE, kind, str(path),
+                          str(PACK), json.dumps(extra)], cwd=str(comfyui_path()), capture_output=True, text=True,
+                         timeout=900)
+    text = out.stdout + out.stderr
+    assert "RESULT " in text, text[-3000:]
+    return json.loads(text.split("RESULT ", 1)[1].splitlines()[0])
+
+
 #: ComfyUI's "Import times for custom nodes" lines: "   0.4 seconds: <path>" or "   0.0 seconds (IMPORT FAILED): <path>"
 _IMPORT_LINE = re.compile(r"(?:^|\s)(?P<s>[0-9]+\.[0-9]+) seconds(?P<failed> \(IMPORT FAILED\))?: (?P<path>.+?)\s*$")
 

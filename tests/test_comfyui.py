@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from comfy_server import (PACK, ComfyServer, comfyui_path, load_controlnet_in_comfyui, pack_import, random_model,
+from comfy_server import (PACK, ComfyServer, checked_in_comfyui, comfyui_path, load_controlnet_in_comfyui, pack_import, random_model,
                          random_sd15_model, skip_reason)
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(comfyui_path() is None, reason=skip_reason())]
@@ -189,10 +189,16 @@ def test_trained_lora_loads_in_comfyui_loraloader_with_every_key(server, random_
                                             alpha=4.0, seed=0, target_modules="attention+feedforward+conv",
                                             train_text_encoder=True, text_encoder_lr=0.0, run_name="sd15",
                                             adapter=kind)
-        (name,) = FT_SaveLoRA().execute(lora, f"ft_test/random_sd15_{kind}")["result"]
+        out = FT_SaveLoRA().execute(lora, f"ft_test/random_sd15_{kind}")
+        (name,) = out["result"]
     finally:
         host._fallback.update(saved)
     n_modules = len(lora.modules())
+    n_keys = len(lora.state)
+    assert out["ui"]["text"][0].endswith(f"checked by the pack's reader: {n_keys} of {n_keys} keys applied")
+    got = checked_in_comfyui("lora", server.base / "models" / "loras" / name)
+    assert got == {"text": f"checked by ComfyUI: {n_keys} of {n_keys} keys applied", "by": "ComfyUI",
+                   "applied": n_keys, "total": n_keys}, got
     prompt = {
         "1": {"class_type": "DiffusersLoader", "inputs": {"model_path": "random-sd15"}},
         "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": name,
@@ -215,6 +221,29 @@ def test_trained_lora_loads_in_comfyui_loraloader_with_every_key(server, random_
     assert not missed, f"{len(missed)} of {n_modules} {kind} modules not loaded, e.g. {missed[:3]}"
     assert lora.kind == kind
     print(f"ComfyUI LoraLoader applied all {n_modules} modules of {name} ({kind})")
+
+
+def test_load_check_names_every_key_comfyui_would_ignore(server, random_sd15, tmp_path):
+    """A LoRA file with a renamed module and a key under a wrong prefix: the load check (ComfyUI's key map for the
+    SD 1.5 model, ComfyUI's load_lora) names exactly those keys and passes the rest."""
+    import torch
+    from safetensors.torch import save_file
+
+    from comfyui_finetune.trainers.methods.lora import model_kohya_names
+
+    every = sorted(model_kohya_names(random_sd15))
+    unet = [n for n in every if n.startswith("lora_unet_") and n.endswith("attn1_to_q")][:2]
+    names = unet + [n for n in every if n.startswith("lora_te_") and n.endswith("mlp_fc1")][:2]
+    state = {}
+    for n in names:
+        state.update({f"{n}.lora_down.weight": torch.zeros(4, 8), f"{n}.lora_up.weight": torch.zeros(8, 4),
+                      f"{n}.alpha": torch.tensor(4.0)})
+    bad = {f"{unet[0]}x.lora_down.weight", "lora_unt_" + unet[1].removeprefix("lora_unet_") + ".lora_up.weight"}
+    state.update({k: torch.zeros(4, 8) for k in bad})
+    path = tmp_path / "bad_lora.safetensors"
+    save_file(state, str(path))
+    got = checked_in_comfyui("lora-keys", path, family="sd15")
+    assert got["total"] == len(state) and set(got["ignored"]) == bad, got
 
 
 #: ComfyUI's own patch arithmetic, in its own python: for each module of a file, the weight LoraLoader would give
@@ -340,6 +369,9 @@ def test_embedding_trained_by_the_pack_works_in_comfyui_prompts(server, random_s
     finally:
         host._fallback.update(saved)
     assert emb.vectors.shape == (2, 768)
+    root = server.base / "models" / "embeddings"
+    got = checked_in_comfyui("embedding", root / name, root=str(root))
+    assert got.get("text") == "checked by ComfyUI: 2 of 2 vectors applied", got
 
     def picture(embedding_name: str) -> dict:
         stem = embedding_name.removesuffix(".safetensors")
@@ -418,6 +450,8 @@ def test_full_checkpoint_saved_by_the_pack_loads_in_checkpointloadersimple(serve
         assert ours - theirs == set(), sorted(ours - theirs)[:5]
         assert theirs - ours <= {"cond_stage_model.transformer.text_model.embeddings.position_ids"}, \
             sorted(theirs - ours)[:5]
+    got = checked_in_comfyui("checkpoint", path, family="sd15")
+    assert got.get("by") == "ComfyUI" and got["applied"] == got["total"] == len(ours), got
     prompt = load_checkpoint_and_sample(name)
     entry = server.run_prompt(prompt, timeout=900)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
@@ -562,6 +596,11 @@ def test_controlnet_trained_by_the_pack_runs_in_comfyui(server, random_sd15, tmp
     for file_name in (name, diffusers_name):  # both layouts, every key
         n_params = load_controlnet_in_comfyui(server.base / "models" / "controlnet" / file_name)
         assert n_params == sum(p.numel() for p in cn.net.parameters()), file_name
+        layout = "original" if file_name == name else "diffusers"
+        got = checked_in_comfyui("controlnet", server.base / "models" / "controlnet" / file_name, layout=layout,
+                                 dtype="fp16")
+        n_keys = len(cn.net.state_dict())
+        assert got.get("text") == f"checked by ComfyUI: {n_keys} of {n_keys} weights applied", got
     prompt = {
         "1": {"class_type": "DiffusersLoader", "inputs": {"model_path": "random-sd15"}},
         "2": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": name}},

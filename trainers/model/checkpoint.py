@@ -18,34 +18,57 @@ from .model import FTModel
 def to_single_file(model: FTModel, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """The model's weights under original single-file names (SD 1.x, 2.x and SDXL), with the marker tensors
     ComfyUI writes for a v-prediction model (``v_pred``, and ``ztsnr`` for zero terminal SNR)."""
-    fam = model.family
-    if not fam.text_encoder_files:
-        labels = [f.label for f in FAMILIES.values() if f.text_encoder_files]
-        which = ", ".join(labels[:-1]) + " and " + labels[-1]
-        raise ValueError(f"a single-file checkpoint is written for {which} models; this is the "
-                         f"{fam.label}: save it as a diffusers folder")
-    cfg = model.unet.config
-    up_attn = ["CrossAttn" in t for t in cfg.up_block_types]
-    out: dict[str, torch.Tensor] = {}
-    for k, v in plain_state_dict(model.unet).items():
-        out["model.diffusion_model." + unet_key(k, cfg.layers_per_block, up_attn)] = v
-    num_up = len(model.vae.config.up_block_types)
-    for k, v in plain_state_dict(model.vae).items():
-        nk = vae_key(k, num_up)
-        if ".mid.attn_1." in nk and nk.endswith(".weight") and v.ndim == 2:
-            v = v[:, :, None, None]  # the original attention uses 1x1 convolutions
-        out["first_stage_model." + nk] = v
-    if len(model.text_encoders) != len(fam.text_encoder_files):
-        raise ValueError(f"the {fam.label} has {len(fam.text_encoder_files)} text encoders; this model has "
-                         f"{len(model.text_encoders)}")
-    for te, (layout, prefix) in zip(model.text_encoders, fam.text_encoder_files):
-        out.update(TEXT_ENCODER_LAYOUTS[layout](plain_state_dict(te), prefix))
+    if len(model.text_encoders) != len(model.family.text_encoder_files):
+        raise ValueError(f"the {model.family.label} has {len(model.family.text_encoder_files)} text encoders; this "
+                         f"model has {len(model.text_encoders)}")
+    out = single_file_state(model.family, model.unet, model.vae, model.text_encoders)
     out = {k: v.detach().to(dtype).contiguous().cpu() for k, v in out.items()}
     if model.prediction_type == "v_prediction":
         out["v_pred"] = torch.tensor([])
         if model.scheduler_config.get("rescale_betas_zero_snr"):
             out["ztsnr"] = torch.tensor([])
     return out
+
+
+def single_file_state(fam, unet, vae, text_encoders) -> dict[str, torch.Tensor]:
+    """The parts' tensors (live adapters merged) under the family's original single-file names, as they are."""
+    if not fam.text_encoder_files:
+        labels = [f.label for f in FAMILIES.values() if f.text_encoder_files]
+        which = ", ".join(labels[:-1]) + " and " + labels[-1]
+        raise ValueError(f"a single-file checkpoint is written for {which} models; this is the "
+                         f"{fam.label}: save it as a diffusers folder")
+    cfg = unet.config
+    up_attn = ["CrossAttn" in t for t in cfg.up_block_types]
+    out: dict[str, torch.Tensor] = {}
+    for k, v in plain_state_dict(unet).items():
+        out["model.diffusion_model." + unet_key(k, cfg.layers_per_block, up_attn)] = v
+    num_up = len(vae.config.up_block_types)
+    for k, v in plain_state_dict(vae).items():
+        nk = vae_key(k, num_up)
+        if ".mid.attn_1." in nk and nk.endswith(".weight") and v.ndim == 2:
+            v = v[:, :, None, None]  # the original attention uses 1x1 convolutions
+        out["first_stage_model." + nk] = v
+    for te, (layout, prefix) in zip(text_encoders, fam.text_encoder_files):
+        out.update(TEXT_ENCODER_LAYOUTS[layout](plain_state_dict(te), prefix))
+    return out
+
+
+def skeleton_state(fam) -> dict[str, torch.Tensor]:
+    """The family's single-file state dict without weights: meta tensors of its shipped configs' shapes, for what
+    needs only names and shapes (ComfyUI's model detection and LoRA key maps). Nothing is allocated."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = fam.config_dir
+    if cfg is None:
+        raise ValueError(f"the {fam.label} has no single-file layout")
+    classes = (CLIPTextModel, CLIPTextModelWithProjection)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(cfg / "unet")))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(cfg / "vae")))
+        encoders = [cls(CLIPTextConfig.from_pretrained(str(cfg / part)))
+                    for cls, part in zip(classes, fam.text_parts)]
+    return single_file_state(fam, unet, vae, encoders)
 
 
 def save_diffusers(model: FTModel, folder: Path, dtype: torch.dtype = torch.float16) -> Path:
