@@ -184,7 +184,9 @@ class FT_ApplyControlNet:
 class FT_SaveControlNet:
     DESCRIPTION = ("Save a ControlNet into ComfyUI's models/controlnet folder as safetensors: the original layout "
                    "(control_model.*) that ComfyUI's ControlNetLoader, A1111 and diffusers' from_single_file read, or "
-                   "the diffusers layout. The config is stored in the file too. Never overwrites: a counter is added.")
+                   "the diffusers layout. The config is stored in the file too. Never overwrites: a counter is added. "
+                   "Then the file is read back: inside ComfyUI by its ControlNetLoader, every weight as saved; "
+                   "outside it by the pack's reader.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("control_net_name",)

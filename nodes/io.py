@@ -34,7 +34,10 @@ def read_lora_file(name: str):
 class FT_SaveLoRA:
     DESCRIPTION = ("Save a LoRA into ComfyUI's models/loras folder as kohya-layout safetensors (lora_unet_*, "
                    "lora_te_*, .alpha) with ss_* metadata and the full training config, so ComfyUI's LoraLoader, "
-                   "diffusers, A1111 and Forge all load it. Never overwrites: a counter is added.")
+                   "diffusers, A1111 and Forge all load it. Never overwrites: a counter is added. Then the file is read "
+                   "back: inside ComfyUI by its own LoRA loading, each key matched to a weight of a model of the "
+                   "family it was trained on ('checked by ComfyUI: N of N keys applied'); outside it by the pack's "
+                   "reader. A key ComfyUI would ignore fails the node by name (the file is kept).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("lora_name",)
@@ -115,7 +118,9 @@ class FT_SaveEmbedding:
     DESCRIPTION = ("Save a Textual Inversion embedding into ComfyUI's models/embeddings folder as safetensors with one "
                    "tensor 'emb_params' (vectors x width; SDXL: 'clip_l' and 'clip_g', one per text encoder): use it "
                    "in any ComfyUI prompt as embedding:<name>, in A1111 by its file name, or with diffusers' "
-                   "load_textual_inversion. Never overwrites.")
+                   "load_textual_inversion. Never overwrites. Then the file is read back: inside ComfyUI as its tokenizer "
+                   "reads embedding:<name> in a prompt of the family the vectors fit, each vector as saved "
+                   "('checked by ComfyUI: N of N vectors applied'); outside it by the pack's reader.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("embedding_name",)
@@ -186,7 +191,8 @@ class FT_SaveCheckpoint:
     DESCRIPTION = ("Save a whole model (e.g. from DreamBooth's full mode): as one original-layout .safetensors file in "
                    "models/checkpoints, which ComfyUI's Load Checkpoint, A1111 and diffusers' from_single_file read "
                    "(SD 1.x, 2.x and SDXL models), or as a diffusers folder in models/diffusers (any family, the toys "
-                   "too). Never overwrites.")
+                   "too). Never overwrites. A single file is then read back: inside ComfyUI by Load Checkpoint's own "
+                   "loader, every weight as saved (one more load of the model); outside it by the pack's reader.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("name",)

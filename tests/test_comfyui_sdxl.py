@@ -16,7 +16,7 @@ import json
 
 import pytest
 
-from comfy_server import ComfyServer, comfyui_path, ft_sample, load_controlnet_in_comfyui, picture, skip_reason
+from comfy_server import ComfyServer, checked_in_comfyui, comfyui_path, ft_sample, load_controlnet_in_comfyui, picture, skip_reason
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
               pytest.mark.skipif(comfyui_path() is None, reason=skip_reason())]
@@ -97,7 +97,7 @@ def make(base) -> dict:
                                               run_name="sdxl_lora")
     times["FT_TrainLoRA, 1 step"] = time.time() - t
     (out["lora"],) = FT_SaveLoRA().execute(lora, "ft_test/random_sdxl")["result"]
-    out["modules"] = lora.modules()
+    out["modules"], out["keys"] = lora.modules(), len(lora.state)
     t = time.time()
     words = FT_DatasetFromImages().execute(torch.rand(2, 64, 64, 3), "a photo of <ft-xl>", resolution=64)[0]
     taught, emb, _ = FT_TrainTextualInversion().execute(model, words, "<ft-xl>", "photo", 2, 1, 5e-3, 1, 0,
@@ -199,7 +199,10 @@ def test_an_sdxl_lora_loads_in_loraloader_with_every_key_and_changes_ksamplers_r
     assert not missed, f"{len(missed)} of {len(mods)} modules not loaded, e.g. {missed[:3]}"
     diff = float((latent_of(server, tuned, "7") - latent_of(server, plain, "7")).abs().max())
     assert diff > 0, "the LoRA did not change KSampler's result"
-    print(f"LoraLoader applied all {len(mods)} modules of {made['lora']} (UNet, te1, te2); latent moved by {diff:.3g}")
+    got = checked_in_comfyui("lora", server.base / "models" / "loras" / made["lora"])
+    assert got.get("by") == "ComfyUI" and got["applied"] == got["total"] == made["keys"], got
+    print(f"LoraLoader applied all {len(mods)} modules of {made['lora']} (UNet, te1, te2); latent moved by {diff:.3g};"
+          f" Save LoRA's load check: {got['text']}")
 
 
 def test_an_sdxl_embedding_works_as_embedding_name(server, made):
@@ -213,7 +216,10 @@ def test_an_sdxl_embedding_works_as_embedding_name(server, made):
         results.append(latent_of(server, entry, "7"))
     diff = float((results[0] - results[1]).abs().max())
     assert diff > 0, "the embedding's vectors did not change CLIPTextEncode's result"
-    print(f"embedding:{made['embedding']} vs its zero twin: latent differs by {diff:.3g}")
+    root = server.base / "models" / "embeddings"
+    got = checked_in_comfyui("embedding", root / made["embedding"], root=str(root))
+    assert got.get("text") == "checked by ComfyUI: 4 of 4 vectors applied", got  # 2 of clip_l, 2 of clip_g
+    print(f"embedding:{made['embedding']} vs its zero twin: latent differs by {diff:.3g}; {got['text']}")
 
 
 def test_a_fine_tune_saved_single_file_loads_in_checkpointloadersimple(server, made):
@@ -246,6 +252,10 @@ def test_an_sdxl_controlnet_the_pack_trains_loads_in_controlnetloader_with_every
     server.free()
     for name in made["controlnets"]:  # both layouts, every key
         assert load_controlnet_in_comfyui(server.base / "models" / "controlnet" / name) == made["controlnet_weights"]
+        got = checked_in_comfyui("controlnet", server.base / "models" / "controlnet" / name,
+                                 layout="original" if name.endswith("original.safetensors") else "diffusers",
+                                 dtype="fp16")
+        assert got.get("by") == "ComfyUI" and got["applied"] == got["total"], got
     g = sample(BASE, "a photo", prefix="ft_xl_cn")
     g["20"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": made["controlnets"][0]}}
     g["21"] = {"class_type": "FT_ToyDataset", "inputs": {"color": "blue", "shape": "square", "count": 1,
