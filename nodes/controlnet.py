@@ -217,4 +217,4 @@ class FT_SaveControlNet:
         name = path.relative_to(root).as_posix()
         host.log.info("saved ControlNet %s (%s layout, %s)", name, layout, dtype)
         checked = load_check.check_controlnet(path, control_net, layout, dtype)
-        return {"ui": {"text": [f"saved controlnet/{name}: {checked}"]}, "result": (name,)}
+        return {"ui": {"text": [f"saved controlnet/{name}", str(checked)]}, "result": (name,)}

@@ -65,7 +65,7 @@ class FT_SaveLoRA:
         name = path.relative_to(root).as_posix()
         host.log.info("saved LoRA %s (%d tensors)", name, len(lora.state))
         checked = load_check.check_lora(path, lora)
-        return {"ui": {"text": [f"saved loras/{name}: {checked}"]}, "result": (name,)}
+        return {"ui": {"text": [f"saved loras/{name}", str(checked)]}, "result": (name,)}
 
 
 class FT_ApplyLoRA:
@@ -145,7 +145,7 @@ class FT_SaveEmbedding:
         name = path.relative_to(root).as_posix()
         checked = load_check.check_embedding(path, root, embedding)
         return {"ui": {"text": [f"saved embeddings/{name}: write embedding:{name.removesuffix('.safetensors')} "
-                                f"in a ComfyUI prompt; {checked}"]}, "result": (name,)}
+                                "in a ComfyUI prompt", str(checked)]}, "result": (name,)}
 
 
 class FT_ApplyEmbedding:
@@ -226,11 +226,11 @@ class FT_SaveCheckpoint:
             meta = {"modelspec.architecture": model.family.architecture,
                     "finetune_history": json.dumps(model.history)}
             path = save_unique(root / rel.parent, rel.name, tensors, meta)
-            checked = f": {load_check.check_checkpoint(path, tensors, model.family)}"
+            checked = [str(load_check.check_checkpoint(path, tensors, model.family))]
         else:
             root, rel = host.save_folder("diffusers", filename)
             (root / rel.parent).mkdir(parents=True, exist_ok=True)
             path = save_diffusers(model, unique_path(root / rel.parent, rel.name, ""), dt)
-            checked = ""
+            checked = []
         name = path.relative_to(root).as_posix()
-        return {"ui": {"text": [f"saved {root.name}/{name}{checked}"]}, "result": (name,)}
+        return {"ui": {"text": [f"saved {root.name}/{name}", *checked]}, "result": (name,)}

@@ -195,7 +195,7 @@ def test_trained_lora_loads_in_comfyui_loraloader_with_every_key(server, random_
         host._fallback.update(saved)
     n_modules = len(lora.modules())
     n_keys = len(lora.state)
-    assert out["ui"]["text"][0].endswith(f"checked by the pack's reader: {n_keys} of {n_keys} keys applied")
+    assert out["ui"]["text"][1] == f"checked by the pack's reader: {n_keys} of {n_keys} keys applied"
     got = checked_in_comfyui("lora", server.base / "models" / "loras" / name)
     assert got == {"text": f"checked by ComfyUI: {n_keys} of {n_keys} keys applied", "by": "ComfyUI",
                    "applied": n_keys, "total": n_keys}, got

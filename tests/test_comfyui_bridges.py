@@ -5,6 +5,7 @@ would not fit a 24 GB machine."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -92,6 +93,8 @@ def test_bridge_lora_trained_in_the_graph_samples_as_loraloader_does(server, bri
     native_sample(graph, "plain", ["1", 0], ["1", 1], ["1", 2])
     entry = run_ok(server, graph)
     lora_name = entry["outputs"]["6"]["text"][0].removeprefix("saved loras/")
+    checked = entry["outputs"]["6"]["text"][1]  # Save LoRA's load check, run inside ComfyUI by its own loader
+    assert re.fullmatch(r"checked by ComfyUI: (\d+) of \1 keys applied", checked), checked
     loader = {"1": ckpt, "2": {"class_type": "LoraLoader", "inputs": {
         "model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name, "strength_model": 1.0, "strength_clip": 1.0}}}
     native_sample(loader, "loraloader", ["2", 0], ["2", 1], ["1", 2])

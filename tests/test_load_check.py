@@ -32,11 +32,11 @@ def test_save_nodes_say_what_read_their_file_back(trained, folders):
     from comfyui_finetune.nodes.io import FT_SaveEmbedding, FT_SaveLoRA
 
     _, (_, lora, _), (_, emb, _) = trained
-    text = FT_SaveLoRA().execute(lora, "lc/lora")["ui"]["text"][0]
+    text = FT_SaveLoRA().execute(lora, "lc/lora")["ui"]["text"]
     n = len(lora.state)
-    assert text == f"saved loras/lc/lora.safetensors: checked by the pack's reader: {n} of {n} keys applied"
-    text = FT_SaveEmbedding().execute(emb, "lc/emb")["ui"]["text"][0]
-    assert text.endswith("checked by the pack's reader: 1 of 1 tensors applied"), text
+    assert text == ["saved loras/lc/lora.safetensors", f"checked by the pack's reader: {n} of {n} keys applied"]
+    text = FT_SaveEmbedding().execute(emb, "lc/emb")["ui"]["text"][1]
+    assert text == "checked by the pack's reader: 1 of 1 tensors applied", text
 
 
 def test_a_file_that_reads_back_otherwise_is_named_key_by_key_and_kept(trained, tmp_path):
