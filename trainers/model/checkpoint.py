@@ -18,7 +18,7 @@ from .model import FTModel
 def to_single_file(model: FTModel, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """The model's weights under original single-file names (SD 1.x, 2.x and SDXL), with the marker tensors
     ComfyUI writes for a v-prediction model (``v_pred``, and ``ztsnr`` for zero terminal SNR)."""
-    if len(model.text_encoders) != len(model.family.text_encoder_files):
+    if model.family.text_encoder_files and len(model.text_encoders) != len(model.family.text_encoder_files):
         raise ValueError(f"the {model.family.label} has {len(model.family.text_encoder_files)} text encoders; this "
                          f"model has {len(model.text_encoders)}")
     out = single_file_state(model.family, model.unet, model.vae, model.text_encoders)
