@@ -245,20 +245,27 @@ class FT_ModelToComfy:
 
     @checked
     def execute(self, model):
-        state = comfy_state(model)
-        import comfy.sd
+        return to_comfy(model, [str(p) for p in host.model_dirs("embeddings")])
 
-        state = unaliased(state, model, comfy.sd.load_state_dict_guess_config)
-        out = comfy.sd.load_state_dict_guess_config(state, output_vae=True, output_clip=True,
-                                                    embedding_directory=[str(p) for p in host.model_dirs("embeddings")])
-        if out is None:
-            raise RuntimeError(f"ComfyUI did not recognise {model!r} as a checkpoint")
-        comfy_model, clip, vae = out[:3]
-        wanted = model.scheduler_config.get("prediction_type", "epsilon")
-        if comfy_prediction(comfy_model) != wanted:  # ComfyUI guesses SD 2.x's from the weights; the pack knows
-            import comfy.model_sampling as ms
 
-            kind = {"epsilon": ms.EPS, "v_prediction": ms.V_PREDICTION}[wanted]
-            sampling = type("ModelSampling", (ms.ModelSamplingDiscrete, kind), {})
-            comfy_model.add_object_patch("model_sampling", sampling(comfy_model.model.model_config))
-        return (comfy_model, clip, vae)
+def to_comfy(model, embedding_directory: list[str]) -> tuple:
+    """ComfyUI's (MODEL, CLIP, VAE) of a pack model, as Load Checkpoint gives them from Save Checkpoint's file
+    (:func:`comfy_state`), predicting what the pack's model predicts; its CLIP finds embedding:<name> in
+    ``embedding_directory``."""
+    state = comfy_state(model)
+    import comfy.sd
+
+    state = unaliased(state, model, comfy.sd.load_state_dict_guess_config)
+    out = comfy.sd.load_state_dict_guess_config(state, output_vae=True, output_clip=True,
+                                                embedding_directory=embedding_directory)
+    if out is None:
+        raise RuntimeError(f"ComfyUI did not recognise {model!r} as a checkpoint")
+    comfy_model, clip, vae = out[:3]
+    wanted = model.scheduler_config.get("prediction_type", "epsilon")
+    if comfy_prediction(comfy_model) != wanted:  # ComfyUI guesses SD 2.x's from the weights; the pack knows
+        import comfy.model_sampling as ms
+
+        kind = {"epsilon": ms.EPS, "v_prediction": ms.V_PREDICTION}[wanted]
+        sampling = type("ModelSampling", (ms.ModelSamplingDiscrete, kind), {})
+        comfy_model.add_object_patch("model_sampling", sampling(comfy_model.model.model_config))
+    return comfy_model, clip, vae

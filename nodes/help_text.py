@@ -32,7 +32,12 @@ _CHART = """## What the node shows
   of diffusion training is noisy by nature: read the smoothed line, and judge by the pictures rather than by the loss.
 - **Validation pictures** under the chart, when `validation_prompt` and `validation_every` are set: the latest ones
   after the run (every validation is kept in `output/finetune/<run>/samples/`), and the first picture of each
-  validation as the node's live preview while it runs.
+  validation as the node's live preview while it runs. Inside ComfyUI, ComfyUI draws them itself
+  (`validation_sampler` auto): the model as Model to ComfyUI gives it, what is training applied as LoraLoader (or
+  `embedding:<name>`) applies the saved file, CLIPTextEncode, KSampler's sampler and scheduler
+  (`validation_sampler_name`, `validation_scheduler`, `validation_steps`, `validation_cfg`) and VAE Decode, so a
+  preview is what you will get from the saved file at those settings. The pack's own sampler draws outside ComfyUI,
+  for the toys and for ControlNet training (the log says why).
 - **Show advanced options**: the loop's less common options are folded away until you press the button; folded
   inputs keep their values (they are marked *advanced* below)."""
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import time
 
-from . import host, load_check
+from . import comfy_preview, host, load_check
 from .base import HIDDEN, LINK, ROOT_CATEGORY, STRING, checked, recipe_inputs, torch_call
 
 CATEGORY = f"{ROOT_CATEGORY}/train"
@@ -84,15 +84,19 @@ def train_in_comfyui(train_fn, recipe, model, data, **kw):
     run = open_run(root, host.safe_relative(recipe.run_name.strip() or recipe.method, "run_name").name, resume,
                    default=recipe.method)
     cb = ComfyCallbacks(run, recipe.steps, recipe.method)
+    callbacks = cb.loop_callbacks()
+    callbacks.draw = preview = comfy_preview.drawer(model, recipe)  # ComfyUI's own sampler, where it can
     host.hand_over_gpu(model.device)
     try:
-        trained = train_fn(recipe, model, data, run, cb.loop_callbacks(), **kw)
+        trained = train_fn(recipe, model, data, run, callbacks, **kw)
     except BaseException:  # ComfyUI's interrupt is a BaseException from 0.1x on
         if not resume and not any(run.path.iterdir()):  # refused before anything was written: leave no trace
             run.path.rmdir()
         raise
     finally:
         cb.bar.close()
+        if preview is not None:
+            preview.close()
         host.give_back_gpu(model.device)
     if trained.cancelled:
         msg = f"cancelled at step {trained.step}; resume with resume_run='{run.name}'"

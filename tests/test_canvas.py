@@ -77,7 +77,7 @@ def test_advanced_options_are_folded_and_the_essentials_stay_in_view():
         shown = [n for n, s in inputs.items() if n not in folded and (isinstance(s[0], list) or s[0] in (
             "INT", "FLOAT", "STRING", "BOOLEAN"))]
         assert len(shown) <= (14 if cls.METHOD == "lora" else 20), f"{cls.__name__} shows {len(shown)} widgets"
-    assert set(TrainConfig.advanced) < set(TrainConfig.LOOP_OPTIONAL)
+    assert set(TrainConfig.advanced) < set(TrainConfig.LOOP_OPTIONAL + TrainConfig.LATER)
 
 
 def test_folded_options_still_reach_the_recipe(toy, folders):

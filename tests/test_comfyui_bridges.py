@@ -44,15 +44,16 @@ def bridge_ckpt(server, random_sd15):
     return name
 
 
-def native_sample(graph: dict, tag: str, model: list, clip: list, vae: list, prompt: str = "a photo of sks") -> dict:
-    """Add ComfyUI's own CLIPTextEncode -> KSampler (64 px, 2 euler steps, seed 0) -> VAEDecode -> SaveImage."""
+def native_sample(graph: dict, tag: str, model: list, clip: list, vae: list, prompt: str = "a photo of sks",
+                  seed: int = 0) -> dict:
+    """Add ComfyUI's own CLIPTextEncode -> KSampler (64 px, 2 euler steps, cfg 2) -> VAEDecode -> SaveImage."""
     graph.update({
         f"{tag}1": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": prompt}},
         f"{tag}2": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": ""}},
         f"{tag}3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         f"{tag}4": {"class_type": "KSampler", "inputs": {
             "model": model, "positive": [f"{tag}1", 0], "negative": [f"{tag}2", 0], "latent_image": [f"{tag}3", 0],
-            "seed": 0, "steps": 2, "cfg": 2.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+            "seed": seed, "steps": 2, "cfg": 2.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
         f"{tag}5": {"class_type": "VAEDecode", "inputs": {"samples": [f"{tag}4", 0], "vae": vae}},
         f"{tag}6": {"class_type": "SaveImage", "inputs": {"images": [f"{tag}5", 0], "filename_prefix": f"ft_{tag}"}},
     })
@@ -187,3 +188,78 @@ def test_bridge_model_to_comfyui_round_trips(server, bridge_ckpt):
     print(f"Model from ComfyUI -> Model to ComfyUI: {compared} weights, largest difference {worst:g} "
           f"({time.time() - start:.0f} s)")
     assert worst == 0, f"a weight changed by {worst}"  # fp16 in the file: every fp32 copy holds it exactly
+
+
+# ------------------------------------------------------------------------ previews drawn by ComfyUI itself --
+#: validation as native_sample draws: 2 pictures (seeds 0 and 1), 2 euler steps on the normal schedule, cfg 2
+PREVIEW = {"validation_every": 2, "validation_images": 2, "validation_sampler": "comfyui",
+           "validation_sampler_name": "euler", "validation_scheduler": "normal", "validation_steps": 2,
+           "validation_cfg": 2.0}
+TRAINERS = {
+    "lora": ("FT_TrainLoRA", "a photo of sks", {
+        "rank": 4, "alpha": 4.0, "target_modules": "attention", "train_text_encoder": True, "text_encoder_lr": 0.0}),
+    "dreambooth": ("FT_TrainDreamBooth", "a photo of sks", {
+        "instance_prompt": "a photo of sks", "class_prompt": "a photo", "prior_preservation": False,
+        "prior_loss_weight": 1.0, "num_class_images": 1, "mode": "lora", "train_text_encoder": False, "rank": 4}),
+    "textual_inversion": ("FT_TrainTextualInversion", "a photo of <ft-thing>", {
+        "token": "<ft-thing>", "init_token": "photo", "num_vectors": 2, "caption_mode": "dataset captions"}),
+}
+
+
+def samples_of(server, entry: dict, node: str, step: int) -> list:
+    """The validation pictures a training node kept for ``step`` (its ui's images), as floats 0..255."""
+    import numpy as np
+    from PIL import Image
+
+    found = sorted((im for im in entry["outputs"][node]["images"] if im["filename"].startswith(f"step-{step}-")),
+                   key=lambda im: im["filename"])
+    return [np.asarray(Image.open(server.base / "output" / im["subfolder"] / im["filename"]), dtype=np.float64)
+            for im in found]
+
+
+@pytest.mark.parametrize("method", sorted(TRAINERS))
+def test_preview_drawn_by_comfyui_is_what_loraloader_and_ksampler_draw(server, bridge_ckpt, method):
+    """validation_sampler comfyui: each validation picture of the last step equals, within 1/255, what the saved
+    file gives through ComfyUI's own LoraLoader (or embedding:<name>) + KSampler + VAEDecode at the same seed,
+    sampler, scheduler, steps and cfg."""
+    server.free(wait=5)
+    node, prompt, extra = TRAINERS[method]
+    ckpt = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": bridge_ckpt}}
+    save = ("FT_SaveEmbedding", "embedding") if method == "textual_inversion" else ("FT_SaveLoRA", "lora")
+    graph = {
+        "1": ckpt,
+        "2": {"class_type": "FT_ModelFromComfy", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
+                                                            "device": "cpu", "dtype": "fp32"}},
+        "3": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0x884422}},
+        "4": {"class_type": "FT_DatasetFromImages", "inputs": {"images": ["3", 0], "captions": prompt,
+                                                               "resolution": 64}},
+        "5": {"class_type": node, "inputs": {"model": ["2", 0], "dataset": ["4", 0], "steps": 2,
+                                             "learning_rate": 1e-2, "batch_size": 1, "seed": 0,
+                                             "run_name": f"preview-{method}", "validation_prompt": prompt,
+                                             **PREVIEW, **extra}},
+        "6": {"class_type": save[0], "inputs": {save[1]: ["5", 1], "filename": f"ft_test/preview_{method}"}},
+    }
+    seen = len(server.log())
+    entry = run_ok(server, graph)
+    assert "validation pictures: ComfyUI's sampler (euler, normal, 2 steps, cfg 2" in server.log()[seen:]
+    previews = samples_of(server, entry, "5", 2)
+    saved = entry["outputs"]["6"]["text"][0].split(":")[0].split("/", 1)[1]
+    native = {"1": ckpt}
+    if method == "textual_inversion":
+        clip, text = ["1", 1], prompt.replace("<ft-thing>", f"embedding:{saved.removesuffix('.safetensors')}")
+    else:
+        native["2"] = {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": saved,
+                                                              "strength_model": 1.0, "strength_clip": 1.0}}
+        clip, text = ["2", 1], prompt
+    model = ["2", 0] if "2" in native else ["1", 0]
+    for seed in (0, 1):
+        native_sample(native, f"native{seed}", model, clip, ["1", 2], prompt=text, seed=seed)
+    native_sample(native, "base", ["1", 0], ["1", 1], ["1", 2], prompt=prompt)
+    again = run_ok(server, native)
+    drawn = [picture(server, again, f"native{seed}6") for seed in (0, 1)]
+    gaps = [abs(p - d).max() for p, d in zip(previews, drawn)]
+    change = abs(drawn[0] - picture(server, again, "base6")).max()
+    print(f"{method}: ComfyUI-drawn previews vs {saved} through ComfyUI's own nodes: max differences {gaps} /255; "
+          f"what trained changes the picture by up to {change:g}/255")
+    assert len(previews) == 2 and max(gaps) <= 1, gaps
+    assert previews[0].shape == (64, 64, 3) and abs(previews[0] - previews[1]).max() > 0

@@ -25,6 +25,21 @@ PACK_VERSION = "0.1.0"
 #: the layout of config.json; a newer one is refused with a clear error
 CONFIG_FORMAT = 1
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
+#: who draws validation pictures (nodes/comfy_preview.py): auto = ComfyUI's sampler inside ComfyUI where the model
+#: and method can be handed to it, else the pack's
+VALIDATION_SAMPLERS = ("auto", "comfyui", "pack")
+#: KSampler's sampler_name and scheduler choices (ComfyUI 0.8's comfy.samplers lists; checked against the running
+#: ComfyUI's own lists when a run draws with it)
+COMFY_SAMPLER_NAMES = (
+    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "exp_heun_2_x0",
+    "exp_heun_2_x0_sde", "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral",
+    "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde",
+    "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm",
+    "lcm", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
+    "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2",
+    "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2")
+COMFY_SCHEDULERS = ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
+                    "linear_quadratic", "kl_optimal")
 
 
 # --------------------------------------------------------------------------------------------- the loop --
@@ -109,6 +124,23 @@ class TrainConfig(Recipe):
                             choices="loop.validation:RANKINGS")
     early_stop_after: int = option(0, "With keep_best: stop after this many save points without a better score "
                                    "(0 = never).", min=0, max=10_000)
+    validation_sampler: str = option(
+        "auto", "Who draws the validation pictures. comfyui: ComfyUI's own KSampler path (the model as Model to "
+        "ComfyUI gives it, the adapter patched in by ComfyUI's LoRA loading or an embedding read as "
+        "embedding:<name>, CLIPTextEncode, ComfyUI's sampler and scheduler, VAE Decode), so a preview is the "
+        "picture LoraLoader + KSampler + VAE Decode give at the same seed and settings; it holds one more copy of the "
+        "model in ComfyUI's memory. pack: the pack's own DDIM sampler. auto: comfyui inside ComfyUI where it can "
+        "(SD 1.x/2.x/XL; LoRA, DreamBooth and Textual Inversion), the pack's elsewhere; the log says which and why.",
+        choices=VALIDATION_SAMPLERS)
+    validation_sampler_name: str = option("euler", "ComfyUI's sampler for validation pictures, as KSampler's "
+                                          "sampler_name (the pack's own sampler is DDIM).",
+                                          choices=COMFY_SAMPLER_NAMES)
+    validation_scheduler: str = option("normal", "ComfyUI's scheduler for validation pictures, as KSampler's "
+                                       "scheduler.", choices=COMFY_SCHEDULERS)
+    validation_steps: int = option(20, "Sampling steps of each validation picture (either sampler).", min=1,
+                                   max=1000)
+    validation_cfg: float = option(4.0, "Classifier-free guidance of the validation pictures (either sampler; "
+                                   "negative prompt empty), as KSampler's cfg.", min=0.0, max=100.0, step=0.1)
     unmasked_weight: float = option(0.0, "Pictures with a mask (alpha channel, name.mask.png, or a MASK input): the "
                                     "loss weight outside the mask (0 = only the masked part trains, 1 = the mask is "
                                     "ignored).", min=0.0, max=1.0, step=0.05)
@@ -119,12 +151,15 @@ class TrainConfig(Recipe):
         "warmup_steps", "grad_accum", "max_grad_norm", "loss", "snr_gamma", "noise_offset", "mixed_precision",
         "gradient_checkpointing", "weight_decay", "huber_delta", "validation_images", "channels_last", "torch_compile",
         "ema_decay", "ema_start", "ema_every", "keep_best", "early_stop_after", "unmasked_weight")
+    #: options added after the methods' own: each recipe lists them last, so saved workflows keep their order
+    LATER: ClassVar[tuple[str, ...]] = ("validation_sampler", "validation_sampler_name", "validation_scheduler",
+                                        "validation_steps", "validation_cfg")
     #: the loop's options a first run leaves alone: ComfyUI's front end folds them away (the node's "Show Advanced"
     #: toggle) and keeps their values; validation_prompt / validation_every and resume_run stay in view
     advanced: ClassVar[tuple[str, ...]] = tuple(n for n in LOOP_OPTIONAL if n not in (
-        "validation_prompt", "validation_every", "resume_run"))
+        "validation_prompt", "validation_every", "resume_run")) + LATER
     required = ("steps", "learning_rate", "batch_size", "seed", "run_name")
-    optional = LOOP_OPTIONAL
+    optional = LOOP_OPTIONAL + LATER
 
 
 # --------------------------------------------------------------------------------------------- methods --
@@ -159,7 +194,7 @@ class LoRARecipe(TrainConfig):
 
     required = ("steps", "learning_rate", "batch_size", "rank", "alpha", "seed", "target_modules",
                 "train_text_encoder", "text_encoder_lr", "run_name")
-    optional = TrainConfig.LOOP_OPTIONAL + ("adapter",)
+    optional = TrainConfig.LOOP_OPTIONAL + ("adapter",) + TrainConfig.LATER
     advanced = TrainConfig.advanced + ("text_encoder_lr",)
     shape = ("rank", "target_modules", "train_text_encoder", "adapter")
 
@@ -188,7 +223,7 @@ class TextualInversionRecipe(TrainConfig):
 
     required = ("token", "init_token", "num_vectors", "steps", "learning_rate", "batch_size", "seed", "caption_mode",
                 "run_name")
-    optional = TrainConfig.LOOP_OPTIONAL
+    optional = TrainConfig.LOOP_OPTIONAL + TrainConfig.LATER
     shape = ("token", "num_vectors")
 
     def check_more(self) -> None:
@@ -240,7 +275,7 @@ class DreamBoothRecipe(TrainConfig):
     adapter: str = like(LoRARecipe, "adapter", help="lora mode: the adapter's kind (lora, loha, lokr or dora).")
 
     optional = ("rank", "alpha", "target_modules", "pivotal_tuning", "embedding_lr") + TrainConfig.LOOP_OPTIONAL + (
-        "adapter",)
+        "adapter",) + TrainConfig.LATER
     advanced = TrainConfig.advanced + ("embedding_lr",)
     shape = ("mode", "train_text_encoder", "rank", "target_modules", "pivotal_tuning", "adapter")
 
@@ -271,7 +306,7 @@ class ControlNetRecipe(TrainConfig):
     high_threshold: float = option(0.8, "Canny: strong-edge threshold (toy pictures: 0.2).", min=0.01, max=0.99)
 
     required = ("preprocessor", "steps", "learning_rate", "batch_size", "seed", "caption_dropout", "run_name")
-    optional = ("low_threshold", "high_threshold") + TrainConfig.LOOP_OPTIONAL
+    optional = ("low_threshold", "high_threshold") + TrainConfig.LOOP_OPTIONAL + TrainConfig.LATER
 
     def check_more(self) -> None:
         super().check_more()

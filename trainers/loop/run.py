@@ -57,6 +57,9 @@ class Callbacks:
     on_preview: Callable[[int, torch.Tensor], None] | None = None
     #: keep_best: (step, its scores, the best step so far) after each save point is scored
     on_score: Callable[[int, dict, int], None] | None = None
+    #: draws the validation pictures in the pack's sampler's place: (model, method, seeds, width, height) -> IMAGE
+    #: (inside ComfyUI, ComfyUI's own sampler: nodes/comfy_preview.py)
+    draw: Callable[..., torch.Tensor] | None = None
 
 
 @dataclass
@@ -321,7 +324,7 @@ class TrainingRun:
         # the weights the result would be
         contexts = [self.autocast, optimizers.averaged(self.opt, self.params), swapped_in(self.ema)]
         imgs = validation.pictures(self.model, self.method, self.cfg, self.run, at, contexts,
-                                   self.dataset.resolution)
+                                   self.dataset.resolution, cb.draw)
         if show and cb.on_preview:
             cb.on_preview(at, imgs)
         if not score:

@@ -103,10 +103,11 @@ def size(model, resolution: int) -> int:
     return max(model.size_step, resolution // model.size_step * model.size_step)
 
 
-def pictures(model, method, cfg, run, step: int, contexts, resolution: int = 0) -> torch.Tensor:
+def pictures(model, method, cfg, run, step: int, contexts, resolution: int = 0, draw=None) -> torch.Tensor:
     """Validation pictures of ``validation_prompt`` (seeds seed, seed + 1, ...) made with the weights the result
     would be (under ``contexts``: autocast, averaged weights) at the training resolution (:func:`size`), kept in the
-    run's samples/."""
+    run's samples/. ``draw(model, method, seeds, width, height)`` draws them in the pack's sampler's place (inside
+    ComfyUI: ComfyUI's own, nodes/comfy_preview.py); the pack's sampler takes validation_steps and validation_cfg."""
     from ..eval.grids import to_pil
     from ..sampling import sample
 
@@ -119,9 +120,13 @@ def pictures(model, method, cfg, run, step: int, contexts, resolution: int = 0) 
         with torch.no_grad():
             side = size(model, resolution)
             kw = {"width": side, "height": side, **method.sample_kwargs()}  # a method's own size comes first
+            seeds = [cfg.seed + i for i in range(cfg.validation_images)]
             try:
-                imgs = sample(model, cfg.validation_prompt,
-                              seeds=[cfg.seed + i for i in range(cfg.validation_images)], steps=20, **kw)
+                if draw is not None:
+                    imgs = draw(model, method, seeds, kw["width"], kw["height"])
+                else:
+                    imgs = sample(model, cfg.validation_prompt, seeds=seeds, steps=cfg.validation_steps,
+                                  cfg=cfg.validation_cfg, **kw)
             except torch.OutOfMemoryError as e:
                 raise OutOfMemory(f"out of GPU memory making step {step}'s validation pictures ({kw['width']} x "
                                   f"{kw['height']} px): lower validation_images ({cfg.validation_images}), or set "
