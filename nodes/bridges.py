@@ -7,7 +7,7 @@ ComfyUI's CheckpointSave and of the pack's Save Checkpoint, so no file is writte
 """
 from __future__ import annotations
 
-from . import host
+from . import host, load_check
 from .base import COMBO, FLOAT, HIDDEN, LINK, ROOT_CATEGORY, checked, torch_call
 from .models import DEVICES, DTYPES, OFFLOAD, sd1_tokenizer_dir
 
@@ -140,9 +140,9 @@ class FT_ApplyLoRAToComfy:
         keys = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, comfy.lora.model_lora_keys_unet(model.model, {}))
         missing = [m for m in lora.modules() if m not in keys]
         if missing:
-            family = (lora.metadata.get("finetune_config") or {}).get("model", {}).get("family", "unknown")
+            fam = load_check.family_of_lora(lora)
             raise ValueError(f"{len(missing)} of the {len(lora.modules())} layers of LoRA {lora.name!r} (trained on "
-                             f"the {family} family) are not in ComfyUI's {type(model.model.model_config).__name__} "
+                             f"the {fam.label if fam else 'unknown'} family) are not in ComfyUI's {type(model.model.model_config).__name__} "
                              f"model, e.g. {missing[0]}: apply a LoRA to a model of the family it was trained on")
         state = {k: v.detach().contiguous().cpu() for k, v in lora.state.items()}  # as Save LoRA writes it
         return comfy.sd.load_lora_for_models(model, clip, state, strength_model, strength_clip)

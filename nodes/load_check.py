@@ -305,11 +305,11 @@ def check_controlnet(path: Path, cn, layout: str, dtype: str) -> Checked:
     from ..trainers.adapters.controlnet.files import family_of as cn_family
     from ..trainers.adapters.controlnet.files import file_contents
 
-    tensors = file_contents(cn, layout, dtype)[0]
     comfy, why = comfy_family(cn_family(cn.net.config))
-    if comfy:
+    if comfy:  # ComfyUI loads either layout as the original one
         original = file_contents(cn, "original", dtype)[0]
         return verdict(path, BY_COMFYUI, len(original), comfy_controlnet_ignored(path, original), "weights",
                        "ComfyUI's ControlNetLoader did not load these weights as saved.")
+    tensors = file_contents(cn, layout, dtype)[0]
     return verdict(path, BY_PACK, len(tensors), _unequal(tensors, _read(path, "ControlNet")), "keys",
                    "Reading it back gave other tensors than were saved.", why)
