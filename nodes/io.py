@@ -191,8 +191,9 @@ class FT_SaveCheckpoint:
     DESCRIPTION = ("Save a whole model (e.g. from DreamBooth's full mode): as one original-layout .safetensors file in "
                    "models/checkpoints, which ComfyUI's Load Checkpoint, A1111 and diffusers' from_single_file read "
                    "(SD 1.x, 2.x and SDXL models), or as a diffusers folder in models/diffusers (any family, the toys "
-                   "too). Never overwrites. A single file is then read back: inside ComfyUI by Load Checkpoint's own "
-                   "loader, every weight as saved (one more load of the model); outside it by the pack's reader.")
+                   "too). Never overwrites. Then it is read back: inside ComfyUI by Load Checkpoint's own loader (a "
+                   "single file) or DiffusersLoader's (a folder), every weight as saved (one more load of the model); "
+                   "outside it, and for the toys, by the pack's reader, every tensor of every part.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("name",)
@@ -231,6 +232,6 @@ class FT_SaveCheckpoint:
             root, rel = host.save_folder("diffusers", filename)
             (root / rel.parent).mkdir(parents=True, exist_ok=True)
             path = save_diffusers(model, unique_path(root / rel.parent, rel.name, ""), dt)
-            checked = []
+            checked = [str(load_check.check_folder(path, model, dt))]
         name = path.relative_to(root).as_posix()
         return {"ui": {"text": [f"saved {root.name}/{name}", *checked]}, "result": (name,)}

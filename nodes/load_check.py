@@ -5,8 +5,9 @@ Inside ComfyUI the reader is ComfyUI's own loader for the kind: a LoRA's keys go
 with the key map ComfyUI builds for a model of the family it was trained on (``model_lora_keys_unet`` and
 ``_clip``, on a weightless copy of ComfyUI's model: nothing is allocated), and each patch must land on a weight of
 that model, as ``load_lora_for_models`` applies it; an embedding goes through ComfyUI's tokenizer as
-``embedding:<name>`` (its ``load_embed``); a checkpoint through ``load_checkpoint_guess_config`` and a ControlNet
-through ``load_controlnet``, whose loaded weights must equal the file's. Outside ComfyUI (and for the toys, which
+``embedding:<name>`` (its ``load_embed``); a checkpoint through ``load_checkpoint_guess_config``, a diffusers
+folder through DiffusersLoader's ``load_diffusers`` and a ControlNet through ``load_controlnet``, whose loaded
+weights must equal the file's. Outside ComfyUI (and for the toys, which
 ComfyUI has no model for) the pack's own reader reads the file back, the one Apply LoRA, Apply Embedding and the
 loaders use, and every tensor must equal what was meant to be written.
 
@@ -282,6 +283,63 @@ def _pack_checkpoint_ignored(path: Path, tensors: dict, fam) -> list[str]:
     if found is not fam:
         ignored.append(f"(the whole file: it reads as the {found.label}, not the {fam.label})")
     return ignored
+
+
+# ----------------------------------------------------------------------------------------- diffusers folder --
+def comfy_folder_ignored(path: Path, tensors: dict) -> list[str]:
+    """The keys of ``tensors`` (the model's single-file state) that ComfyUI's DiffusersLoader does not load from the
+    diffusers folder as they are (its ``load_diffusers``: one file per part, no shards); the whole folder when it
+    cannot load it at all."""
+    import comfy.diffusers_load
+
+    from .bridges import comfy_checkpoint
+
+    try:
+        model, clip, vae = comfy.diffusers_load.load_diffusers(str(path), output_vae=True, output_clip=True)
+        loaded = comfy_checkpoint(model, clip, vae)
+    except Exception as e:  # noqa: BLE001 - what DiffusersLoader would raise is the finding
+        return [f"(the whole folder: ComfyUI's DiffusersLoader fails on it: {type(e).__name__}: {e})"]
+    return [k for k in tensors if k not in MARKERS and (k not in loaded or not _same(loaded[k], tensors[k]))]
+
+
+def _pack_folder_ignored(path: Path, model, dtype) -> tuple[int, list[str]]:
+    """(tensors written, those the folder's files do not hold as the model's parts have them), a part's files
+    read a tensor at a time (transformers' text encoders may spell their keys with or without ``text_model.``)."""
+    from ..trainers.model.deltas import plain_state_dict
+    from ..trainers.runs import reading
+
+    total, ignored = 0, []
+    for name, part in model.parts().items():
+        want = {k.removeprefix("text_model."): v for k, v in plain_state_dict(part).items()}
+        total += len(want)
+        seen = set()
+        for file in sorted((path / name).glob("*.safetensors")):
+            with reading.opened(file, f"{name} weights") as f:
+                for k in f.keys():
+                    v = want.get(k.removeprefix("text_model."))
+                    if v is None:
+                        continue
+                    seen.add(k.removeprefix("text_model."))
+                    if not _same(f.get_tensor(k), v.to(dtype) if v.is_floating_point() else v):
+                        ignored.append(f"{name}/{k}")
+        ignored += [f"{name}/{k}" for k in want if k not in seen]
+    return total, ignored
+
+
+def check_folder(path: Path, model, dtype) -> Checked:
+    """Save Checkpoint's diffusers folder read back: by ComfyUI's DiffusersLoader for the families it has (every
+    loaded weight equal to the model's single-file state in ``dtype``), else by the pack's reader (each part's files,
+    every tensor as the model holds it)."""
+    from ..trainers.model.checkpoint import to_single_file
+
+    comfy, why = comfy_family(model.family)
+    if comfy:
+        tensors = to_single_file(model, dtype)
+        return verdict(path, BY_COMFYUI, len(tensors), comfy_folder_ignored(path, tensors), "keys",
+                       f"ComfyUI's DiffusersLoader did not load these weights of its {model.family.label} model.")
+    total, ignored = _pack_folder_ignored(path, model, dtype)
+    return verdict(path, BY_PACK, total, ignored, "tensors", "Reading it back gave other tensors than were saved.",
+                   why)
 
 
 # ------------------------------------------------------------------------------------------- ControlNet --

@@ -155,8 +155,9 @@ def load_controlnet_in_comfyui(path: Path) -> int:
 
 
 #: the pack's load check (nodes/load_check.py) run inside ComfyUI's own python, where it reads with ComfyUI's loaders:
-#: ``kind`` lora, embedding, checkpoint or controlnet (the file read back into the pack's value first), or
-#: lora-keys (any file's keys matched for ``family``, as Save LoRA matches them)
+#: ``kind`` lora, embedding, checkpoint or controlnet (the file read back into the pack's value first), folder (an
+#: fp16 diffusers folder against the model the pack reads from it), or lora-keys (any file's keys matched for
+#: ``family``, as Save LoRA matches them)
 LOAD_CHECK_PROBE = """
 import json, os, sys, tempfile
 from pathlib import Path
@@ -171,9 +172,14 @@ from comfyui_finetune.nodes import host, load_check
 from comfyui_finetune.trainers.families.registry import FAMILIES
 from comfyui_finetune.trainers.runs import reading
 assert host.in_comfyui()
-state, meta = reading.read(path, kind)
+state, meta = reading.read(path, kind) if kind != 'folder' else ({}, {})
 try:
-    if kind == 'lora-keys':
+    if kind == 'folder':
+        import torch
+        from comfyui_finetune.trainers.model.loading import load_diffusers_folder
+        got = load_check.check_folder(path, load_diffusers_folder(path, 'cpu', 'fp32'), torch.float16)
+        out = {'text': str(got), 'by': got.by, 'applied': got.applied, 'total': got.total}
+    elif kind == 'lora-keys':
         total, ignored = load_check.comfy_lora_ignored(path, FAMILIES[extra['family']])
         out = {'total': total, 'ignored': ignored}
     else:

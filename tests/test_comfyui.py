@@ -462,6 +462,26 @@ def test_full_checkpoint_saved_by_the_pack_loads_in_checkpointloadersimple(serve
         assert worst < 1e-3, f"{part} differs by {worst}"
 
 
+def test_a_diffusers_folder_saved_by_the_pack_loads_in_diffusersloader_with_every_weight(server, random_sd15,
+                                                                                        tmp_path):
+    """Save Checkpoint's diffusers folder: read back by the pack's reader here (every tensor of every part), and
+    inside ComfyUI by DiffusersLoader's own load_diffusers, every loaded weight equal to the model's."""
+    from comfyui_finetune.nodes import host
+    from comfyui_finetune.nodes.io import FT_SaveCheckpoint
+
+    saved = dict(host._fallback)
+    host.set_folders(output=tmp_path, models=server.base / "models")
+    try:
+        out = FT_SaveCheckpoint().execute(random_sd15, "ft_test/sd15_folder", "diffusers folder", "fp16")
+    finally:
+        host._fallback.update(saved)
+    total = sum(len(p.state_dict()) for p in random_sd15.parts().values())
+    assert out["ui"]["text"][1] == f"checked by the pack's reader: {total} of {total} tensors applied", out["ui"]
+    got = checked_in_comfyui("folder", server.base / "models" / "diffusers" / out["result"][0])
+    assert got.get("by") == "ComfyUI" and got["applied"] == got["total"] > 1000, got
+    print(f"{out['result'][0]}: {got['text']}")
+
+
 def test_sd2_single_file_checkpoint_loads_in_comfyui_and_back(server, tmp_path):
     """SD 2.x: the OpenCLIP text-encoder layout (fused in_proj, resblocks) is written, ComfyUI's
     CheckpointLoaderSimple loads and samples it, and the pack reads it back with the same weights."""

@@ -342,3 +342,43 @@ def test_the_model_travels_from_and_to_comfyui_at_full_size(server, made):
     diff = float((latents["tocomfy"] - latents["native"]).abs().max())
     assert diff == 0, f"KSampler's latent from Model to ComfyUI differs from CheckpointLoaderSimple's by {diff}"
     print("\n".join(f"{tag}: {times[tag]:.0f} s" for tag in times))
+
+
+def test_an_sdxl_preview_drawn_by_comfyui_is_what_loraloader_and_ksampler_draw(server, made):
+    """Load Base Model (bf16) -> Train LoRA with validation_sampler comfyui: its preview equals, within 1/255, what
+    the saved LoRA gives through CheckpointLoaderSimple -> LoraLoader -> KSampler -> VAEDecode at the same seed,
+    sampler, scheduler, steps and cfg. The pack's model and ComfyUI's copy of it (--bf16-unet) fit side by side."""
+    import numpy as np
+    from PIL import Image
+
+    server.free()
+    graph = {
+        "1": {"class_type": "FT_LoadBaseModel", "inputs": {"model_name": f"checkpoints/{BASE_BF16}", "device": "cpu",
+                                                           "dtype": "bf16"}},
+        "2": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x884422}},
+        "3": {"class_type": "FT_DatasetFromImages", "inputs": {"images": ["2", 0], "captions": "a photo of sks",
+                                                               "resolution": 64}},
+        "4": {"class_type": "FT_TrainLoRA", "inputs": {
+            "model": ["1", 0], "dataset": ["3", 0], "steps": 1, "learning_rate": 1e-2, "batch_size": 1, "rank": 4,
+            "alpha": 4.0, "seed": 0, "target_modules": "attention", "train_text_encoder": True,
+            "text_encoder_lr": 0.0, "run_name": "xl-preview", "validation_prompt": "a photo of sks",
+            "validation_every": 1, "validation_images": 1, "validation_sampler": "comfyui",
+            "validation_sampler_name": "euler", "validation_scheduler": "normal", "validation_steps": 1,
+            "validation_cfg": 1.0}},
+        "5": {"class_type": "FT_SaveLoRA", "inputs": {"lora": ["4", 1], "filename": "ft_test/xl_preview"}},
+    }
+    entry, log = run(server, graph)
+    assert "validation pictures: ComfyUI's sampler (euler, normal, 1 steps, cfg 1" in log, log[-2000:]
+    (shown,) = [im for im in entry["outputs"]["4"]["images"] if im["filename"] == "step-1-0.png"]
+    preview = np.asarray(Image.open(server.base / "output" / shown["subfolder"] / shown["filename"]), dtype=float)
+    lora = entry["outputs"]["5"]["text"][0].removeprefix("saved loras/")
+    server.free()
+    native = sample(BASE_BF16, "a photo of sks", lora=lora, prefix="ft_xl_preview")
+    native["8"] = {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}}
+    native["9"] = {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "ft_xl_preview"}}
+    again, _ = run(server, native)
+    drawn = picture(server, again, "9")
+    gap = abs(preview - drawn).max()
+    print(f"SDXL: the ComfyUI-drawn preview vs {lora} through LoraLoader + KSampler + VAEDecode: max difference "
+          f"{gap:g}/255")
+    assert preview.shape == drawn.shape == (64, 64, 3) and gap <= 1, gap

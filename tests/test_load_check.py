@@ -92,3 +92,25 @@ def test_skeleton_has_every_single_file_key_and_allocates_nothing():
     state = skeleton_state(FAMILIES["sd15"])
     assert len(state) == 1130 and {v.device.type for v in state.values()} == {"meta"}
     assert tuple(state["model.diffusion_model.input_blocks.0.0.weight"].shape) == (320, 4, 3, 3)
+
+
+def test_a_diffusers_folder_is_read_back_part_by_part(toy, folders):
+    """Save Checkpoint's diffusers folder: every tensor of every part read back as saved (in the saved precision);
+    a tensor changed on disk afterwards is named with its part."""
+    from safetensors.torch import load_file, save_file
+
+    from comfyui_finetune.nodes import load_check
+    from comfyui_finetune.nodes.io import FT_SaveCheckpoint
+
+    out = FT_SaveCheckpoint().execute(toy, "lc/toy_folder", "diffusers folder", "fp16")
+    name = out["result"][0]
+    total = sum(len(p.state_dict()) for p in toy.parts().values())
+    assert out["ui"]["text"][1] == f"checked by the pack's reader: {total} of {total} tensors applied", out["ui"]
+    folder = folders["models"] / "diffusers" / name
+    (file,) = (folder / "unet").glob("*.safetensors")
+    state = load_file(str(file))
+    key = sorted(state)[0]
+    state[key] = state[key] + 1
+    save_file(state, str(file))
+    with pytest.raises(load_check.NotApplied, match=f"unet/{key}"):
+        load_check.check_folder(folder, toy, torch.float16)
