@@ -129,8 +129,9 @@ def pictures(model, method, cfg, run, step: int, contexts, resolution: int = 0, 
                                   cfg=cfg.validation_cfg, **kw)
             except torch.OutOfMemoryError as e:
                 raise OutOfMemory(f"out of GPU memory making step {step}'s validation pictures ({kw['width']} x "
-                                  f"{kw['height']} px): lower validation_images ({cfg.validation_images}), or set "
-                                  "validation_every 0 (and keep_best off) to make none") from e
+                                  f"{kw['height']} px): lower validation_images ({cfg.validation_images}), set "
+                                  "validation_sampler pack (ComfyUI's sampler loads its own copy of the model), or "
+                                  "set validation_every 0 (and keep_best off) to make none") from e
     for m in mods:
         m.train()
     if run.writes:
