@@ -7,7 +7,7 @@ ComfyUI's CheckpointSave and of the pack's Save Checkpoint, so no file is writte
 """
 from __future__ import annotations
 
-from . import host, load_check
+from . import host
 from .base import COMBO, FLOAT, HIDDEN, LINK, ROOT_CATEGORY, checked, torch_call
 from .models import DEVICES, DTYPES, OFFLOAD, sd1_tokenizer_dir
 
@@ -140,7 +140,9 @@ class FT_ApplyLoRAToComfy:
         keys = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, comfy.lora.model_lora_keys_unet(model.model, {}))
         missing = [m for m in lora.modules() if m not in keys]
         if missing:
-            fam = load_check.family_of_lora(lora)
+            from ..trainers.families.registry import family_of_lora
+
+            fam = family_of_lora(lora)
             raise ValueError(f"{len(missing)} of the {len(lora.modules())} layers of LoRA {lora.name!r} (trained on "
                              f"the {fam.label if fam else 'unknown'} family) are not in ComfyUI's {type(model.model.model_config).__name__} "
                              f"model, e.g. {missing[0]}: apply a LoRA to a model of the family it was trained on")

@@ -16,7 +16,6 @@ every such key, so it is found before it is shared.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,41 +56,6 @@ def verdict(path: Path, by: str, total: int, ignored: list[str], unit: str, hint
 
 
 # -------------------------------------------------------------------------------------------- the families --
-def family_of(config) -> object | None:
-    """The family a file's ``finetune_config`` (dict or JSON) names, or None."""
-    from ..trainers.families.registry import FAMILIES
-
-    if isinstance(config, str):
-        try:
-            config = json.loads(config)
-        except ValueError:
-            return None
-    name = ((config or {}).get("model") or {}).get("family") if isinstance(config, dict) else None
-    return FAMILIES.get(name)
-
-
-def family_of_lora(lora):
-    """The family a LoRA was trained on: its training config's, else its ``ss_base_model_version``'s."""
-    from ..trainers.families.registry import FAMILIES
-
-    fam = family_of(lora.metadata.get("finetune_config"))
-    version = lora.metadata.get("ss_base_model_version")
-    return fam or next((f for f in FAMILIES.values() if version and f.base_model_version == version), None)
-
-
-def family_of_embedding(emb):
-    """The family whose text encoders are as wide as the embedding's vectors (SDXL: both sets together)."""
-    from ..trainers.families.registry import FAMILIES
-
-    fam = family_of(emb.metadata.get("finetune_config"))
-    width = emb.vectors.shape[-1] + (0 if emb.vectors_2 is None else emb.vectors_2.shape[-1])
-    if fam is not None and fam.context_dim == width:
-        return fam
-    two = emb.vectors_2 is not None
-    return next((f for f in FAMILIES.values() if f.config and f.context_dim == width
-                 and (len(f.text_encoder_files) == 2) == two), None)
-
-
 def comfy_family(fam) -> tuple[bool, str]:
     """(ComfyUI reads this family's files, why not)."""
     if not host.in_comfyui():
@@ -164,6 +128,8 @@ def comfy_lora_ignored(path: Path, fam) -> tuple[int, list[str]]:
 def check_lora(path: Path, lora) -> Checked:
     """Save LoRA's file read back: by ComfyUI's LoRA loading for a model of the family it was trained on, else by
     the pack's reader."""
+    from ..trainers.families.registry import family_of_lora
+
     fam = family_of_lora(lora)
     comfy, why = comfy_family(fam)
     if comfy:
@@ -221,6 +187,8 @@ def comfy_embedding_vectors(path: Path, root: Path, fam) -> dict[int, list]:
 def check_embedding(path: Path, root: Path, emb) -> Checked:
     """Save Embedding's file read back: as ComfyUI reads ``embedding:<name>`` in a prompt of the family it fits,
     else by the pack's reader. Each vector must come back as saved."""
+    from ..trainers.families.registry import family_of_embedding
+
     fam = family_of_embedding(emb)
     comfy, why = comfy_family(fam)
     if not comfy:

@@ -73,14 +73,15 @@ def test_the_run_folders_result_files_are_checked_too(trained):
 
 def test_the_comfyui_family_of_a_file(trained):
     from comfyui_finetune.nodes import load_check
+    from comfyui_finetune.trainers.families import registry
     from comfyui_finetune.trainers.families.registry import FAMILIES
 
     _, (_, lora, _), (_, emb, _) = trained
-    assert load_check.family_of_lora(lora) is FAMILIES["toy"]
-    assert load_check.family_of_embedding(emb) is FAMILIES["toy"]
+    assert registry.family_of_lora(lora) is FAMILIES["toy"]
+    assert registry.family_of_embedding(emb) is FAMILIES["toy"]
     bare = dataclasses.replace(emb, metadata={}, vectors=torch.zeros(1, 768))
-    assert load_check.family_of_embedding(bare) is FAMILIES["sd15"]
-    assert load_check.family_of_embedding(dataclasses.replace(bare, vectors_2=torch.zeros(1, 1280))) \
+    assert registry.family_of_embedding(bare) is FAMILIES["sd15"]
+    assert registry.family_of_embedding(dataclasses.replace(bare, vectors_2=torch.zeros(1, 1280))) \
         is FAMILIES["sdxl"]
     assert load_check.comfy_family(FAMILIES["sd15"]) == (False, "")  # not inside ComfyUI: the pack's reader
 

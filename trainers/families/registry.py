@@ -5,6 +5,7 @@ trainers and nodes ask a model's family object (``model.family``), never a famil
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from .base import CONFIGS, TOY_WEIGHTS, Family  # noqa: F401  (where the pack's configs and toy weights are)
@@ -119,3 +120,33 @@ def family_for_checkpoint(keys_and_shapes: dict[str, tuple[int, ...]]) -> Family
                          "the pack does not train; SDXL base models and their fine-tunes are supported")
     known = ", ".join(f"{f.label} {f.context_dim}" for f in FAMILIES.values() if f.text_encoder_files)
     raise ValueError(f"unrecognised checkpoint: cross-attention width {ctx} ({known})")
+
+
+# ------------------------------------------------------------------- the family a saved file was made for --
+def family_named_in(config) -> Family | None:
+    """The family a file's ``finetune_config`` (dict or JSON text) names, or None."""
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except ValueError:
+            return None
+    name = ((config or {}).get("model") or {}).get("family") if isinstance(config, dict) else None
+    return FAMILIES.get(name)
+
+
+def family_of_lora(lora) -> Family | None:
+    """The family a LoRA was trained on: its training config's, else its ``ss_base_model_version``'s."""
+    fam = family_named_in(lora.metadata.get("finetune_config"))
+    version = lora.metadata.get("ss_base_model_version")
+    return fam or next((f for f in FAMILIES.values() if version and f.base_model_version == version), None)
+
+
+def family_of_embedding(emb) -> Family | None:
+    """The family whose text encoders are as wide as the embedding's vectors (SDXL: both sets together)."""
+    fam = family_named_in(emb.metadata.get("finetune_config"))
+    width = emb.vectors.shape[-1] + (0 if emb.vectors_2 is None else emb.vectors_2.shape[-1])
+    if fam is not None and fam.context_dim == width:
+        return fam
+    two = emb.vectors_2 is not None
+    return next((f for f in FAMILIES.values() if f.config and f.context_dim == width
+                 and (len(f.text_encoder_files) == 2) == two), None)

@@ -128,9 +128,10 @@ def pictures(model, method, cfg, run, step: int, contexts, resolution: int = 0, 
                     imgs = sample(model, cfg.validation_prompt, seeds=seeds, steps=cfg.validation_steps,
                                   cfg=cfg.validation_cfg, **kw)
             except torch.OutOfMemoryError as e:
+                pack = ("set validation_sampler pack (ComfyUI's sampler loads its own copy of the model), "
+                        if draw is not None else "")
                 raise OutOfMemory(f"out of GPU memory making step {step}'s validation pictures ({kw['width']} x "
-                                  f"{kw['height']} px): lower validation_images ({cfg.validation_images}), set "
-                                  "validation_sampler pack (ComfyUI's sampler loads its own copy of the model), or "
+                                  f"{kw['height']} px): lower validation_images ({cfg.validation_images}), {pack}or "
                                   "set validation_every 0 (and keep_best off) to make none") from e
     for m in mods:
         m.train()
