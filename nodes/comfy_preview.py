@@ -4,15 +4,16 @@ Inside ComfyUI a training node's validation pictures can come from ComfyUI's own
 sampler: the base model as ComfyUI's MODEL / CLIP / VAE (:func:`.bridges.to_comfy`, built once per run, in the
 model's precision, as Model to ComfyUI gives it), what is training handed over as the file a save node would write
 (a LoRA's kohya state dict through ``comfy.sd.load_lora_for_models``, the function LoraLoader calls; an embedding
-as a file ComfyUI's tokenizer reads for ``embedding:<name>``; a full fine-tune's whole model again), ComfyUI's
+as a file ComfyUI's tokenizer reads for ``embedding:<name>``; a ControlNet as Save ControlNet's file applied by
+Apply ControlNet (Advanced) on the run's validation condition; a full fine-tune's whole model again), ComfyUI's
 CLIPTextEncode, its sampler and scheduler by name (KSampler's ``comfy.sample`` calls, one picture per seed as
 KSampler at that seed) and its VAE Decode. So a preview equals what Save LoRA -> LoraLoader -> KSampler -> VAE
 Decode give at the same seed, sampler, scheduler, steps and cfg (tests/test_comfyui_bridges.py), and keep_best
 scores the pictures users will get.
 
 :func:`drawer` decides, once per run, whether ComfyUI draws (``validation_sampler``: auto, comfyui, pack) and
-says why not where it cannot: outside ComfyUI, a model ComfyUI has no equivalent of (the toys), a method whose
-result ComfyUI applies through other nodes (ControlNet). Then the pack's sampler draws, as before.
+says why not where it cannot: outside ComfyUI, or a model ComfyUI has no equivalent of (the toys). Then the pack's
+sampler draws, as before.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ PREVIEW_EMBEDDING = "ft_preview"
 
 def pieces(method) -> dict | None:
     """What a training method hands ComfyUI for a preview: ``lora`` (a LoRA method), ``ti`` (a Textual Inversion
-    method), ``full`` (every weight of the model); None where ComfyUI takes it another way (ControlNet)."""
+    method), ``full`` (every weight of the model), ``controlnet`` (a ControlNet method); None for another."""
+    from ..trainers.methods.controlnet import ControlNetMethod
     from ..trainers.methods.dreambooth import DreamBoothMethod, FullMethod, PivotalMethod
     from ..trainers.methods.lora import LoRAMethod
     from ..trainers.methods.textual_inversion import TextualInversionMethod
@@ -43,6 +45,8 @@ def pieces(method) -> dict | None:
         return {"ti": method}
     if isinstance(method, FullMethod):
         return {"full": True}
+    if isinstance(method, ControlNetMethod):
+        return {"controlnet": method}
     return None
 
 
@@ -52,8 +56,6 @@ def why_not(model, recipe) -> str:
         return "outside ComfyUI"
     if not model.family.config:
         return f"ComfyUI has no model like the {model.family.label}"
-    if recipe.method == "controlnet":
-        return "a ControlNet reaches ComfyUI through its own Apply ControlNet nodes, which the preview does not build"
     import comfy.samplers
 
     for name, value, known in (("validation_sampler_name", recipe.validation_sampler_name,
@@ -130,6 +132,20 @@ class ComfyPreview:
         save_file(ti.export("preview").tensors(), str(Path(self.folder.name) / f"{PREVIEW_EMBEDDING}.safetensors"))
         return embedding_prompt(prompt, ti.token)
 
+    @staticmethod
+    def _controlled(method, positive, negative) -> tuple:
+        """The conditioning with the ControlNet being trained applied as ControlNetLoader + Apply ControlNet
+        (Advanced) apply Save ControlNet's file (original layout, fp16), at strength 1 over the whole schedule, on
+        the run's validation condition."""
+        import comfy.controlnet
+        import nodes as comfy_nodes
+
+        from ..trainers.adapters.controlnet.files import file_contents
+
+        net = comfy.controlnet.load_controlnet_state_dict(file_contents(method.cn, "original", "fp16")[0])
+        return comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, net,
+                                                                      method.validation_condition, 1.0, 0.0, 1.0)
+
     def __call__(self, model, method, seeds: list[int], width: int, height: int):
         import comfy.model_management as mm
         import torch
@@ -149,6 +165,8 @@ class ComfyPreview:
         r = self.recipe
         positive = comfy_nodes.CLIPTextEncode().encode(clip, self._prompt(parts))[0]
         negative = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]
+        if parts.get("controlnet") is not None and parts["controlnet"].validation_condition is not None:
+            positive, negative = self._controlled(parts["controlnet"], positive, negative)
         images = []
         for seed in seeds:  # one picture per seed, each what KSampler gives at that seed
             latent = comfy_nodes.EmptyLatentImage().generate(width, height, 1)[0]["samples"]

@@ -36,8 +36,9 @@ _CHART = """## What the node shows
   (`validation_sampler` auto): the model as Model to ComfyUI gives it, what is training applied as LoraLoader (or
   `embedding:<name>`) applies the saved file, CLIPTextEncode, KSampler's sampler and scheduler
   (`validation_sampler_name`, `validation_scheduler`, `validation_steps`, `validation_cfg`) and VAE Decode, so a
-  preview is what you will get from the saved file at those settings. The pack's own sampler draws outside ComfyUI,
-  for the toys and for ControlNet training (the log says why).
+  preview is what you will get from the saved file at those settings (a ControlNet: through Apply ControlNet
+  (Advanced) on the run's condition). The pack's own sampler draws outside ComfyUI and for the toys (the log says
+  why).
 - **Show advanced options**: the loop's less common options are folded away until you press the button; folded
   inputs keep their values (they are marked *advanced* below)."""
 

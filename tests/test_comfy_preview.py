@@ -50,6 +50,10 @@ def test_each_method_hands_comfyui_what_its_save_node_writes():
     assert comfy_preview.pieces(DreamBoothMethod("lora", lora)) == {"lora": lora}
     assert comfy_preview.pieces(DreamBoothMethod("full", FullMethod())) == {"full": True}
     assert comfy_preview.pieces(PivotalMethod(lora, ti, 0.0)) == {"lora": lora, "ti": ti}
+    from comfyui_finetune.trainers.methods.controlnet import ControlNetMethod
+
+    cn = ControlNetMethod("canny")
+    assert comfy_preview.pieces(cn) == {"controlnet": cn}
     assert comfy_preview.pieces(object()) is None
 
 

@@ -263,3 +263,47 @@ def test_preview_drawn_by_comfyui_is_what_loraloader_and_ksampler_draw(server, b
           f"what trained changes the picture by up to {change:g}/255")
     assert len(previews) == 2 and max(gaps) <= 1, gaps
     assert previews[0].shape == (64, 64, 3) and abs(previews[0] - previews[1]).max() > 0
+
+
+def test_a_controlnet_preview_drawn_by_comfyui_is_what_controlnetloader_and_ksampler_draw(server, bridge_ckpt):
+    """Train ControlNet with validation_sampler comfyui: its preview equals, within 1/255, Save ControlNet's file
+    through ControlNetLoader + Apply ControlNet (Advanced) + KSampler + VAEDecode on the run's condition. The
+    training pictures are flat, so their Canny condition is a black picture: EmptyImage's black is the same one."""
+    server.free(wait=5)
+    ckpt = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": bridge_ckpt}}
+    prompt = "a photo of sks"
+    graph = {
+        "1": ckpt,
+        "2": {"class_type": "FT_ModelFromComfy", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
+                                                            "device": "cpu", "dtype": "fp32"}},
+        "3": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0x884422}},
+        "4": {"class_type": "FT_DatasetFromImages", "inputs": {"images": ["3", 0], "captions": prompt,
+                                                               "resolution": 64}},
+        "5": {"class_type": "FT_TrainControlNet", "inputs": {
+            "model": ["2", 0], "dataset": ["4", 0], "preprocessor": "canny", "steps": 2, "learning_rate": 1e-3,
+            "batch_size": 1, "seed": 0, "caption_dropout": 0.0, "run_name": "preview-controlnet",
+            "validation_prompt": prompt, **PREVIEW}},
+        "6": {"class_type": "FT_SaveControlNet", "inputs": {"control_net": ["5", 0],
+                                                            "filename": "ft_test/preview_controlnet", "layout": "original",
+                                                            "dtype": "fp16"}},
+    }
+    seen = len(server.log())
+    entry = run_ok(server, graph)
+    assert "validation pictures: ComfyUI's sampler (euler, normal, 2 steps, cfg 2" in server.log()[seen:]
+    previews = samples_of(server, entry, "5", 2)
+    saved = entry["outputs"]["6"]["text"][0].removeprefix("saved controlnet/")  # ComfyUI's own loader drew with it
+    native = {"1": ckpt,
+              "2": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": saved}},
+              "3": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}}}
+    for seed in (0, 1):
+        native_sample(native, f"native{seed}", ["1", 0], ["1", 1], ["1", 2], prompt=prompt, seed=seed)
+        native[f"native{seed}c"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+            "positive": [f"native{seed}1", 0], "negative": [f"native{seed}2", 0], "control_net": ["2", 0],
+            "image": ["3", 0], "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}
+        sampler = native[f"native{seed}4"]["inputs"]
+        sampler["positive"], sampler["negative"] = [f"native{seed}c", 0], [f"native{seed}c", 1]
+    again = run_ok(server, native)
+    gaps = [abs(p - picture(server, again, f"native{seed}6")).max() for seed, p in zip((0, 1), previews)]
+    print(f"controlnet: ComfyUI-drawn previews vs {saved} through ControlNetLoader + Apply ControlNet (Advanced) + "
+          f"KSampler: max differences {gaps} /255")
+    assert len(previews) == 2 and max(gaps) <= 1, gaps

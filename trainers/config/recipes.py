@@ -130,7 +130,8 @@ class TrainConfig(Recipe):
         "embedding:<name>, CLIPTextEncode, ComfyUI's sampler and scheduler, VAE Decode), so a preview is the "
         "picture LoraLoader + KSampler + VAE Decode give at the same seed and settings; it holds one more copy of the "
         "model in ComfyUI's memory. pack: the pack's own DDIM sampler. auto: comfyui inside ComfyUI where it can "
-        "(SD 1.x/2.x/XL; LoRA, DreamBooth and Textual Inversion), the pack's elsewhere; the log says which and why.",
+        "(SD 1.x/2.x/XL; every training node: a ControlNet through Apply ControlNet (Advanced) on the run's condition), "
+        "the pack's elsewhere; the log says which and why.",
         choices=VALIDATION_SAMPLERS)
     validation_sampler_name: str = option("euler", "ComfyUI's sampler for validation pictures, as KSampler's "
                                           "sampler_name (the pack's own sampler is DDIM).",
