@@ -217,6 +217,28 @@ def samples_of(server, entry: dict, node: str, step: int) -> list:
             for im in found]
 
 
+def trained_with_previews(server, ckpt: dict, prompt: str, trainer: dict, save: dict) -> tuple[dict, list]:
+    """Run CheckpointLoaderSimple -> Model from ComfyUI -> a flat-coloured 2-picture dataset captioned ``prompt`` ->
+    ``trainer`` (node 5: its class and inputs; validation as :data:`PREVIEW`, drawn by ComfyUI) -> ``save`` (node
+    6); returns the run's entry and the validation pictures of its last step (2)."""
+    graph = {
+        "1": ckpt,
+        "2": {"class_type": "FT_ModelFromComfy", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
+                                                            "device": "cpu", "dtype": "fp32"}},
+        "3": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0x884422}},
+        "4": {"class_type": "FT_DatasetFromImages", "inputs": {"images": ["3", 0], "captions": prompt,
+                                                               "resolution": 64}},
+        "5": {"class_type": trainer["class_type"], "inputs": {
+            "model": ["2", 0], "dataset": ["4", 0], "steps": 2, "batch_size": 1, "seed": 0,
+            "validation_prompt": prompt, **PREVIEW, **trainer["inputs"]}},
+        "6": save,
+    }
+    seen = len(server.log())
+    entry = run_ok(server, graph)
+    assert "validation pictures: ComfyUI's sampler (euler, normal, 2 steps, cfg 2" in server.log()[seen:]
+    return entry, samples_of(server, entry, "5", 2)
+
+
 @pytest.mark.parametrize("method", sorted(TRAINERS))
 def test_preview_drawn_by_comfyui_is_what_loraloader_and_ksampler_draw(server, bridge_ckpt, method):
     """validation_sampler comfyui: each validation picture of the last step equals, within 1/255, what the saved
@@ -226,23 +248,10 @@ def test_preview_drawn_by_comfyui_is_what_loraloader_and_ksampler_draw(server, b
     node, prompt, extra = TRAINERS[method]
     ckpt = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": bridge_ckpt}}
     save = ("FT_SaveEmbedding", "embedding") if method == "textual_inversion" else ("FT_SaveLoRA", "lora")
-    graph = {
-        "1": ckpt,
-        "2": {"class_type": "FT_ModelFromComfy", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
-                                                            "device": "cpu", "dtype": "fp32"}},
-        "3": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0x884422}},
-        "4": {"class_type": "FT_DatasetFromImages", "inputs": {"images": ["3", 0], "captions": prompt,
-                                                               "resolution": 64}},
-        "5": {"class_type": node, "inputs": {"model": ["2", 0], "dataset": ["4", 0], "steps": 2,
-                                             "learning_rate": 1e-2, "batch_size": 1, "seed": 0,
-                                             "run_name": f"preview-{method}", "validation_prompt": prompt,
-                                             **PREVIEW, **extra}},
-        "6": {"class_type": save[0], "inputs": {save[1]: ["5", 1], "filename": f"ft_test/preview_{method}"}},
-    }
-    seen = len(server.log())
-    entry = run_ok(server, graph)
-    assert "validation pictures: ComfyUI's sampler (euler, normal, 2 steps, cfg 2" in server.log()[seen:]
-    previews = samples_of(server, entry, "5", 2)
+    entry, previews = trained_with_previews(
+        server, ckpt, prompt, {"class_type": node, "inputs": {"learning_rate": 1e-2, "run_name": f"preview-{method}",
+                                                               **extra}},
+        {"class_type": save[0], "inputs": {save[1]: ["5", 1], "filename": f"ft_test/preview_{method}"}})
     saved = entry["outputs"]["6"]["text"][0].split(":")[0].split("/", 1)[1]
     native = {"1": ckpt}
     if method == "textual_inversion":
@@ -272,25 +281,11 @@ def test_a_controlnet_preview_drawn_by_comfyui_is_what_controlnetloader_and_ksam
     server.free(wait=5)
     ckpt = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": bridge_ckpt}}
     prompt = "a photo of sks"
-    graph = {
-        "1": ckpt,
-        "2": {"class_type": "FT_ModelFromComfy", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
-                                                            "device": "cpu", "dtype": "fp32"}},
-        "3": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0x884422}},
-        "4": {"class_type": "FT_DatasetFromImages", "inputs": {"images": ["3", 0], "captions": prompt,
-                                                               "resolution": 64}},
-        "5": {"class_type": "FT_TrainControlNet", "inputs": {
-            "model": ["2", 0], "dataset": ["4", 0], "preprocessor": "canny", "steps": 2, "learning_rate": 1e-3,
-            "batch_size": 1, "seed": 0, "caption_dropout": 0.0, "run_name": "preview-controlnet",
-            "validation_prompt": prompt, **PREVIEW}},
-        "6": {"class_type": "FT_SaveControlNet", "inputs": {"control_net": ["5", 0],
-                                                            "filename": "ft_test/preview_controlnet", "layout": "original",
-                                                            "dtype": "fp16"}},
-    }
-    seen = len(server.log())
-    entry = run_ok(server, graph)
-    assert "validation pictures: ComfyUI's sampler (euler, normal, 2 steps, cfg 2" in server.log()[seen:]
-    previews = samples_of(server, entry, "5", 2)
+    entry, previews = trained_with_previews(
+        server, ckpt, prompt, {"class_type": "FT_TrainControlNet", "inputs": {
+            "preprocessor": "canny", "learning_rate": 1e-3, "caption_dropout": 0.0, "run_name": "preview-controlnet"}},
+        {"class_type": "FT_SaveControlNet", "inputs": {"control_net": ["5", 0], "filename": "ft_test/preview_controlnet",
+                                                       "layout": "original", "dtype": "fp16"}})
     saved = entry["outputs"]["6"]["text"][0].removeprefix("saved controlnet/")  # ComfyUI's own loader drew with it
     native = {"1": ckpt,
               "2": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": saved}},
