@@ -14,7 +14,7 @@ from .datasets import FT_Augment, FT_DatasetFromImages, FT_DatasetPreview, FT_Lo
 from .evaluate import (FT_CLIPImageSimilarity, FT_CLIPScore, FT_CompareGrid, FT_EvalReport, FT_KID, FT_LoadCLIPScorer,
                        FT_LossPlot)
 from .io import FT_ApplyEmbedding, FT_ApplyLoRA, FT_SaveCheckpoint, FT_SaveEmbedding, FT_SaveLoRA
-from .models import FT_LoadBaseModel
+from .models import FT_LoadBaseModel, FT_LoadZImage
 from .sample import FT_Sample
 from .train import (FT_DreamBoothSubject, FT_TrainControlNet, FT_TrainDreamBooth, FT_TrainLoRA,
                     FT_TrainTextualInversion)
@@ -23,6 +23,7 @@ from .train import (FT_DreamBoothSubject, FT_TrainControlNet, FT_TrainDreamBooth
 #: add an alias entry instead.
 NODES = [
     (FT_LoadBaseModel, "Load Base Model (finetune)"),
+    (FT_LoadZImage, "Load Z-Image (finetune)"),
     (FT_Sample, "Sample (finetune)"),
     (FT_LoadImageDataset, "Load Image Dataset (finetune)"),
     (FT_DatasetFromImages, "Dataset from Images (finetune)"),

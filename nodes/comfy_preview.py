@@ -56,6 +56,8 @@ def why_not(model, recipe) -> str:
         return "outside ComfyUI"
     if not model.family.config:
         return f"ComfyUI has no model like the {model.family.label}"
+    if not model.family.text_encoder_files:
+        return f"the pack does not hand a {model.family.label} to ComfyUI yet (Model to ComfyUI)"
     import comfy.samplers
 
     for name, value, known in (("validation_sampler_name", recipe.validation_sampler_name,

@@ -24,7 +24,8 @@ from ..trainers.loop.cancel import Interrupted
 log = logging.getLogger("comfyui_finetune")
 
 #: Model kinds the pack reads or writes, mapped to ComfyUI's folder_paths keys (and the fallback subfolder).
-MODEL_KINDS = ("checkpoints", "diffusers", "loras", "embeddings", "controlnet", "clip_vision", "vae")
+MODEL_KINDS = ("checkpoints", "diffusers", "loras", "embeddings", "controlnet", "clip_vision", "vae",
+               "diffusion_models", "text_encoders")
 _executing: contextvars.ContextVar[str | None] = contextvars.ContextVar("ft_executing", default=None)
 _fallback = {"input": None, "output": None, "models": None}
 _interrupt = threading.Event()

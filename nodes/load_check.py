@@ -114,6 +114,8 @@ def comfy_lora_ignored(path: Path, fam) -> tuple[int, list[str]]:
     import comfy.lora_convert
     import comfy.utils
 
+    from ..trainers.methods.lora import split_key
+
     _, model, clip, _ = comfy_skeleton(fam)
     key_map = comfy.lora.model_lora_keys_clip(clip, comfy.lora.model_lora_keys_unet(model, {}))
     weights = set(model.state_dict()) | set(clip.state_dict())
@@ -121,7 +123,7 @@ def comfy_lora_ignored(path: Path, fam) -> tuple[int, list[str]]:
     patches = comfy.lora.load_lora(state, key_map, log_missing=False)
     landed = {m for m, target in key_map.items()
               if target in patches and (target if isinstance(target, str) else target[0]) in weights}
-    ignored = [k for k in state if k not in state.read or k.split(".")[0] not in landed]
+    ignored = [k for k in state if k not in state.read or split_key(k)[0] not in landed]
     return len(state), ignored
 
 

@@ -87,3 +87,66 @@ class FT_LoadBaseModel:
         """What ComfyUI calls: the model, and a line in the node saying what it is (family, size, prediction)."""
         out = self.execute(*args, **kwargs)
         return {"ui": {"text": [out[0].describe()]}, "result": out}
+
+
+def qwen_tokenizer_dir():
+    """ComfyUI ships the Qwen vocabulary it reads Z-Image's prompts with (comfy/text_encoders/qwen25_tokenizer)."""
+    if not host.in_comfyui():
+        return None
+    import os
+
+    import comfy.text_encoders
+
+    path = os.path.join(os.path.dirname(comfy.text_encoders.__file__), "qwen25_tokenizer")
+    return path if os.path.isfile(os.path.join(path, "vocab.json")) else None
+
+
+class FT_LoadZImage:
+    DESCRIPTION = ("Load Z-Image (Base or Turbo) to sample or fine-tune from the three files ComfyUI holds it as: "
+                   "the transformer in models/diffusion_models (what UNETLoader reads), the Qwen3-4B text encoder in "
+                   "models/text_encoders (CLIPLoader's) and the Flux VAE in models/vae (VAELoader's). Train LoRAs on "
+                   "Base and apply them to Turbo: Turbo is distilled to draw in 8 steps at cfg 1, and training on it "
+                   "undoes that. Prompts are read "
+                   "with ComfyUI's own Qwen vocabulary, so this node runs inside ComfyUI (or the shell with "
+                   "--tokenizer). Nothing is downloaded.")
+    CATEGORY = f"{ROOT_CATEGORY}/models"
+    RETURN_TYPES = ("FT_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The loaded Z-Image, for FT_Sample and the training nodes.",)
+    FUNCTION = "load"
+    SHOWS = ("text",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "diffusion_model": COMBO(host.list_models("diffusion_models"), "The Z-Image transformer "
+                                         "(models/diffusion_models, ComfyUI's layout: z_image_turbo_bf16.safetensors "
+                                         "and the like)."),
+                "text_encoder": COMBO(host.list_models("text_encoders"), "The Qwen3-4B text encoder "
+                                      "(models/text_encoders, e.g. qwen_3_4b.safetensors)."),
+                "vae": COMBO(host.list_models("vae"), "The Flux VAE (models/vae, ae.safetensors)."),
+                "device": COMBO(DEVICES, "Where the model runs: auto picks the GPU when there is one."),
+                "dtype": COMBO(DTYPES, "Weight precision: auto is bf16 on a GPU for Z-Image and fp32 on the CPU."),
+            },
+            "optional": {
+                "offload": COMBO(OFFLOAD, "On a GPU. auto: the weights wait in CPU memory and visit the GPU only "
+                                 "while they run; training keeps the transformer there and lets the text encoder "
+                                 "go once the captions are encoded. off: everything stays on the GPU."),
+            },
+            "hidden": HIDDEN,
+        }
+
+    @torch_call
+    def execute(self, diffusion_model, text_encoder, vae, device="auto", dtype="auto", offload="auto"):
+        from ..trainers.model.zimage_files import load_zimage_files
+
+        model = load_zimage_files(host.model_path("diffusion_models", diffusion_model),
+                                  host.model_path("text_encoders", text_encoder), host.model_path("vae", vae),
+                                  qwen_tokenizer_dir(), device, dtype, offload=offload == "auto")
+        model.source = f"diffusion_models/{diffusion_model}"
+        return (model,)
+
+    def load(self, *args, **kwargs):
+        out = self.execute(*args, **kwargs)
+        return {"ui": {"text": [out[0].describe()]}, "result": out}

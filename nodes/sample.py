@@ -4,7 +4,8 @@ from __future__ import annotations
 from . import host
 from .base import COMBO, FLOAT, HIDDEN, INT, LINK, MAX_SEED, ROOT_CATEGORY, SEED, STRING, torch_call
 
-SAMPLER_NAMES = ["ddim", "euler", "euler_ancestral", "dpmpp_2m"]  # keys of trainers.sampling.SAMPLERS (tested)
+#: "auto" (the model family's own sampler), then the keys of trainers.sampling.SAMPLERS (tested)
+SAMPLER_NAMES = ["auto", "ddim", "euler", "euler_ancestral", "dpmpp_2m"]
 RESIZE_MODES = ["crop", "fit", "stretch"]  # == trainers.adapters.controlnet.apply.RESIZE_MODES (tested)
 
 
@@ -47,7 +48,9 @@ class FT_Sample:
                 "steps": INT(20, 1, 500, "Denoising steps: more is slower and usually a little cleaner."),
                 "cfg": FLOAT(4.0, 0.0, 30.0, "Classifier-free guidance scale: how strongly to follow the prompt "
                              "(1 = no guidance). The toy model works best around 3-5, SD around 7.", step=0.1),
-                "sampler": COMBO(SAMPLER_NAMES, "The diffusers scheduler that takes the steps."),
+                "sampler": COMBO(SAMPLER_NAMES, "The diffusers scheduler that takes the steps. auto: the model's own "
+                                 "(DDIM for SD 1.x, 2.x, SDXL and the UNet toys; FlowMatch Euler with the family's "
+                                 "shift for Z-Image, which only euler draws)."),
                 "width": INT(0, 0, 4096, "Image width in pixels; 0 = the model's native size (32 for the toy, "
                              "512 for SD 1.x).", step=4),
                 "height": INT(0, 0, 4096, "Image height in pixels; 0 = the model's native size.", step=4),

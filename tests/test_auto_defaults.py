@@ -69,6 +69,8 @@ def test_every_family_has_a_rate_for_every_method():
 
     for fam in FAMILIES.values():
         for name, entry in METHODS.items():
+            if name in dict(fam.not_yet):  # refused by name before any rate is asked (Z-Image's TI, ControlNet)
+                continue
             assert auto(fam.name, entry.recipe())[0] > 0, (fam.name, name)
 
 

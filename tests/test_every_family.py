@@ -63,9 +63,20 @@ def _sdxl_conditioning(pipe, prompts, x):
                                                                    "time_ids": ids.expand(len(prompts), 6)}}
 
 
+def _toy_zimage():
+    from comfyui_finetune.trainers.toy.loader import load_toy_zimage_model
+
+    return load_toy_zimage_model()
+
+
+def _zimage_conditioning(pipe, prompts, x):
+    embeds, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    return {"cap_feats": embeds}
+
+
 #: family -> (its toy-sized model, what its diffusers pipeline conditions the denoiser with)
 ROWS = {"toy": (_toy, _sd_conditioning), "toy_xl": (_random_toy_xl, _sdxl_conditioning),
-        "toy_audio": (_toy_audio, _sd_conditioning)}
+        "toy_audio": (_toy_audio, _sd_conditioning), "toy_zimage": (_toy_zimage, _zimage_conditioning)}
 
 
 def test_every_built_in_family_has_a_row():
@@ -92,6 +103,10 @@ def _same(got, want, atol=1e-6):
         assert got.keys() == want.keys()
         for k in want:
             _same(got[k], want[k], atol)
+    elif isinstance(want, list):  # Z-Image: one context per prompt, each its own length
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            _same(a, b, atol)
     else:
         assert got.shape == want.shape and torch.allclose(got.float(), want.float(), atol=atol), \
             float((got.float() - want.float()).abs().max())
@@ -113,8 +128,10 @@ def test_sampling_draws_what_the_family_pipeline_draws(row):
     model, _ = row
     ours = sample(model, ["a blue square"], seeds=[3], steps=6, cfg=4.0, negative_prompt="")
     f, size = model.vae_scale_factor, model.native_size
+    # ZImagePipeline's guidance g draws cond + g * (cond - uncond): ComfyUI's (and the pack's) cfg g + 1
+    guidance = 3.0 if model.prediction_type == "flow" else 4.0
     with torch.no_grad():
-        theirs = pipeline(model)("a blue square", negative_prompt="", num_inference_steps=6, guidance_scale=4.0,
+        theirs = pipeline(model)("a blue square", negative_prompt="", num_inference_steps=6, guidance_scale=guidance,
                                  height=size, width=size, output_type="pt",
                                  latents=initial_noise([3], (model.latent_channels, size // f, size // f))).images
     assert float((ours - theirs.permute(0, 2, 3, 1)).abs().max()) < 2e-3
@@ -135,8 +152,9 @@ def test_a_lora_file_of_every_part_computes_what_peft_trained(row):
             want = model.denoise(x, t, model.encode_prompts(prompts))
         lora = method.result("row", {})
     fam = base.family
-    assert {m.split("_")[0] + "_" + m.split("_")[1] + "_" for m in lora.modules()} == \
-        {fam.lora_prefixes[p] for p in base.parts() if p in fam.lora_prefixes}, "every part, under its prefix"
+    prefixes = {fam.lora_prefixes[p] for p in base.parts() if p in fam.lora_prefixes}
+    assert {next((p for p in prefixes if m.startswith(p)), m) for m in lora.modules()} == prefixes, \
+        "every part, under its prefix"
     tuned = attach_lora(base.share(), lora_from_state(lora.state, "again"), 1.0)
     with torch.no_grad():
         got = tuned.denoise(x, t, tuned.encode_prompts(prompts))
@@ -152,6 +170,8 @@ def test_an_embedding_in_every_text_encoder_round_trips_through_its_file(row, fo
     from test_textual_inversion import train_ti, yellow_triangles
 
     base, _ = row
+    if "textual_inversion" in dict(base.family.not_yet):
+        pytest.skip(f"{base.family.label} refuses Textual Inversion by name (test_zimage.py)")
     init = "tone" if base.family.sound_preset else "triangle"  # a word of the model's own world
     tuned, emb, _ = train_ti(base, yellow_triangles(4), steps=4, num_vectors=2, batch_size=2, init_token=init)
     widths = [te.get_input_embeddings().weight.shape[1] for te in base.text_encoders]

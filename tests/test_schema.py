@@ -51,7 +51,7 @@ def test_sampler_names_match_library():
     from comfyui_finetune.nodes.sample import SAMPLER_NAMES
     from comfyui_finetune.trainers.sampling import SAMPLERS
 
-    assert SAMPLER_NAMES == list(SAMPLERS)
+    assert SAMPLER_NAMES == ["auto", *SAMPLERS]
 
 
 def _run(code: str) -> str:

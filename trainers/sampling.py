@@ -46,7 +46,7 @@ def sample(
     negative_prompt: str = "",
     steps: int = 20,
     cfg: float = 4.0,
-    sampler: str = "ddim",
+    sampler: str = "",
     width: int = 0,
     height: int = 0,
     on_step: Callable[[int, int], None] | None = None,
@@ -68,6 +68,7 @@ def sample(
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds: give one prompt, or one per image")
     width, height = check_size(model, width, height)
+    sampler = model.family.default_sampler if sampler in ("", "auto") else sampler
     use_cfg = cfg != 1.0
     try:
         with torch.no_grad(), model.placed(model.text_parts) as here, cached():

@@ -1,7 +1,7 @@
 """A base model from its source string: the name Load Base Model offers and config.json records.
 
 A source is a built-in toy (:data:`BUILTINS`: ``toy (built-in)`` or ``toy``, ``toy SDXL (built-in)`` or ``toy_xl``,
-``toy audio (built-in)`` or ``toy_audio``),
+``toy audio (built-in)`` or ``toy_audio``, ``toy Z-Image (built-in)`` or ``toy_zimage``),
 ``diffusers/<folder>`` or ``checkpoints/<file>``. The library never asks ComfyUI where model folders are: the caller
 gives ``resolve(kind, name) -> path`` (the nodes and the shell pass nodes/host.py's ``model_path``) and, for
 single-file checkpoints, ``tokenizer_dir`` (ComfyUI's shipped SD 1.x/2.x CLIP vocabulary, when there is one).
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from .toy.loader import TOY_AUDIO_SOURCE, TOY_SOURCE, TOY_XL_SOURCE, load_toy_audio_model, load_toy_model
-from .toy.loader import load_toy_xl_model
+from .toy.loader import TOY_ZIMAGE_SOURCE, load_toy_xl_model, load_toy_zimage_model
 
 OFFLOAD = ["auto", "off"]
 PREDICTION = ["auto", "epsilon", "v_prediction"]  # auto + trainers.families.PREDICTIONS (tested)
@@ -35,7 +35,8 @@ class Builtin:
 BUILTINS: dict[str, Builtin] = {b.source: b for b in (
     Builtin(TOY_SOURCE, "toy", "toy model", load_toy_model),
     Builtin(TOY_XL_SOURCE, "toy_xl", "toy SDXL", load_toy_xl_model),
-    Builtin(TOY_AUDIO_SOURCE, "toy_audio", "toy audio model", load_toy_audio_model))}
+    Builtin(TOY_AUDIO_SOURCE, "toy_audio", "toy audio model", load_toy_audio_model),
+    Builtin(TOY_ZIMAGE_SOURCE, "toy_zimage", "toy Z-Image", load_toy_zimage_model))}
 
 
 def builtin(model_name: str) -> Builtin | None:

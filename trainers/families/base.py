@@ -92,6 +92,8 @@ class Family:
     #: what a lineage's models are made of (class attributes, not fields). The model's parts by name, in order: the
     #: denoiser first, the VAE, then the text encoders (each with its tokenizer)
     denoiser_part: ClassVar[str] = "unet"
+    #: the sampler that draws its validation pictures, class pictures and samples unless one is named
+    default_sampler: ClassVar[str] = "ddim"
     text_parts: ClassVar[tuple[str, ...]] = ("text_encoder",)
     tokenizer_parts: ClassVar[tuple[str, ...]] = ("tokenizer",)
 
@@ -129,6 +131,11 @@ class Family:
             if what in wanted:
                 raise ValueError(f"{what.replace(':', ' ')} on {self.label} is not supported yet: {why}")
 
+    def adjust(self, recipe) -> tuple[Any, dict[str, str]]:
+        """``recipe`` with the options that mean nothing for this family set to what does, and why, per option
+        (asked by ``loop.session.resolve_auto``; the UNet families change nothing)."""
+        return recipe, {}
+
     def learning_rate(self, recipe) -> tuple[float, str]:
         """This family's AdamW rate for ``recipe``'s method (and mode), and where it came from. ``recipe``'s own
         learning_rate is not read: ``loop.session.resolve_auto`` asks this where it is 0 (auto), then scales the rate
@@ -146,6 +153,19 @@ class Family:
         from ..config.recipes import label_of
 
         return dict(self.lora_targets)[recipe.method], f"{self.label}, {label_of(recipe.method)}"
+
+    def size_step(self, model) -> int:
+        """What every picture side must be a multiple of: the VAE's factor times the UNet's downsamplings."""
+        return model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1)
+
+    def native_pixels(self, model) -> int:
+        """The side of the pictures ``model`` was trained at: its UNet's sample size, else the family's."""
+        size = model.unet.config.get("sample_size") if hasattr(model.unet.config, "get") else None
+        return int(size) * model.vae_scale_factor if size else self.native_size
+
+    def prediction_type(self, model) -> str:
+        """What ``model``'s denoiser predicts (its scheduler config's prediction type for the DDPM families)."""
+        return str(model.scheduler_config.get("prediction_type", "epsilon"))
 
     # --------------------------------------------------------------------------------------- behaviour --
     def encode_prompts(self, model, prompts: list[str]) -> torch.Tensor:

@@ -11,6 +11,7 @@ from typing import Any
 from .base import CONFIGS, TOY_WEIGHTS, Family  # noqa: F401  (where the pack's configs and toy weights are)
 from .sd import SD
 from .sdxl import SDXL
+from .zimage import ZImage
 
 
 #: prediction types a model may have (the scheduler's prediction_type); FT_LoadBaseModel's "auto" detects it
@@ -54,6 +55,25 @@ TOY_RATES = (("lora", 1e-3), ("dreambooth", 1e-3), ("dreambooth:full", 2e-4), ("
 #: convolutions in 32 of 32 (benchmarks/bench_concepts.py --model toy_xl --seeds 0)
 TOY_TARGETS = (("lora", "attention+feedforward+conv"), ("dreambooth", "attention+feedforward+conv"))
 
+#: the layers the toy Z-Image's adapters train (its transformer has no convolutions)
+TOY_ZIMAGE_TARGETS = (("lora", "attention+feedforward"), ("dreambooth", "attention+feedforward"))
+#: what Z-Image cannot be trained for yet, and why
+ZIMAGE_NOT_YET = (
+    ("textual_inversion", "ComfyUI 0.8 reads no embeddings for Z-Image (its Qwen3 tokenizer is given no embedding "
+                          "folder), so a trained word could not be used there; train a LoRA"),
+    ("controlnet", "the pack trains ControlNets for the UNet families; Z-Image's ControlNets are another "
+                   "architecture (ComfyUI loads them as model patches)"),
+)
+
+#: Z-Image's rates: the field's for LoRA on a 6 B flow transformer (ai-toolkit's and OneTrainer's Z-Image presets
+#: train rank-16 LoRAs at 1e-4)
+ZIMAGE_RATES = (("lora", 1e-4), ("dreambooth", 1e-4), ("dreambooth:full", 5e-6))
+#: Z-Image's LoRA targets: attention for a LoRA (the field's default), with the feed-forward for DreamBooth
+ZIMAGE_TARGETS = (("lora", "attention"), ("dreambooth", "attention+feedforward"))
+ZIMAGE_FULL = (("dreambooth:full", "a full fine-tune of the 6 B transformer needs its weights, gradients and AdamW "
+                                   "state (about 74 GB in bf16 and fp32 moments), past every 24-48 GB GPU; train "
+                                   "DreamBooth in lora mode"),)
+
 FAMILIES: dict[str, Family] = {
     "toy": SD("toy", "built-in toy model (32x32 shapes)", None, 32, 64, gpu_dtype="fp32",
                   base_model_version="finetune_toy", class_cfg=4.0, learning_rates=TOY_RATES,
@@ -64,11 +84,19 @@ FAMILIES: dict[str, Family] = {
     "toy_audio": SD("toy_audio", "built-in toy audio model (64x64 mel spectrograms of tones)", None, 64, 48,
                     gpu_dtype="fp32", base_model_version="finetune_toy_audio", class_cfg=4.0,
                     sound_preset="toy_8k_64mel", learning_rates=TOY_RATES, lora_targets=TOY_TARGETS),
+    "toy_zimage": ZImage("toy_zimage", "built-in toy Z-Image (32x32 shapes, flow matching, one Qwen3)", None, 32,
+                         64, gpu_dtype="fp32", base_model_version="finetune_toy_zimage", class_cfg=4.0,
+                         learning_rates=TOY_RATES, lora_targets=TOY_ZIMAGE_TARGETS, max_tokens=64,
+                         not_yet=ZIMAGE_NOT_YET),
     "sd15": SD("sd15", "Stable Diffusion 1.x", "sd15", 512, 768, detect=lambda state: "epsilon",
                    text_encoder_files=(CLIP_L,), architecture="stable-diffusion-v1", base_model_version="sd_v1"),
     "sd2": SD("sd2", "Stable Diffusion 2.x", "sd2", 768, 1024, detect=sd2_prediction,
                   sizes=(("epsilon", 512), ("v_prediction", 768)), text_encoder_files=(OPEN_CLIP,),
                   architecture="stable-diffusion-v2", base_model_version="sd_v2"),
+    "zimage": ZImage("zimage", "Z-Image", "zimage", 1024, 2560, gpu_dtype="bf16", architecture="z-image",
+                     base_model_version="zimage", class_cfg=4.0, checkpointing_on_gpu=True, vae_upcast=True,
+                     learning_rates=ZIMAGE_RATES, lora_targets=ZIMAGE_TARGETS,
+                     not_yet=ZIMAGE_NOT_YET + ZIMAGE_FULL),
     "sdxl": SDXL("sdxl", "Stable Diffusion XL", "sdxl", 1024, 2048, detect=sdxl_prediction,
                    text_encoder_files=SDXL_ENCODERS, architecture="stable-diffusion-xl-v1-base",
                    base_model_version="sdxl_base_v1-0", class_cfg=5.0, vae_upcast=True,
@@ -83,10 +111,11 @@ LORA_PREFIXES = tuple(sorted({p for fam in FAMILIES.values() for p in fam.lora_p
 def family_for_unet(unet_config) -> Family:
     """Recognise the family of a diffusers UNet config."""
     ctx = unet_config.get("cross_attention_dim") if isinstance(unet_config, dict) else unet_config.cross_attention_dim
-    for fam in FAMILIES.values():
+    unets = [fam for fam in FAMILIES.values() if fam.denoiser_part == "unet"]
+    for fam in unets:
         if fam.context_dim == ctx:
             return fam
-    known = ", ".join(f"{f.label} ({f.context_dim})" for f in FAMILIES.values())
+    known = ", ".join(f"{f.label} ({f.context_dim})" for f in unets)
     raise ValueError(f"unrecognised model: its UNet's cross_attention_dim is {ctx}; the pack knows {known}")
 
 

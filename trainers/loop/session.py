@@ -67,6 +67,10 @@ def resolve_auto(recipe: TrainConfig, model: FTModel, extra_config: dict | None)
     (``Spec.auto_lr``: prodigy, lion). A typed value is kept as it is, and so is a value already resolved: a method
     built from the recipe (LoRA's adapters) resolves it first and hands the ``"chosen"`` notes on."""
     extra = dict(extra_config or {})
+    recipe, notes = model.family.adjust(recipe)
+    for name, why in notes.items():
+        log.info("%s %s (%s)", name, getattr(recipe, name), why)
+        extra["chosen"] = {**extra.get("chosen", {}), name: why}
     if getattr(recipe, "target_modules", None) == "auto":
         targets, why = model.family.target_modules(recipe)
         log.info("target_modules %s (auto: %s)", targets, why)

@@ -31,14 +31,24 @@ from ..model.model import FTModel
 from ..config.recipes import LoRARecipe, TrainConfig
 from ..runs.run_dir import RunDir
 
-#: target presets: name -> (UNet module names, text-encoder module names); peft matches name suffixes
+#: Z-Image's feed-forward (a SwiGLU: w1 and w3 in, w2 out) in every block: the noise and context refiners and the
+#: main layers
+ZIMAGE_FF = ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+#: Qwen3's feed-forward (Z-Image's text encoder; its attention output is o_proj)
+QWEN_FF = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+#: target presets: name -> (denoiser module names, text-encoder module names); peft matches name suffixes. The
+#: attention names are the UNet's and Z-Image's alike (diffusers' to_q / to_k / to_v / to_out.0); adaln is
+#: Z-Image's per-block modulation (adaLN_modulation.0, in the main layers and the noise refiner)
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+#: the text encoders' attention (CLIP's out_proj, Qwen3's o_proj) and feed-forward (CLIP's fc1 / fc2, Qwen3's)
+TE_ATTENTION, TE_FF = ("q_proj", "k_proj", "v_proj", "out_proj", "o_proj"), ("fc1", "fc2", *QWEN_FF)
+UNET_FF = ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+UNET_CONV = ("conv1", "conv2", "conv_shortcut", "time_emb_proj")
 TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "attention": (("to_q", "to_k", "to_v", "to_out.0"), ("q_proj", "k_proj", "v_proj", "out_proj")),
-    "attention+feedforward": (("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in",
-                               "proj_out"), ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")),
-    "attention+feedforward+conv": (("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in",
-                                    "proj_out", "conv1", "conv2", "conv_shortcut", "time_emb_proj"),
-                                   ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")),
+    "attention": (ATTENTION, TE_ATTENTION),
+    "attention+feedforward": ((*ATTENTION, *UNET_FF, *ZIMAGE_FF), (*TE_ATTENTION, *TE_FF)),
+    "attention+feedforward+conv": ((*ATTENTION, *UNET_FF, *UNET_CONV, *ZIMAGE_FF), (*TE_ATTENTION, *TE_FF)),
+    "attention+feedforward+adaln": ((*ATTENTION, *ZIMAGE_FF, "adaLN_modulation.0"), (*TE_ATTENTION, *TE_FF)),
 }
 #: the node's choices: "auto" (the family's preset for the method, ``Family.lora_targets``) or a preset
 TARGET_CHOICES = ("auto", *TARGETS)
@@ -59,11 +69,30 @@ class LoRA:
     kind: str = "lora"  #: "lora", "loha", "lokr" or "dora" (see KINDS)
 
     def modules(self) -> list[str]:
-        return sorted({k.split(".")[0] for k in self.state})
+        return sorted({split_key(k)[0] for k in self.state})
 
     def __repr__(self) -> str:
         kind = "" if self.kind == "lora" else f"{self.kind}, "
         return f"LoRA({self.name!r}, {kind}rank {self.rank}, alpha {self.alpha}, {len(self.modules())} modules)"
+
+
+def adaptable(module: torch.nn.Module, suffixes: tuple[str, ...]) -> list[str]:
+    """The names of ``module``'s layers a preset's ``suffixes`` name that an adapter can wrap (linear layers and
+    convolutions): Z-Image's ``adaLN_modulation.0`` is a block's linear layer, but the final layer's SiLU."""
+    return [name for name, m in module.named_modules()
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+            and any(name == t or name.endswith("." + t) for t in suffixes)]
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """(module name, tensor suffix) of a LoRA file's key: the suffix is one of the kinds' tensor names (two dotted
+    parts for ``lora_down.weight`` / ``lora_up.weight``), the module name the rest, dots and all (Z-Image's
+    ``diffusion_model.layers.0.attention.to_q``; kohya's SD names have none)."""
+    head, _, last = key.rpartition(".")
+    if last == "weight":
+        head, _, kind = head.rpartition(".")
+        return head, f"{kind}.{last}"
+    return head, last
 
 
 def kohya_key(part: str, module_path: str, model: FTModel | None = None) -> str:
@@ -134,7 +163,7 @@ class LoRAMethod(Method):
         self.check_rank(model)
         unet_t, te_t = TARGETS[self.targets]
         for part, mod in self._parts():
-            targets = list(unet_t if part == model.family.denoiser_part else te_t)
+            targets = adaptable(mod, unet_t if part == model.family.denoiser_part else te_t)
             if self.kind == "loha":
                 cfg = LoHaConfig(r=self.rank, alpha=self.alpha, target_modules=targets)
             elif self.kind == "lokr":
@@ -151,11 +180,9 @@ class LoRAMethod(Method):
         unet_t, te_t = TARGETS[self.targets]
         cap = 0
         for part, mod in self._parts(model):
-            wanted = unet_t if part == "unet" else te_t
-            for name, m in mod.named_modules():
-                if not any(name == t or name.endswith("." + t) for t in wanted):
-                    continue
-                w = getattr(m, "weight", None)
+            modules = dict(mod.named_modules())
+            for name in adaptable(mod, unet_t if part == model.family.denoiser_part else te_t):
+                w = getattr(modules[name], "weight", None)
                 if w is not None and w.ndim >= 2:
                     cap = max(cap, min(int(w.shape[0]), int(w[0].numel())))
         if cap and self.rank > cap:
@@ -336,7 +363,7 @@ def _check_whole(state: dict[str, torch.Tensor], name: str) -> None:
     """Every module of a LoRA file has all the tensors its kind needs (a pair cut in half is a damaged file)."""
     by_module: dict[str, set[str]] = {}
     for k in state:
-        module, _, suffix = k.partition(".")
+        module, suffix = split_key(k)
         by_module.setdefault(module, set()).add(suffix)
     broken = {m: _missing(keys) for m, keys in by_module.items() if _missing(keys)}
     if broken:

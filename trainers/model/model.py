@@ -77,12 +77,21 @@ class FTModel:
 
     def parts(self) -> dict[str, Any]:
         """Every module of the model by name, in the family's order: the denoiser, the VAE, the text encoders."""
-        return {name: getattr(self, name) for name in self.family.parts if getattr(self, name) is not None}
+        return {name: m for name in self.family.parts if (m := self.part(name)) is not None}
+
+    def part(self, name: str):
+        """The module of part ``name`` (the denoiser under its family's name: "unet" or "transformer")."""
+        return self.unet if name == self.family.denoiser_part else getattr(self, name)
 
     @property
     def denoiser(self) -> torch.nn.Module:
-        """What predicts the noise (a UNet, or a transformer)."""
-        return getattr(self, self.family.denoiser_part)
+        """What predicts the noise (a UNet, or a transformer); the field ``unet`` holds either."""
+        return self.unet
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        """The denoiser of a transformer family (Z-Image's), by the name its files and pipelines give it."""
+        return self.unet
 
     @property
     def text_parts(self) -> tuple[str, ...]:
@@ -131,9 +140,9 @@ class FTModel:
 
     @property
     def prediction_type(self) -> str:
-        """What the UNet predicts: "epsilon" (the noise) or "v_prediction" (the velocity); it sets the training
-        target and the sampler."""
-        return str(self.scheduler_config.get("prediction_type", "epsilon"))
+        """What the denoiser predicts: "epsilon" (the noise) or "v_prediction" (the velocity), or "flow" (a
+        flow-matching model's noise - x0); it sets the training target and the sampler."""
+        return self.family.prediction_type(self)
 
     def describe(self) -> str:
         """One line for the loader node: family, native size and prediction type (and how it was chosen)."""
@@ -147,11 +156,11 @@ class FTModel:
     @property
     def size_step(self) -> int:
         """What every picture side must be a multiple of: the VAE's factor times the UNet's downsamplings."""
-        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        return self.family.size_step(self)
 
     @property
     def native_size(self) -> int:
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        return self.family.native_pixels(self)
 
     @property
     def latent_channels(self) -> int:
@@ -257,7 +266,7 @@ class FTModel:
         from .deltas import materialize, share
 
         parts = {n: (materialize if n in own else share)(m) for n, m in self.parts().items()}
-        return FTModel(self.family, self.name, parts["unet"], parts["vae"], parts["text_encoder"],
+        return FTModel(self.family, self.name, parts[self.family.denoiser_part], parts["vae"], parts["text_encoder"],
                        copy.deepcopy(self.tokenizer), dict(self.scheduler_config), self.device, self.dtype,
                        list(self.history), {k: list(v) for k, v in self.token_vectors.items()}, self.source,
                        self.offload, self.prediction_source, parts.get("text_encoder_2"),

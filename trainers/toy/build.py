@@ -28,7 +28,7 @@ from .tokenizer import write_tokenizer
 
 log = logging.getLogger(__name__)
 STAGES = ("judge", "vae", "unet", "clip", "controlnet", "eval", "xl", "xl_eval", "audio_vae", "audio_unet",
-          "audio_eval")
+          "audio_eval", "zimage_vae", "zimage", "zimage_eval")
 
 
 @dataclass
@@ -160,10 +160,13 @@ def _vae_batch(rng: np.random.Generator, n: int) -> torch.Tensor:
     return world.to_tensor_batch(imgs)
 
 
-def train_vae(cfg: BuildConfig, out: Path, train_x: torch.Tensor) -> dict:
+def train_vae(cfg: BuildConfig, out: Path, train_x: torch.Tensor, new=models.new_vae, folder: str = "pipeline/vae",
+              shift: bool = False) -> dict:
+    """Train the VAE ``new()`` makes on toy pictures and save it in ``out / folder``, its scaling factor 1 / the
+    latents' spread (``shift``: and its shift factor their mean, as the Flux VAE has one)."""
     torch.manual_seed(cfg.seed + 2)
     rng = np.random.default_rng(cfg.seed + 2)
-    vae = models.new_vae()
+    vae = new()
     t0 = time.time()
     fit_vae(vae, lambda: _vae_batch(rng, cfg.batch_size), cfg, "vae")
     with torch.no_grad():
@@ -175,8 +178,11 @@ def train_vae(cfg: BuildConfig, out: Path, train_x: torch.Tensor) -> dict:
         purple = world.to_tensor_batch([world.random_picture(vrng, color="purple", shape=s).image
                                         for s in world.SHAPES for _ in range(8)])
         mse_purple = float(F.mse_loss(vae.decode(vae.encode(purple).latent_dist.mean).sample, purple))
+    if shift:
+        std = float((lat - lat.mean()).std())
+        vae.register_to_config(shift_factor=round(float(lat.mean()), 5))
     vae.register_to_config(scaling_factor=round(1.0 / std, 5))
-    vae.save_pretrained(str(out / "pipeline" / "vae"))
+    vae.save_pretrained(str(out / folder))
     return {"seconds": round(time.time() - t0, 1), "val_mse": round(mse, 5), "purple_mse": round(mse_purple, 5),
             "latent_std": round(std, 4), "latent_mean": round(float(lat.mean()), 4),
             "scaling_factor": vae.config.scaling_factor}
@@ -184,8 +190,10 @@ def train_vae(cfg: BuildConfig, out: Path, train_x: torch.Tensor) -> dict:
 
 # ----------------------------------------------------------------------------------------------- unet + te --
 def train_unet(cfg: BuildConfig, out: Path, pics: list[world.Picture]) -> dict:
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ..objectives.ddpm import DDPM
 
     torch.manual_seed(cfg.seed + 3)
     g = torch.Generator().manual_seed(cfg.seed + 3)
@@ -193,7 +201,6 @@ def train_unet(cfg: BuildConfig, out: Path, pics: list[world.Picture]) -> dict:
     vae = AutoencoderKL.from_pretrained(str(out / "pipeline" / "vae")).eval()
     te = CLIPTextModel(models.text_config(len(tok), tok.bos_token_id, tok.eos_token_id))
     unet = models.new_unet()
-    noise_sched = DDPMScheduler(**models.SCHEDULER_CONFIG)
     t0 = time.time()
     mean, std = encode_pictures(vae, pics)
     ids = tok([p.caption for p in pics], padding="max_length", max_length=tok.model_max_length,
@@ -207,7 +214,7 @@ def train_unet(cfg: BuildConfig, out: Path, pics: list[world.Picture]) -> dict:
         return te(cap)[0]
 
     ema_loss, ms = train_denoiser(cfg, list(unet.parameters()) + list(te.parameters()), mean, std,
-                                  vae.config.scaling_factor, noise_sched, g, condition,
+                                  lambda z: z * vae.config.scaling_factor, DDPM(models.SCHEDULER_CONFIG), g, condition,
                                   lambda noisy, t, ctx: unet(noisy, t, encoder_hidden_states=ctx).sample, "unet")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te.eval(), tokenizer=tok, unet=unet.eval(),
                                    scheduler=DDIMScheduler(**models.SCHEDULER_CONFIG), safety_checker=None,
@@ -281,20 +288,21 @@ def train_clip(cfg: BuildConfig, out: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ eval --
-def evaluate(cfg: BuildConfig, out: Path, grid_path: Path | None = None, xl: bool = False) -> dict:
+def evaluate(cfg: BuildConfig, out: Path, grid_path: Path | None = None, xl: bool = False, load=None,
+             sampler: str = "ddim") -> dict:
     """The quality bar: colour and shape accuracy over the base classes, several seeds each (``xl``: of the toy
-    SDXL)."""
+    SDXL; ``load(out)``: of another toy, drawn with ``sampler``)."""
     from ..sampling import sample
     from .loader import load_toy_model, load_toy_xl_model
 
-    model = load_toy_xl_model(out) if xl else load_toy_model(out)
+    model = load(out) if load else load_toy_xl_model(out) if xl else load_toy_model(out)
     judge = judge_mod.ToyJudge.load(out / "judge")
     classes = world.base_classes()
     t0 = time.time()
     rows, per_class = [], {}
     for c, s in classes:
         imgs = sample(model, f"a {c} {s}", seeds=list(range(cfg.eval_seeds)), steps=cfg.eval_steps,
-                      cfg=cfg.eval_cfg)
+                      cfg=cfg.eval_cfg, sampler=sampler)
         res = judge.judge(imgs)
         per_class[f"{c} {s}"] = {"color": float(np.mean([r["color"] == c for r in res])),
                                  "shape": float(np.mean([r["shape"] == s for r in res]))}
@@ -354,6 +362,10 @@ def build(out: Path = WEIGHTS, cfg: BuildConfig | None = None, stages=STAGES) ->
         elif stage == "xl_eval":
             report["xl_eval"] = evaluate(cfg, out, (out.parent if out == WEIGHTS else out) / "toy_xl_samples.png",
                                          xl=True)
+        elif stage.startswith("zimage"):
+            from . import build_zimage
+
+            report[stage] = build_zimage.run(stage, cfg, out, pics)
         elif stage.startswith("audio"):
             from . import build_audio
 

@@ -107,9 +107,10 @@ def vae_round_trip(vae, seed: int) -> dict:
 
 
 def train_unet(cfg, out: Path, x: torch.Tensor, captions: list[str]) -> dict:
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from ..objectives.ddpm import DDPM
     from ..runs.export import legacy_text_encoder_keys
 
     torch.manual_seed(cfg.seed + 13)
@@ -134,7 +135,7 @@ def train_unet(cfg, out: Path, x: torch.Tensor, captions: list[str]) -> dict:
         return te(cap)[0]
 
     ema_loss, ms = train_denoiser(cfg, list(unet.parameters()) + list(te.parameters()), mean, std,
-                                  vae.config.scaling_factor, DDPMScheduler(**models.SCHEDULER_CONFIG), g, condition,
+                                  lambda z: z * vae.config.scaling_factor, DDPM(models.SCHEDULER_CONFIG), g, condition,
                                   lambda noisy, t, ctx: unet(noisy, t, encoder_hidden_states=ctx).sample, "audio unet")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te.eval(), tokenizer=tok, unet=unet.eval(),
                                    scheduler=DDIMScheduler(**models.SCHEDULER_CONFIG), safety_checker=None,

@@ -22,11 +22,12 @@ log = logging.getLogger(__name__)
 
 
 def train_unet_xl(cfg, out: Path, pics: list[world.Picture]) -> dict:
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
+    from diffusers import AutoencoderKL, DDIMScheduler
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from ..runs.export import legacy_text_encoder_keys
     from ..model.model import FTModel
+    from ..objectives.ddpm import DDPM
     from .tokenizer import write_tokenizer
 
     torch.manual_seed(cfg.seed + 7)
@@ -41,7 +42,6 @@ def train_unet_xl(cfg, out: Path, pics: list[world.Picture]) -> dict:
     unet = models.new_unet_xl()
     model = FTModel("toy_xl", "toy_xl", unet, vae, te, tok, dict(models.SCHEDULER_CONFIG), text_encoder_2=te2,
                     tokenizer_2=CLIPTokenizer.from_pretrained(str(dst / "tokenizer_2")))
-    noise_sched = DDPMScheduler(**models.SCHEDULER_CONFIG)
     t0 = time.time()
     mean, std = encode_pictures(vae, pics)
     captions = [p.caption for p in pics]
@@ -52,7 +52,8 @@ def train_unet_xl(cfg, out: Path, pics: list[world.Picture]) -> dict:
         return model.encode_prompts(["" if d else captions[j] for j, d in zip(idx.tolist(), drop.tolist())])
 
     params = list(unet.parameters()) + list(te.parameters()) + list(te2.parameters())
-    ema_loss, ms = train_denoiser(cfg, params, mean, std, vae.config.scaling_factor, noise_sched, g, condition,
+    ema_loss, ms = train_denoiser(cfg, params, mean, std, lambda z: z * vae.config.scaling_factor,
+                                  DDPM(models.SCHEDULER_CONFIG), g, condition,
                                   model.denoise, "xl unet")
     unet.eval().save_pretrained(str(dst / "unet"), safe_serialization=True)
     te.eval().save_pretrained(str(dst / "text_encoder"), safe_serialization=True)

@@ -129,3 +129,40 @@ def new_audio_unet():
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(**AUDIO_UNET_CONFIG)
+
+
+# -------------------------------------------------------------------------------------------- toy Z-Image --
+#: the toy Z-Image: Z-Image's architecture at toy size. A 16-channel VAE like the Flux VAE (no quant convs; a shift
+#: and a scale), x2 down, so the transformer sees 16 x 16 latents as 8 x 8 = 64 patches of 2 x 2; the transformer
+#: has Z-Image's blocks (noise and context refiners, single-stream layers, adaLN, 3-axis RoPE whose axes add up to
+#: the head width), and the text encoder is a Qwen3 whose second-to-last hidden state is the context
+ZIMAGE_TEXT_WIDTH = 64
+ZIMAGE_VAE_CONFIG = dict(VAE_CONFIG, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+ZIMAGE_TRANSFORMER_CONFIG = dict(
+    all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=96, n_layers=3, n_refiner_layers=1, n_heads=3,
+    n_kv_heads=3, qk_norm=True, cap_feat_dim=ZIMAGE_TEXT_WIDTH, rope_theta=256.0, t_scale=1000.0,
+    axes_dims=[8, 12, 12], axes_lens=[256, 64, 64],
+)
+
+
+def qwen3_config(vocab_size: int, pad: int):
+    """The toy Z-Image's text encoder: a Qwen3 (grouped-query attention, q/k norms) three layers deep, so its
+    second-to-last hidden state (Z-Image's context) has two layers under it."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=vocab_size, hidden_size=ZIMAGE_TEXT_WIDTH, intermediate_size=128,
+                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       max_position_embeddings=2 * MAX_LENGTH, pad_token_id=pad, eos_token_id=pad,
+                       bos_token_id=None, tie_word_embeddings=False)
+
+
+def new_zimage_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**ZIMAGE_VAE_CONFIG)
+
+
+def new_zimage_transformer():
+    from diffusers import ZImageTransformer2DModel
+
+    return ZImageTransformer2DModel(**ZIMAGE_TRANSFORMER_CONFIG)

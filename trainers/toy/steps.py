@@ -64,19 +64,20 @@ def fit_vae(vae, next_batch, cfg, label: str) -> None:
     vae.eval()
 
 
-def train_denoiser(cfg, params: list, mean: torch.Tensor, std: torch.Tensor, sf: float, noise_sched,
+def train_denoiser(cfg, params: list, mean: torch.Tensor, std: torch.Tensor, to_model, objective,
                    g: torch.Generator, condition, forward, label: str) -> tuple[float, float]:
     """The toy builds' text-to-image training: ``cfg.unet_steps`` AdamW steps (cosine schedule, EMA, gradient
-    clipping, min-SNR 5 weights) over shuffled batches of the latents, a caption dropped with
-    ``cfg.caption_dropout``. ``condition(idx, dropped)`` gives the batch's text conditioning and
-    ``forward(noisy, t, conditioning)`` the prediction. The averaged weights end in ``params``; returns the final
-    smoothed loss and the milliseconds per step."""
+    clipping, the ``objective``'s weights at min-SNR 5) over shuffled batches of the latents (``to_model``: VAE
+    latents -> the denoiser's), a caption dropped with ``cfg.caption_dropout``. ``condition(idx, dropped)`` gives
+    the batch's text conditioning and ``forward(noisy, t, conditioning)`` the prediction. The averaged weights end
+    in ``params``; returns the final smoothed loss and the milliseconds per step."""
     import logging
     import time
+    from types import SimpleNamespace
 
     from diffusers.training_utils import EMAModel
 
-    from ..objectives import base, ddpm
+    from ..objectives import base
 
     log = logging.getLogger(__name__)
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
@@ -91,14 +92,11 @@ def train_denoiser(cfg, params: list, mean: torch.Tensor, std: torch.Tensor, sf:
             order, pos = torch.randperm(n, generator=g), 0
         idx = order[pos:pos + cfg.batch_size]
         pos += cfg.batch_size
-        lat = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * sf
+        lat = to_model(mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g))
         drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout
-        noise = base.sample_noise(lat, g)
-        t = ddpm.sample_timesteps(len(idx), noise_sched, g, lat.device)
-        noisy = noise_sched.add_noise(lat, noise, t)
+        noisy, t, target = objective.noised(lat, g)
         pred = forward(noisy, t, condition(idx, drop))
-        w = ddpm.min_snr_weights(noise_sched, t, 5.0)
-        loss = base.diffusion_loss(pred, ddpm.target_for(noise_sched, lat, noise, t), weights=w)
+        loss = base.diffusion_loss(pred, target, weights=objective.weights(t, SimpleNamespace(snr_gamma=5.0)))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -78,3 +78,54 @@ def write_tokenizer(folder: Path, words=WORDS) -> Path:
                         pad_token=EOS)
     tok.save_pretrained(str(folder))
     return folder
+
+
+# ------------------------------------------------------------------------------------------- toy Z-Image --
+#: Qwen's chat markers: added tokens of the real tokenizer (ids 151644 and 151645 there), added tokens here too
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+#: words of Z-Image's prompt template (ComfyUI's ``llama_template``) that become single tokens as well
+TEMPLATE_WORDS = ("user", "assistant")
+
+
+#: a Qwen chat template (Jinja) with what Z-Image's prompts use of Qwen3's: each turn as
+#: ``<|im_start|>{role}\n{content}<|im_end|>\n``, then the assistant's turn opened; with it diffusers' ZImagePipeline
+#: (which calls ``apply_chat_template``) writes ComfyUI's string for the toy too
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_byte_level_vocab(words=WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A byte-level BPE vocabulary as Qwen's tokenizer has it (GPT-2's byte table, no end-of-word suffix, a leading
+    space as ``Ġ``): every byte, then merges making each of ``words`` one token both at the start of the text and
+    after a space."""
+    space = bytes_to_unicode()[ord(" ")]
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in [w for word in words for w in (word, space + word)]:
+        pieces = _apply_merges(list(word), ranks)
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+            pieces = [pair[0] + pair[1]] + pieces[2:]
+    for special in (EOS, IM_START, IM_END):
+        vocab[special] = len(vocab)
+    return vocab, merges
+
+
+def write_qwen_tokenizer(folder: Path, words=WORDS + TEMPLATE_WORDS) -> Path:
+    """Save a Qwen2Tokenizer (the class ComfyUI and diffusers read Z-Image's Qwen3 vocabulary with) whose
+    vocabulary is the toy world's words, with ``<|endoftext|>`` as its pad token and the chat markers as added
+    tokens."""
+    from transformers import AddedToken, Qwen2Tokenizer
+
+    vocab, merges = build_byte_level_vocab(words)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH * 2)
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in (IM_START, IM_END)])
+    tok.chat_template = CHAT_TEMPLATE
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(folder))
+    return folder

@@ -1,0 +1,113 @@
+"""Z-Image's files: the transformer in ComfyUI's native layout (fused qkv) both ways, read by diffusers' own
+converter, and Load Z-Image reading the three files ComfyUI holds Z-Image as (a small random transformer and Qwen3 of
+the real layouts, the real Flux VAE shape), then sampling and training a LoRA whose file names the transformer's
+modules as ComfyUI's Z-Image LoRA loader reads them. (Real-size files in a real ComfyUI: test_comfyui_zimage.py.)"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from comfyui_finetune.trainers.families.zimage_native import from_native, to_native
+
+
+def test_the_native_layout_round_trips_and_diffusers_reads_it():
+    from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
+
+    from comfyui_finetune.trainers.toy import models
+
+    torch.manual_seed(0)
+    state = models.new_zimage_transformer().state_dict()
+    native = to_native(state, "model.diffusion_model.")
+    assert "model.diffusion_model.layers.0.attention.qkv.weight" in native
+    assert not any(".to_q." in k or "all_x_embedder" in k for k in native)
+    for back in (from_native(dict(native), "model.diffusion_model."),
+                 convert_z_image_transformer_checkpoint_to_diffusers(dict(native))):
+        assert back.keys() == state.keys()
+        assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+@pytest.fixture(scope="module")
+def zimage_files(tmp_path_factory):
+    """A small Z-Image as ComfyUI's three files: the transformer (toy width, native layout, bf16), a 2-layer Qwen3
+    (transformers' names under ``model.``, as Comfy-Org's qwen_3_4b file has them) and a random Flux VAE (the real
+    shape, original layout); and a Qwen tokenizer folder (the toy's vocabulary; ComfyUI's is the real one)."""
+    from diffusers import AutoencoderKL
+    from transformers import Qwen3Config, Qwen3Model
+
+    from comfyui_finetune.trainers.families.registry import FAMILIES
+    from comfyui_finetune.trainers.families.ldm import vae_key
+    from comfyui_finetune.trainers.toy import models
+    from comfyui_finetune.trainers.toy.tokenizer import write_qwen_tokenizer
+
+    root = tmp_path_factory.mktemp("zimage")
+    tok = write_qwen_tokenizer(root / "tokenizer")
+    torch.manual_seed(0)
+    with torch.inference_mode(False):
+        dit = models.new_zimage_transformer()
+        te = Qwen3Model(Qwen3Config(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=32))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(FAMILIES["zimage"].config_dir / "vae")))
+    files = {"diffusion_models": root / "models" / "diffusion_models" / "z.safetensors",
+             "text_encoders": root / "models" / "text_encoders" / "qwen.safetensors",
+             "vae": root / "models" / "vae" / "ae.safetensors"}
+    for f in files.values():
+        f.parent.mkdir(parents=True)
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in to_native(dit.state_dict()).items()},
+              str(files["diffusion_models"]))
+    save_file({"model." + k: v.contiguous() for k, v in te.state_dict().items()}, str(files["text_encoders"]))
+    n_up = len(vae.config.up_block_types)
+    save_file({vae_key(k, n_up): v.contiguous() for k, v in vae.state_dict().items()}, str(files["vae"]))
+    return root, tok, {"dit": dit, "te": te, "vae": vae}
+
+
+def test_load_z_image_reads_comfyuis_three_files(zimage_files, folders, monkeypatch):
+    from comfyui_finetune.nodes import models as model_nodes
+    from comfyui_finetune.nodes import host
+    from comfyui_finetune.trainers.sampling import sample
+
+    root, tok, made = zimage_files
+    host.set_folders(models=root / "models")
+    monkeypatch.setattr(model_nodes, "qwen_tokenizer_dir", lambda: str(tok))
+    out = model_nodes.FT_LoadZImage().load("z.safetensors", "qwen.safetensors", "ae.safetensors", "cpu", "fp32")
+    model = out["result"][0]
+    assert "Z-Image" in out["ui"]["text"][0] and model.family.name == "zimage"
+    assert model.transformer.config.n_layers == 3 and model.transformer.config.cap_feat_dim == 64
+    for name, part in (("dit", model.transformer), ("te", model.text_encoder), ("vae", model.vae)):
+        want = made[name].state_dict()
+        got = part.state_dict()
+        assert got.keys() == want.keys(), name
+        cast = (lambda t: t.to(torch.bfloat16).float()) if name == "dit" else (lambda t: t)
+        assert all(torch.equal(got[k], cast(want[k])) for k in want), name
+    assert model.latent_format.scale == pytest.approx(0.3611) and model.latent_format.shift == pytest.approx(0.1159)
+    with torch.inference_mode(False):
+        img = sample(model, "a red circle", seeds=[0], steps=2, width=64, height=64)
+    assert img.shape == (1, 64, 64, 3) and torch.isfinite(img).all()
+
+
+def test_a_lora_trained_on_z_image_names_its_modules_as_comfyui_reads_them(zimage_files, folders, monkeypatch):
+    from comfyui_finetune.nodes import models as model_nodes
+    from comfyui_finetune.nodes import host
+    from comfyui_finetune.nodes.datasets import FT_ToyDataset
+    from comfyui_finetune.nodes.io import FT_SaveLoRA
+    from comfyui_finetune.nodes.train import FT_TrainLoRA
+
+    root, tok, _ = zimage_files
+    host.set_folders(models=root / "models")
+    monkeypatch.setattr(model_nodes, "qwen_tokenizer_dir", lambda: str(tok))
+    (model,) = model_nodes.FT_LoadZImage().execute("z.safetensors", "qwen.safetensors", "ae.safetensors", "cpu", "fp32")
+    ds = FT_ToyDataset().execute("purple", "star", 2, "a sks star", 0, "narrow")[0]
+    with torch.inference_mode(False):
+        _, lora, log = FT_TrainLoRA().execute(model, ds, steps=2, batch_size=2, rank=4, alpha=4.0, seed=0,
+                                              run_name="zi")
+    assert lora.state and all(k.startswith("diffusion_model.") for k in lora.state)
+    assert "diffusion_model.layers.0.attention.to_q.lora_down.weight" in lora.state
+    (name,) = FT_SaveLoRA().execute(lora, "zimage/mini")["result"]
+    from safetensors import safe_open
+
+    with safe_open(str(root / "models" / "loras" / name), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "zimage"
+    assert json.loads(meta["finetune_config"])["recipe"]["snr_gamma"] == 0.0

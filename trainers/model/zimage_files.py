@@ -1,0 +1,123 @@
+"""Z-Image from the three files ComfyUI users hold it as: the transformer in ``models/diffusion_models`` (ComfyUI's
+native layout, what its UNETLoader reads), the Qwen3 text encoder in ``models/text_encoders`` (CLIPLoader's), and the
+Flux VAE in ``models/vae`` (VAELoader's). Each part's shape is read from its weights, as ComfyUI does (the depth of a
+shallow test transformer, the width of a toy's), with the rest from the shipped configs/zimage; only safetensors are
+read, and nothing is downloaded: the tokenizer is ComfyUI's own Qwen vocabulary (``comfy/text_encoders/
+qwen25_tokenizer``, which ComfyUI reads Z-Image's prompts with)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..families.registry import FAMILIES
+from ..families.zimage_native import from_native
+from .loading import resolve_device, resolve_dtype
+from .model import FTModel
+
+CONFIG = FAMILIES["zimage"].config_dir
+PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
+def transformer_config(state: dict[str, torch.Tensor]) -> dict:
+    """The diffusers config of a Z-Image transformer from its diffusers-named weights: width and caption width from
+    the caption embedder, depths counted, heads from the q-norm's width (each head's), the rest Z-Image's."""
+    base = json.loads((CONFIG / "transformer" / "config.json").read_text())
+    dim, cap = state["cap_embedder.1.weight"].shape
+    head = state["layers.0.attention.norm_q.weight"].shape[0]
+    count = lambda p: len({k.split(".")[1] for k in state if k.startswith(p + ".")})  # noqa: E731
+    base.update(dim=int(dim), cap_feat_dim=int(cap), n_layers=count("layers"), n_refiner_layers=count("noise_refiner"),
+                n_heads=int(dim // head), n_kv_heads=int(dim // head),
+                in_channels=int(state["all_x_embedder.2-1.weight"].shape[1] // 4))
+    if sum(base["axes_dims"]) != head:  # RoPE's three axes share a head: Z-Image's 32 + 48 + 48 of 128, in scale
+        side = 3 * head // 8
+        base["axes_dims"] = [head - 2 * side, side, side]
+    return {k: v for k, v in base.items() if not k.startswith("_")}
+
+
+def text_encoder_config(state: dict[str, torch.Tensor]) -> dict:
+    """A Qwen3 config from its weights (transformers' names, without ``model.``)."""
+    base = json.loads((CONFIG / "text_encoder" / "config.json").read_text())
+    vocab, hidden = state["embed_tokens.weight"].shape
+    head = state["layers.0.self_attn.q_norm.weight"].shape[0]
+    base.update(vocab_size=int(vocab), hidden_size=int(hidden), head_dim=int(head),
+                num_hidden_layers=len({k.split(".")[1] for k in state if k.startswith("layers.")}),
+                num_attention_heads=int(state["layers.0.self_attn.q_proj.weight"].shape[0] // head),
+                num_key_value_heads=int(state["layers.0.self_attn.k_proj.weight"].shape[0] // head),
+                intermediate_size=int(state["layers.0.mlp.gate_proj.weight"].shape[0]))
+    return base
+
+
+def _stripped(state: dict, prefixes: tuple[str, ...]) -> dict:
+    for p in prefixes:
+        if any(k.startswith(p) for k in state):
+            return {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
+    return state
+
+
+def _read(path: Path, what: str) -> dict[str, torch.Tensor]:
+    from ..runs.reading import read
+
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"{what} {path.name}: only .safetensors files are read (a {path.suffix} file is a pickle "
+                         "that can run code when opened); convert it to safetensors first")
+    return read(path, what)[0]
+
+
+def load_zimage_files(transformer: str | Path, text_encoder: str | Path, vae: str | Path,
+                      tokenizer_dir: str | Path | None, device: str = "auto", dtype: str = "auto",
+                      offload: bool = False) -> FTModel:
+    """An FTModel of the Z-Image family from ComfyUI's three files (see the module's text)."""
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
+
+    transformer, text_encoder, vae = Path(transformer), Path(text_encoder), Path(vae)
+    state = from_native(_stripped(_read(transformer, "diffusion model"), PREFIXES))
+    if "cap_embedder.1.weight" not in state or "layers.0.attention.to_q.weight" not in state:
+        raise ValueError(f"diffusion model {transformer.name} is not a Z-Image transformer: it has no "
+                         "cap_embedder / layers.0.attention.qkv weights (ComfyUI's Z-Image layout)")
+    fam = FAMILIES["zimage"]
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev, fam)
+    with torch.inference_mode(False):
+        dit = ZImageTransformer2DModel.from_config(transformer_config(state)).to(dt)
+        dit.load_state_dict({k: v.to(dt) for k, v in state.items()}, strict=True)
+        te_state = _stripped(_read(text_encoder, "text encoder"), ("model.", "qwen3_4b.transformer.model."))
+        te_state.pop("lm_head.weight", None)
+        te = Qwen3Model(Qwen3Config(**text_encoder_config(te_state))).to(dt)
+        te.load_state_dict({k: v.to(dt) for k, v in te_state.items()}, strict=True)
+        vae_model = _vae(_read(vae, "VAE"), dt)
+    tok = _tokenizer(tokenizer_dir)
+    sched = json.loads((CONFIG / "scheduler" / "scheduler_config.json").read_text())
+    model = FTModel(fam, transformer.stem, dit.eval(), vae_model.eval(), te.eval(), tok, sched)
+    model.prediction_source = "flow matching (Z-Image)"
+    return model.to(dev, dt, offload=offload)
+
+
+def _vae(state: dict[str, torch.Tensor], dt: torch.dtype):
+    """The Flux VAE from its original layout (``encoder.down.0.block...``, as Black Forest Labs ship ae.safetensors)
+    or diffusers' (``encoder.down_blocks...``), with Z-Image's scale and shift."""
+    from diffusers import AutoencoderKL
+
+    state = _stripped(state, ("first_stage_model.", "vae."))
+    if any(k.startswith("encoder.down_blocks.") for k in state):
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(CONFIG / "vae")))
+        vae.load_state_dict(state, strict=True)
+        return vae.to(dt)
+    return AutoencoderKL.from_single_file(state, config=str(CONFIG), subfolder="vae", local_files_only=True,
+                                          torch_dtype=dt)
+
+
+def _tokenizer(tokenizer_dir: str | Path | None):
+    from transformers import Qwen2Tokenizer
+
+    folder = Path(tokenizer_dir) if tokenizer_dir else None
+    if folder is None or not any((folder / f).is_file() for f in ("vocab.json", "tokenizer.json")):
+        raise FileNotFoundError(
+            "Z-Image's prompts are read with Qwen's vocabulary (vocab.json and merges.txt), which the pack does not "
+            "ship: inside ComfyUI it is taken from ComfyUI's comfy/text_encoders/qwen25_tokenizer; outside it, give "
+            "that folder (or a diffusers Z-Image folder's tokenizer/)")
+    tok = Qwen2Tokenizer.from_pretrained(str(folder))
+    tok.pad_token = "<|endoftext|>"
+    return tok
