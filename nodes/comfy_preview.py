@@ -76,12 +76,14 @@ def drawer(model, recipe) -> "ComfyPreview | None":
     settings = (f"{recipe.validation_steps} steps, cfg {recipe.validation_cfg:g}, seeds {recipe.seed}.."
                 f"{recipe.seed + recipe.validation_images - 1}")
     if recipe.validation_sampler == "pack":
-        host.log.info("validation pictures: the pack's sampler (DDIM, %s), as validation_sampler asks", settings)
+        host.log.info("validation pictures: the pack's sampler (%s, %s), as validation_sampler asks",
+                      model.family.sampler_label, settings)
         return None
     reason = why_not(model, recipe)
     if reason:
         level = host.log.warning if recipe.validation_sampler == "comfyui" else host.log.info
-        level("validation pictures: the pack's sampler (DDIM, %s), not ComfyUI's: %s", settings, reason)
+        level("validation pictures: the pack's sampler (%s, %s), not ComfyUI's: %s", model.family.sampler_label,
+              settings, reason)
         return None
     host.log.info("validation pictures: ComfyUI's sampler (%s, %s, %s)", recipe.validation_sampler_name,
                   recipe.validation_scheduler, settings)

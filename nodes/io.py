@@ -190,8 +190,9 @@ SAVE_DTYPES = ["fp16", "bf16", "fp32"]
 class FT_SaveCheckpoint:
     DESCRIPTION = ("Save a whole model (e.g. from DreamBooth's full mode): as one original-layout .safetensors file in "
                    "models/checkpoints, which ComfyUI's Load Checkpoint, A1111 and diffusers' from_single_file read "
-                   "(SD 1.x, 2.x and SDXL models), or as a diffusers folder in models/diffusers (any family, the toys "
-                   "too). Never overwrites. Then it is read back: inside ComfyUI by Load Checkpoint's own loader (a "
+                   "(SD 1.x, 2.x and SDXL models; a Z-Image's transformer alone goes to models/diffusion_models in "
+                   "ComfyUI's layout, for its Load Diffusion Model), or as a diffusers folder in models/diffusers (any "
+                   "family, the toys too). Never overwrites. Then it is read back: inside ComfyUI by Load Checkpoint's own loader (a "
                    "single file) or DiffusersLoader's (a folder), every weight as saved (one more load of the model); "
                    "outside it, and for the toys, by the pack's reader, every tensor of every part.")
     CATEGORY = CATEGORY
@@ -207,7 +208,8 @@ class FT_SaveCheckpoint:
             "model": LINK("FT_MODEL", "The model to save."),
             "filename": STRING("finetune/my_model", "Subfolder and name inside models/checkpoints (or "
                                "models/diffusers for a folder)."),
-            "format": COMBO(SAVE_FORMATS, "One .safetensors file (SD 1.x/2.x/XL), or a diffusers folder (any model)."),
+            "format": COMBO(SAVE_FORMATS, "One .safetensors file (SD 1.x/2.x/XL; Z-Image: its transformer in "
+                            "models/diffusion_models), or a diffusers folder (any model)."),
             "dtype": COMBO(SAVE_DTYPES, "Precision of the saved weights (fp16 halves the size)."),
         }}
 
@@ -217,11 +219,17 @@ class FT_SaveCheckpoint:
 
         import torch
 
-        from ..trainers.model.checkpoint import save_diffusers, to_single_file
+        from ..trainers.model.checkpoint import save_diffusers, to_denoiser_file, to_single_file
         from ..trainers.runs.export import save_unique, unique_path
 
         dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-        if format == SAVE_FORMATS[0]:
+        if format == SAVE_FORMATS[0] and model.family.denoiser_part == "transformer":  # Z-Image: the DiT alone
+            root, rel = host.save_folder("diffusion_models", filename)
+            tensors = to_denoiser_file(model, dt)
+            path = save_unique(root / rel.parent, rel.name, tensors, {
+                "modelspec.architecture": model.family.architecture, "finetune_history": json.dumps(model.history)})
+            checked = [str(load_check.check_denoiser_file(path, tensors, model.family))]
+        elif format == SAVE_FORMATS[0]:
             root, rel = host.save_folder("checkpoints", filename)
             tensors = to_single_file(model, dt)
             meta = {"modelspec.architecture": model.family.architecture,

@@ -64,6 +64,8 @@ def comfy_family(fam) -> tuple[bool, str]:
         return False, "the family it was made for is not recorded in it"
     if not fam.config:
         return False, f"ComfyUI has no model of the {fam.label}"
+    if not fam.text_encoder_files:
+        return False, f"the pack's read-back through ComfyUI does not cover the {fam.label} yet"
     return True, ""
 
 
@@ -253,6 +255,17 @@ def _pack_checkpoint_ignored(path: Path, tensors: dict, fam) -> list[str]:
     if found is not fam:
         ignored.append(f"(the whole file: it reads as the {found.label}, not the {fam.label})")
     return ignored
+
+
+def check_denoiser_file(path: Path, tensors: dict, fam) -> Checked:
+    """A transformer family's diffusion-model file read back by the pack's reader, every tensor as saved."""
+    from ..trainers.runs import reading
+
+    with reading.opened(path, "diffusion model") as f:
+        keys = set(f.keys())
+        ignored = [k for k, v in tensors.items() if k not in keys or not _same(f.get_tensor(k), v)]
+    return verdict(path, BY_PACK, len(tensors), ignored, "keys", "Reading it back gave other tensors than were saved.",
+                   f"the pack's read-back through ComfyUI does not cover the {fam.label} yet")
 
 
 # ----------------------------------------------------------------------------------------- diffusers folder --

@@ -89,9 +89,25 @@ def _load_file(model_name: str, device: str, dtype: str, prediction: str, offloa
         raise ValueError(f"model_name {model_name!r} names a model file: loading it needs resolve(kind, name), "
                          "which finds it in the model folders")
     if kind == "diffusers" and name:
-        return loading.load_diffusers_folder(resolve("diffusers", name), device, dtype, prediction, offload)
+        folder = resolve("diffusers", name)
+        if _pipeline_class(folder) == "ZImagePipeline":
+            from .model.zimage_files import load_zimage_folder
+
+            if prediction != "auto":
+                raise ValueError(f"prediction {prediction!r}: {name} is a Z-Image (a flow-matching model); leave "
+                                 "prediction on auto")
+            return load_zimage_folder(folder, device, dtype, offload)
+        return loading.load_diffusers_folder(folder, device, dtype, prediction, offload)
     if kind == "checkpoints" and name:
         return loading.load_single_file(resolve("checkpoints", name), tokenizer_dir() if tokenizer_dir else None,
                                         device, dtype, prediction, offload)
     raise ValueError(f"model_name {model_name!r} is not '{TOY_SOURCE}', 'diffusers/<folder>' or "
                      "'checkpoints/<file>'")
+
+
+def _pipeline_class(folder: Path) -> str:
+    """The pipeline class a diffusers folder's model_index.json names ("" when it has none)."""
+    import json
+
+    index = Path(folder) / "model_index.json"
+    return json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""

@@ -94,6 +94,7 @@ class Family:
     denoiser_part: ClassVar[str] = "unet"
     #: the sampler that draws its validation pictures, class pictures and samples unless one is named
     default_sampler: ClassVar[str] = "ddim"
+    sampler_label: ClassVar[str] = "DDIM"
     text_parts: ClassVar[tuple[str, ...]] = ("text_encoder",)
     tokenizer_parts: ClassVar[tuple[str, ...]] = ("tokenizer",)
 

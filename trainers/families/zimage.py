@@ -75,6 +75,7 @@ class ZImage(Family):
 
     denoiser_part: ClassVar[str] = "transformer"
     default_sampler: ClassVar[str] = "euler"
+    sampler_label: ClassVar[str] = "FlowMatch Euler"
 
     # ----------------------------------------------------------------------------------------- prompts --
     def encode_prompts(self, model, prompts: list[str]) -> torch.Tensor:

@@ -30,6 +30,16 @@ def to_single_file(model: FTModel, dtype: torch.dtype = torch.float16) -> dict[s
     return out
 
 
+def to_denoiser_file(model: FTModel, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """A transformer family's denoiser alone in ComfyUI's native layout (what its UNETLoader reads from
+    models/diffusion_models; Z-Image's releases ship this layout too), live adapters merged."""
+    from ..families.zimage_native import to_native
+
+    if model.family.denoiser_part != "transformer":
+        raise ValueError(f"the {model.family.label} is saved as a whole checkpoint, not a diffusion model alone")
+    return {k: v.detach().to(dtype).contiguous().cpu() for k, v in to_native(plain_state_dict(model.unet)).items()}
+
+
 def single_file_state(fam, unet, vae, text_encoders) -> dict[str, torch.Tensor]:
     """The parts' tensors (live adapters merged) under the family's original single-file names, as they are."""
     if not fam.text_encoder_files:
@@ -88,6 +98,7 @@ def save_diffusers(model: FTModel, folder: Path, dtype: torch.dtype = torch.floa
     if dtype != model.dtype:
         pipe = (pipe if live else copy.deepcopy(pipe)).to(dtype=dtype)
     pipe.save_pretrained(str(tmp), safe_serialization=True)
-    legacy_text_encoder_keys(tmp / "text_encoder")
+    if type(model.text_encoder).__name__.startswith("CLIP"):  # Z-Image's Qwen3 keeps transformers' own names
+        legacy_text_encoder_keys(tmp / "text_encoder")
     tmp.rename(folder)
     return folder

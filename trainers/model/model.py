@@ -93,6 +93,10 @@ class FTModel:
         """The denoiser of a transformer family (Z-Image's), by the name its files and pipelines give it."""
         return self.unet
 
+    @transformer.setter
+    def transformer(self, module: torch.nn.Module) -> None:
+        self.unet = module
+
     @property
     def text_parts(self) -> tuple[str, ...]:
         return self.family.text_parts

@@ -121,3 +121,37 @@ def _tokenizer(tokenizer_dir: str | Path | None):
     tok = Qwen2Tokenizer.from_pretrained(str(folder))
     tok.pad_token = "<|endoftext|>"
     return tok
+
+
+def load_zimage_folder(folder: str | Path, device: str = "auto", dtype: str = "auto", offload: bool = False,
+                       family: str | None = None) -> FTModel:
+    """A diffusers ZImagePipeline folder (transformer/, vae/, text_encoder/, tokenizer/, scheduler/): Save
+    Checkpoint's, the toy Z-Image's, or one from the Hub copied into models/diffusers. The family is told by the
+    transformer's caption width (the toy's 64, Z-Image's 2560) unless ``family`` names it."""
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from transformers import Qwen2Tokenizer, Qwen3Model
+
+    from ..runs.reading import check_finite, header
+
+    folder = Path(folder)
+    for sub in ("transformer", "vae", "text_encoder"):
+        files = sorted((folder / sub).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{folder / sub} has no .safetensors weights (a Z-Image folder holds transformer/, "
+                                    "vae/ and text_encoder/ weights as safetensors)")
+        for f in files:  # the headers: a file cut short is named
+            header(f, f"{folder.name}/{sub}:")
+    with torch.inference_mode(False):
+        dit = ZImageTransformer2DModel.from_pretrained(str(folder / "transformer"), use_safetensors=True,
+                                                       local_files_only=True).eval()
+        vae = AutoencoderKL.from_pretrained(str(folder / "vae"), use_safetensors=True, local_files_only=True).eval()
+        te = Qwen3Model.from_pretrained(str(folder / "text_encoder"), use_safetensors=True,
+                                        local_files_only=True).eval()
+    for sub, part in (("transformer", dit), ("vae", vae), ("text_encoder", te)):
+        check_finite(dict(part.named_parameters()), f"{folder.name}/{sub}")
+    name = family or ("toy_zimage" if dit.config.cap_feat_dim == FAMILIES["toy_zimage"].context_dim else "zimage")
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    model = FTModel(name, folder.name, dit, vae, te, Qwen2Tokenizer.from_pretrained(str(folder / "tokenizer")), sched)
+    model.prediction_source = "flow matching (Z-Image)"
+    dev = resolve_device(device)
+    return model.to(dev, resolve_dtype(dtype, dev, model.family), offload=offload)

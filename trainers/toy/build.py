@@ -324,6 +324,20 @@ def evaluate(cfg: BuildConfig, out: Path, grid_path: Path | None = None, xl: boo
     return report
 
 
+def zimage_stage(stage: str, cfg: BuildConfig, out: Path, pics: list[world.Picture]) -> dict:
+    """The toy Z-Image's stages: its 16-channel VAE, its transformer and Qwen3 (build_zimage.py), its quality bar."""
+    from .build_zimage import train_zimage
+    from .loader import ZIMAGE_FOLDER, load_toy_zimage_model
+
+    if stage == "zimage_vae":
+        return train_vae(cfg, out, world.to_tensor_batch([p.image for p in pics[:2048]]), models.new_zimage_vae,
+                         f"{ZIMAGE_FOLDER}/vae", shift=True)
+    if stage == "zimage":
+        return train_zimage(cfg, out, pics)
+    return evaluate(cfg, out, (out.parent if out == WEIGHTS else out) / "toy_zimage_samples.png",
+                    load=load_toy_zimage_model, sampler="euler")
+
+
 # ----------------------------------------------------------------------------------------------------- build --
 def build(out: Path = WEIGHTS, cfg: BuildConfig | None = None, stages=STAGES) -> dict:
     cfg = cfg or BuildConfig()
@@ -363,9 +377,7 @@ def build(out: Path = WEIGHTS, cfg: BuildConfig | None = None, stages=STAGES) ->
             report["xl_eval"] = evaluate(cfg, out, (out.parent if out == WEIGHTS else out) / "toy_xl_samples.png",
                                          xl=True)
         elif stage.startswith("zimage"):
-            from . import build_zimage
-
-            report[stage] = build_zimage.run(stage, cfg, out, pics)
+            report[stage] = zimage_stage(stage, cfg, out, pics)
         elif stage.startswith("audio"):
             from . import build_audio
 

@@ -21,20 +21,6 @@ from .steps import encode_pictures, no_build_paths, train_denoiser
 log = logging.getLogger(__name__)
 
 
-def run(stage: str, cfg, out: Path, pics: list[world.Picture]) -> dict:
-    from .build import evaluate, train_vae
-
-    if stage == "zimage_vae":
-        return train_vae(cfg, out, world.to_tensor_batch([p.image for p in pics[:2048]]), models.new_zimage_vae,
-                         f"{FOLDER}/vae", shift=True)
-    if stage == "zimage":
-        return train_zimage(cfg, out, pics)
-    from .loader import load_toy_zimage_model
-
-    return evaluate(cfg, out, (out.parent if out.name == "weights" else out) / "toy_zimage_samples.png",
-                    load=load_toy_zimage_model, sampler="euler")
-
-
 def train_zimage(cfg, out: Path, pics: list[world.Picture]) -> dict:
     from diffusers import AutoencoderKL
     from transformers import Qwen2Tokenizer, Qwen3Model

@@ -108,21 +108,12 @@ ZIMAGE_FOLDER = "pipeline_zimage"
 
 def load_toy_zimage_model(folder: str | Path = WEIGHTS, device="cpu"):
     """The toy Z-Image: Z-Image's architecture (a flow-matching single-stream transformer, one Qwen3 text encoder,
-    a 16-channel VAE) trained on the toy world."""
-    import json
+    a 16-channel VAE) trained on the toy world, a diffusers ZImagePipeline folder."""
+    from ..model.zimage_files import load_zimage_folder
 
-    import torch
-    from diffusers import AutoencoderKL, ZImageTransformer2DModel
-    from transformers import Qwen2Tokenizer, Qwen3Model
-
-    from ..model.model import FTModel
     p = Path(folder) / ZIMAGE_FOLDER
     if not (p / "transformer" / "diffusion_pytorch_model.safetensors").exists():
         raise missing_weights_error(p)
-    with torch.inference_mode(False):
-        transformer = ZImageTransformer2DModel.from_pretrained(str(p / "transformer"), use_safetensors=True).eval()
-        vae = AutoencoderKL.from_pretrained(str(p / "vae"), use_safetensors=True).eval()
-        te = Qwen3Model.from_pretrained(str(p / "text_encoder"), use_safetensors=True).eval()
-    sched = json.loads((p / "scheduler" / "scheduler_config.json").read_text())
-    return FTModel("toy_zimage", "toy_zimage", transformer, vae, te, Qwen2Tokenizer.from_pretrained(str(p / "tokenizer")),
-                   sched, source=TOY_ZIMAGE_SOURCE).to(device)
+    model = load_zimage_folder(p, "cpu", "fp32", family="toy_zimage")
+    model.name, model.source, model.prediction_source = "toy_zimage", TOY_ZIMAGE_SOURCE, ""
+    return model.to(device)

@@ -116,16 +116,19 @@ def build_byte_level_vocab(words=WORDS) -> tuple[dict[str, int], list[tuple[str,
 
 
 def write_qwen_tokenizer(folder: Path, words=WORDS + TEMPLATE_WORDS) -> Path:
-    """Save a Qwen2Tokenizer (the class ComfyUI and diffusers read Z-Image's Qwen3 vocabulary with) whose
-    vocabulary is the toy world's words, with ``<|endoftext|>`` as its pad token and the chat markers as added
-    tokens."""
+    """Write vocab.json / merges.txt and save a Qwen2Tokenizer (the class ComfyUI and diffusers read Z-Image's Qwen3
+    vocabulary with) whose vocabulary is the toy world's words, with ``<|endoftext|>`` as its pad token, the chat
+    markers as added tokens and a chat template (:data:`CHAT_TEMPLATE`)."""
     from transformers import AddedToken, Qwen2Tokenizer
 
-    vocab, merges = build_byte_level_vocab(words)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH * 2)
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in (IM_START, IM_END)])
-    tok.chat_template = CHAT_TEMPLATE
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = build_byte_level_vocab(words)
+    files = (folder / "vocab.json", folder / "merges.txt")
+    files[0].write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    files[1].write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    tok = Qwen2Tokenizer(str(files[0]), str(files[1]), model_max_length=MAX_LENGTH * 2)
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in (IM_START, IM_END)])
+    tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(str(folder))
     return folder
