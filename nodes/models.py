@@ -101,6 +101,11 @@ def qwen_tokenizer_dir():
     return path if os.path.isfile(os.path.join(path, "vocab.json")) else None
 
 
+def files_in(kind: str) -> list[str]:
+    """The .safetensors files ComfyUI lists in models/<kind>, or one entry saying there are none."""
+    return host.list_models(kind) or [f"(no files in models/{kind})"]
+
+
 class FT_LoadZImage:
     DESCRIPTION = ("Load Z-Image (Base or Turbo) to sample or fine-tune from the three files ComfyUI holds it as: "
                    "the transformer in models/diffusion_models (what UNETLoader reads), the Qwen3-4B text encoder in "
@@ -120,12 +125,12 @@ class FT_LoadZImage:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "diffusion_model": COMBO(host.list_models("diffusion_models"), "The Z-Image transformer "
+                "diffusion_model": COMBO(files_in("diffusion_models"), "The Z-Image transformer "
                                          "(models/diffusion_models, ComfyUI's layout: z_image_turbo_bf16.safetensors "
                                          "and the like)."),
-                "text_encoder": COMBO(host.list_models("text_encoders"), "The Qwen3-4B text encoder "
+                "text_encoder": COMBO(files_in("text_encoders"), "The Qwen3-4B text encoder "
                                       "(models/text_encoders, e.g. qwen_3_4b.safetensors)."),
-                "vae": COMBO(host.list_models("vae"), "The Flux VAE (models/vae, ae.safetensors)."),
+                "vae": COMBO(files_in("vae"), "The Flux VAE (models/vae, ae.safetensors)."),
                 "device": COMBO(DEVICES, "Where the model runs: auto picks the GPU when there is one."),
                 "dtype": COMBO(DTYPES, "Weight precision: auto is bf16 on a GPU for Z-Image and fp32 on the CPU."),
             },
@@ -141,6 +146,10 @@ class FT_LoadZImage:
     def execute(self, diffusion_model, text_encoder, vae, device="auto", dtype="auto", offload="auto"):
         from ..trainers.model.zimage_files import load_zimage_files
 
+        for kind, name in (("diffusion_models", diffusion_model), ("text_encoders", text_encoder), ("vae", vae)):
+            if name.startswith("(no files in"):
+                raise FileNotFoundError(f"models/{kind} holds no .safetensors file: put Z-Image's there (see the node's "
+                                        "help), then refresh the page")
         model = load_zimage_files(host.model_path("diffusion_models", diffusion_model),
                                   host.model_path("text_encoders", text_encoder), host.model_path("vae", vae),
                                   qwen_tokenizer_dir(), device, dtype, offload=offload == "auto")

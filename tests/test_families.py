@@ -74,7 +74,11 @@ def test_the_scans_find_a_branch(tmp_path):
 def test_every_family_says_what_the_files_and_samplers_need():
     for fam in FAMILIES.values():
         assert fam.base_model_version and fam.class_cfg > 0, fam.name
-        if fam.config:  # a family with shipped configs is read and written as a single file
+        if fam.config and fam.denoiser_part == "transformer":  # Z-Image: its parts are ComfyUI's three files
+            assert fam.architecture and not fam.text_encoder_files, fam.name
+            assert all((fam.config_dir / s).is_dir() for s in ("transformer", "vae", "scheduler", "text_encoder"))
+            assert fam.unet_config()["cap_feat_dim"] == fam.context_dim, fam.name
+        elif fam.config:  # a family with shipped configs is read and written as a single file
             from comfyui_finetune.trainers.families.ldm import TEXT_ENCODER_LAYOUTS
 
             assert fam.text_encoder_files and fam.architecture, fam.name

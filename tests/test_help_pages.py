@@ -78,7 +78,8 @@ def test_folder_lists_are_not_the_machines_files(rendered):
     """Choices read from a model or input folder show the built-in entries only, with a note."""
     page = rendered["FT_LoadBaseModel.md"]
     row = next(line for line in page.splitlines() if line.startswith("| `model_name`"))
-    assert "`toy (built-in)`, `toy SDXL (built-in)`, `toy audio (built-in)`, then the files or folders ComfyUI finds" in row
+    assert ("`toy (built-in)`, `toy SDXL (built-in)`, `toy audio (built-in)`, `toy Z-Image (built-in)`, then the "
+            "files or folders ComfyUI finds") in row
 
 
 def test_extra_nodes_get_pages():

@@ -6,11 +6,13 @@ import pytest
 
 from comfyui_finetune.nodes.models import base_model_choices
 from comfyui_finetune.trainers.sources import BUILTINS, builtin, load_base_model
-from comfyui_finetune.trainers.toy.loader import TOY_AUDIO_SOURCE, TOY_SOURCE, TOY_XL_SOURCE
+from comfyui_finetune.trainers.toy.loader import TOY_AUDIO_SOURCE, TOY_SOURCE, TOY_XL_SOURCE, TOY_ZIMAGE_SOURCE
 
 
 def test_the_builtins_are_named_once_and_listed_first(folders):
-    assert list(BUILTINS) == [TOY_SOURCE, TOY_XL_SOURCE, TOY_AUDIO_SOURCE] == base_model_choices()[:3]
+    assert list(BUILTINS) == [TOY_SOURCE, TOY_XL_SOURCE, TOY_AUDIO_SOURCE, TOY_ZIMAGE_SOURCE] == \
+        base_model_choices()[:4]
+    assert builtin("toy_zimage").source == TOY_ZIMAGE_SOURCE
     assert builtin("toy") is builtin(TOY_SOURCE) is BUILTINS[TOY_SOURCE]
     assert builtin("toy_xl").source == TOY_XL_SOURCE and builtin("checkpoints/toy") is None
     assert builtin("toy_audio").source == TOY_AUDIO_SOURCE

@@ -90,7 +90,7 @@ def test_shipped_files_are_small_safetensors():
     files = list(WEIGHTS.rglob("*"))
     weights = [f for f in files if f.suffix in (".safetensors", ".bin", ".pt", ".ckpt", ".pth")]
     assert weights and all(f.suffix == ".safetensors" for f in weights)
-    assert sum(f.stat().st_size for f in weights) <= 25 * 2 ** 20
+    assert sum(f.stat().st_size for f in weights) <= 32 * 2 ** 20  # 31.7 MB with the toy Z-Image's 7.4 MB
 
 
 def test_world_names_match_the_world():

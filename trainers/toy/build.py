@@ -55,6 +55,7 @@ class BuildConfig:
     audio_clips: int = 4096  # the toy audio model's training clips (one 64 x 64 spectrogram each)
     audio_vae_steps: int = 500
     audio_unet_steps: int = 3000
+    zimage_steps: int = 8000  # the toy Z-Image's transformer: at 4000 steps it drew stars in 81-97 % of pictures
 
 
 # ----------------------------------------------------------------------------------------------------- judge --

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -50,6 +51,7 @@ def train_zimage(cfg, out: Path, pics: list[world.Picture]) -> dict:
         return model.denoise(noisy, t, context)
 
     params = list(transformer.parameters()) + list(te.parameters())
+    cfg = replace(cfg, unet_steps=cfg.zimage_steps)
     ema_loss, ms = train_denoiser(cfg, params, mean, std, model.latent_format.to_model, model.objective(), g,
                                   condition, forward, "zimage")
     transformer.eval().save_pretrained(str(dst / "transformer"), safe_serialization=True)
