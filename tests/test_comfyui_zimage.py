@@ -10,6 +10,7 @@ The caption width is the toy's (64): the LoRA's arithmetic does not depend on it
 end-to-end test's (not built yet)."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -35,7 +36,7 @@ sys.argv = [sys.argv[0], '--cpu']  # ComfyUI reads its flags when imported
 import comfy.options
 comfy.options.enable_args_parsing()
 import torch
-import comfy.sd, comfy.utils
+import comfy.lora, comfy.sd, comfy.utils
 said = []
 class Catch(logging.Handler):
     def emit(self, record):
@@ -46,15 +47,15 @@ model = comfy.sd.load_diffusion_model(dit_path, model_options={'dtype': torch.fl
 kind = type(model.model.model_config).__name__
 lora, ref = comfy.utils.load_torch_file(lora_path), comfy.utils.load_torch_file(ref_path)
 worst = 0.0
+sd = model.model.diffusion_model.state_dict()
 for s in strengths:
-    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, s, 0)
-    patched.patch_model(force_patch_weights=True)
-    sd = patched.model.diffusion_model.state_dict()
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, s, 0)  # LoraLoaderModelOnly's call
     for k in [k[len(f'pack{s}.'):] for k in ref if k.startswith(f'pack{s}.')]:
+        # the weight as ComfyUI patches it when it loads the model: its own calculate_weight over the patches
+        got = comfy.lora.calculate_weight(patched.patches['diffusion_model.' + k], sd[k].clone().float(), k)
         want = ref[f'pack{s}.' + k]
-        worst = max(worst, float((sd[k].float() - want).abs().max() / (want.abs().max() + 1e-12)))
-    patched.unpatch_model()
-    n_patched = len({p[0] if isinstance(p, tuple) else p for p in patched.patches})
+        worst = max(worst, float((got - want).abs().max() / (want.abs().max() + 1e-12)))
+    n_patched = len(patched.patches)
 print(json.dumps({'class': kind, 'worst': worst, 'patched': n_patched,
                   'not_loaded': [m for m in said if 'lora key not loaded' in m],
                   'missing': [m for m in said if 'unet missing' in m or 'unet unexpected' in m]}))
@@ -101,13 +102,18 @@ def test_comfyui_loads_the_packs_z_image_and_patches_each_kind_as_the_pack_merge
         for grp in method.param_groups(LoRARecipe()):
             for p in grp["params"]:
                 with torch.no_grad():
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02 + (p.abs().mean() if p.shape[0] == 1 else 0.0))
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (p.abs().mean() if p.shape[0] == 1 else 0.0))
         lora = method.result("probe", {})
     assert all(k.startswith("diffusion_model.") for k in lora.state)
     ref = {}
+    base = to_native(plain_state_dict(model.unet))
     for s in (1.0, 0.6):
         merged = to_native(plain_state_dict(attach_lora(model.share(), lora, s).unet))
         ref.update({f"pack{s}.{k}": merged[k].float().contiguous() for k in COMPARED})
+        del merged
+        gc.collect()
+    moved = min(float((ref[f"pack1.0.{k}"] - base[k]).abs().max()) for k in COMPARED)
+    assert moved > 1e-4, "the adapter must change every compared weight"
     save_file(lora.state, str(tmp_path / "lora.safetensors"))
     save_file(ref, str(tmp_path / "ref.safetensors"))
     out = subprocess.run([os.environ.get("COMFYUI_PYTHON", sys.executable), "-c", PROBE, str(dit_path),
@@ -120,6 +126,8 @@ def test_comfyui_loads_the_packs_z_image_and_patches_each_kind_as_the_pack_merge
     assert res["class"] == "ZImage" and not res["missing"], res["missing"][:3]
     assert not res["not_loaded"], res["not_loaded"][:3]
     assert res["worst"] < 1e-5
+    weights = to_native({m.removeprefix("diffusion_model.") + ".weight": torch.zeros(1) for m in lora.modules()})
+    assert res["patched"] == len(weights) == 28, "one patch per adapted weight (q, k and v share the fused qkv)"
 
 
 TOKENS = """
