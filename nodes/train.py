@@ -203,7 +203,8 @@ class FT_TrainLoRA(Trainer):
     METHOD = "lora"
     DESCRIPTION = ("Train a LoRA (low-rank adapter, through peft; or LyCORIS LoHa / LoKr, or DoRA, with the adapter "
                    "option) on a captioned dataset. Outputs the model with the LoRA applied, the LoRA itself (save it "
-                   "with Save LoRA) and the training log. " + _COMMON)
+                   "with Save LoRA) and the training log. Z-Image: train on Base and apply the LoRA to Turbo "
+                   "(Turbo is distilled to draw in 8 steps; training on it undoes that). " + _COMMON)
     CATEGORY = CATEGORY
     RETURN_TYPES = ("FT_MODEL", "FT_LORA", "FT_TRAINING_LOG")
     RETURN_NAMES = ("model", "lora", "log")
