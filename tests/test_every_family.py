@@ -128,10 +128,13 @@ def test_sampling_draws_what_the_family_pipeline_draws(row):
     model, _ = row
     ours = sample(model, ["a blue square"], seeds=[3], steps=6, cfg=4.0, negative_prompt="")
     f, size = model.vae_scale_factor, model.native_size
-    # ZImagePipeline's guidance g draws cond + g * (cond - uncond): ComfyUI's (and the pack's) cfg g + 1
-    guidance = 3.0 if model.prediction_type == "flow" else 4.0
+    # ZImagePipeline's guidance g draws cond + g * (cond - uncond): ComfyUI's (and the pack's) cfg g + 1; its
+    # schedule is given as diffusers 0.37+ makes it (0.36 ran sigma down to 0 instead of 1 / steps)
+    flow = model.prediction_type == "flow"
+    extra = {"sigmas": torch.linspace(1.0, 1.0 / 6, 6).tolist()} if flow else {}
     with torch.no_grad():
-        theirs = pipeline(model)("a blue square", negative_prompt="", num_inference_steps=6, guidance_scale=guidance,
+        theirs = pipeline(model)("a blue square", negative_prompt="", num_inference_steps=6, **extra,
+                                 guidance_scale=3.0 if flow else 4.0,
                                  height=size, width=size, output_type="pt",
                                  latents=initial_noise([3], (model.latent_channels, size // f, size // f))).images
     assert float((ours - theirs.permute(0, 2, 3, 1)).abs().max()) < 2e-3

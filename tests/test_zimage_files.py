@@ -23,8 +23,9 @@ def test_the_native_layout_round_trips_and_diffusers_reads_it():
     native = to_native(state, "model.diffusion_model.")
     assert "model.diffusion_model.layers.0.attention.qkv.weight" in native
     assert not any(".to_q." in k or "all_x_embedder" in k for k in native)
+    unet_loader_file = to_native(state)  # what UNETLoader reads: no prefix (diffusers 0.36's converter wants none)
     for back in (from_native(dict(native), "model.diffusion_model."),
-                 convert_z_image_transformer_checkpoint_to_diffusers(dict(native))):
+                 convert_z_image_transformer_checkpoint_to_diffusers(dict(unet_loader_file))):
         assert back.keys() == state.keys()
         assert all(torch.equal(back[k], state[k]) for k in state)
 
