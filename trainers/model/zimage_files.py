@@ -69,8 +69,8 @@ def load_zimage_files(transformer: str | Path, text_encoder: str | Path, vae: st
                       tokenizer_dir: str | Path | None, device: str = "auto", dtype: str = "auto",
                       offload: bool = False) -> FTModel:
     """An FTModel of the Z-Image family from ComfyUI's three files (see the module's text)."""
-    from diffusers import AutoencoderKL, ZImageTransformer2DModel
-    from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
+    from diffusers import ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
 
     transformer, text_encoder, vae = Path(transformer), Path(text_encoder), Path(vae)
     state = from_native(_stripped(_read(transformer, "diffusion model"), PREFIXES))
