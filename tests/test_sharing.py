@@ -241,6 +241,22 @@ def test_frozen_parts_leave_the_device_once_their_outputs_are_cached(toy, tmp_pa
     assert shared_fraction(t.model.unet, toy.unet) == 1.0 and shared_fraction(t.model.vae, toy.vae) == 1.0
 
 
+def test_the_denoiser_joins_the_device_only_after_the_frozen_parts_left(toy, tmp_path, monkeypatch):
+    """An offloaded model's denoiser is placed after the VAE and text encoder have left (Z-Image's 8 GB Qwen3-4B and
+    12 GB transformer never share a 16 GB GPU), and before the adapters and the optimizer are made."""
+    from comfyui_finetune.trainers.loop import run as loop_run
+    from comfyui_finetune.trainers.methods.lora import train_lora
+
+    order = []
+    for name in ("release_frozen", "place_unet", "_prepare_method"):
+        real = getattr(loop_run, name)
+        monkeypatch.setattr(loop_run, name, lambda *a, _real=real, _name=name, **kw: (order.append(_name),
+                                                                                         _real(*a, **kw))[1])
+    with torch.inference_mode(False):
+        train_lora(steps(LoRARecipe, train_text_encoder=False), offloaded(toy), toy_set(), run_dir(tmp_path, "o"))
+    assert order == ["release_frozen", "place_unet", "_prepare_method"]
+
+
 def test_an_offloaded_model_trains_and_samples_as_a_placed_one(toy, tmp_path):
     from comfyui_finetune.trainers.methods.lora import train_lora
     from comfyui_finetune.trainers.sampling import sample

@@ -111,8 +111,8 @@ def memory_advice(model: FTModel, cfg: TrainConfig, dataset: Dataset, step: int,
 # ------------------------------------------------------------------------------------ offloaded models --
 def place_for_training(model: FTModel) -> dict:
     """An offloaded model's VAE and text encoders go to the training device for the run (the model is the
-    training's share: the input keeps its weights in CPU memory); the UNet follows with :func:`place_unet` once the
-    latents are cached. Returns CPU shares of the VAE and text encoders to fall back on."""
+    training's share: the input keeps its weights in CPU memory); the denoiser follows with :func:`place_unet` once
+    they have left (:func:`release_frozen`). Returns CPU shares of the VAE and text encoders to fall back on."""
     if not model.offload:
         return {}
     from ..model.deltas import share
@@ -124,7 +124,8 @@ def place_for_training(model: FTModel) -> dict:
 
 
 def place_unet(model: FTModel, home: dict) -> None:
-    """The UNet of an offloaded model (``home`` from :func:`place_for_training`) joins the rest on the device."""
+    """The denoiser of an offloaded model (``home`` from :func:`place_for_training`) joins what stayed on the
+    device."""
     if home:
         model.denoiser.to(model.device)
 

@@ -152,11 +152,8 @@ class TrainingRun:
         validation.check(cfg, self.scorer)
         self.identity = self.model.identity()  # the base model as given, before the method adds anything
         self.g = torch.Generator().manual_seed(cfg.seed)
-        home = self._open_data(global_batch)
+        self._open_data(global_batch)
         self._open_training()
-        left = release_frozen(self.model, self.enc, self.method, dataset, home)
-        if left:
-            log.info("%s left %s once their outputs were cached", " and ".join(left), self.model.device)
         self._tidy()
         self.state = LoopState(self.method, self.opt, self.sched, self.scaler, self.g, self.batches, self.ema)
         if resume:
@@ -172,19 +169,22 @@ class TrainingRun:
             validation.pictures(self.model, self.method, cfg, self.run, 0, [self.autocast], dataset.resolution)
         self.pending = self.run.log_writer(self.log_rows, cfg.steps)  # log.jsonl every few seconds, cut back on resume
 
-    def _open_data(self, global_batch: int):
-        """The batches and the encoder (with the method's extra pictures encoded); returns where an offloaded
-        model's parts live. Its parts visit the device for the run: the VAE and the text encoders first; the UNet
-        once the latents are cached, so that the VAE's encoding (2.5 GB at 1024 px) never meets the UNet's weights
-        on the GPU."""
+    def _open_data(self, global_batch: int) -> None:
+        """The batches and the encoder (with the method's extra pictures encoded). An offloaded model's parts visit
+        the device for the run: the VAE and the text encoders first, which leave once the latents and the captions'
+        embeddings are cached (where nothing encodes them again); the denoiser after them, so that it never meets
+        them on the GPU (Z-Image's Qwen3-4B is 8 GB beside its 12 GB transformer; SDXL's VAE encoding 2.5 GB at
+        1024 px)."""
         model = self.model
         home = place_for_training(model)
         prepared = prepare(self.dataset, model.native_size, model.size_step)
         self.batches = Batches(prepared, global_batch, self.g)
         self.enc = Encoder(model, self.dataset, self.method, prepared, self.g, self.shard)
         self.method.encode_extra(model)
+        left = release_frozen(model, self.enc, self.method, self.dataset, home)
+        if left:
+            log.info("%s left %s once their outputs were cached", " and ".join(left), model.device)
         place_unet(model, home)
-        return home
 
     def _open_training(self) -> None:
         """The method's trainable parts, the optimizer and schedule, the moving average, autocast, the objective,
