@@ -207,7 +207,8 @@ def checked_in_comfyui(kind: str, path: Path, **extra) -> dict:
                           str(PACK), json.dumps(extra)], cwd=str(comfyui_path()), capture_output=True, text=True,
                          timeout=900)
     text = out.stdout + out.stderr
-    assert "RESULT " in text, text[-3000:]
+    killed = " (killed: out of memory?)" if out.returncode in (-9, 137) else ""
+    assert "RESULT " in text, f"the probe ended with {out.returncode}{killed}: " + text[-3000:]
     return json.loads(text.split("RESULT ", 1)[1].splitlines()[0])
 
 

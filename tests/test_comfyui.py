@@ -465,10 +465,13 @@ def test_full_checkpoint_saved_by_the_pack_loads_in_checkpointloadersimple(serve
 def test_a_diffusers_folder_saved_by_the_pack_loads_in_diffusersloader_with_every_weight(server, random_sd15,
                                                                                         tmp_path):
     """Save Checkpoint's diffusers folder: read back by the pack's reader here (every tensor of every part), and
-    inside ComfyUI by DiffusersLoader's own load_diffusers, every loaded weight equal to the model's."""
+    inside ComfyUI by DiffusersLoader's own load_diffusers, every loaded weight equal to the model's. The server lets
+    its models go first: the probe holds the pack's model and ComfyUI's (10.5 GB), and was killed for memory beside
+    them."""
     from comfyui_finetune.nodes import host
     from comfyui_finetune.nodes.io import FT_SaveCheckpoint
 
+    server.free()
     saved = dict(host._fallback)
     host.set_folders(output=tmp_path, models=server.base / "models")
     try:
