@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from . import host
 from .base import COMBO, FLOAT, HIDDEN, LINK, ROOT_CATEGORY, checked, torch_call
-from .models import DEVICES, DTYPES, OFFLOAD, sd1_tokenizer_dir
+from .models import DEVICES, DTYPES, OFFLOAD, qwen_tokenizer_dir, sd1_tokenizer_dir
 
 CATEGORY = f"{ROOT_CATEGORY}/bridges"
 ONLY_IN_COMFYUI = " Listed only inside ComfyUI: it hands the model to ComfyUI's own loaders."
@@ -39,7 +39,7 @@ def unsupported_reason(state: dict, comfy_config: str) -> str | None:
     conditioning) is named too."""
     from ..trainers.families.registry import FAMILIES, family_for_checkpoint
 
-    supported = ", ".join(f.label for f in FAMILIES.values() if f.text_encoder_files)
+    supported = ", ".join(f.label for f in FAMILIES.values() if f.text_encoder_files or f.comfy_class)
     try:
         fam = family_for_checkpoint({k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")})
     except ValueError as e:
@@ -153,8 +153,9 @@ class FT_ApplyLoRAToComfy:
 class FT_ModelFromComfy:
     DESCRIPTION = ("Take the model ComfyUI's graph holds as an FT_MODEL to train or sample: a checkpoint from Load "
                    "Checkpoint, a merge made with ComfyUI's model-merging nodes, a model with LoRAs applied; their "
-                   "patches are baked in, and nothing is read from disk again. SD 1.x, 2.x and SDXL; a model of "
-                   "another family (SD3, Flux, the SDXL refiner ...) is an error naming it. Only weights travel: "
+                   "patches are baked in, and nothing is read from disk again. SD 1.x, 2.x, SDXL and Z-Image (from "
+                   "UNETLoader, CLIPLoader with Qwen3-4B, and VAELoader); a model of another family (SD3, Flux, the "
+                   "SDXL refiner ...) is an error naming it. Only weights travel: "
                    "patches that change how the model runs (FreeU, hooks, a CLIP Set Last Layer) do not. Runs trained "
                    "on it record the model as comfy:<ComfyUI's model class> with a fingerprint of its weights."
                    + ONLY_IN_COMFYUI)
@@ -183,9 +184,13 @@ class FT_ModelFromComfy:
 
     @torch_call
     def execute(self, model, clip, vae, device="auto", dtype="auto", offload="auto"):
-        from ..trainers.model.loading import model_from_single_file_state
+        from ..trainers.families.registry import family_of_comfy_class
 
         config = type(model.model.model_config).__name__
+        if family_of_comfy_class(config) is not None:  # a family whose parts keep their own layouts (Z-Image)
+            return (transformer_from_comfy(model, clip, vae, config, device, dtype, offload),)
+        from ..trainers.model.loading import model_from_single_file_state
+
         unet = {"model.diffusion_model." + k: v for k, v in model.model.diffusion_model.state_dict().items()}
         reason = unsupported_reason(unet, config)  # checked on the names before anything is loaded
         prediction = comfy_prediction(model)
@@ -207,6 +212,22 @@ class FT_ModelFromComfy:
         return (ft,)
 
 
+def transformer_from_comfy(model, clip, vae, config: str, device: str, dtype: str, offload: str):
+    """A Z-Image FT_MODEL from ComfyUI's MODEL, CLIP and VAE: the whole checkpoint ComfyUI's CheckpointSave would
+    write of them (patches baked in), each part copied into the pack's own modules."""
+    from ..trainers.model.zimage_files import zimage_from_states
+
+    if not hasattr(clip.cond_stage_model, "qwen3_4b"):
+        raise ValueError(f"clip: ComfyUI's model is {config}, whose prompts are read by Qwen3-4B; this CLIP holds "
+                         f"{type(clip.cond_stage_model).__name__}: load qwen_3_4b.safetensors with CLIPLoader "
+                         "(type lumina2)")
+    state = comfy_checkpoint(model, clip, vae)
+    ft = zimage_from_states(state, state, state, f"comfy:{config}", qwen_tokenizer_dir(), device, dtype,
+                            offload == "auto", what=f"ComfyUI's {config} model")
+    del state
+    return ft
+
+
 def comfy_state(model) -> dict:
     """What ComfyUI's checkpoint loader gets from a pack model: Save Checkpoint's single-file state dict (live
     adapters merged) in the model's own precision, without the rows Textual Inversion added to the token
@@ -214,8 +235,8 @@ def comfy_state(model) -> dict:
     from ..trainers.model.checkpoint import to_single_file
 
     if not model.family.config:
-        raise ValueError(f"model: the {model.family.label} has no ComfyUI equivalent; SD 1.x, 2.x and "
-                         "SDXL models do (save this one with Save Checkpoint as a diffusers folder)")
+        raise ValueError(f"model: the {model.family.label} has no ComfyUI equivalent; SD 1.x, 2.x, SDXL and "
+                         "Z-Image models do (save this one with Save Checkpoint as a diffusers folder)")
     state = to_single_file(model, model.dtype)
     base = model.tokenizer.vocab_size  # the vocabulary without added words (SDXL: both encoders share it)
     for key in [k for k in state if k.endswith("token_embedding.weight") and state[k].shape[0] > base]:
@@ -228,9 +249,10 @@ def comfy_state(model) -> dict:
 
 class FT_ModelToComfy:
     DESCRIPTION = ("Hand a pack model (a full fine-tune, a model with LoRAs merged by Apply LoRA, any SD 1.x/2.x/XL "
-                   "FT_MODEL) to ComfyUI as MODEL, CLIP and VAE, so its native samplers, upscalers and Save "
-                   "Checkpoint work on it: the same as saving it with Save Checkpoint and loading the file with Load "
-                   "Checkpoint, without the file. A word added by Textual Inversion does not travel into ComfyUI's "
+                   "or Z-Image FT_MODEL) to ComfyUI as MODEL, CLIP and VAE, so its native samplers, upscalers and "
+                   "Save Checkpoint work on it: the same as saving it with Save Checkpoint and loading the file with "
+                   "Load Checkpoint, without the file (a Z-Image: the same as UNETLoader, CLIPLoader and VAELoader on "
+                   "its three files). A word added by Textual Inversion does not travel into ComfyUI's "
                    "CLIP this way: save it with Save Embedding and write embedding:<name> in the prompt. The toy "
                    "models have no ComfyUI equivalent." + ONLY_IN_COMFYUI)
     CATEGORY = CATEGORY
@@ -263,8 +285,9 @@ def to_comfy(model, embedding_directory: list[str]) -> tuple:
     if out is None:
         raise RuntimeError(f"ComfyUI did not recognise {model!r} as a checkpoint")
     comfy_model, clip, vae = out[:3]
-    wanted = model.scheduler_config.get("prediction_type", "epsilon")
-    if comfy_prediction(comfy_model) != wanted:  # ComfyUI guesses SD 2.x's from the weights; the pack knows
+    wanted = model.prediction_type
+    if wanted in PREDICTIONS.values() and comfy_prediction(comfy_model) != wanted:
+        # ComfyUI guesses SD 2.x's from the weights; the pack knows (a flow model's sampling is its family's)
         import comfy.model_sampling as ms
 
         kind = {"epsilon": ms.EPS, "v_prediction": ms.V_PREDICTION}[wanted]

@@ -56,8 +56,9 @@ def why_not(model, recipe) -> str:
         return "outside ComfyUI"
     if not model.family.config:
         return f"ComfyUI has no model like the {model.family.label}"
-    if not model.family.text_encoder_files:
-        return f"the pack does not hand a {model.family.label} to ComfyUI yet (Model to ComfyUI)"
+    if not model.family.text_encoder_files:  # Model to ComfyUI takes it; a preview's copy would join the training one
+        return (f"ComfyUI does not draw {model.family.label} previews yet (its copy of the model, 20 GB in bf16, "
+                "would sit beside the one training)")
     import comfy.samplers
 
     for name, value, known in (("validation_sampler_name", recipe.validation_sampler_name,

@@ -17,16 +17,25 @@ def base_model_choices() -> list[str]:
             + [f"checkpoints/{n}" for n in host.list_models("checkpoints")])
 
 
-def sd1_tokenizer_dir():
-    """ComfyUI ships the SD 1.x/2.x CLIP vocabulary (comfy/sd1_tokenizer); use it when running inside ComfyUI."""
+def comfy_tokenizer_dir(folder: str) -> str | None:
+    """A vocabulary ComfyUI ships (``folder`` under its comfy/), when running inside ComfyUI: ``sd1_tokenizer``
+    (SD 1.x/2.x's CLIP), ``text_encoders/qwen25_tokenizer`` (the Qwen vocabulary it reads Z-Image's prompts with)."""
     if not host.in_comfyui():
         return None
     import os
 
     import comfy.sd1_clip
 
-    path = os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_tokenizer")
+    path = os.path.join(os.path.dirname(comfy.sd1_clip.__file__), *folder.split("/"))
     return path if os.path.isfile(os.path.join(path, "vocab.json")) else None
+
+
+def sd1_tokenizer_dir() -> str | None:
+    return comfy_tokenizer_dir("sd1_tokenizer")
+
+
+def qwen_tokenizer_dir() -> str | None:
+    return comfy_tokenizer_dir("text_encoders/qwen25_tokenizer")
 
 
 def load_base_model(model_name: str, device: str = "auto", dtype: str = "auto", offload: str = "auto",
@@ -87,18 +96,6 @@ class FT_LoadBaseModel:
         """What ComfyUI calls: the model, and a line in the node saying what it is (family, size, prediction)."""
         out = self.execute(*args, **kwargs)
         return {"ui": {"text": [out[0].describe()]}, "result": out}
-
-
-def qwen_tokenizer_dir():
-    """ComfyUI ships the Qwen vocabulary it reads Z-Image's prompts with (comfy/text_encoders/qwen25_tokenizer)."""
-    if not host.in_comfyui():
-        return None
-    import os
-
-    import comfy.text_encoders
-
-    path = os.path.join(os.path.dirname(comfy.text_encoders.__file__), "qwen25_tokenizer")
-    return path if os.path.isfile(os.path.join(path, "vocab.json")) else None
 
 
 def files_in(kind: str) -> list[str]:

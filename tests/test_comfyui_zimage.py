@@ -6,8 +6,8 @@ LoHa, LoKr and DoRA over its attention, feed-forward and modulation, written by 
 ``load_lora_for_models`` (LoraLoaderModelOnly's function) with no "lora key not loaded", and the weights ComfyUI patches
 (its fused qkv included) equal the pack's merged ones, at strength 1 and 0.6.
 
-The caption width is the toy's (64): the LoRA's arithmetic does not depend on it, and a random full Qwen3-4B is the
-end-to-end test's (not built yet)."""
+The caption width is the toy's (64): the LoRA's arithmetic does not depend on it. The end-to-end graphs (a random
+full Qwen3-4B, KSampler, VAEDecode, the bridges) are test_comfyui_zimage_graph.py's."""
 from __future__ import annotations
 
 import gc

@@ -194,7 +194,8 @@ def test_a_family_without_a_single_file_layout_refuses_one_by_name(row):
     from comfyui_finetune.trainers.model.checkpoint import to_single_file
 
     model, _ = row
-    if model.family.text_encoder_files:
-        pytest.skip("this family has a single-file layout: test_sdxl_files.py and test_comfyui*.py write and read it")
+    if model.family.text_encoder_files or model.family.checkpoint_parts:
+        pytest.skip("this family has a single-file layout: test_sdxl_files.py, test_zimage_files.py and "
+                    "test_comfyui*.py write and read it")
     with pytest.raises(ValueError, match=re.escape(f"this is the {model.family.label}: save it as a diffusers folder")):
         to_single_file(model)

@@ -79,7 +79,8 @@ def test_prompts_are_wrapped_in_comfyuis_template_and_cut_to_their_own_tokens(to
     rows = toy_zimage.family.prompt_rows(context)
     assert [len(r) for r in rows] == [len(want), len(tok(TEMPLATE.format("a sks star on a white background")).input_ids)]
     alone = toy_zimage.family.prompt_rows(toy_zimage.encode_prompts(["a blue star"]))[0]
-    assert torch.equal(alone, rows[0]), "a prompt's rows do not depend on the others padded beside it"
+    # the same up to float rounding (the batch's length changes the matmuls' shapes, not what they compute)
+    assert torch.allclose(alone, rows[0], rtol=1e-5, atol=1e-5), "a prompt's rows depend on the others beside it"
 
 
 def test_what_z_image_cannot_train_is_refused_by_name(toy_zimage, folders):

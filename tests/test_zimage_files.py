@@ -112,3 +112,42 @@ def test_a_lora_trained_on_z_image_names_its_modules_as_comfyui_reads_them(zimag
         meta = f.metadata()
     assert meta["ss_base_model_version"] == "zimage"
     assert json.loads(meta["finetune_config"])["recipe"]["snr_gamma"] == 0.0
+
+
+def test_a_whole_z_image_checkpoint_is_comfyuis_layout_and_reads_back_every_tensor(zimage_files, folders, monkeypatch):
+    """The whole-checkpoint layout ComfyUI's CheckpointSave writes for Z-Image (what the bridges hand ComfyUI and take
+    back): the transformer native under model.diffusion_model., the Qwen3 under text_encoders.qwen3_4b.transformer.
+    model., the VAE under vae.; read back part by part with every tensor equal, a LoRA's change merged in."""
+    from comfyui_finetune.nodes import host
+    from comfyui_finetune.nodes import models as model_nodes
+    from comfyui_finetune.trainers.config.recipes import LoRARecipe
+    from comfyui_finetune.trainers.methods.lora import LoRAMethod, attach_lora
+    from comfyui_finetune.trainers.model.checkpoint import to_single_file
+    from comfyui_finetune.trainers.model.deltas import plain_state_dict
+    from comfyui_finetune.trainers.model.zimage_files import zimage_from_states
+
+    root, tok, _ = zimage_files
+    host.set_folders(models=root / "models")
+    monkeypatch.setattr(model_nodes, "qwen_tokenizer_dir", lambda: str(tok))
+    (model,) = model_nodes.FT_LoadZImage().execute("z.safetensors", "qwen.safetensors", "ae.safetensors", "cpu", "fp32")
+    with torch.inference_mode(False):
+        method = LoRAMethod(4, 4.0, "attention")
+        method.setup(model.share())
+        for grp in method.param_groups(LoRARecipe()):
+            for p in grp["params"]:
+                torch.nn.init.normal_(p, std=0.05)
+        work = attach_lora(model.share(), method.result("probe", {}), 1.0)  # applied live, as Apply LoRA does
+    state = to_single_file(work, torch.float32)
+    assert {k.split(".")[0] for k in state} == {"model", "text_encoders", "vae"}
+    assert "model.diffusion_model.layers.0.attention.qkv.weight" in state
+    assert "text_encoders.qwen3_4b.transformer.model.layers.1.mlp.up_proj.weight" in state
+    assert "vae.decoder.up_blocks.0.resnets.0.norm1.weight" in state
+    back = zimage_from_states(state, state, state, "whole", str(tok), "cpu", "fp32")
+    merged = plain_state_dict(work.transformer)
+    assert not torch.equal(merged["layers.0.attention.to_q.weight"],
+                           model.transformer.state_dict()["layers.0.attention.to_q.weight"]), "the LoRA must move it"
+    for name, got, want in (("transformer", back.transformer.state_dict(), merged),
+                            ("text_encoder", back.text_encoder.state_dict(), model.text_encoder.state_dict()),
+                            ("vae", back.vae.state_dict(), model.vae.state_dict())):
+        assert got.keys() == want.keys(), name
+        assert all(torch.equal(got[k], want[k]) for k in want), name

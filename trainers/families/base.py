@@ -97,6 +97,12 @@ class Family:
     sampler_label: ClassVar[str] = "DDIM"
     text_parts: ClassVar[tuple[str, ...]] = ("text_encoder",)
     tokenizer_parts: ClassVar[tuple[str, ...]] = ("tokenizer",)
+    #: a whole single-file checkpoint of a family whose parts keep their own layouts (Z-Image's, as ComfyUI's
+    #: CheckpointSave writes it): where each part sits; empty: the UNet families' original (LDM) layout (.ldm)
+    checkpoint_parts: ClassVar[dict[str, str]] = {}
+    #: ComfyUI's model class (comfy/supported_models.py) of such a family's models: its bridges take them part by
+    #: part (the UNet families are recognised by their weights)
+    comfy_class: ClassVar[str] = ""
 
     @property
     def parts(self) -> tuple[str, ...]:

@@ -119,6 +119,12 @@ def family_for_unet(unet_config) -> Family:
     raise ValueError(f"unrecognised model: its UNet's cross_attention_dim is {ctx}; the pack knows {known}")
 
 
+def family_of_comfy_class(name: str) -> Family | None:
+    """The family of the real models ComfyUI holds as model class ``name`` where the pack takes them part by part
+    (Z-Image's ``ZImage``); None for the rest (the UNet families are told by their weights)."""
+    return next((f for f in FAMILIES.values() if f.config and f.comfy_class == name), None)
+
+
 #: an original-layout UNet's cross-attention key projection: its input width is the text encoders' width
 CROSS_ATTENTION_K = "attn2.to_k.weight"
 

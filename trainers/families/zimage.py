@@ -41,6 +41,10 @@ SAMPLERS = ("euler",)
 #: ``diffusion_model.`` (ai-toolkit's), the Qwen3's transformers paths under ComfyUI's own name for its weights
 #: (``text_encoders.<the CLIP's state-dict key>``, the generic text-encoder form ComfyUI's LoRA loader reads)
 PREFIX = {"transformer": "diffusion_model.", "text_encoder": "text_encoders.qwen3_4b.transformer.model."}
+#: a whole Z-Image checkpoint as ComfyUI's CheckpointSave writes one (and CheckpointLoaderSimple reads it): the
+#: transformer in its native layout, the Qwen3 under CLIP's own name (transformers' names), the VAE
+CHECKPOINT = {"transformer": "model.diffusion_model.", "text_encoder": "text_encoders.qwen3_4b.transformer.model.",
+              "vae": "vae."}
 
 
 def flow_scheduler(config: dict):
@@ -76,18 +80,24 @@ class ZImage(Family):
     denoiser_part: ClassVar[str] = "transformer"
     default_sampler: ClassVar[str] = "euler"
     sampler_label: ClassVar[str] = "FlowMatch Euler"
+    checkpoint_parts: ClassVar[dict[str, str]] = CHECKPOINT
+    comfy_class: ClassVar[str] = "ZImage"
 
     # ----------------------------------------------------------------------------------------- prompts --
     def encode_prompts(self, model, prompts: list[str]) -> torch.Tensor:
         tok, te = model.tokenizer, model.text_encoder
         texts = [TEMPLATE.format(model.expand_tokens(p)) for p in prompts]
-        enc = tok(texts, padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="pt")
+        # the encoder reads the longest prompt's tokens only (its attention is causal: a prompt's rows do not depend
+        # on the padding after them), and the rows are padded to one length after it, for the cache and batches
+        enc = tok(texts, padding="longest", padding_side="right", max_length=self.max_tokens, truncation=True,
+                  return_tensors="pt")
         ids, mask = enc.input_ids.to(te.device), enc.attention_mask.to(te.device)
         hidden = te(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
         hidden = hidden.to(model.device) * mask.to(model.device, hidden.dtype)[..., None]
-        lengths = torch.zeros(len(prompts), 1, hidden.shape[-1], device=hidden.device, dtype=hidden.dtype)
-        lengths[:, 0, 0] = mask.sum(1).to(hidden.device, hidden.dtype)
-        return torch.cat([hidden, lengths], dim=1)
+        out = hidden.new_zeros(len(prompts), self.max_tokens + 1, hidden.shape[-1])
+        out[:, :hidden.shape[1]] = hidden
+        out[:, -1, 0] = mask.sum(1).to(hidden.device, hidden.dtype)  # the last row counts the prompt's own rows
+        return out
 
     @staticmethod
     def prompt_rows(context: torch.Tensor) -> list[torch.Tensor]:

@@ -17,7 +17,10 @@ from .model import FTModel
 
 def to_single_file(model: FTModel, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """The model's weights under original single-file names (SD 1.x, 2.x and SDXL), with the marker tensors
-    ComfyUI writes for a v-prediction model (``v_pred``, and ``ztsnr`` for zero terminal SNR)."""
+    ComfyUI writes for a v-prediction model (``v_pred``, and ``ztsnr`` for zero terminal SNR); a Z-Image's as
+    ComfyUI's whole checkpoint (:func:`whole_checkpoint_state`)."""
+    if model.family.checkpoint_parts:
+        return {k: v.detach().to(dtype).contiguous().cpu() for k, v in whole_checkpoint_state(model).items()}
     if model.family.text_encoder_files and len(model.text_encoders) != len(model.family.text_encoder_files):
         raise ValueError(f"the {model.family.label} has {len(model.family.text_encoder_files)} text encoders; this "
                          f"model has {len(model.text_encoders)}")
@@ -38,6 +41,21 @@ def to_denoiser_file(model: FTModel, dtype: torch.dtype = torch.bfloat16) -> dic
     if model.family.denoiser_part != "transformer":
         raise ValueError(f"the {model.family.label} is saved as a whole checkpoint, not a diffusion model alone")
     return {k: v.detach().to(dtype).contiguous().cpu() for k, v in to_native(plain_state_dict(model.unet)).items()}
+
+
+def whole_checkpoint_state(model: FTModel) -> dict[str, torch.Tensor]:
+    """A transformer family's whole model as one checkpoint (its ``checkpoint_parts``), as ComfyUI's CheckpointSave
+    writes a Z-Image and CheckpointLoaderSimple reads it: the denoiser in its native layout, each text encoder in
+    transformers' names, the VAE in diffusers' (ComfyUI's VAE converts them); live adapters merged, as they are."""
+    from ..families.zimage_native import to_native
+
+    out: dict[str, torch.Tensor] = {}
+    for part, prefix in model.family.checkpoint_parts.items():
+        state = plain_state_dict(model.part(part))
+        if part == model.family.denoiser_part:
+            state = to_native(state)
+        out.update({prefix + k: v for k, v in state.items()})
+    return out
 
 
 def single_file_state(fam, unet, vae, text_encoders) -> dict[str, torch.Tensor]:

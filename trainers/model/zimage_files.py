@@ -17,7 +17,11 @@ from .loading import resolve_device, resolve_dtype
 from .model import FTModel
 
 CONFIG = FAMILIES["zimage"].config_dir
+#: where a transformer's and a Qwen3's tensors may sit: UNETLoader's and CLIPLoader's files (none, or the Qwen3's
+#: ``model.``), a whole checkpoint (ComfyUI's CheckpointSave: ``model.diffusion_model.``, ``text_encoders.``), a
+#: CLIP's own state dict; the longer first (a checkpoint's ``model.diffusion_model.`` starts with ``model.``)
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+TEXT_ENCODER_PREFIXES = ("text_encoders.qwen3_4b.transformer.model.", "qwen3_4b.transformer.model.", "model.")
 
 
 def transformer_config(state: dict[str, torch.Tensor]) -> dict:
@@ -69,29 +73,56 @@ def load_zimage_files(transformer: str | Path, text_encoder: str | Path, vae: st
                       tokenizer_dir: str | Path | None, device: str = "auto", dtype: str = "auto",
                       offload: bool = False) -> FTModel:
     """An FTModel of the Z-Image family from ComfyUI's three files (see the module's text)."""
+    transformer, text_encoder, vae = Path(transformer), Path(text_encoder), Path(vae)
+    what = f"diffusion model {transformer.name}"
+    dit = _dit_state(_read(transformer, "diffusion model"), what)  # checked before the 8 GB text encoder is read
+    return zimage_from_states(dit, _read(text_encoder, "text encoder"), _read(vae, "VAE"), transformer.stem,
+                              tokenizer_dir, device, dtype, offload, what=what)
+
+
+def _dit_state(dit: dict, what: str) -> dict:
+    """A Z-Image transformer's tensors in diffusers' names, from the native layout (under any of ``PREFIXES``) or
+    already in diffusers' names."""
+    state = _stripped(dit, PREFIXES)
+    if "layers.0.attention.qkv.weight" in state:
+        state = from_native(state)
+    if "cap_embedder.1.weight" not in state or "layers.0.attention.to_q.weight" not in state:
+        raise ValueError(f"{what} is not a Z-Image transformer: it has no cap_embedder / layers.0.attention.qkv "
+                         "weights (ComfyUI's Z-Image layout)")
+    return state
+
+
+def zimage_from_states(dit: dict, text_encoder: dict, vae: dict, name: str, tokenizer_dir: str | Path | None,
+                       device: str = "auto", dtype: str = "auto", offload: bool = False,
+                       what: str = "diffusion model") -> FTModel:
+    """An FTModel of the Z-Image family from the three parts' tensors as ComfyUI holds them, under any of the
+    prefixes above (the transformer in its native layout or diffusers' names, the VAE in either layout): the files
+    ComfyUI's loaders read, or one whole checkpoint given three times (CheckpointSave's, or the MODEL, CLIP and VAE
+    a ComfyUI graph holds). The tensors are copied into the pack's own modules (ComfyUI's stay ComfyUI's), one part
+    at a time."""
     from diffusers import ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    transformer, text_encoder, vae = Path(transformer), Path(text_encoder), Path(vae)
-    state = from_native(_stripped(_read(transformer, "diffusion model"), PREFIXES))
-    if "cap_embedder.1.weight" not in state or "layers.0.attention.to_q.weight" not in state:
-        raise ValueError(f"diffusion model {transformer.name} is not a Z-Image transformer: it has no "
-                         "cap_embedder / layers.0.attention.qkv weights (ComfyUI's Z-Image layout)")
+    state = _dit_state(dit, what)
     fam = FAMILIES["zimage"]
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, fam)
     with torch.inference_mode(False):
-        dit = ZImageTransformer2DModel.from_config(transformer_config(state)).to(dt)
-        dit.load_state_dict({k: v.to(dt) for k, v in state.items()}, strict=True)
-        te_state = _stripped(_read(text_encoder, "text encoder"), ("model.", "qwen3_4b.transformer.model."))
+        dit_model = ZImageTransformer2DModel.from_config(transformer_config(state)).to(dt)
+        dit_model.load_state_dict({k: v.to(dt) for k, v in state.items()}, strict=True)
+        del state
+        te_state = _stripped(text_encoder, TEXT_ENCODER_PREFIXES)
         te_state.pop("lm_head.weight", None)
         te = Qwen3Model(Qwen3Config(**text_encoder_config(te_state))).to(dt)
         te.load_state_dict({k: v.to(dt) for k, v in te_state.items()}, strict=True)
-        vae_model = _vae(_read(vae, "VAE"), dt)
-    tok = _tokenizer(tokenizer_dir)
+        del te_state
+        vae_model = _vae(vae, dt)
     sched = json.loads((CONFIG / "scheduler" / "scheduler_config.json").read_text())
-    model = FTModel(fam, transformer.stem, dit.eval(), vae_model.eval(), te.eval(), tok, sched)
+    model = FTModel(fam, name, dit_model.eval(), vae_model.eval(), te.eval(), _tokenizer(tokenizer_dir), sched)
     model.prediction_source = "flow matching (Z-Image)"
+    if "turbo" in name.lower():  # Base and Turbo have the same keys and shapes: only the name tells them apart
+        model.prediction_source = ("flow matching; Z-Image Turbo by its name: it draws in 8 steps at cfg 1, and "
+                                   "LoRAs are trained on Base and applied to it")
     return model.to(dev, dt, offload=offload)
 
 
