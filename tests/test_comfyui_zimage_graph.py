@@ -90,7 +90,9 @@ def random_files(models) -> dict:
     del te
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(config / "vae")))
     n_up = len(vae.config.up_block_types)
-    save_file({vae_key(k, n_up): v.contiguous() for k, v in vae.state_dict().items()}, str(paths["vae"]))
+    # the original layout's mid-block attention is 1x1 convolutions (ComfyUI's VAE will have no other shape)
+    save_file({vae_key(k, n_up): (v[:, :, None, None] if ".mid.attn_1." in vae_key(k, n_up) and v.ndim == 2 else v)
+               .contiguous() for k, v in vae.state_dict().items()}, str(paths["vae"]))
     weights["vae"] = sum(p.numel() for p in vae.parameters())
     return weights
 
