@@ -85,6 +85,36 @@ def sdxl_model(dtype, device):
     return model.to(device, dtype)
 
 
+def zimage_model(dtype, device, layers: int | None = None):
+    """Z-Image's architecture (configs/zimage) with random weights: the transformer (6.15 B weights; ``layers`` of its
+    30 main layers: the same width and refiners, fewer blocks), Qwen3-4B (built in ``dtype``: 8 GB in bf16, not 16 in
+    fp32) and the Flux VAE."""
+    import torch
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from comfyui_finetune.trainers.model.model import FTModel
+    from comfyui_finetune.trainers.toy.loader import load_toy_zimage_model
+
+    cfg = CONFIGS / "zimage"
+    config = json.loads((cfg / "transformer/config.json").read_text())
+    if layers:
+        config["n_layers"] = layers
+    torch.manual_seed(0)
+    dit = ZImageTransformer2DModel.from_config(config).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        te = Qwen3Model(Qwen3Config(**json.loads((cfg / "text_encoder/config.json").read_text())))
+    finally:
+        torch.set_default_dtype(default)
+    vae = AutoencoderKL.from_config(json.loads((cfg / "vae/config.json").read_text()))
+    tok = load_toy_zimage_model().tokenizer  # ids well inside Qwen's vocabulary: the text only has to be encoded
+    sched = json.loads((cfg / "scheduler/scheduler_config.json").read_text())
+    model = FTModel("zimage", "zimage-random", dit.eval(), vae.eval(), te.eval(), tok, sched)
+    return model.to(device, dtype)
+
+
 def toy_model(dtype, device):
     from comfyui_finetune.trainers.toy.loader import load_toy_model
 

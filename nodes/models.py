@@ -45,7 +45,7 @@ def load_base_model(model_name: str, device: str = "auto", dtype: str = "auto", 
     from ..trainers import sources
 
     return sources.load_base_model(model_name, device, dtype, offload, prediction, resolve=host.model_path,
-                                   tokenizer_dir=sd1_tokenizer_dir)
+                                   tokenizer_dir=comfy_tokenizer_dir)
 
 
 class FT_LoadBaseModel:
@@ -54,7 +54,8 @@ class FT_LoadBaseModel:
                    "two text encoders, pooled embedding and size/crop time ids), a diffusers folder from "
                    "models/diffusers, or a single-file SD 1.x, 2.x or SDXL .safetensors checkpoint from "
                    "models/checkpoints (SDXL fine-tunes and v-prediction SDXL models included; the refiner, EDM and "
-                   "flow models are not). Nothing is downloaded.")
+                   "other flow models are not), or a whole Z-Image checkpoint there (what ComfyUI's Save Checkpoint "
+                   "writes of one; its three separate files go in Load Z-Image). Nothing is downloaded.")
     CATEGORY = f"{ROOT_CATEGORY}/models"
     RETURN_TYPES = ("FT_MODEL",)
     RETURN_NAMES = ("model",)

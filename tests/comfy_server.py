@@ -238,6 +238,19 @@ def ft_sample(graph: dict, tag: str, model: list) -> dict:
     return graph
 
 
+def made_apart(module: str, base: Path) -> dict:
+    """``<module>.make(base)`` (a test module's pack side) in a process of its own that ends before ComfyUI loads
+    anything, so every byte it held is returned; what it printed last, then what it returned."""
+    here = Path(__file__).resolve().parent
+    code = (f"import json, sys; from pathlib import Path; import {module} as t; "
+            "print('RESULT ' + json.dumps(t.make(Path(sys.argv[1]))))")
+    done = subprocess.run([sys.executable, "-c", code, str(base)], cwd=here, capture_output=True, text=True,
+                          timeout=1800, env={**os.environ, "PYTHONPATH": str(here)})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    print("\n".join(ln for ln in done.stdout.splitlines()[-12:] if not ln.startswith("RESULT ")))
+    return json.loads(next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+
+
 def picture(server, entry: dict, save_node: str):
     """The first picture a SaveImage node wrote, as floats 0..255."""
     import numpy as np

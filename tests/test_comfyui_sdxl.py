@@ -16,7 +16,8 @@ import json
 
 import pytest
 
-from comfy_server import ComfyServer, checked_in_comfyui, comfyui_path, ft_sample, load_controlnet_in_comfyui, picture, skip_reason
+from comfy_server import (ComfyServer, checked_in_comfyui, comfyui_path, ft_sample, load_controlnet_in_comfyui, made_apart,
+                         picture, skip_reason)
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
               pytest.mark.skipif(comfyui_path() is None, reason=skip_reason())]
@@ -40,19 +41,7 @@ def server(tmp_path_factory):
 def made(server):
     """What the pack makes on the full-size random SDXL, in a process of its own that ends before ComfyUI loads
     anything (so every byte of it is returned): see :func:`make`."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    here = Path(__file__).resolve().parent
-    code = ("import json, sys; from pathlib import Path; import test_comfyui_sdxl as t; "
-            "print('RESULT ' + json.dumps(t.make(Path(sys.argv[1]))))")
-    done = subprocess.run([sys.executable, "-c", code, str(server.base)], cwd=here, capture_output=True, text=True,
-                          timeout=1800, env={**os.environ, "PYTHONPATH": str(here)})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    print("\n".join(ln for ln in done.stdout.splitlines()[-12:] if not ln.startswith("RESULT ")))
-    return json.loads(next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    return made_apart("test_comfyui_sdxl", server.base)
 
 
 def make(base) -> dict:

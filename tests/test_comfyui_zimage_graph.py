@@ -15,7 +15,7 @@ import shutil
 
 import pytest
 
-from comfy_server import ComfyServer, comfyui_path, picture, skip_reason
+from comfy_server import ComfyServer, comfyui_path, made_apart, picture, skip_reason
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
               pytest.mark.skipif(comfyui_path() is None, reason=skip_reason())]
@@ -39,19 +39,7 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def made(server):
     """What the pack makes, in a process of its own (see :func:`make`)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    here = Path(__file__).resolve().parent
-    code = ("import json, sys; from pathlib import Path; import test_comfyui_zimage_graph as t; "
-            "print('RESULT ' + json.dumps(t.make(Path(sys.argv[1]))))")
-    done = subprocess.run([sys.executable, "-c", code, str(server.base)], cwd=here, capture_output=True, text=True,
-                          timeout=1800, env={**os.environ, "PYTHONPATH": str(here)})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    print("\n".join(ln for ln in done.stdout.splitlines()[-12:] if not ln.startswith("RESULT ")))
-    return json.loads(next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    return made_apart("test_comfyui_zimage_graph", server.base)
 
 
 def random_files(models) -> dict:

@@ -171,6 +171,39 @@ def test_an_offloaded_model_trains_on_the_gpu_and_leaves_nothing_there(tmp_path)
     assert torch.cuda.memory_allocated() - idle < 2**20, "nothing of the run stays on the GPU"
 
 
+def benchmark_models():
+    """benchmarks/train_step.py: the architectures with random weights, the benchmark pictures."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import train_step
+
+    return train_step
+
+
+def lora_at_1024_px(model, pictures: int, recipe: LoRARecipe, tmp_path) -> tuple[float, float]:
+    """Train LoRA's ``recipe`` at 1024 px on ``model`` (as its loader's auto leaves it: offloaded, for the
+    GPU), then FT_Sample at 1024 px: the GB each held at most (``max_memory_allocated``)."""
+    from comfyui_finetune.trainers.data.dataset import Dataset, Example
+    from comfyui_finetune.trainers.methods.lora import train_lora
+    from comfyui_finetune.trainers.sampling import sample
+
+    train_step = benchmark_models()
+    model.device, model.offload = torch.device("cuda"), True  # offload auto: the weights wait in CPU memory
+    ds = Dataset([Example(p, "a photo of a sks thing", f"p{i}")
+                  for i, p in enumerate(train_step.pictures(pictures, 1024))], resolution=1024)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode(False):
+        t = train_lora(recipe, model, ds, RunDir.create(tmp_path, model.family.name))
+    trained = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    img = sample(t.model, "a photo of a sks thing", seeds=[0], steps=2, width=1024, height=1024)
+    sampled = torch.cuda.max_memory_allocated() / 2**30
+    assert finite(t) and torch.isfinite(img).all() and img.shape == (1, 1024, 1024, 3)
+    return trained, sampled
+
+
 @pytest.mark.cuda
 @NO_GPU
 def test_an_sdxl_lora_at_1024_px_trains_and_samples_in_10_gb(tmp_path):
@@ -178,30 +211,25 @@ def test_an_sdxl_lora_at_1024_px_trains_and_samples_in_10_gb(tmp_path):
     1024 px, batch 1, 16 pictures, the model as FT_LoadBaseModel's auto leaves it (fp16 weights, the VAE in fp32,
     offloaded), then FT_Sample at 1024 px: each under 10 GB of GPU memory (``max_memory_allocated``).
     ``benchmarks/sdxl_memory.py`` counts the same stages on a CPU."""
-    from pathlib import Path
-
-    from comfyui_finetune.trainers.data.dataset import Dataset, Example
-    from comfyui_finetune.trainers.methods.lora import train_lora
-    from comfyui_finetune.trainers.sampling import sample
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import train_step
-
-    model = train_step.sdxl_model(torch.float16, "cpu")
-    model.device, model.offload = torch.device("cuda"), True  # offload auto: the weights wait in CPU memory
-    ds = Dataset([Example(p, "a photo of a sks thing", f"p{i}") for i, p in enumerate(train_step.pictures(16, 1024))],
-                 resolution=1024)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    with torch.inference_mode(False):
-        t = train_lora(LoRARecipe(steps=2, batch_size=1, seed=0), model, ds, RunDir.create(tmp_path, "sdxl"))
-    trained = torch.cuda.max_memory_allocated() / 2**30
-    torch.cuda.reset_peak_memory_stats()
-    img = sample(t.model, "a photo of a sks thing", seeds=[0], steps=2, width=1024, height=1024)
-    sampled = torch.cuda.max_memory_allocated() / 2**30
+    model = benchmark_models().sdxl_model(torch.float16, "cpu")
+    trained, sampled = lora_at_1024_px(model, 16, LoRARecipe(steps=2, batch_size=1, seed=0), tmp_path)
     print(f"SDXL LoRA at 1024 px: training {trained:.2f} GB, sampling {sampled:.2f} GB (max_memory_allocated)")
-    assert finite(t) and torch.isfinite(img).all() and img.shape == (1, 1024, 1024, 3)
     assert trained < 10 and sampled < 10
+
+
+@pytest.mark.cuda
+@NO_GPU
+def test_a_zimage_lora_at_1024_px_trains_in_16_gb(tmp_path):
+    """Issue 34's target: FT_TrainLoRA's defaults at rank 16 on Z-Image's architecture (random weights,
+    ``configs/zimage``: the 6.15 B transformer, Qwen3-4B, the Flux VAE) at 1024 px, batch 1, the model as Load Z-Image's
+    auto leaves it (bf16, the VAE in fp32, offloaded): Qwen3-4B encodes the captions and leaves before the transformer
+    comes, and the training holds under 16 GB of GPU memory (``max_memory_allocated``); FT_Sample at 1024 px, each part
+    visiting in turn, too. ``benchmarks/zimage_memory.py`` counts the same stages on a CPU."""
+    model = benchmark_models().zimage_model(torch.bfloat16, "cpu")
+    trained, sampled = lora_at_1024_px(model, 4, LoRARecipe(steps=2, batch_size=1, seed=0, rank=16), tmp_path)
+    print(f"Z-Image LoRA (rank 16) at 1024 px: training {trained:.2f} GB, sampling {sampled:.2f} GB "
+          "(max_memory_allocated)")
+    assert trained < 16 and sampled < 16
 
 
 @pytest.mark.cuda

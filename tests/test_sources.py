@@ -29,7 +29,7 @@ def test_model_files_are_found_through_the_callers_lookup():
         load_base_model("diffusers/mine", resolve=resolve)
     with pytest.raises(FileNotFoundError, match="checkpoints model 'm.safetensors'"):
         load_base_model("checkpoints/m.safetensors", resolve=resolve,
-                        tokenizer_dir=lambda: pytest.fail("the vocabulary is asked for only once the file is found"))
+                        tokenizer_dir=lambda folder: pytest.fail("the vocabulary is asked for only once the file is found"))
     assert asked == [("diffusers", "mine"), ("checkpoints", "m.safetensors")]
     with pytest.raises(ValueError, match=r"needs resolve\(kind, name\)"):
         load_base_model("diffusers/mine")

@@ -151,3 +151,35 @@ def test_a_whole_z_image_checkpoint_is_comfyuis_layout_and_reads_back_every_tens
                             ("vae", back.vae.state_dict(), model.vae.state_dict())):
         assert got.keys() == want.keys(), name
         assert all(torch.equal(got[k], want[k]) for k in want), name
+
+
+def test_load_base_model_reads_a_whole_z_image_checkpoint(zimage_files, folders, monkeypatch):
+    """A whole Z-Image in models/checkpoints (ComfyUI's CheckpointSave layout, what Model to ComfyUI -> Save
+    Checkpoint writes) loads in Load Base Model, a part at a time, with every tensor as saved; one without its VAE is
+    refused naming what is missing."""
+    from safetensors.torch import save_file
+
+    from comfyui_finetune.nodes import host
+    from comfyui_finetune.nodes import models as model_nodes
+    from comfyui_finetune.trainers.model.checkpoint import to_single_file
+
+    root, tok, _ = zimage_files
+    host.set_folders(models=root / "models")
+    monkeypatch.setattr(model_nodes, "qwen_tokenizer_dir", lambda: str(tok))
+    monkeypatch.setattr(model_nodes, "comfy_tokenizer_dir", lambda folder: str(tok) if "qwen" in folder else None)
+    (model,) = model_nodes.FT_LoadZImage().execute("z.safetensors", "qwen.safetensors", "ae.safetensors", "cpu", "fp32")
+    state = to_single_file(model, torch.float32)
+    (root / "models" / "checkpoints").mkdir(exist_ok=True)
+    save_file(state, str(root / "models" / "checkpoints" / "whole-zimage.safetensors"))
+    out = model_nodes.FT_LoadBaseModel().load("checkpoints/whole-zimage.safetensors", "cpu", "fp32")
+    back = out["result"][0]
+    assert back.family.name == "zimage" and "Z-Image" in out["ui"]["text"][0]
+    for name, got, want in (("transformer", back.transformer, model.transformer),
+                            ("text_encoder", back.text_encoder, model.text_encoder), ("vae", back.vae, model.vae)):
+        got, want = got.state_dict(), want.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+    save_file({k: v for k, v in state.items() if not k.startswith("vae.")},
+              str(root / "models" / "checkpoints" / "no-vae.safetensors"))
+    with pytest.raises(ValueError, match="no-vae.safetensors: a Z-Image checkpoint holds the transformer, the Qwen3 "
+                                         "text encoder and the VAE; this one has no vae"):
+        model_nodes.FT_LoadBaseModel().execute("checkpoints/no-vae.safetensors", "cpu", "fp32")

@@ -46,14 +46,15 @@ def builtin(model_name: str) -> Builtin | None:
 
 def load_base_model(model_name: str, device: str = "auto", dtype: str = "auto", offload: str = "auto",
                     prediction: str = "auto", *, resolve: Callable[[str, str], Path] | None = None,
-                    tokenizer_dir: Callable[[], str | None] | None = None):
+                    tokenizer_dir: Callable[[str], str | None] | None = None):
     """The model ``model_name`` names, remembering the name as its source (config.json records it). On a GPU with
     ``offload`` auto its weights wait in CPU memory and visit the GPU while they run. ``prediction`` auto: what the
     model predicts comes from its weights (a single file) or its scheduler config (a diffusers folder).
 
     ``resolve(kind, name)`` finds a ``diffusers`` folder or ``checkpoints`` file in the model folders (raising
-    FileNotFoundError naming where it looked); ``tokenizer_dir()`` gives a CLIP vocabulary folder for single-file
-    SD 1.x/2.x checkpoints, or None; it is asked only when one is loaded."""
+    FileNotFoundError naming where it looked); ``tokenizer_dir(folder)`` gives the folder of a vocabulary ComfyUI
+    ships (``sd1_tokenizer`` for single-file SD 1.x/2.x checkpoints, ``text_encoders/qwen25_tokenizer`` for a whole
+    Z-Image checkpoint), or None; it is asked only when one is loaded."""
     if offload not in OFFLOAD:
         raise ValueError(f"offload {offload!r} is not one of {', '.join(OFFLOAD)}")
     if prediction not in PREDICTION:
@@ -81,7 +82,7 @@ def _load_builtin(toy: Builtin, device: str, dtype: str, prediction: str, offloa
 
 
 def _load_file(model_name: str, device: str, dtype: str, prediction: str, offload: bool,
-               resolve: Callable[[str, str], Path] | None, tokenizer_dir: Callable[[], str | None] | None):
+               resolve: Callable[[str, str], Path] | None, tokenizer_dir: Callable[[str], str | None] | None):
     from .model import loading
 
     kind, _, name = model_name.partition("/")
@@ -99,10 +100,27 @@ def _load_file(model_name: str, device: str, dtype: str, prediction: str, offloa
             return load_zimage_folder(folder, device, dtype, offload)
         return loading.load_diffusers_folder(folder, device, dtype, prediction, offload)
     if kind == "checkpoints" and name:
-        return loading.load_single_file(resolve("checkpoints", name), tokenizer_dir() if tokenizer_dir else None,
+        path = resolve("checkpoints", name)
+        if _is_whole_zimage(path):
+            from .model.zimage_files import load_zimage_checkpoint
+
+            if prediction != "auto":
+                raise ValueError(f"prediction {prediction!r}: {name} is a Z-Image (a flow-matching model); leave "
+                                 "prediction on auto")
+            vocabulary = tokenizer_dir("text_encoders/qwen25_tokenizer") if tokenizer_dir else None
+            return load_zimage_checkpoint(path, vocabulary, device, dtype, offload)
+        return loading.load_single_file(path, tokenizer_dir("sd1_tokenizer") if tokenizer_dir else None,
                                         device, dtype, prediction, offload)
     raise ValueError(f"model_name {model_name!r} is not '{TOY_SOURCE}', 'diffusers/<folder>' or "
                      "'checkpoints/<file>'")
+
+
+def _is_whole_zimage(path: Path) -> bool:
+    """Whether a checkpoint file is a whole Z-Image (ComfyUI's CheckpointSave layout), from its header's names."""
+    from .model.zimage_files import CHECKPOINT_KEY
+    from .runs.reading import header
+
+    return path.suffix.lower() == ".safetensors" and CHECKPOINT_KEY in header(path, "checkpoint")[0]
 
 
 def _pipeline_class(folder: Path) -> str:

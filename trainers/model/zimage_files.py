@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..families.registry import FAMILIES
+from ..families.zimage import CHECKPOINT
 from ..families.zimage_native import from_native
 from .loading import resolve_device, resolve_dtype
 from .model import FTModel
@@ -74,37 +75,69 @@ def load_zimage_files(transformer: str | Path, text_encoder: str | Path, vae: st
                       tokenizer_dir: str | Path | None, device: str = "auto", dtype: str = "auto",
                       offload: bool = False) -> FTModel:
     """An FTModel of the Z-Image family from ComfyUI's three files (see the module's text)."""
+    from ..runs.reading import header
+
     transformer, text_encoder, vae = Path(transformer), Path(text_encoder), Path(vae)
     what = f"diffusion model {transformer.name}"
-    dit = _dit_state(_read(transformer, "diffusion model"), what)  # checked before the 8 GB text encoder is read
-    return zimage_from_states(dit, _read(text_encoder, "text encoder"), _read(vae, "VAE"), transformer.stem,
-                              tokenizer_dir, device, dtype, offload, what=what)
+    if transformer.suffix.lower() == ".safetensors":  # its names checked before anything is read
+        _check_dit(_stripped(header(transformer, "diffusion model")[0], PREFIXES), what)
+    # each file read when its part is built (the one before it let go)
+    return zimage_from_states(lambda: _read(transformer, "diffusion model"), lambda: _read(text_encoder, "text encoder"),
+                              lambda: _read(vae, "VAE"), transformer.stem, tokenizer_dir, device, dtype, offload,
+                              what=what)
+
+
+#: the key that says a single-file checkpoint is a whole Z-Image (ComfyUI's CheckpointSave layout)
+CHECKPOINT_KEY = "model.diffusion_model.cap_embedder.1.weight"
+
+
+def load_zimage_checkpoint(path: str | Path, tokenizer_dir: str | Path | None, device: str = "auto",
+                           dtype: str = "auto", offload: bool = False) -> FTModel:
+    """A whole Z-Image in one file, as ComfyUI's CheckpointSave writes it (Model to ComfyUI -> Save Checkpoint, and
+    the all-in-one Z-Image checkpoints): read a part at a time, so the file is never held whole beside the model."""
+    from ..runs.reading import header, read
+
+    path = Path(path)
+    keys = list(header(path, "checkpoint")[0])
+    parts = {part: [k for k in keys if k.startswith(prefix)] for part, prefix in CHECKPOINT.items()}
+    missing = [part for part, ks in parts.items() if not ks]
+    if missing:
+        raise ValueError(f"{path.name}: a Z-Image checkpoint holds the transformer, the Qwen3 text encoder and the VAE; "
+                         f"this one has no {' and no '.join(missing)} (keys under {CHECKPOINT[missing[0]]!r}): load "
+                         "a transformer alone from models/diffusion_models with Load Z-Image and its two other files")
+    readers = [lambda ks=ks: read(path, "checkpoint", keys=ks)[0] for ks in parts.values()]
+    return zimage_from_states(*readers, path.stem, tokenizer_dir, device, dtype, offload,
+                              what=f"checkpoint {path.name}")
 
 
 def _dit_state(dit: dict, what: str) -> dict:
     """A Z-Image transformer's tensors in diffusers' names, from the native layout (under any of ``PREFIXES``) or
     already in diffusers' names."""
-    state = _stripped(dit, PREFIXES)
-    if "layers.0.attention.qkv.weight" in state:
-        state = from_native(state)
-    if "cap_embedder.1.weight" not in state or "layers.0.attention.to_q.weight" not in state:
+    state = _check_dit(_stripped(dit, PREFIXES), what)
+    return from_native(state) if "layers.0.attention.qkv.weight" in state else state
+
+
+def _check_dit(names, what: str):
+    """``names`` (a transformer's weights or their names, without a prefix), if they are a Z-Image transformer's."""
+    if "cap_embedder.1.weight" not in names or not any(
+            k in names for k in ("layers.0.attention.qkv.weight", "layers.0.attention.to_q.weight")):
         raise ValueError(f"{what} is not a Z-Image transformer: it has no cap_embedder / layers.0.attention.qkv "
                          "weights (ComfyUI's Z-Image layout)")
-    return state
+    return names
 
 
-def zimage_from_states(dit: dict, text_encoder: dict, vae: dict, name: str, tokenizer_dir: str | Path | None,
+def zimage_from_states(dit, text_encoder, vae, name: str, tokenizer_dir: str | Path | None,
                        device: str = "auto", dtype: str = "auto", offload: bool = False,
                        what: str = "diffusion model") -> FTModel:
     """An FTModel of the Z-Image family from the three parts' tensors as ComfyUI holds them, under any of the
     prefixes above (the transformer in its native layout or diffusers' names, the VAE in either layout): the files
     ComfyUI's loaders read, or one whole checkpoint given three times (CheckpointSave's, or the MODEL, CLIP and VAE
-    a ComfyUI graph holds). The tensors are copied into the pack's own modules (ComfyUI's stay ComfyUI's), one part
-    at a time."""
+    a ComfyUI graph holds). A part may be given as a function that reads it, called when the part before it is built
+    and let go. The tensors are copied into the pack's own modules (ComfyUI's stay ComfyUI's), one part at a time."""
     from diffusers import ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    state = _dit_state(dit, what)
+    state = _dit_state(dit() if callable(dit) else dit, what)
     fam = FAMILIES["zimage"]
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, fam)
@@ -114,13 +147,13 @@ def zimage_from_states(dit: dict, text_encoder: dict, vae: dict, name: str, toke
         dit_model = ZImageTransformer2DModel.from_config(transformer_config(state))
         dit_model.load_state_dict(state, strict=True)
         del state
-        te_state = _stripped(text_encoder, TEXT_ENCODER_PREFIXES)
+        te_state = _stripped(text_encoder() if callable(text_encoder) else text_encoder, TEXT_ENCODER_PREFIXES)
         te_state.pop("lm_head.weight", None)
         te = Qwen3Model(Qwen3Config(**text_encoder_config(te_state)))
         te.load_state_dict(te_state, strict=True)
         del te_state
     with torch.inference_mode(False):
-        vae_model = _vae(vae, dt)
+        vae_model = _vae(vae() if callable(vae) else vae, dt)
     sched = json.loads((CONFIG / "scheduler" / "scheduler_config.json").read_text())
     model = FTModel(fam, name, dit_model.eval(), vae_model.eval(), te.eval(), _tokenizer(tokenizer_dir), sched)
     model.prediction_source = "flow matching (Z-Image)"
