@@ -89,8 +89,9 @@ def main() -> None:
                  0),
                 ("adapters, optimizer, training steps (the transformer)", weights["transformer"], 1)]
         for what, w, i in rows:
-            print(f"  {what}: {w / GB:.2f} GB weights + {train[i] / GB:.2f} GB held at most (1 layer "
-                  f"{runs[1]['train'][i] / GB:.2f}, 2 layers {runs[2]['train'][i] / GB:.2f}) = {(w + train[i]) / GB:.2f} GB")
+            one, two = runs[1]["train"][i] / GB, runs[2]["train"][i] / GB
+            print(f"  {what}: {w / GB:.2f} GB weights + {train[i] / GB:.2f} GB held at most (1 layer {one:.2f}, "
+                  f"2 layers {two:.2f}) = {(w + train[i]) / GB:.2f} GB")
         print(f"  the most at any time: {max(w + train[i] for _, w, i in rows) / GB:.2f} GB; step seconds here "
               f"(1 and 2 layers): {runs[1]['seconds']}, {runs[2]['seconds']}")
     if args.sample > 0:

@@ -39,7 +39,7 @@ def unsupported_reason(state: dict, comfy_config: str) -> str | None:
     conditioning) is named too."""
     from ..trainers.families.registry import FAMILIES, family_for_checkpoint
 
-    supported = ", ".join(f.label for f in FAMILIES.values() if f.text_encoder_files or f.comfy_class)
+    supported = ", ".join(f.label for f in FAMILIES.values() if f.text_encoder_files or (f.config and f.comfy_class))
     try:
         fam = family_for_checkpoint({k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")})
     except ValueError as e:

@@ -82,9 +82,9 @@ def load_zimage_files(transformer: str | Path, text_encoder: str | Path, vae: st
     if transformer.suffix.lower() == ".safetensors":  # its names checked before anything is read
         _check_dit(_stripped(header(transformer, "diffusion model")[0], PREFIXES), what)
     # each file read when its part is built (the one before it let go)
-    return zimage_from_states(lambda: _read(transformer, "diffusion model"), lambda: _read(text_encoder, "text encoder"),
-                              lambda: _read(vae, "VAE"), transformer.stem, tokenizer_dir, device, dtype, offload,
-                              what=what)
+    return zimage_from_states(lambda: _read(transformer, "diffusion model"),
+                              lambda: _read(text_encoder, "text encoder"), lambda: _read(vae, "VAE"),
+                              transformer.stem, tokenizer_dir, device, dtype, offload, what=what)
 
 
 #: the key that says a single-file checkpoint is a whole Z-Image (ComfyUI's CheckpointSave layout)
@@ -102,9 +102,10 @@ def load_zimage_checkpoint(path: str | Path, tokenizer_dir: str | Path | None, d
     parts = {part: [k for k in keys if k.startswith(prefix)] for part, prefix in CHECKPOINT.items()}
     missing = [part for part, ks in parts.items() if not ks]
     if missing:
-        raise ValueError(f"{path.name}: a Z-Image checkpoint holds the transformer, the Qwen3 text encoder and the VAE; "
-                         f"this one has no {' and no '.join(missing)} (keys under {CHECKPOINT[missing[0]]!r}): load "
-                         "a transformer alone from models/diffusion_models with Load Z-Image and its two other files")
+        raise ValueError(f"{path.name}: a Z-Image checkpoint holds the transformer, the Qwen3 text encoder and the "
+                         f"VAE; this one has no {' and no '.join(missing)} (keys under {CHECKPOINT[missing[0]]!r}): "
+                         "load a transformer alone from models/diffusion_models with Load Z-Image and its two other "
+                         "files")
     readers = [lambda ks=ks: read(path, "checkpoint", keys=ks)[0] for ks in parts.values()]
     return zimage_from_states(*readers, path.stem, tokenizer_dir, device, dtype, offload,
                               what=f"checkpoint {path.name}")
