@@ -4,6 +4,7 @@ the real layouts, the real Flux VAE shape), then sampling and training a LoRA wh
 modules as ComfyUI's Z-Image LoRA loader reads them. (Real-size files in a real ComfyUI: test_comfyui_zimage.py.)"""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -32,7 +33,7 @@ def test_the_native_layout_round_trips_and_diffusers_reads_it():
 
 @pytest.fixture(scope="module")
 def zimage_files(tmp_path_factory):
-    """A small Z-Image as ComfyUI's three files: the transformer (toy width, native layout, bf16), a 2-layer Qwen3
+    """A small Z-Image as ComfyUI's three files: the toy's transformer (native layout, bf16), a random 2-layer Qwen3
     (transformers' names under ``model.``, as Comfy-Org's qwen_3_4b file has them) and a random Flux VAE (the real
     shape, original layout); and a Qwen tokenizer folder (the toy's vocabulary; ComfyUI's is the real one)."""
     from diffusers import AutoencoderKL
@@ -40,14 +41,16 @@ def zimage_files(tmp_path_factory):
 
     from comfyui_finetune.trainers.families.registry import FAMILIES
     from comfyui_finetune.trainers.families.ldm import vae_key
-    from comfyui_finetune.trainers.toy import models
+    from comfyui_finetune.trainers.toy.loader import load_toy_zimage_model
     from comfyui_finetune.trainers.toy.tokenizer import write_qwen_tokenizer
 
     root = tmp_path_factory.mktemp("zimage")
     tok = write_qwen_tokenizer(root / "tokenizer")
     torch.manual_seed(0)
     with torch.inference_mode(False):
-        dit = models.new_zimage_transformer()
+        # the toy's trained transformer (its layout is what is tested): a freshly initialised one trained into NaN at
+        # the LoRA test's second step in the oldest set, its blow-up decided by float rounding
+        dit = copy.deepcopy(load_toy_zimage_model().transformer)
         te = Qwen3Model(Qwen3Config(vocab_size=400, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                     num_attention_heads=2, num_key_value_heads=1, head_dim=32))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(FAMILIES["zimage"].config_dir / "vae")))
