@@ -22,8 +22,9 @@ CONFIG = FAMILIES["zimage"].config_dir
 #: where a transformer's and a Qwen3's tensors may sit: UNETLoader's and CLIPLoader's files (none, or the Qwen3's
 #: ``model.``), a whole checkpoint (ComfyUI's CheckpointSave: ``model.diffusion_model.``, ``text_encoders.``), a
 #: CLIP's own state dict; the longer first (a checkpoint's ``model.diffusion_model.`` starts with ``model.``)
-PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-TEXT_ENCODER_PREFIXES = ("text_encoders.qwen3_4b.transformer.model.", "qwen3_4b.transformer.model.", "model.")
+PREFIXES = (CHECKPOINT["transformer"], "diffusion_model.")
+TEXT_ENCODER_PREFIXES = (CHECKPOINT["text_encoder"], CHECKPOINT["text_encoder"].removeprefix("text_encoders."),
+                         "model.")
 
 
 def transformer_config(state: dict[str, torch.Tensor]) -> dict:
@@ -181,7 +182,7 @@ def _vae(state: dict[str, torch.Tensor], dt: torch.dtype):
     or diffusers' (``encoder.down_blocks...``), with Z-Image's scale and shift."""
     from diffusers import AutoencoderKL
 
-    state = _stripped(state, ("first_stage_model.", "vae."))
+    state = _stripped(state, ("first_stage_model.", CHECKPOINT["vae"]))
     if any(k.startswith("encoder.down_blocks.") for k in state):
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(CONFIG / "vae")))
         vae.load_state_dict(state, strict=True)
