@@ -5,15 +5,15 @@ over training seeds, each judged by the toy judge over --samples pictures (32 by
                                         [--seeds 0,1,2] [--samples 32] [--pp off,on] [--subjects 1|2]
                                         [--mode lora|full] [--adapter lora,loha,lokr,dora] [--model toy|toy_xl]
                                         [--steps N] [--lr X] [--batch N] [--class-images N] [--train-text-encoder]
-                                        [--targets T] [--json FILE]
+                                        [--targets T] [--init shape|colour|words] [--json FILE]
 
 Every option not given is the node's default ("auto" learning rate included), so the table measures what a new
 user gets. The concepts (:data:`CONCEPTS`): the colour the base never draws on every shape (purple), every known
 colour on the shape it never saw (cross), and the known colour / shape pairs it was never shown (blue star, yellow
 triangle). Prompts: "a sks <shape>" for the subject and "a <shape>" for its class (a second subject: "a zwx
 <shape>"); the drift is the share of class pictures drawn as the subject (its colour and shape). Textual Inversion
-learns "<sks>" from "a <sks>" captions, starting from the shape's word; it can only recombine what the base draws
-(``tests/test_textual_inversion.py``), so only the held-out pairs are its concepts by default.
+learns "<sks>" from "a <sks>" captions, starting from the shape's word (``--init``); it can only recombine what the
+base draws (``tests/test_textual_inversion.py``), so only the held-out pairs are its concepts by default.
 """
 from __future__ import annotations
 
@@ -72,8 +72,10 @@ def train(base, method: str, subjects, seed: int, opts: dict):
                                                      run_name="bench", **opts)
     else:
         (color, shape, ident), = subjects
+        opts = dict(opts)
+        init = {"shape": shape, "colour": color, "words": f"{color} {shape}"}[opts.pop("init", "shape")]
         model, _, log = nodes.FT_TrainTextualInversion().execute(
-            base, pictures(color, shape, f"a <{ident}>"), token=f"<{ident}>", init_token=shape, seed=seed,
+            base, pictures(color, shape, f"a <{ident}>"), token=f"<{ident}>", init_token=init, seed=seed,
             run_name="bench", **opts)
     return model, log.config.get("recipe", {}).get("learning_rate"), log.steps
 
@@ -107,6 +109,9 @@ def options(args, method: str, pp: bool | None) -> dict:
         if method == "ti":
             for k in ("rank", "target_modules", "train_text_encoder"):
                 opts.pop(k, None)
+            opts["init"] = args.init
+            if args.init == "words":
+                opts.setdefault("num_vectors", 2)
     if method == "dreambooth":
         opts["prior_preservation"] = pp
     return opts
@@ -140,6 +145,8 @@ def main() -> None:
     ap.add_argument("--targets", default=None)
     ap.add_argument("--train-text-encoder", action="store_true", help="DreamBooth / Train LoRA: adapt the text "
                     "encoder too")
+    ap.add_argument("--init", choices=["shape", "colour", "words"], default="shape", help="Textual Inversion's "
+                    "init_token: the concept's shape word, its colour word, or both ('blue star', 2 vectors)")
     ap.add_argument("--json", type=Path, default=None, help="append every run's figures to this file (JSON lines)")
     args = ap.parse_args()
     if args.concepts in (None, "all"):

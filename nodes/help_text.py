@@ -84,7 +84,8 @@ make.
   `init_token` triangle, `num_vectors` 1, `steps` 300, `learning_rate` 0 (auto: 0.02 on the toys), `batch_size` 4,
   `caption_mode` dataset captions.
 - **On SD 1.5**: 3-10 pictures, a new `token` in brackets (`<my-cat>`), an `init_token` that is one known word close to
-  the concept (cat, painting), `num_vectors` 1-4, `learning_rate` auto (5e-3 on SD 1.x, 2.x and SDXL; 1e-3 to 1e-2
+  the concept (cat, painting) or several, one per vector (`blue star` with `num_vectors` 2: vector k starts from word
+  k, cycling, as A1111's initialization text does), `num_vectors` 1-4, `learning_rate` auto (5e-3 on SD 1.x, 2.x and SDXL; 1e-3 to 1e-2
   is usual) and 1000 steps, with a `validation_prompt` that uses the token. When the dataset's captions do not contain the token, choose
   `caption_mode` object templates (a thing) or style templates (a look).
 

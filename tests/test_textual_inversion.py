@@ -92,11 +92,28 @@ def test_bad_ti_input(toy, folders):
     ds = yellow_triangles(2)
     with pytest.raises(ValueError, match="'star' is already a word the model knows"):
         train_ti(toy, ds, token="star")
-    with pytest.raises(ValueError, match="init_token 'yellowish' is 4 tokens"):
+    with pytest.raises(ValueError, match="init_token 'yellowish' is 4 tokens but num_vectors is 1: .*raise "
+                       "num_vectors to 4"):
         train_ti(toy, ds, init_token="yellowish")
+    with pytest.raises(ValueError, match="init_token 'yellow triangle' is 2 tokens but num_vectors is 1"):
+        train_ti(toy, ds, init_token="yellow triangle")
+    with pytest.raises(ValueError, match="init_token is empty"):
+        train_ti(toy, ds, init_token=" ")
     with pytest.raises(ValueError, match="no caption of the dataset contains the token '<zz>'"):
         train_ti(toy, ds, token="<zz>")
     with pytest.raises(ValueError, match="num_vectors must be at least 1, got 0"):
         train_ti(toy, ds, num_vectors=0)
     with pytest.raises(ValueError, match="no embedding given"):
         FT_ApplyEmbedding().execute(toy, "none", "")
+
+
+def test_several_init_words_start_one_vector_each_cycling(toy, folders):
+    """init_token 'yellow triangle' with 3 vectors starts them from yellow, triangle, yellow (A1111's
+    initialization text does the same); with no step taken they are those rows exactly."""
+    _, emb, _ = train_ti(toy, yellow_triangles(2), init_token="yellow triangle", num_vectors=3, steps=1,
+                         learning_rate=1e-12, batch_size=2)
+    table = toy.text_encoder.get_input_embeddings().weight
+    ids = toy.tokenizer("yellow triangle", add_special_tokens=False).input_ids
+    want = table[[ids[0], ids[1], ids[0]]]
+    assert len(ids) == 2 and not torch.equal(want[0], want[1])
+    torch.testing.assert_close(emb.vectors, want, atol=1e-6, rtol=0)

@@ -207,8 +207,9 @@ class TextualInversionRecipe(TrainConfig):
     method: ClassVar[str] = "textual_inversion"
     token: str = option("<my-concept>", "The new word to learn; it must not exist yet (use brackets, e.g. "
                         "<my-cat>).")
-    init_token: str = option("object", "A single known word whose embedding the new word starts from (e.g. cat, "
-                             "star, painting).")
+    init_token: str = option("object", "The known word whose embedding the new word starts from (e.g. cat, star, "
+                             "painting), or several words, one per vector ('blue star' with num_vectors 2): vector "
+                             "k starts from word k, cycling.")
     num_vectors: int = option(1, "Embedding vectors for the word: more can hold more detail, but take prompt space "
                               "and learn slower.", min=1, max=32)
     steps: int = like(TrainConfig, "steps", 1000)

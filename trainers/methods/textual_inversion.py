@@ -118,23 +118,28 @@ class TextualInversionMethod(Method):
     def from_recipe(cls, r: TextualInversionRecipe) -> "TextualInversionMethod":
         return cls(r.token, r.init_token, r.num_vectors)
 
-    def validate(self, model: FTModel) -> list[int]:
-        """Check the token and init_token against ``model`` before any work; returns the init token's id in each
-        tokenizer."""
+    def validate(self, model: FTModel) -> list[list[int]]:
+        """Check the token and init_token against ``model`` before any work; returns init_token's ids in each
+        tokenizer (a word each where the words are known ones)."""
         check_new_token(model, self.token)
         out = []
         for _, tok in encoders(model):
             init = tok(self.init_token, add_special_tokens=False).input_ids
-            if len(init) != 1:
-                raise ValueError(f"init_token {self.init_token!r} is {len(init)} tokens; it must be a single word "
-                                 "the model knows (e.g. 'star', 'dog', 'painting')")
-            out.append(init[0])
+            if not init:
+                raise ValueError("init_token is empty: give a known word the new one starts from (e.g. 'star', "
+                                 "'dog', 'painting'), or several, one per vector ('blue star' with num_vectors 2)")
+            if len(init) > self.num_vectors:
+                raise ValueError(f"init_token {self.init_token!r} is {len(init)} tokens but num_vectors is "
+                                 f"{self.num_vectors}: each vector starts from one token, so raise num_vectors to "
+                                 f"{len(init)}, or give fewer words (one known word is one token)")
+            out.append(init)
         return out
 
     def setup(self, model: FTModel) -> None:
         init = self.validate(model)
-        starts = [te.get_input_embeddings().weight[i].detach().clone().repeat(self.num_vectors, 1)
-                  for (te, _), i in zip(encoders(model), init)]
+        # vector k starts from init_token's token k, cycling: 'star' fills every vector, 'blue star' alternates
+        starts = [te.get_input_embeddings().weight[[ids[k % len(ids)] for k in range(self.num_vectors)]]
+                  .detach().clone() for (te, _), ids in zip(encoders(model), init)]
         ids = add_token(model, self.token, *starts)
         self.model = model
         dtype = model.dtype  # the table trains in fp32: what it gives the (half-precision) encoder is in its dtype
