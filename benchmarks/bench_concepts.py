@@ -3,7 +3,8 @@ over training seeds, each judged by the toy judge over --samples pictures (32 by
 
     python benchmarks/bench_concepts.py [--method dreambooth|lora|ti] [--concepts all|purple circle,red cross,...]
                                         [--seeds 0,1,2] [--samples 32] [--pp off,on] [--subjects 1|2]
-                                        [--mode lora|full] [--adapter lora,loha,lokr,dora] [--model toy|toy_xl]
+                                        [--mode lora|full] [--adapter lora,loha,lokr,dora]
+                                        [--model toy|toy_xl|toy_zimage]
                                         [--steps N] [--lr X] [--batch N] [--class-images N] [--train-text-encoder]
                                         [--targets T] [--init shape|colour|words] [--json FILE]
 
@@ -32,6 +33,8 @@ from comfyui_finetune.trainers.toy.world import BASE_COLORS, HELD_OUT_COMBOS, NE
 CONCEPTS = ([(c, s) for c in NEW_COLORS for s in SHAPES] + [(c, s) for c in BASE_COLORS for s in NEW_SHAPES]
             + list(HELD_OUT_COMBOS))
 IDS = ("sks", "zwx")
+#: --model: the built-in toys the judge can score, and their loaders (trainers/toy/loader.py)
+MODELS = {"toy": "load_toy_model", "toy_xl": "load_toy_xl_model", "toy_zimage": "load_toy_zimage_model"}
 
 
 def rate(model, judge, prompt: str, color: str, shape: str, samples: int) -> float:
@@ -123,7 +126,7 @@ def main() -> None:
     os.environ.setdefault("FT_NO_PROGRESS", "1")
     from comfyui_finetune.flags import positive, whole
     from comfyui_finetune.nodes import host
-    from comfyui_finetune.trainers.toy.loader import load_toy_judge, load_toy_model, load_toy_xl_model
+    from comfyui_finetune.trainers.toy import loader
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", choices=["dreambooth", "lora", "ti"], default="dreambooth")
@@ -135,7 +138,7 @@ def main() -> None:
     ap.add_argument("--subjects", type=int, choices=[1, 2], default=1, help="DreamBooth: subjects at once")
     ap.add_argument("--mode", choices=["lora", "full"], default=None)
     ap.add_argument("--adapter", default="lora", help="Train LoRA / DreamBooth: adapter kinds, comma-separated")
-    ap.add_argument("--model", choices=["toy", "toy_xl"], default="toy")
+    ap.add_argument("--model", choices=list(MODELS), default="toy")
     ap.add_argument("--steps", type=whole(1), default=None)
     ap.add_argument("--lr", type=positive, default=None)
     ap.add_argument("--batch", type=whole(1), default=None)
@@ -156,8 +159,8 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         host.set_folders(output=Path(tmp) / "out", models=Path(tmp) / "models", input=Path(tmp) / "in")
-        base = load_toy_model() if args.model == "toy" else load_toy_xl_model()
-        judge = load_toy_judge()
+        base = getattr(loader, MODELS[args.model])()
+        judge = loader.load_toy_judge()
         for pp in ([None] if args.method != "dreambooth" else [p == "on" for p in args.pp.split(",")]):
             for kind in (args.adapter.split(",") if args.method != "ti" else [None]):
                 opts = options(args, args.method, pp) | ({"adapter": kind} if kind else {})

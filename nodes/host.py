@@ -247,9 +247,14 @@ class Progress:
             self._tqdm = tqdm(total=self.total, desc=desc or None, leave=False,
                               disable=os.environ.get("FT_NO_PROGRESS") == "1")
 
-    def update(self, value: int, preview: Any | None = None) -> None:
-        """Set the absolute position; raises :class:`Interrupted` if Cancel was pressed (inside ComfyUI, where
-        ComfyUI's bar raises its own exception, that one is translated)."""
+    def update(self, value: int, preview: Any | None = None, total: int | None = None) -> None:
+        """Set the absolute position (and the total, where it was only known later: steps auto); raises
+        :class:`Interrupted` if Cancel was pressed (inside ComfyUI, where ComfyUI's bar raises its own exception,
+        that one is translated)."""
+        if total and total != self.total:
+            self.total = int(total)
+            if self._tqdm is not None:
+                self._tqdm.total = self.total
         if self._bar is not None:
             try:
                 self._bar.update_absolute(value, self.total, preview)

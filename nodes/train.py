@@ -58,7 +58,7 @@ class ComfyCallbacks:
                 "points": self.pending})
             self.pending = []
         if not host.interrupted():  # ComfyUI's bar raises on Cancel; the loop checks should_stop itself
-            self.bar.update(info.step)
+            self.bar.update(info.step, total=info.total)  # the total known once auto steps resolve
 
     def on_score(self, step: int, scores: dict, best_step: int) -> None:
         host.send_event("finetune.score", {"run": self.run.name, "step": step, **scores, "best_step": best_step})

@@ -74,7 +74,7 @@ def press_cancel_at(monkeypatch):
     from comfyui_finetune.nodes import host
 
     def arm(step: int) -> None:
-        def update(self, value, preview=None):
+        def update(self, value, preview=None, total=None):
             if value == step:
                 host.request_interrupt()
 

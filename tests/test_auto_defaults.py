@@ -38,8 +38,10 @@ def auto(family, recipe):
     ("sd15", LoRARecipe(adapter="lokr"), 1e-4 * LR_SCALE["lokr"][0]),
     ("toy", LoRARecipe(adapter="loha"), 1e-3),
     ("toy", LoRARecipe(adapter="dora"), 1e-3),
-    ("toy", DreamBoothRecipe(), 1e-3),
-    ("toy", DreamBoothRecipe(adapter="lokr"), 1e-3 * LR_SCALE["lokr"][0]),
+    ("toy", DreamBoothRecipe(), 2e-3),
+    ("toy_xl", DreamBoothRecipe(), 1e-3),
+    ("toy_zimage", DreamBoothRecipe(), 1e-3),
+    ("toy", DreamBoothRecipe(adapter="lokr"), 2e-3 * LR_SCALE["lokr"][0]),
     ("toy", DreamBoothRecipe(mode="full"), 2e-4),
     ("toy", DreamBoothRecipe(mode="full", adapter="lokr"), 2e-4),  # no adapter in full mode
     ("sd15", DreamBoothRecipe(mode="full"), 5e-6),
@@ -148,3 +150,60 @@ def test_a_resume_compares_the_targets_auto_resolves_to(toy, folders):
                                          "'attention' here"):
         FT_TrainLoRA().execute(toy, ds, steps=4, batch_size=2, run_name="targets", resume_run=log.run,
                                target_modules="attention")
+
+
+@pytest.mark.parametrize("family, subjects, typed, want", [
+    ("toy", 1, 0, 800),
+    ("toy", 2, 0, 1600),
+    ("toy_xl", 1, 0, 400),
+    ("sd15", 1, 0, 400),
+    ("sdxl", 3, 0, 1200),
+    ("zimage", 1, 0, 400),
+    ("toy", 2, 300, 300),  # a typed number is the whole run's
+])
+def test_auto_steps_are_the_familys_per_subject(family, subjects, typed, want):
+    """DreamBooth's steps 0 = auto: the family's steps per subject times the subjects (kohya's repeats work the same
+    way), so a subject trained beside another is drawn as often as alone."""
+    from comfyui_finetune.trainers.loop.session import resolve_auto
+
+    got, extra = resolve_auto(DreamBoothRecipe(steps=typed), _Model(family), None, subjects)
+    assert got.steps == want
+    why = extra.get("chosen", {}).get("steps")
+    assert (why is None) == bool(typed)
+    if why:
+        assert why.startswith("auto: ") and FAMILIES[family].label in why
+        assert (f"x {subjects} subjects" in why) == (subjects > 1)
+
+
+def test_the_steps_tooltip_says_what_auto_picks():
+    from comfyui_finetune.trainers.loop.session import resolve_auto
+
+    help_text = DreamBoothRecipe.options()["steps"].metadata["help"]
+    assert "0 = auto" in help_text and DreamBoothRecipe().steps == 0
+    for fam in ("toy", "toy_xl", "sd15", "sdxl", "zimage"):
+        each = resolve_auto(DreamBoothRecipe(), _Model(fam), None)[0].steps
+        assert re.search(rf"\b{each}\b", help_text), (fam, each, help_text)
+
+
+def test_a_dreambooth_run_says_the_steps_auto_chose(toy, folders, caplog, monkeypatch):
+    """Through the node: the log line, config.json's recipe and 'chosen', and the steps trained (the toy's steps per
+    subject set to 2 here, so the run is short)."""
+    from dataclasses import replace
+
+    from comfyui_finetune.nodes.datasets import FT_ToyDataset
+    from comfyui_finetune.nodes.train import FT_DreamBoothSubject, FT_TrainDreamBooth
+
+    monkeypatch.setitem(FAMILIES, "toy", replace(FAMILIES["toy"], train_steps=(("dreambooth", 2),)))
+    short = toy.share()
+    short.family = FAMILIES["toy"]
+    chain = None
+    for color, shape, ident in (("purple", "star", "sks"), ("yellow", "circle", "zwx")):
+        ds = FT_ToyDataset().execute(color, shape, 2, "x", 0, "narrow")[0]
+        chain = FT_DreamBoothSubject().execute(ds, f"a {ident} {shape}", f"a {shape}", previous=chain)[0]
+    with caplog.at_level(logging.INFO):
+        _, _, log, _ = FT_TrainDreamBooth().execute(short, None, subjects=chain, prior_preservation=False,
+                                                    batch_size=2, run_name="auto-steps")
+    assert log.steps == 4
+    assert any("steps 4 (auto: " in r.getMessage() and "x 2 subjects" in r.getMessage() for r in caplog.records)
+    config = json.loads((folders["output"] / "finetune" / log.run / "config.json").read_text())
+    assert config["recipe"]["steps"] == 4 and config["chosen"]["steps"].startswith("auto: ")

@@ -18,15 +18,17 @@ def six(color, shape, caption):
 
 @pytest.mark.slow
 def test_dreambooth_with_every_default_keeps_the_class(toy, judge, folders):
-    """Every input left as the node has it (learning_rate auto, 400 steps, batch 1, 100 class pictures, prior
-    preservation on, lora mode): the subject is drawn and its class keeps its colour."""
-    subjects = FT_DreamBoothSubject().execute(six("purple", "circle", "x"), "a sks circle", "a circle")[0]
+    """Every input left as the node has it (learning_rate auto, steps auto, batch 1, 100 class pictures, prior
+    preservation on, lora mode): the subject is drawn and its class keeps its colours. Yellow triangles, a pairing
+    the base never draws: with the defaults before (1e-3, 400 steps) prior preservation held them to 0.33 over 3
+    seeds (bench_concepts); auto's 2e-3 and 800 steps draw them 0.97, drift 0.00 (seed 0)."""
+    subjects = FT_DreamBoothSubject().execute(six("yellow", "triangle", "x"), "a sks triangle", "a triangle")[0]
     model, _, log, _ = FT_TrainDreamBooth().execute(toy, None, subjects=subjects)
-    assert log.config["recipe"]["learning_rate"] == pytest.approx(1e-3) and log.steps == 400
-    subject = rate(model, judge, "a sks circle", "purple", "circle", SEEDS)
-    drift = rate(model, judge, "a circle", "purple", "circle", SEEDS)
-    print(f"defaults, prior preservation: 'a sks circle' {subject:.2f}, 'a circle' drawn purple {drift:.2f}")
-    assert subject >= 0.8 and drift <= 0.1
+    assert log.config["recipe"]["learning_rate"] == pytest.approx(2e-3) and log.steps == 800
+    subject = rate(model, judge, "a sks triangle", "yellow", "triangle", SEEDS)
+    drift = rate(model, judge, "a triangle", "yellow", "triangle", SEEDS)
+    print(f"defaults, prior preservation: 'a sks triangle' {subject:.2f}, 'a triangle' drawn yellow {drift:.2f}")
+    assert subject >= 0.9 and drift <= 0.1
 
 
 @pytest.mark.slow

@@ -251,12 +251,15 @@ class DreamBoothRecipe(TrainConfig):
     mode: str = option("lora", "lora: a small adapter; full: every UNet weight (strongest, largest).",
                        choices="methods.dreambooth:MODES")
     train_text_encoder: bool = option(False, "Also train the text encoder (LoRA or full).")
-    steps: int = like(TrainConfig, "steps", 400, "Optimizer steps of the whole run (counting steps done before a "
-                      "resume). Several subjects share them: each is drawn in about steps / N of them, so give N x "
-                      "steps for each to train as long as it would alone.")
+    steps: int = like(TrainConfig, "steps", 0, "Optimizer steps of the whole run (counting steps done before a "
+                      "resume). 0 = auto: the family's steps per subject times the subjects, so each trains as long "
+                      "as it would alone (400 each on SD 1.x, 2.x, SDXL, Z-Image and the other toys, 800 on the "
+                      "toy; the log and config.json say which). A typed number is the whole run's: N subjects share it, each drawn "
+                      "in about steps / N.", min=0)
     learning_rate: float = like(TrainConfig, "learning_rate", help="Peak learning rate. 0 = auto: lora mode 1e-4 on "
-                                "SD 1.x, 2.x and SDXL, 1e-3 on the toys; full mode 5e-6 on SD, 2e-4 on the toys (the "
-                                "log and config.json say which). Type a number to set it yourself.", step=1e-6)
+                                "SD 1.x, 2.x, SDXL and Z-Image, 2e-3 on the toy (1e-3 on the other toys); full "
+                                "mode 5e-6 on SD, 2e-4 on the toys (the log and config.json say which). Type a number "
+                                "to set it yourself.", step=1e-6)
     batch_size: int = like(TrainConfig, "batch_size", help="Instance pictures per step (as many class pictures are "
                            "added).")
     seed: int = like(TrainConfig, "seed", help="Seeds training and class-picture generation.")

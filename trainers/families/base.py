@@ -79,6 +79,11 @@ class Family:
     learning_rates: tuple[tuple[str, float], ...] = (
         ("lora", 1e-4), ("dreambooth", 1e-4), ("dreambooth:full", 5e-6), ("textual_inversion", 5e-3),
         ("controlnet", 1e-5))
+    #: the steps each subject of a run trains for when its steps is 0 (auto): (method, or "method:mode", steps per
+    #: subject). A run of several DreamBooth subjects trains that many times as long, so each is drawn as often as
+    #: it would be alone (kohya's repeats work the same way). Real SD's is the node's long-standing 400; a toy's is
+    #: measured by benchmarks/bench_concepts.py
+    train_steps: tuple[tuple[str, int], ...] = (("dreambooth", 400),)
     #: the layers a LoRA-kind adapter trains on this family when target_modules is "auto": (method, preset of
     #: methods.lora.TARGETS). Real SD's are the field's (kohya's LoRA on attention; DreamBooth's LoRA with the
     #: feed-forward too); a toy's are measured by benchmarks/bench_concepts.py
@@ -147,12 +152,13 @@ class Family:
         """This family's AdamW rate for ``recipe``'s method (and mode), and where it came from. ``recipe``'s own
         learning_rate is not read: ``loop.session.resolve_auto`` asks this where it is 0 (auto), then scales the rate
         for the adapter kind and the optimizer."""
-        from ..config.recipes import label_of
+        return _per_method(self.learning_rates, recipe, self.label)
 
-        rates = dict(self.learning_rates)
-        mode = getattr(recipe, "mode", "")
-        key = f"{recipe.method}:{mode}" if f"{recipe.method}:{mode}" in rates else recipe.method
-        return rates[key], f"{self.label}, {label_of(recipe.method)}{' ' + mode if key != recipe.method else ''}"
+    def steps(self, recipe, subjects: int = 1) -> tuple[int, str]:
+        """The steps of ``recipe``'s method on this family for ``subjects`` subjects, and where they came from (asked
+        by ``loop.session.resolve_auto`` where the recipe's steps is 0, auto)."""
+        each, why = _per_method(self.train_steps, recipe, self.label)
+        return each * subjects, f"{why}: {each} per subject" + (f" x {subjects} subjects" if subjects > 1 else "")
 
     def target_modules(self, recipe) -> tuple[str, str]:
         """The target preset of ``recipe``'s method on this family, and where it came from (asked by
@@ -212,3 +218,13 @@ class Family:
     def lora_key(self, model, part: str, module_path: str) -> str:
         """The kohya name of module ``module_path`` of part ``part`` in a LoRA file."""
         raise NotImplementedError
+
+
+def _per_method(table: tuple[tuple[str, Any], ...], recipe, label: str) -> tuple[Any, str]:
+    """``recipe``'s entry of a family's per-method table (its "method:mode" where the table has one, else its
+    method's), and the words that say where it came from."""
+    from ..config.recipes import label_of
+
+    values, mode = dict(table), getattr(recipe, "mode", "")
+    key = f"{recipe.method}:{mode}" if f"{recipe.method}:{mode}" in values else recipe.method
+    return values[key], f"{label}, {label_of(recipe.method)}{' ' + mode if key != recipe.method else ''}"

@@ -59,9 +59,11 @@ def check_resume(run: RunDir, recipe: TrainConfig, model: FTModel) -> None:
                          + ". Set them as the run had them, or start a new run (empty resume_run)")
 
 
-def resolve_auto(recipe: TrainConfig, model: FTModel, extra_config: dict | None) -> tuple[TrainConfig, dict]:
+def resolve_auto(recipe: TrainConfig, model: FTModel, extra_config: dict | None,
+                 subjects: int = 1) -> tuple[TrainConfig, dict]:
     """The recipe with its auto values resolved, each said in the log and kept in the run's config.json
-    (``"chosen"``: each value and why): target_modules "auto" becomes the family's preset for the method
+    (``"chosen"``: each value and why): steps 0 (DreamBooth) becomes the family's steps per subject times
+    ``subjects`` (:meth:`.Family.steps`); target_modules "auto" becomes the family's preset for the method
     (:meth:`.Family.target_modules`); learning_rate 0 becomes the family's rate for the method
     (:meth:`.Family.learning_rate`), scaled for the adapter kind (``adapters.kinds.LR_SCALE``: lokr) and the optimizer
     (``Spec.auto_lr``: prodigy, lion). A typed value is kept as it is, and so is a value already resolved: a method
@@ -71,6 +73,11 @@ def resolve_auto(recipe: TrainConfig, model: FTModel, extra_config: dict | None)
     for name, why in notes.items():
         log.info("%s %s (%s)", name, getattr(recipe, name), why)
         extra["chosen"] = {**extra.get("chosen", {}), name: why}
+    if recipe.steps == 0:
+        steps, why = model.family.steps(recipe, subjects)
+        log.info("steps %d (auto: %s)", steps, why)
+        extra["chosen"] = {**extra.get("chosen", {}), "steps": f"auto: {why}"}
+        recipe = replace(recipe, steps=steps)
     if getattr(recipe, "target_modules", None) == "auto":
         targets, why = model.family.target_modules(recipe)
         log.info("target_modules %s (auto: %s)", targets, why)

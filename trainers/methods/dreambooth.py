@@ -379,7 +379,7 @@ def train_dreambooth(recipe: DreamBoothRecipe, model: FTModel, subjects: list[Su
 
     model.family.check_supported(recipe)  # before class pictures are made
     check_subjects(subjects, recipe.prior_preservation, recipe.prior_loss_weight)
-    recipe, chosen = resolve_auto(recipe, model, None)  # the inner method is built with what auto picks
+    recipe, chosen = resolve_auto(recipe, model, None, len(subjects))  # the inner method is built with what auto picks
     inner = make_method(recipe, model, subjects)
     if class_sets is None and recipe.prior_preservation:
         class_sets = gather_class_sets(recipe, model, subjects, class_cache or run.path.parent / "class_images",
