@@ -72,9 +72,12 @@ def test_load_z_image_reads_comfyuis_three_files(zimage_files, folders, monkeypa
     from comfyui_finetune.nodes import host
     from comfyui_finetune.trainers.sampling import sample
 
+    from comfyui_finetune.trainers.runs import reading
+
     root, tok, made = zimage_files
     host.set_folders(models=root / "models")
     monkeypatch.setattr(model_nodes, "qwen_tokenizer_dir", lambda: str(tok))
+    monkeypatch.setattr(reading, "GROUP_BYTES", 64 << 10)  # each file read in many groups, as a real one is
     out = model_nodes.FT_LoadZImage().load("z.safetensors", "qwen.safetensors", "ae.safetensors", "cpu", "fp32")
     model = out["result"][0]
     assert "Z-Image" in out["ui"]["text"][0] and model.family.name == "zimage"
@@ -186,3 +189,42 @@ def test_load_base_model_reads_a_whole_z_image_checkpoint(zimage_files, folders,
     with pytest.raises(ValueError, match="no-vae.safetensors: a Z-Image checkpoint holds the transformer, the Qwen3 "
                                          "text encoder and the VAE; this one has no vae"):
         model_nodes.FT_LoadBaseModel().execute("checkpoints/no-vae.safetensors", "cpu", "fp32")
+
+
+def test_a_part_is_copied_from_its_file_a_group_at_a_time_and_every_weight_checked(tmp_path):
+    """Load Z-Image reads each file a group of tensors at a time into the module made from it (never the whole file
+    beside the module); every weight must come from the file once, and nothing may be left over."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    from comfyui_finetune.trainers.model.zimage_files import _fill, _te_names
+    from comfyui_finetune.trainers.runs.reading import FileTensors, read
+
+    def qwen():
+        return Qwen3Model(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+
+    torch.manual_seed(0)
+    made = qwen()
+    state = {"model." + k: v.contiguous() for k, v in made.state_dict().items()}
+    save_file(state, str(tmp_path / "q.safetensors"))
+    part = FileTensors(tmp_path / "q.safetensors", "text encoder", group_bytes=1)
+    groups = list(part.groups())
+    assert len(groups) == len(state) and {k for g in groups for k in g} == set(state)
+    assert {k: t.shape for k, t in part.meta().items()} == {k: t.shape for k, t in state.items()}
+    assert all(t.device.type == "meta" for t in part.meta().values())
+    torch.manual_seed(1)
+    into = qwen()
+    _fill(into, part, _te_names(part.meta()), "text encoder q.safetensors")
+    assert all(torch.equal(into.state_dict()[k], v) for k, v in made.state_dict().items())
+    assert read(tmp_path / "q.safetensors")[0].keys() == state.keys()
+
+    short = dict(state)
+    short.pop("model.norm.weight")
+    save_file(short, str(tmp_path / "short.safetensors"))
+    with pytest.raises(ValueError, match=r"short: 1 of the model's weights are not in it \(e.g. norm.weight\)"):
+        part = FileTensors(tmp_path / "short.safetensors", "text encoder", group_bytes=1)
+        _fill(qwen(), part, _te_names(part.meta()), "text encoder short")
+    save_file({**state, "model.extra.weight": torch.ones(2)}, str(tmp_path / "more.safetensors"))
+    with pytest.raises(ValueError, match=r"more: 1 of its tensors fit no weight .*\(e.g. extra.weight\)"):
+        part = FileTensors(tmp_path / "more.safetensors", "text encoder")
+        _fill(qwen(), part, _te_names(part.meta()), "text encoder more")

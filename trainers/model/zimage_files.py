@@ -15,6 +15,7 @@ import torch
 from ..families.registry import FAMILIES
 from ..families.zimage import CHECKPOINT
 from ..families.zimage_native import from_native
+from ..runs.reading import FileTensors
 from .loading import resolve_device, resolve_dtype
 from .model import FTModel
 
@@ -56,20 +57,24 @@ def text_encoder_config(state: dict[str, torch.Tensor]) -> dict:
     return base
 
 
+def _prefix(names, prefixes: tuple[str, ...]) -> str:
+    """The first of ``prefixes`` that some name starts with ("" if none: the names are a part's own)."""
+    return next((p for p in prefixes if any(k.startswith(p) for k in names)), "")
+
+
+def _strip(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if prefix else state
+
+
 def _stripped(state: dict, prefixes: tuple[str, ...]) -> dict:
-    for p in prefixes:
-        if any(k.startswith(p) for k in state):
-            return {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
-    return state
+    return _strip(state, _prefix(state, prefixes))
 
 
-def _read(path: Path, what: str) -> dict[str, torch.Tensor]:
-    from ..runs.reading import read
-
+def _file(path: Path, what: str) -> FileTensors:
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"{what} {path.name}: only .safetensors files are read (a {path.suffix} file is a pickle "
                          "that can run code when opened); convert it to safetensors first")
-    return read(path, what)[0]
+    return FileTensors(path, what)
 
 
 def load_zimage_files(transformer: str | Path, text_encoder: str | Path, vae: str | Path,
@@ -82,10 +87,9 @@ def load_zimage_files(transformer: str | Path, text_encoder: str | Path, vae: st
     what = f"diffusion model {transformer.name}"
     if transformer.suffix.lower() == ".safetensors":  # its names checked before anything is read
         _check_dit(_stripped(header(transformer, "diffusion model")[0], PREFIXES), what)
-    # each file read when its part is built (the one before it let go)
-    return zimage_from_states(lambda: _read(transformer, "diffusion model"),
-                              lambda: _read(text_encoder, "text encoder"), lambda: _read(vae, "VAE"),
-                              transformer.stem, tokenizer_dir, device, dtype, offload, what=what)
+    # each file read a group of tensors at a time, copied into its part
+    return zimage_from_states(_file(transformer, "diffusion model"), _file(text_encoder, "text encoder"),
+                              _file(vae, "VAE"), transformer.stem, tokenizer_dir, device, dtype, offload, what=what)
 
 
 #: the key that says a single-file checkpoint is a whole Z-Image (ComfyUI's CheckpointSave layout)
@@ -96,7 +100,7 @@ def load_zimage_checkpoint(path: str | Path, tokenizer_dir: str | Path | None, d
                            dtype: str = "auto", offload: bool = False) -> FTModel:
     """A whole Z-Image in one file, as ComfyUI's CheckpointSave writes it (Model to ComfyUI -> Save Checkpoint, and
     the all-in-one Z-Image checkpoints): read a part at a time, so the file is never held whole beside the model."""
-    from ..runs.reading import header, read
+    from ..runs.reading import header
 
     path = Path(path)
     keys = list(header(path, "checkpoint")[0])
@@ -107,16 +111,40 @@ def load_zimage_checkpoint(path: str | Path, tokenizer_dir: str | Path | None, d
                          f"VAE; this one has no {' and no '.join(missing)} (keys under {CHECKPOINT[missing[0]]!r}): "
                          "load a transformer alone from models/diffusion_models with Load Z-Image and its two other "
                          "files")
-    readers = [lambda ks=ks: read(path, "checkpoint", keys=ks)[0] for ks in parts.values()]
-    return zimage_from_states(*readers, path.stem, tokenizer_dir, device, dtype, offload,
-                              what=f"checkpoint {path.name}")
+    return zimage_from_states(*(FileTensors(path, "checkpoint", keys=ks) for ks in parts.values()), path.stem,
+                              tokenizer_dir, device, dtype, offload, what=f"checkpoint {path.name}")
 
 
-def _dit_state(dit: dict, what: str) -> dict:
-    """A Z-Image transformer's tensors in diffusers' names, from the native layout (under any of ``PREFIXES``) or
-    already in diffusers' names."""
-    state = _check_dit(_stripped(dit, PREFIXES), what)
-    return from_native(state) if "layers.0.attention.qkv.weight" in state else state
+def _dit_names(dit: dict, what: str):
+    """What turns a group of a Z-Image transformer's tensors (from the native layout under any of ``PREFIXES``, or
+    already in diffusers' names) into diffusers' names, told from all of its names (``dit``)."""
+    prefix = _prefix(dit, PREFIXES)
+    native = "layers.0.attention.qkv.weight" in _check_dit(_strip(dit, prefix), what)
+    return lambda group: from_native(_strip(group, prefix)) if native else _strip(group, prefix)
+
+
+def _te_names(te: dict):
+    """The same for a Qwen3's tensors: transformers' names without ``model.``, its unused lm_head left out."""
+    prefix = _prefix(te, TEXT_ENCODER_PREFIXES)
+    return lambda group: {k: v for k, v in _strip(group, prefix).items() if k != "lm_head.weight"}
+
+
+def _fill(module: torch.nn.Module, part, convert, what: str) -> None:
+    """Copy a part's tensors (a dict, or a file's read a group at a time) into ``module``, each cast to the
+    module's precision as it is copied, as strictly as load_state_dict: every weight once, nothing left over."""
+    want, seen = set(module.state_dict()), set()
+    for group in (part.groups() if isinstance(part, FileTensors) else [part]):
+        group = convert(group)
+        extra = sorted(set(group) - want)
+        if extra:
+            raise ValueError(f"{what}: {len(extra)} of its tensors fit no weight of the model it should be (e.g. "
+                             f"{extra[0]}): it is another model's file")
+        module.load_state_dict(group, strict=False)
+        seen.update(group)
+        del group
+    if want - seen:
+        raise ValueError(f"{what}: {len(want - seen)} of the model's weights are not in it (e.g. "
+                         f"{sorted(want - seen)[0]}): the file is cut short or is another model's")
 
 
 def _check_dit(names, what: str):
@@ -134,28 +162,27 @@ def zimage_from_states(dit, text_encoder, vae, name: str, tokenizer_dir: str | P
     """An FTModel of the Z-Image family from the three parts' tensors as ComfyUI holds them, under any of the
     prefixes above (the transformer in its native layout or diffusers' names, the VAE in either layout): the files
     ComfyUI's loaders read, or one whole checkpoint given three times (CheckpointSave's, or the MODEL, CLIP and VAE
-    a ComfyUI graph holds). A part may be given as a function that reads it, called when the part before it is built
-    and let go. The tensors are copied into the pack's own modules (ComfyUI's stay ComfyUI's), one part at a time."""
+    a ComfyUI graph holds). A part may be a file's tensors (``FileTensors``), read a group at a time as they are
+    copied in, so a file is never held whole beside its module. The tensors are copied into the pack's own modules
+    (ComfyUI's stay ComfyUI's), one part at a time."""
     from diffusers import ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    state = _dit_state(dit() if callable(dit) else dit, what)
+    names = lambda part: part.meta() if isinstance(part, FileTensors) else part  # noqa: E731 (shapes, nothing read)
     fam = FAMILIES["zimage"]
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, fam)
-    # each part is built in its precision and the tensors copied in (cast on the way, one at a time): Z-Image's
-    # transformer built in fp32 first would hold 24.6 GB, a converted copy of the Qwen3-4B 8 GB more
+    # each part is built in its precision and its file's tensors copied in a group at a time (cast on the way):
+    # Z-Image's transformer built in fp32 first would hold 24.6 GB, the whole file beside it 12.3 GB more
     with torch.inference_mode(False), built_in(dt):
-        dit_model = ZImageTransformer2DModel.from_config(transformer_config(state))
-        dit_model.load_state_dict(state, strict=True)
-        del state
-        te_state = _stripped(text_encoder() if callable(text_encoder) else text_encoder, TEXT_ENCODER_PREFIXES)
-        te_state.pop("lm_head.weight", None)
-        te = Qwen3Model(Qwen3Config(**text_encoder_config(te_state)))
-        te.load_state_dict(te_state, strict=True)
-        del te_state
+        convert = _dit_names(names(dit), what)
+        dit_model = ZImageTransformer2DModel.from_config(transformer_config(convert(names(dit))))
+        _fill(dit_model, dit, convert, what)
+        convert = _te_names(names(text_encoder))
+        te = Qwen3Model(Qwen3Config(**text_encoder_config(convert(names(text_encoder)))))
+        _fill(te, text_encoder, convert, "text encoder")
     with torch.inference_mode(False):
-        vae_model = _vae(vae() if callable(vae) else vae, dt)
+        vae_model = _vae(vae.whole() if isinstance(vae, FileTensors) else vae, dt)
     sched = json.loads((CONFIG / "scheduler" / "scheduler_config.json").read_text())
     model = FTModel(fam, name, dit_model.eval(), vae_model.eval(), te.eval(), _tokenizer(tokenizer_dir), sched)
     model.prediction_source = "flow matching (Z-Image)"

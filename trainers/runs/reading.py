@@ -108,3 +108,44 @@ def check_finite(tensors: dict[str, torch.Tensor], name: str) -> None:
         raise DamagedFile(f"{name} holds NaN or infinite values in {len(bad)} of its {len(tensors)} tensors "
                           f"(e.g. {bad[0]}): it is damaged or was saved from a training that diverged; "
                           "download it again, or use an earlier checkpoint of that training")
+
+
+#: about how much of a file :class:`FileTensors` reads at a time
+GROUP_BYTES = 256 << 20
+
+
+class FileTensors:
+    """Some or all of a safetensors file's tensors, to be read a group at a time (``groups``) and copied into a
+    module group by group, so the file is never held whole beside the module made from it. ``meta`` gives their
+    names and shapes without reading anything (to build the module first)."""
+
+    def __init__(self, path: str | Path, what: str = "", keys=None, group_bytes: int | None = None):
+        self.path, self.what, self.group_bytes = Path(path), what, group_bytes or GROUP_BYTES
+        with opened(self.path, what) as f:
+            names = list(f.keys()) if keys is None else list(keys)
+            self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in names}
+            self.itemsize = {k: _itemsize(f.get_slice(k).get_dtype()) for k in names}
+
+    def meta(self) -> dict[str, torch.Tensor]:
+        return {k: torch.empty(s, device="meta") for k, s in self.shapes.items()}
+
+    def groups(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The tensors, about ``group_bytes`` at a time, each group checked as :func:`read` checks a file."""
+        group, size = [], 0
+        for k, shape in self.shapes.items():
+            group.append(k)
+            size += self.itemsize[k] * int(torch.Size(shape).numel())
+            if size >= self.group_bytes:
+                yield read(self.path, self.what, keys=group)[0]
+                group, size = [], 0
+        if group:
+            yield read(self.path, self.what, keys=group)[0]
+
+    def whole(self) -> dict[str, torch.Tensor]:
+        return read(self.path, self.what, keys=list(self.shapes))[0]
+
+
+def _itemsize(dtype: str) -> int:
+    """Bytes per element of a safetensors dtype name ("F16", "BF16", "F8_E4M3", "I64", ...)."""
+    digits = "".join(c for c in dtype.split("_")[0] if c.isdigit())
+    return max(1, int(digits or 8) // 8)
