@@ -24,10 +24,9 @@ GB = 1024 ** 3
 
 #: what the fresh process runs: the libraries imported first, so their own memory is counted apart
 CHILD = """
-import json, re, sys, torch, diffusers, transformers
+import json, resource, sys, torch, diffusers, transformers
 from comfyui_finetune.trainers.model.zimage_files import load_zimage_files
-# the high-water mark of this process's own memory (ru_maxrss would carry the parent's across exec)
-rss = lambda: int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 before = rss()
 d, tok = sys.argv[1], sys.argv[2]
 load_zimage_files(f"{d}/transformer.safetensors", f"{d}/qwen3.safetensors", f"{d}/vae.safetensors", tok, "cpu", "bf16")
@@ -66,11 +65,16 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="the transformer's main layers (Z-Image has 30)")
     ap.add_argument("--te-layers", type=int, default=4, help="Qwen3-4B's layers (it has 36)")
     ap.add_argument("--files", type=Path, default=None, help="keep the files here (written once) and read them again")
+    ap.add_argument("--write", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.write:
+        return write_files(args.write, args.layers, args.te_layers)
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.files or Path(tmp)
-        if not (folder / "vae.safetensors").is_file():
-            write_files(folder, args.layers, args.te_layers)
+        if not (folder / "vae.safetensors").is_file():  # in a process of its own: ru_maxrss is kept across exec, so
+            # the loading process, started from this one, must not start from a parent that held the models
+            subprocess.run([sys.executable, __file__, "--write", str(folder), "--layers", str(args.layers),
+                            "--te-layers", str(args.te_layers)], check=True)
         sizes = {f.name: f.stat().st_size for f in sorted(folder.glob("*.safetensors"))}
         tok = ROOT / "trainers" / "toy" / "weights" / "pipeline_zimage" / "tokenizer"
         out = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(tok)], capture_output=True, text=True)
