@@ -4,7 +4,7 @@ over training seeds, each judged by the toy judge over --samples pictures (32 by
     python benchmarks/bench_concepts.py [--method dreambooth|lora|ti] [--concepts all|purple circle,red cross,...]
                                         [--seeds 0,1,2] [--samples 32] [--pp off,on] [--subjects 1|2]
                                         [--mode lora|full] [--adapter lora,loha,lokr,dora]
-                                        [--model toy|toy_xl|toy_zimage]
+                                        [--model toy|toy_xl|toy_zimage] [--cfg 4]
                                         [--steps N] [--lr X] [--batch N] [--class-images N] [--train-text-encoder]
                                         [--targets T] [--init shape|colour|words] [--json FILE]
 
@@ -12,7 +12,8 @@ Every option not given is the node's default ("auto" learning rate included), so
 user gets. The concepts (:data:`CONCEPTS`): the colour the base never draws on every shape (purple), every known
 colour on the shape it never saw (cross), and the known colour / shape pairs it was never shown (blue star, yellow
 triangle). Prompts: "a sks <shape>" for the subject and "a <shape>" for its class (a second subject: "a zwx
-<shape>"); the drift is the share of class pictures drawn as the subject (its colour and shape). Textual Inversion
+<shape>"); the drift is the share of class pictures drawn as the subject (its colour and shape), and "class kept"
+how much of the base's colour mix for "a <shape>" survives (:func:`kept`). Textual Inversion
 learns "<sks>" from "a <sks>" captions, starting from the shape's word (``--init``); it can only recombine what the
 base draws (``tests/test_textual_inversion.py``), so only the held-out pairs are its concepts by default.
 """
@@ -33,16 +34,42 @@ from comfyui_finetune.trainers.toy.world import BASE_COLORS, HELD_OUT_COMBOS, NE
 CONCEPTS = ([(c, s) for c in NEW_COLORS for s in SHAPES] + [(c, s) for c in BASE_COLORS for s in NEW_SHAPES]
             + list(HELD_OUT_COMBOS))
 IDS = ("sks", "zwx")
+#: --cfg: the classifier-free guidance every judged picture is sampled with
+CFG = [4.0]
 #: --model: the built-in toys the judge can score, and their loaders (trainers/toy/loader.py)
 MODELS = {"toy": "load_toy_model", "toy_xl": "load_toy_xl_model", "toy_zimage": "load_toy_zimage_model"}
 
 
-def rate(model, judge, prompt: str, color: str, shape: str, samples: int) -> float:
+def judged(model, judge, prompt: str, samples: int) -> list[tuple[str, str]]:
+    """(colour, shape) of ``samples`` pictures of ``prompt`` (the same seeds for every model)."""
     from comfyui_finetune.trainers.sampling import sample
 
     with torch.inference_mode(False):
-        res = judge.judge(sample(model, prompt, seeds=list(range(2000, 2000 + samples)), steps=20, cfg=4.0))
-    return float(np.mean([r["color"] == color and r["shape"] == shape for r in res]))
+        res = judge.judge(sample(model, prompt, seeds=list(range(2000, 2000 + samples)), steps=20, cfg=CFG[0]))
+    return [(r["color"], r["shape"]) for r in res]
+
+
+def rate(model, judge, prompt: str, color: str, shape: str, samples: int) -> float:
+    return float(np.mean([j == (color, shape) for j in judged(model, judge, prompt, samples)]))
+
+
+_BASE_CLASS: dict = {}
+
+
+def kept(base, judge, shape: str, samples: int, drawn: list[tuple[str, str]]) -> float:
+    """How much of the class's colours survive in ``drawn`` (the tuned model's "a <shape>" pictures): 1 - the total
+    variation distance between their colours and the base's (1: the same mix; 0: none in common). The drift only
+    counts the subject's colour; this also sees a class collapsing onto one colour of its own (classifier-free
+    guidance pushing away from an unconditional prediction that learnt the subject)."""
+    def mix(pairs):
+        colours = [c for c, _ in pairs]
+        return {c: colours.count(c) / len(colours) for c in set(colours)}
+
+    key = (id(base), shape, samples, CFG[0])
+    if key not in _BASE_CLASS:
+        _BASE_CLASS[key] = mix(judged(base, judge, f"a {shape}", samples))
+    a, b = _BASE_CLASS[key], mix(drawn)
+    return 1.0 - 0.5 * sum(abs(a.get(c, 0.0) - b.get(c, 0.0)) for c in set(a) | set(b))
 
 
 def pictures(color: str, shape: str, caption: str):
@@ -87,11 +114,13 @@ def measure(base, judge, method, concept, seed, opts, n_subjects, samples) -> di
     subs = [(*concept, IDS[0])] + ([(*partner(concept), IDS[1])] if n_subjects == 2 else [])
     t0 = time.time()
     model, lr, steps = train(base, method, subs, seed, opts)
-    out = {"lr": lr, "steps": steps, "subject": [], "drift": []}
+    out = {"lr": lr, "steps": steps, "subject": [], "drift": [], "kept": []}
     for color, shape, ident in subs:
         prompt = f"a <{ident}>" if method == "ti" else f"a {ident} {shape}"
         out["subject"].append(rate(model, judge, prompt, color, shape, samples))
-        out["drift"].append(rate(model, judge, f"a {shape}", color, shape, samples))
+        drawn = judged(model, judge, f"a {shape}", samples)
+        out["drift"].append(float(np.mean([j == (color, shape) for j in drawn])))
+        out["kept"].append(kept(base, judge, shape, samples, drawn))
     out["seconds"] = time.time() - t0
     return out
 
@@ -139,6 +168,8 @@ def main() -> None:
     ap.add_argument("--mode", choices=["lora", "full"], default=None)
     ap.add_argument("--adapter", default="lora", help="Train LoRA / DreamBooth: adapter kinds, comma-separated")
     ap.add_argument("--model", choices=list(MODELS), default="toy")
+    ap.add_argument("--cfg", type=positive, default=4.0, help="guidance of the judged pictures (the toys' usual 4; "
+                    "lower shows what was learnt without guidance overshooting it)")
     ap.add_argument("--steps", type=whole(1), default=None)
     ap.add_argument("--lr", type=positive, default=None)
     ap.add_argument("--batch", type=whole(1), default=None)
@@ -152,6 +183,7 @@ def main() -> None:
                     "init_token: the concept's shape word, its colour word, or both ('blue star', 2 vectors)")
     ap.add_argument("--json", type=Path, default=None, help="append every run's figures to this file (JSON lines)")
     args = ap.parse_args()
+    CFG[0] = args.cfg
     if args.concepts in (None, "all"):
         concepts = list(HELD_OUT_COMBOS) if args.method == "ti" and args.concepts is None else CONCEPTS
     else:
@@ -164,9 +196,10 @@ def main() -> None:
         for pp in ([None] if args.method != "dreambooth" else [p == "on" for p in args.pp.split(",")]):
             for kind in (args.adapter.split(",") if args.method != "ti" else [None]):
                 opts = options(args, args.method, pp) | ({"adapter": kind} if kind else {})
-                head = (f"{args.method} on {args.model}, {args.subjects} subject(s), "
+                head = (f"{args.method} on {args.model}, {args.subjects} subject(s), judged at cfg {args.cfg:g}, "
                         + ", ".join(f"{k} {v}" for k, v in opts.items()))
-                print(f"\n{head}\n  {'concept':16} {'subject':>18} {'drift':>18}   lr, steps, s/run")
+                print(f"\n{head}\n  {'concept':16} {'subject':>18} {'drift':>18} {'class kept':>18}   lr, steps, "
+                      "s/run")
                 table = []
                 for concept in concepts:
                     runs = [measure(base, judge, args.method, concept, s, opts, args.subjects, args.samples)
@@ -176,9 +209,10 @@ def main() -> None:
                     table.append(row)
                     first = [r["subject"][0] for r in runs]
                     drift = [r["drift"][0] for r in runs]
+                    keep = [r["kept"][0] for r in runs]
                     second = (f"   2nd {' '.join(partner(concept))}: {spread([r['subject'][1] for r in runs])}"
                               if args.subjects == 2 else "")
-                    print(f"  {' '.join(concept):16} {spread(first):>18} {spread(drift):>18}   "
+                    print(f"  {' '.join(concept):16} {spread(first):>18} {spread(drift):>18} {spread(keep):>18}   "
                           f"{runs[0]['lr']:g}, {runs[0]['steps']}, {np.mean([r['seconds'] for r in runs]):.0f}"
                           f"{second}", flush=True)
                     if args.json:
@@ -186,7 +220,8 @@ def main() -> None:
                             f.write(json.dumps(row) + "\n")
                 subj = [np.mean([r["subject"][0] for r in row["runs"]]) for row in table]
                 print(f"  concepts at >= 0.90: {sum(s >= 0.9 for s in subj)} of {len(subj)}; worst "
-                      f"{min(subj):.2f}; worst drift {max(max(r['drift'][0] for r in row['runs']) for row in table):.2f}")
+                      f"{min(subj):.2f}; worst drift {max(max(r['drift'][0] for r in row['runs']) for row in table):.2f}"
+                      f"; least class kept {min(min(r['kept'][0] for r in row['runs']) for row in table):.2f}")
 
 
 if __name__ == "__main__":
