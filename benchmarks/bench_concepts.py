@@ -4,7 +4,7 @@ over training seeds, each judged by the toy judge over --samples pictures (32 by
     python benchmarks/bench_concepts.py [--method dreambooth|lora|ti] [--concepts all|purple circle,red cross,...]
                                         [--seeds 0,1,2] [--samples 32] [--pp off,on] [--subjects 1|2]
                                         [--mode lora|full] [--adapter lora,loha,lokr,dora]
-                                        [--model toy|toy_xl|toy_zimage] [--cfg 4]
+                                        [--model toy|toy_xl|toy_zimage] [--cfg 4|2,4]
                                         [--steps N] [--lr X] [--batch N] [--class-images N] [--train-text-encoder]
                                         [--targets T] [--init shape|colour|words] [--json FILE]
 
@@ -34,29 +34,27 @@ from comfyui_finetune.trainers.toy.world import BASE_COLORS, HELD_OUT_COMBOS, NE
 CONCEPTS = ([(c, s) for c in NEW_COLORS for s in SHAPES] + [(c, s) for c in BASE_COLORS for s in NEW_SHAPES]
             + list(HELD_OUT_COMBOS))
 IDS = ("sks", "zwx")
-#: --cfg: the classifier-free guidance every judged picture is sampled with
-CFG = [4.0]
 #: --model: the built-in toys the judge can score, and their loaders (trainers/toy/loader.py)
 MODELS = {"toy": "load_toy_model", "toy_xl": "load_toy_xl_model", "toy_zimage": "load_toy_zimage_model"}
 
 
-def judged(model, judge, prompt: str, samples: int) -> list[tuple[str, str]]:
-    """(colour, shape) of ``samples`` pictures of ``prompt`` (the same seeds for every model)."""
+def judged(model, judge, prompt: str, samples: int, cfg: float) -> list[tuple[str, str]]:
+    """(colour, shape) of ``samples`` pictures of ``prompt`` at guidance ``cfg`` (the same seeds for every model)."""
     from comfyui_finetune.trainers.sampling import sample
 
     with torch.inference_mode(False):
-        res = judge.judge(sample(model, prompt, seeds=list(range(2000, 2000 + samples)), steps=20, cfg=CFG[0]))
+        res = judge.judge(sample(model, prompt, seeds=list(range(2000, 2000 + samples)), steps=20, cfg=cfg))
     return [(r["color"], r["shape"]) for r in res]
 
 
-def rate(model, judge, prompt: str, color: str, shape: str, samples: int) -> float:
-    return float(np.mean([j == (color, shape) for j in judged(model, judge, prompt, samples)]))
+def rate(model, judge, prompt: str, color: str, shape: str, samples: int, cfg: float) -> float:
+    return float(np.mean([j == (color, shape) for j in judged(model, judge, prompt, samples, cfg)]))
 
 
 _BASE_CLASS: dict = {}
 
 
-def kept(base, judge, shape: str, samples: int, drawn: list[tuple[str, str]]) -> float:
+def kept(base, judge, shape: str, samples: int, cfg: float, drawn: list[tuple[str, str]]) -> float:
     """How much of the class's colours survive in ``drawn`` (the tuned model's "a <shape>" pictures): 1 - the total
     variation distance between their colours and the base's (1: the same mix; 0: none in common). The drift only
     counts the subject's colour; this also sees a class collapsing onto one colour of its own (classifier-free
@@ -65,9 +63,9 @@ def kept(base, judge, shape: str, samples: int, drawn: list[tuple[str, str]]) ->
         colours = [c for c, _ in pairs]
         return {c: colours.count(c) / len(colours) for c in set(colours)}
 
-    key = (id(base), shape, samples, CFG[0])
+    key = (id(base), shape, samples, cfg)
     if key not in _BASE_CLASS:
-        _BASE_CLASS[key] = mix(judged(base, judge, f"a {shape}", samples))
+        _BASE_CLASS[key] = mix(judged(base, judge, f"a {shape}", samples, cfg))
     a, b = _BASE_CLASS[key], mix(drawn)
     return 1.0 - 0.5 * sum(abs(a.get(c, 0.0) - b.get(c, 0.0)) for c in set(a) | set(b))
 
@@ -110,17 +108,21 @@ def train(base, method: str, subjects, seed: int, opts: dict):
     return model, log.config.get("recipe", {}).get("learning_rate"), log.steps
 
 
-def measure(base, judge, method, concept, seed, opts, n_subjects, samples) -> dict:
+def measure(base, judge, method, concept, seed, opts, n_subjects, samples, cfgs) -> dict:
+    """Train once, then judge the subjects and their classes at every guidance in ``cfgs``: {"lr", "steps",
+    "seconds", "at": {cfg: {"subject": [...], "drift": [...], "kept": [...]}}} (a value per subject)."""
     subs = [(*concept, IDS[0])] + ([(*partner(concept), IDS[1])] if n_subjects == 2 else [])
     t0 = time.time()
     model, lr, steps = train(base, method, subs, seed, opts)
-    out = {"lr": lr, "steps": steps, "subject": [], "drift": [], "kept": []}
-    for color, shape, ident in subs:
-        prompt = f"a <{ident}>" if method == "ti" else f"a {ident} {shape}"
-        out["subject"].append(rate(model, judge, prompt, color, shape, samples))
-        drawn = judged(model, judge, f"a {shape}", samples)
-        out["drift"].append(float(np.mean([j == (color, shape) for j in drawn])))
-        out["kept"].append(kept(base, judge, shape, samples, drawn))
+    out = {"lr": lr, "steps": steps, "at": {}}
+    for cfg in cfgs:
+        at = out["at"][cfg] = {"subject": [], "drift": [], "kept": []}
+        for color, shape, ident in subs:
+            prompt = f"a <{ident}>" if method == "ti" else f"a {ident} {shape}"
+            at["subject"].append(rate(model, judge, prompt, color, shape, samples, cfg))
+            drawn = judged(model, judge, f"a {shape}", samples, cfg)
+            at["drift"].append(float(np.mean([j == (color, shape) for j in drawn])))
+            at["kept"].append(kept(base, judge, shape, samples, cfg, drawn))
     out["seconds"] = time.time() - t0
     return out
 
@@ -168,8 +170,9 @@ def main() -> None:
     ap.add_argument("--mode", choices=["lora", "full"], default=None)
     ap.add_argument("--adapter", default="lora", help="Train LoRA / DreamBooth: adapter kinds, comma-separated")
     ap.add_argument("--model", choices=list(MODELS), default="toy")
-    ap.add_argument("--cfg", type=positive, default=4.0, help="guidance of the judged pictures (the toys' usual 4; "
-                    "lower shows what was learnt without guidance overshooting it)")
+    ap.add_argument("--cfg", default="4", help="guidance of the judged pictures, comma-separated: each trained model "
+                    "is judged at each (the Sample node's 4 by default; 2 shows what was learnt without guidance "
+                    "overshooting it)")
     ap.add_argument("--steps", type=whole(1), default=None)
     ap.add_argument("--lr", type=positive, default=None)
     ap.add_argument("--batch", type=whole(1), default=None)
@@ -183,7 +186,7 @@ def main() -> None:
                     "init_token: the concept's shape word, its colour word, or both ('blue star', 2 vectors)")
     ap.add_argument("--json", type=Path, default=None, help="append every run's figures to this file (JSON lines)")
     args = ap.parse_args()
-    CFG[0] = args.cfg
+    cfgs = [float(c) for c in args.cfg.split(",")]
     if args.concepts in (None, "all"):
         concepts = list(HELD_OUT_COMBOS) if args.method == "ti" and args.concepts is None else CONCEPTS
     else:
@@ -196,33 +199,42 @@ def main() -> None:
         for pp in ([None] if args.method != "dreambooth" else [p == "on" for p in args.pp.split(",")]):
             for kind in (args.adapter.split(",") if args.method != "ti" else [None]):
                 opts = options(args, args.method, pp) | ({"adapter": kind} if kind else {})
-                head = (f"{args.method} on {args.model}, {args.subjects} subject(s), judged at cfg {args.cfg:g}, "
+                head = (f"{args.method} on {args.model}, {args.subjects} subject(s), "
                         + ", ".join(f"{k} {v}" for k, v in opts.items()))
-                print(f"\n{head}\n  {'concept':16} {'subject':>18} {'drift':>18} {'class kept':>18}   lr, steps, "
-                      "s/run")
+                print(f"\n{head}\n  {'concept':16} {'cfg':>4} {'subject':>18} {'drift':>18} {'class kept':>18}   "
+                      "lr, steps, s/run")
                 table = []
                 for concept in concepts:
-                    runs = [measure(base, judge, args.method, concept, s, opts, args.subjects, args.samples)
+                    runs = [measure(base, judge, args.method, concept, s, opts, args.subjects, args.samples, cfgs)
                             for s in seeds]
                     row = {"concept": " ".join(concept), "options": opts, "model": args.model,
                            "method": args.method, "subjects": args.subjects, "runs": runs}
                     table.append(row)
-                    first = [r["subject"][0] for r in runs]
-                    drift = [r["drift"][0] for r in runs]
-                    keep = [r["kept"][0] for r in runs]
-                    second = (f"   2nd {' '.join(partner(concept))}: {spread([r['subject'][1] for r in runs])}"
-                              if args.subjects == 2 else "")
-                    print(f"  {' '.join(concept):16} {spread(first):>18} {spread(drift):>18} {spread(keep):>18}   "
-                          f"{runs[0]['lr']:g}, {runs[0]['steps']}, {np.mean([r['seconds'] for r in runs]):.0f}"
-                          f"{second}", flush=True)
+                    print_row(row, cfgs, args.subjects)
                     if args.json:
                         with args.json.open("a") as f:
                             f.write(json.dumps(row) + "\n")
-                subj = [np.mean([r["subject"][0] for r in row["runs"]]) for row in table]
-                print(f"  concepts at >= 0.90: {sum(s >= 0.9 for s in subj)} of {len(subj)}; worst "
-                      f"{min(subj):.2f}; worst drift {max(max(r['drift'][0] for r in row['runs']) for row in table):.2f}"
-                      f"; least class kept {min(min(r['kept'][0] for r in row['runs']) for row in table):.2f}")
+                for cfg in cfgs:
+                    print_summary(table, cfg)
 
+
+def print_row(row: dict, cfgs, n_subjects: int) -> None:
+    runs = row["runs"]
+    for cfg in cfgs:
+        first, drift, keep = ([r["at"][cfg][k][0] for r in runs] for k in ("subject", "drift", "kept"))
+        second = (f"   2nd {' '.join(partner(tuple(row['concept'].split())))}: "
+                  f"{spread([r['at'][cfg]['subject'][1] for r in runs])}" if n_subjects == 2 else "")
+        print(f"  {row['concept']:16} {cfg:4g} {spread(first):>18} {spread(drift):>18} {spread(keep):>18}   "
+              f"{runs[0]['lr']:g}, {runs[0]['steps']}, {np.mean([r['seconds'] for r in runs]):.0f}{second}",
+              flush=True)
+
+
+def print_summary(table: list[dict], cfg: float) -> None:
+    subj = [np.mean([r["at"][cfg]["subject"][0] for r in row["runs"]]) for row in table]
+    drift = max(max(r["at"][cfg]["drift"][0] for r in row["runs"]) for row in table)
+    keep = min(min(r["at"][cfg]["kept"][0] for r in row["runs"]) for row in table)
+    print(f"  cfg {cfg:g}: concepts at >= 0.90: {sum(s >= 0.9 for s in subj)} of {len(subj)}; worst {min(subj):.2f};"
+          f" worst drift {drift:.2f}; least class kept {keep:.2f}")
 
 if __name__ == "__main__":
     main()
