@@ -170,7 +170,7 @@ def main() -> None:
     ap.add_argument("--mode", choices=["lora", "full"], default=None)
     ap.add_argument("--adapter", default="lora", help="Train LoRA / DreamBooth: adapter kinds, comma-separated")
     ap.add_argument("--model", choices=list(MODELS), default="toy")
-    ap.add_argument("--cfg", default="4", help="guidance of the judged pictures, comma-separated: each trained model "
+    ap.add_argument("--cfg", type=lambda v: [positive(c) for c in v.split(",")], default=[4.0], help="guidance of the judged pictures, comma-separated: each trained model "
                     "is judged at each (the Sample node's 4 by default; 2 shows what was learnt without guidance "
                     "overshooting it)")
     ap.add_argument("--steps", type=whole(1), default=None)
@@ -186,7 +186,7 @@ def main() -> None:
                     "init_token: the concept's shape word, its colour word, or both ('blue star', 2 vectors)")
     ap.add_argument("--json", type=Path, default=None, help="append every run's figures to this file (JSON lines)")
     args = ap.parse_args()
-    cfgs = [float(c) for c in args.cfg.split(",")]
+    cfgs = args.cfg
     if args.concepts in (None, "all"):
         concepts = list(HELD_OUT_COMBOS) if args.method == "ti" and args.concepts is None else CONCEPTS
     else:
@@ -235,6 +235,7 @@ def print_summary(table: list[dict], cfg: float) -> None:
     keep = min(min(r["at"][cfg]["kept"][0] for r in row["runs"]) for row in table)
     print(f"  cfg {cfg:g}: concepts at >= 0.90: {sum(s >= 0.9 for s in subj)} of {len(subj)}; worst {min(subj):.2f};"
           f" worst drift {drift:.2f}; least class kept {keep:.2f}")
+
 
 if __name__ == "__main__":
     main()
