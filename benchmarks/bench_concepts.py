@@ -4,7 +4,7 @@ over training seeds, each judged by the toy judge over --samples pictures (32 by
     python benchmarks/bench_concepts.py [--method dreambooth|lora|ti] [--concepts all|purple circle,red cross,...]
                                         [--seeds 0,1,2] [--samples 32] [--pp off,on] [--subjects 1|2]
                                         [--mode lora|full] [--adapter lora,loha,lokr,dora]
-                                        [--model toy|toy_xl|toy_zimage] [--cfg 4|2,4]
+                                        [--model toy|toy_xl|toy_zimage] [--cfg auto|2,4]
                                         [--steps N] [--lr X] [--batch N] [--class-images N] [--train-text-encoder]
                                         [--targets T] [--init shape|colour|words] [--json FILE]
 
@@ -170,9 +170,10 @@ def main() -> None:
     ap.add_argument("--mode", choices=["lora", "full"], default=None)
     ap.add_argument("--adapter", default="lora", help="Train LoRA / DreamBooth: adapter kinds, comma-separated")
     ap.add_argument("--model", choices=list(MODELS), default="toy")
-    ap.add_argument("--cfg", type=lambda v: [positive(c) for c in v.split(",")], default=[4.0], help="guidance of the judged pictures, comma-separated: each trained model "
-                    "is judged at each (the Sample node's 4 by default; 2 shows what was learnt without guidance "
-                    "overshooting it)")
+    ap.add_argument("--cfg", type=lambda v: [0.0 if c == "auto" else positive(c) for c in v.split(",")],
+                    default=[0.0], help="guidance of the judged pictures, comma-separated: each trained model is "
+                    "judged at each (by default auto, the Sample node's: the family's own, 4 on the toy and 2 on "
+                    "the toy SDXL; a lower one shows what was learnt without guidance overshooting it)")
     ap.add_argument("--steps", type=whole(1), default=None)
     ap.add_argument("--lr", type=positive, default=None)
     ap.add_argument("--batch", type=whole(1), default=None)
@@ -199,8 +200,8 @@ def main() -> None:
         for pp in ([None] if args.method != "dreambooth" else [p == "on" for p in args.pp.split(",")]):
             for kind in (args.adapter.split(",") if args.method != "ti" else [None]):
                 opts = options(args, args.method, pp) | ({"adapter": kind} if kind else {})
-                head = (f"{args.method} on {args.model}, {args.subjects} subject(s), "
-                        + ", ".join(f"{k} {v}" for k, v in opts.items()))
+                head = (f"{args.method} on {args.model} (cfg auto = {base.family.guidance(0):g}), "
+                        f"{args.subjects} subject(s), " + ", ".join(f"{k} {v}" for k, v in opts.items()))
                 print(f"\n{head}\n  {'concept':16} {'cfg':>4} {'subject':>18} {'drift':>18} {'class kept':>18}   "
                       "lr, steps, s/run")
                 table = []
@@ -218,13 +219,17 @@ def main() -> None:
                     print_summary(table, cfg)
 
 
+def shown(cfg: float) -> str:
+    return f"{cfg:g}" if cfg else "auto"
+
+
 def print_row(row: dict, cfgs, n_subjects: int) -> None:
     runs = row["runs"]
     for cfg in cfgs:
         first, drift, keep = ([r["at"][cfg][k][0] for r in runs] for k in ("subject", "drift", "kept"))
         second = (f"   2nd {' '.join(partner(tuple(row['concept'].split())))}: "
                   f"{spread([r['at'][cfg]['subject'][1] for r in runs])}" if n_subjects == 2 else "")
-        print(f"  {row['concept']:16} {cfg:4g} {spread(first):>18} {spread(drift):>18} {spread(keep):>18}   "
+        print(f"  {row['concept']:16} {shown(cfg):>4} {spread(first):>18} {spread(drift):>18} {spread(keep):>18}   "
               f"{runs[0]['lr']:g}, {runs[0]['steps']}, {np.mean([r['seconds'] for r in runs]):.0f}{second}",
               flush=True)
 
@@ -233,8 +238,8 @@ def print_summary(table: list[dict], cfg: float) -> None:
     subj = [np.mean([r["at"][cfg]["subject"][0] for r in row["runs"]]) for row in table]
     drift = max(max(r["at"][cfg]["drift"][0] for r in row["runs"]) for row in table)
     keep = min(min(r["at"][cfg]["kept"][0] for r in row["runs"]) for row in table)
-    print(f"  cfg {cfg:g}: concepts at >= 0.90: {sum(s >= 0.9 for s in subj)} of {len(subj)}; worst {min(subj):.2f};"
-          f" worst drift {drift:.2f}; least class kept {keep:.2f}")
+    print(f"  cfg {shown(cfg)}: concepts at >= 0.90: {sum(s >= 0.9 for s in subj)} of {len(subj)}; "
+          f"worst {min(subj):.2f}; worst drift {drift:.2f}; least class kept {keep:.2f}")
 
 
 if __name__ == "__main__":

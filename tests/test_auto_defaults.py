@@ -207,3 +207,42 @@ def test_a_dreambooth_run_says_the_steps_auto_chose(toy, folders, caplog, monkey
     assert any("steps 4 (auto: " in r.getMessage() and "x 2 subjects" in r.getMessage() for r in caplog.records)
     config = json.loads((folders["output"] / "finetune" / log.run / "config.json").read_text())
     assert config["recipe"]["steps"] == 4 and config["chosen"]["steps"].startswith("auto: ")
+
+
+# ------------------------------------------------------------------------------------------------ guidance --
+def test_the_sample_nodes_cfg_0_draws_at_the_familys_guidance(toy_xl):
+    """cfg 0 (auto, the node's default) draws what the family's own guidance draws, at the same seeds: on the toy
+    SDXL 2, not the 4 the node had before."""
+    import torch
+
+    from comfyui_finetune.nodes.sample import FT_Sample
+    from comfyui_finetune.trainers.sampling import sample
+
+    assert FT_Sample.INPUT_TYPES()["required"]["cfg"][1]["default"] == 0
+    assert toy_xl.family.sample_cfg == 2.0
+    auto_ = FT_Sample().execute(toy_xl, "a red square", "", 3, 4, 0.0, "auto", 0, 0, 2)[0]
+    own = sample(toy_xl, "a red square", seeds=[3, 4], steps=4, cfg=2.0)
+    four = sample(toy_xl, "a red square", seeds=[3, 4], steps=4, cfg=4.0)
+    assert torch.equal(auto_, own) and (auto_ - four).abs().max() > 0.05
+
+
+def test_the_cfg_tooltips_say_what_auto_picks():
+    from comfyui_finetune.nodes.sample import FT_Sample
+
+    tip = FT_Sample.INPUT_TYPES()["required"]["cfg"][1]["tooltip"]
+    help_text = LoRARecipe.options()["validation_cfg"].metadata["help"]
+    assert "0 = auto" in tip and "0 = auto" in help_text
+    for fam in FAMILIES.values():
+        assert re.search(rf"(?<![\d.]){fam.sample_cfg:g}(?![\d.])", tip), (fam.name, fam.sample_cfg, tip)
+    for fam in ("toy", "toy_xl", "sd15"):
+        assert re.search(rf"(?<![\d.]){FAMILIES[fam].sample_cfg:g}(?![\d.])", help_text), (fam, help_text)
+
+
+@pytest.mark.parametrize("family, typed, want", [("toy_xl", 0.0, 2.0), ("toy", 0.0, 4.0), ("sd15", 0.0, 7.5),
+                                                 ("sdxl", 0.0, 5.0), ("toy_xl", 3.0, 3.0)])
+def test_validation_cfg_auto_is_the_familys_and_said(family, typed, want):
+    from comfyui_finetune.trainers.loop.session import resolve_auto
+
+    got, extra = resolve_auto(LoRARecipe(validation_cfg=typed), _Model(family), None)
+    assert got.validation_cfg == want
+    assert ("validation_cfg" in extra.get("chosen", {})) == (typed == 0)

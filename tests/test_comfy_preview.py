@@ -15,6 +15,7 @@ from comfyui_finetune.nodes import comfy_preview
 from comfyui_finetune.nodes.datasets import FT_ToyDataset
 from comfyui_finetune.trainers.config.recipes import (COMFY_SAMPLER_NAMES, COMFY_SCHEDULERS, LoRARecipe,
                                                        TextualInversionRecipe)
+from comfyui_finetune.trainers.families.registry import FAMILIES
 
 
 def test_outside_comfyui_the_pack_draws_and_says_why(toy, caplog):
@@ -32,7 +33,8 @@ def test_outside_comfyui_the_pack_draws_and_says_why(toy, caplog):
 
 def test_choices_are_ksamplers_and_the_defaults_keep_todays_pictures():
     r = TextualInversionRecipe()
-    assert (r.validation_sampler, r.validation_steps, r.validation_cfg) == ("auto", 20, 4.0)
+    assert (r.validation_sampler, r.validation_steps, r.validation_cfg) == ("auto", 20, 0.0)
+    assert FAMILIES["toy"].guidance(r.validation_cfg) == 4.0  # auto: the toy's pictures are drawn as before
     assert {"euler", "dpmpp_2m", "ddim", "uni_pc"} <= set(COMFY_SAMPLER_NAMES)
     assert {"normal", "karras", "simple"} <= set(COMFY_SCHEDULERS)
     with pytest.raises(ValueError, match="validation_scheduler"):

@@ -45,7 +45,7 @@ def sample(
     seeds: list[int],
     negative_prompt: str = "",
     steps: int = 20,
-    cfg: float = 4.0,
+    cfg: float = 0.0,
     sampler: str = "",
     width: int = 0,
     height: int = 0,
@@ -56,7 +56,8 @@ def sample(
 ) -> torch.Tensor:
     """Generate ``len(seeds)`` images; returns a ComfyUI IMAGE tensor (B, H, W, 3), float 0..1, on the CPU.
 
-    ``controls`` are :class:`~.control.Control` applications; their residuals are summed and added to the UNet's
+    ``cfg`` 0 (auto) is the model family's own guidance (:attr:`.Family.sample_cfg`). ``controls`` are
+    :class:`~.control.Control` applications; their residuals are summed and added to the UNet's
     skip connections on both halves of classifier-free guidance. Strength 0 skips a ControlNet entirely.
 
     An offloaded model's parts visit its device a stage at a time and leave it after (:meth:`FTModel.placed`): the
@@ -69,6 +70,7 @@ def sample(
         raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds: give one prompt, or one per image")
     width, height = check_size(model, width, height)
     sampler = model.family.default_sampler if sampler in ("", "auto") else sampler
+    cfg = model.family.guidance(cfg)  # 0: the family's own
     use_cfg = cfg != 1.0
     try:
         with torch.no_grad(), model.placed(model.text_parts) as here, cached():

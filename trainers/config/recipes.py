@@ -140,8 +140,10 @@ class TrainConfig(Recipe):
                                        "scheduler.", choices=COMFY_SCHEDULERS)
     validation_steps: int = option(20, "Sampling steps of each validation picture (either sampler).", min=1,
                                    max=1000)
-    validation_cfg: float = option(4.0, "Classifier-free guidance of the validation pictures (either sampler; "
-                                   "negative prompt empty), as KSampler's cfg.", min=0.0, max=100.0, step=0.1)
+    validation_cfg: float = option(0.0, "Classifier-free guidance of the validation pictures (either sampler; "
+                                   "negative prompt empty), as KSampler's cfg. 0 = auto: the model family's own, as "
+                                   "the Sample node's cfg 0 (4 on the toy, 2 on the toy SDXL, 7.5 on SD 1.x).",
+                                   min=0.0, max=100.0, step=0.1)
     unmasked_weight: float = option(0.0, "Pictures with a mask (alpha channel, name.mask.png, or a MASK input): the "
                                     "loss weight outside the mask (0 = only the masked part trains, 1 = the mask is "
                                     "ignored).", min=0.0, max=1.0, step=0.05)

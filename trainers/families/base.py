@@ -65,8 +65,12 @@ class Family:
     architecture: str = ""
     #: kohya's ss_base_model_version in its LoRA files (A1111 and the LoRA browsers group by it)
     base_model_version: str = ""
-    #: guidance of the class pictures DreamBooth generates from it
+    #: guidance of the class pictures DreamBooth generates from it (the base model's own classes)
     class_cfg: float = 7.0
+    #: the guidance its samples and validation pictures are drawn at when their cfg is 0 (auto). Real families'
+    #: are their diffusers pipelines' defaults; a toy's is measured on what it learnt by benchmarks/bench_concepts.py
+    #: (a fine-tuned model's new subject can need less guidance than the base's classes)
+    sample_cfg: float = 7.5
     #: its VAE overflows in fp16 (SDXL's; its config says force_upcast): it stays in fp32 beside an fp16 model
     vae_upcast: bool = False
     #: its denoiser's activations at native size outgrow a 10-12 GB GPU (SDXL's: a LoRA at 1024 px, batch 1):
@@ -166,6 +170,11 @@ class Family:
         from ..config.recipes import label_of
 
         return dict(self.lora_targets)[recipe.method], f"{self.label}, {label_of(recipe.method)}"
+
+    def guidance(self, cfg: float) -> float:
+        """``cfg``, or this family's :attr:`sample_cfg` where it is 0 (auto): the guidance a sample or a validation
+        picture is drawn at."""
+        return float(cfg) if cfg > 0 else self.sample_cfg
 
     def size_step(self, model) -> int:
         """What every picture side must be a multiple of: the VAE's factor times the UNet's downsamplings."""
