@@ -39,7 +39,7 @@ def auto(family, recipe):
     ("toy", LoRARecipe(adapter="loha"), 1e-3),
     ("toy", LoRARecipe(adapter="dora"), 1e-3),
     ("toy", DreamBoothRecipe(), 2e-3),
-    ("toy_xl", DreamBoothRecipe(), 1e-3),
+    ("toy_xl", DreamBoothRecipe(), 2e-3),
     ("toy_zimage", DreamBoothRecipe(), 1e-3),
     ("toy", DreamBoothRecipe(adapter="lokr"), 2e-3 * LR_SCALE["lokr"][0]),
     ("toy", DreamBoothRecipe(mode="full"), 2e-4),
@@ -155,7 +155,7 @@ def test_a_resume_compares_the_targets_auto_resolves_to(toy, folders):
 @pytest.mark.parametrize("family, subjects, typed, want", [
     ("toy", 1, 0, 800),
     ("toy", 2, 0, 1600),
-    ("toy_xl", 1, 0, 400),
+    ("toy_xl", 1, 0, 800),
     ("sd15", 1, 0, 400),
     ("sdxl", 3, 0, 1200),
     ("zimage", 1, 0, 400),
