@@ -112,8 +112,8 @@ valid input of another training node (two stages).
 - **With every default on the toy** (`steps` and `learning_rate` auto: 800 steps per subject at 2e-3, prior
   preservation on 100 class pictures), each of the eleven new subjects the toy world makes is drawn in 0.78-1.00 of
   its pictures (the eight that are not crosses 0.97-1.00; a cross, a shape the toy never drew, 0.78-0.91), its class
-  drifting at most 0.06 (`python benchmarks/bench_concepts.py --pp on --seeds 0`). The toy SDXL's pictures are drawn
-  at cfg 2 (the Sample node's cfg 0 = auto): a new colour it learnt turns to blobs at 4.
+  drifting at most 0.06 (`python benchmarks/bench_concepts.py --pp on --seeds 0`). Both UNet toys sample at cfg 2
+  (the Sample node's cfg 0 = auto): on the toy SDXL a new colour it learnt turns to blobs at 4.
 - **On SD 1.5**: 3-20 pictures of the subject, an identifier that means nothing yet (`sks`), the class as the model
   knows it, `prior_preservation` on with the default 100 class pictures and `steps` auto (400 per subject on SD 1.x,
   2.x, SDXL, Z-Image and the other toys, 800 on the toy and the toy SDXL; several subjects get that many each);

@@ -238,8 +238,8 @@ def test_the_cfg_tooltips_say_what_auto_picks():
         assert re.search(rf"(?<![\d.]){FAMILIES[fam].sample_cfg:g}(?![\d.])", help_text), (fam, help_text)
 
 
-@pytest.mark.parametrize("family, typed, want", [("toy_xl", 0.0, 2.0), ("toy", 0.0, 4.0), ("sd15", 0.0, 7.5),
-                                                 ("sdxl", 0.0, 5.0), ("toy_xl", 3.0, 3.0)])
+@pytest.mark.parametrize("family, typed, want", [("toy_xl", 0.0, 2.0), ("toy", 0.0, 2.0), ("toy_audio", 0.0, 4.0),
+                                                 ("sd15", 0.0, 7.5), ("sdxl", 0.0, 5.0), ("toy", 3.0, 3.0)])
 def test_validation_cfg_auto_is_the_familys_and_said(family, typed, want):
     from comfyui_finetune.trainers.loop.session import resolve_auto
 

@@ -15,14 +15,13 @@ from comfyui_finetune.nodes import comfy_preview
 from comfyui_finetune.nodes.datasets import FT_ToyDataset
 from comfyui_finetune.trainers.config.recipes import (COMFY_SAMPLER_NAMES, COMFY_SCHEDULERS, LoRARecipe,
                                                        TextualInversionRecipe)
-from comfyui_finetune.trainers.families.registry import FAMILIES
 
 
 def test_outside_comfyui_the_pack_draws_and_says_why(toy, caplog):
     recipe = LoRARecipe(validation_prompt="a sks star", validation_every=10, validation_sampler="comfyui")
     with caplog.at_level(logging.INFO):
         assert comfy_preview.drawer(toy, recipe) is None
-    assert "the pack's sampler (DDIM, 20 steps, cfg 4, seeds 0..1), not ComfyUI's: outside ComfyUI" in caplog.text
+    assert "the pack's sampler (DDIM, 20 steps, cfg 2, seeds 0..1), not ComfyUI's: outside ComfyUI" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO):
         assert comfy_preview.drawer(toy, LoRARecipe(validation_prompt="x", validation_every=5,
@@ -31,10 +30,9 @@ def test_outside_comfyui_the_pack_draws_and_says_why(toy, caplog):
     assert comfy_preview.drawer(toy, LoRARecipe()) is None  # no validation: nothing to draw, nothing said
 
 
-def test_choices_are_ksamplers_and_the_defaults_keep_todays_pictures():
+def test_choices_are_ksamplers_and_the_defaults():
     r = TextualInversionRecipe()
-    assert (r.validation_sampler, r.validation_steps, r.validation_cfg) == ("auto", 20, 0.0)
-    assert FAMILIES["toy"].guidance(r.validation_cfg) == 4.0  # auto: the toy's pictures are drawn as before
+    assert (r.validation_sampler, r.validation_steps, r.validation_cfg) == ("auto", 20, 0.0)  # cfg: auto
     assert {"euler", "dpmpp_2m", "ddim", "uni_pc"} <= set(COMFY_SAMPLER_NAMES)
     assert {"normal", "karras", "simple"} <= set(COMFY_SCHEDULERS)
     with pytest.raises(ValueError, match="validation_scheduler"):

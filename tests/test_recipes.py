@@ -166,7 +166,7 @@ def test_a_trained_run_writes_a_config_that_reads_back(toy, folders):
     recipe, cfg = R.read_config(path, method="lora")
     assert recipe == R.LoRARecipe(steps=2, learning_rate=1e-3, batch_size=2, rank=4, alpha=4.0, seed=3,
                                   target_modules="attention", run_name="cfg", optimizer="adam", snr_gamma=0.0,
-                                  validation_cfg=4.0)  # auto, resolved to the toy's guidance
+                                  validation_cfg=2.0)  # auto, resolved to the toy's guidance
     assert cfg["chosen"]["validation_cfg"].startswith("auto: ")
     assert cfg["model"]["source"] == "toy (built-in)" or cfg["model"]["name"] == "toy"
     assert cfg["model"]["fingerprint"] == toy.fingerprint() and cfg["dataset"]["images"] == 4

@@ -142,7 +142,7 @@ class TrainConfig(Recipe):
                                    max=1000)
     validation_cfg: float = option(0.0, "Classifier-free guidance of the validation pictures (either sampler; "
                                    "negative prompt empty), as KSampler's cfg. 0 = auto: the model family's own, as "
-                                   "the Sample node's cfg 0 (4 on the toy, 2 on the toy SDXL, 7.5 on SD 1.x).",
+                                   "the Sample node's cfg 0 (2 on the toy and the toy SDXL, 7.5 on SD 1.x).",
                                    min=0.0, max=100.0, step=0.1)
     unmasked_weight: float = option(0.0, "Pictures with a mask (alpha channel, name.mask.png, or a MASK input): the "
                                     "loss weight outside the mask (0 = only the masked part trains, 1 = the mask is "
