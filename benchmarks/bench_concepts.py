@@ -172,8 +172,8 @@ def main() -> None:
     ap.add_argument("--model", choices=list(MODELS), default="toy")
     ap.add_argument("--cfg", type=lambda v: [0.0 if c == "auto" else positive(c) for c in v.split(",")],
                     default=[0.0], help="guidance of the judged pictures, comma-separated: each trained model is "
-                    "judged at each (by default auto, the Sample node's: the family's own, 4 on the toy and 2 on "
-                    "the toy SDXL; a lower one shows what was learnt without guidance overshooting it)")
+                    "judged at each (by default auto, the Sample node's: the family's own, 2 on the toy and the "
+                    "toy SDXL; 4 was the node's before auto)")
     ap.add_argument("--steps", type=whole(1), default=None)
     ap.add_argument("--lr", type=positive, default=None)
     ap.add_argument("--batch", type=whole(1), default=None)
