@@ -200,7 +200,7 @@ def main() -> None:
         for pp in ([None] if args.method != "dreambooth" else [p == "on" for p in args.pp.split(",")]):
             for kind in (args.adapter.split(",") if args.method != "ti" else [None]):
                 opts = options(args, args.method, pp) | ({"adapter": kind} if kind else {})
-                head = (f"{args.method} on {args.model} (cfg auto = {base.family.guidance(0):g}), "
+                head = (f"{args.method} on {args.model} (cfg auto = {base.guidance(0):g}), "
                         f"{args.subjects} subject(s), " + ", ".join(f"{k} {v}" for k, v in opts.items()))
                 print(f"\n{head}\n  {'concept':16} {'cfg':>4} {'subject':>18} {'drift':>18} {'class kept':>18}   "
                       "lr, steps, s/run")

@@ -75,7 +75,7 @@ def drawer(model, recipe) -> "ComfyPreview | None":
     """The run's ComfyUI drawer, or None when the pack's sampler draws; the log says which and why."""
     if not (recipe.validation_prompt.strip() and recipe.validation_every) and recipe.keep_best == "off":
         return None
-    recipe = replace(recipe, validation_cfg=model.family.guidance(recipe.validation_cfg))  # 0: the family's own
+    recipe = replace(recipe, validation_cfg=model.guidance(recipe.validation_cfg))  # 0: the model's own
     settings = (f"{recipe.validation_steps} steps, cfg {recipe.validation_cfg:g}, seeds {recipe.seed}.."
                 f"{recipe.seed + recipe.validation_images - 1}")
     if recipe.validation_sampler == "pack":

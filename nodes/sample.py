@@ -47,10 +47,10 @@ class FT_Sample:
                 "seed": SEED("Seed of the first image; image i of the batch uses seed + i."),
                 "steps": INT(20, 1, 500, "Denoising steps: more is slower and usually a little cleaner."),
                 "cfg": FLOAT(0.0, 0.0, 30.0, "Classifier-free guidance scale: how strongly to follow the prompt "
-                             "(1 = no guidance). 0 = auto, the model family's own: 7.5 for SD 1.x and 2.x, 5 for "
-                             "SDXL and Z-Image Base (their diffusers pipelines'; Z-Image Turbo draws at 1), 2 for the "
-                             "toy and the toy SDXL (a new subject they learnt turns to blobs at higher guidance), 4 "
-                             "for the other toys.", step=0.1),
+                             "(1 = no guidance). 0 = auto, the model's own: 7.5 for SD 1.x and 2.x, 5 for SDXL and "
+                             "Z-Image Base (their diffusers pipelines'), 1 for Z-Image Turbo (a file named turbo), 2 "
+                             "for the toy and the toy SDXL (a new subject they learnt turns to blobs at higher "
+                             "guidance), 4 for the other toys.", step=0.1),
                 "sampler": COMBO(SAMPLER_NAMES, "The diffusers scheduler that takes the steps. auto: the model's own "
                                  "(DDIM for SD 1.x, 2.x, SDXL and the UNet toys; FlowMatch Euler with the family's "
                                  "shift for Z-Image, which only euler draws)."),

@@ -12,10 +12,15 @@ import pytest
 from comfyui_finetune.trainers.config.recipes import (ControlNetRecipe, DreamBoothRecipe, LoRARecipe,
                                                      TextualInversionRecipe)
 from comfyui_finetune.trainers.families.registry import FAMILIES
+from comfyui_finetune.trainers.model.model import FTModel
 from comfyui_finetune.trainers.adapters.kinds import LR_SCALE
 
 
 class _Model:
+    """What resolve_auto asks of a model: its family, its name and its own guidance (FTModel's, unchanged)."""
+    name, sample_cfg = "stub", 0.0
+    guidance = FTModel.guidance
+
     def __init__(self, family):
         self.family = FAMILIES[family]
 
@@ -234,6 +239,7 @@ def test_the_cfg_tooltips_say_what_auto_picks():
     assert "0 = auto" in tip and "0 = auto" in help_text
     for fam in FAMILIES.values():
         assert re.search(rf"(?<![\d.]){fam.sample_cfg:g}(?![\d.])", tip), (fam.name, fam.sample_cfg, tip)
+    assert re.search(r"1 for Z-Image Turbo", tip), tip  # the one model whose own guidance is not its family's
     for fam in ("toy", "toy_xl", "sd15"):
         assert re.search(rf"(?<![\d.]){FAMILIES[fam].sample_cfg:g}(?![\d.])", help_text), (fam, help_text)
 

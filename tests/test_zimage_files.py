@@ -94,6 +94,34 @@ def test_load_z_image_reads_comfyuis_three_files(zimage_files, folders, monkeypa
     assert img.shape == (1, 64, 64, 3) and torch.isfinite(img).all()
 
 
+def test_z_image_turbo_by_its_file_name_samples_unguided_under_auto(zimage_files, folders, monkeypatch):
+    """cfg 0 (auto) is the model's own guidance: Z-Image Base's 5 (its family's), Turbo's 1 (distilled to draw
+    without guidance), told apart by the file's name as ComfyUI's users name it; a shared copy keeps it."""
+    import os
+
+    from comfyui_finetune.nodes import models as model_nodes
+    from comfyui_finetune.nodes import host
+    from comfyui_finetune.trainers.sampling import sample
+
+    root, tok, _ = zimage_files
+    host.set_folders(models=root / "models")
+    monkeypatch.setattr(model_nodes, "qwen_tokenizer_dir", lambda: str(tok))
+    dit = root / "models" / "diffusion_models"
+    os.link(dit / "z.safetensors", dit / "z_image_turbo_bf16.safetensors")  # the same weights, Turbo's name
+    load = model_nodes.FT_LoadZImage().load
+    try:
+        base = load("z.safetensors", "qwen.safetensors", "ae.safetensors", "cpu", "fp32")["result"][0]
+        turbo = load("z_image_turbo_bf16.safetensors", "qwen.safetensors", "ae.safetensors", "cpu", "fp32")["result"][0]
+    finally:
+        os.unlink(dit / "z_image_turbo_bf16.safetensors")
+    assert base.guidance(0) == 5.0 and turbo.guidance(0) == 1.0 and turbo.guidance(3.5) == 3.5
+    assert turbo.share().guidance(0) == 1.0
+    with torch.inference_mode(False):
+        draw = lambda cfg: sample(turbo, "a red circle", seeds=[0], steps=2, width=64, height=64, cfg=cfg)
+        auto_, one, five = draw(0.0), draw(1.0), draw(5.0)
+    assert torch.equal(auto_, one) and (auto_ - five).abs().max() > 1e-3
+
+
 def test_a_lora_trained_on_z_image_names_its_modules_as_comfyui_reads_them(zimage_files, folders, monkeypatch):
     from comfyui_finetune.nodes import models as model_nodes
     from comfyui_finetune.nodes import host

@@ -56,7 +56,7 @@ def sample(
 ) -> torch.Tensor:
     """Generate ``len(seeds)`` images; returns a ComfyUI IMAGE tensor (B, H, W, 3), float 0..1, on the CPU.
 
-    ``cfg`` 0 (auto) is the model family's own guidance (:attr:`.Family.sample_cfg`). ``controls`` are
+    ``cfg`` 0 (auto) is the model's own guidance (:meth:`.FTModel.guidance`: its family's, Z-Image Turbo's 1). ``controls`` are
     :class:`~.control.Control` applications; their residuals are summed and added to the UNet's
     skip connections on both halves of classifier-free guidance. Strength 0 skips a ControlNet entirely.
 
@@ -70,7 +70,7 @@ def sample(
         raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds: give one prompt, or one per image")
     width, height = check_size(model, width, height)
     sampler = model.family.default_sampler if sampler in ("", "auto") else sampler
-    cfg = model.family.guidance(cfg)  # 0: the family's own
+    cfg = model.guidance(cfg)  # 0: the model's own (its family's, Z-Image Turbo's 1)
     use_cfg = cfg != 1.0
     try:
         with torch.no_grad(), model.placed(model.text_parts) as here, cached():

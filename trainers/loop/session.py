@@ -66,9 +66,10 @@ def resolve_auto(recipe: TrainConfig, model: FTModel, extra_config: dict | None,
     ``subjects`` (:meth:`.Family.steps`); target_modules "auto" becomes the family's preset for the method
     (:meth:`.Family.target_modules`); learning_rate 0 becomes the family's rate for the method
     (:meth:`.Family.learning_rate`), scaled for the adapter kind (``adapters.kinds.LR_SCALE``: lokr) and the optimizer
-    (``Spec.auto_lr``: prodigy, lion); validation_cfg 0 becomes the family's sampling guidance
-    (:attr:`.Family.sample_cfg`). A typed value is kept as it is, and so is a value already resolved: a method
-    built from the recipe (LoRA's adapters) resolves it first and hands the ``"chosen"`` notes on."""
+    (``Spec.auto_lr``: prodigy, lion); validation_cfg 0 becomes the model's sampling guidance
+    (:meth:`.FTModel.guidance`: its family's, Z-Image Turbo's 1). A typed value is kept as it is, and so is a value
+    already resolved: a method built from the recipe (LoRA's adapters) resolves it first and hands the ``"chosen"``
+    notes on."""
     extra = dict(extra_config or {})
     recipe, notes = model.family.adjust(recipe)
     for name, why in notes.items():
@@ -80,10 +81,9 @@ def resolve_auto(recipe: TrainConfig, model: FTModel, extra_config: dict | None,
         extra["chosen"] = {**extra.get("chosen", {}), "steps": f"auto: {why}"}
         recipe = replace(recipe, steps=steps)
     if recipe.validation_cfg == 0:
-        cfg = model.family.guidance(0)
-        log.info("validation_cfg %g (auto: %s's sampling guidance)", cfg, model.family.label)
-        extra["chosen"] = {**extra.get("chosen", {}),
-                           "validation_cfg": f"auto: {model.family.label}'s sampling guidance"}
+        cfg, whose = model.guidance(0), (model.name if model.sample_cfg else model.family.label)
+        log.info("validation_cfg %g (auto: %s's sampling guidance)", cfg, whose)
+        extra["chosen"] = {**extra.get("chosen", {}), "validation_cfg": f"auto: {whose}'s sampling guidance"}
         recipe = replace(recipe, validation_cfg=cfg)
     if getattr(recipe, "target_modules", None) == "auto":
         targets, why = model.family.target_modules(recipe)

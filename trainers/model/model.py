@@ -68,6 +68,9 @@ class FTModel:
     #: SDXL: the second text encoder (CLIPTextModelWithProjection) and its tokenizer; None for other families
     text_encoder_2: Any = None
     tokenizer_2: Any = None
+    #: the guidance this model samples at under auto (cfg 0) where it is not its family's: Z-Image Turbo's 1 (a
+    #: distilled model draws without guidance); 0 = the family's (:attr:`.Family.sample_cfg`)
+    sample_cfg: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.family, str):
@@ -147,6 +150,11 @@ class FTModel:
         """What the denoiser predicts: "epsilon" (the noise) or "v_prediction" (the velocity), or "flow" (a
         flow-matching model's noise - x0); it sets the training target and the sampler."""
         return self.family.prediction_type(self)
+
+    def guidance(self, cfg: float) -> float:
+        """``cfg``, or where it is 0 (auto) this model's own sampling guidance: its :attr:`sample_cfg` if it has one,
+        else its family's (:meth:`.Family.guidance`)."""
+        return float(cfg) if cfg > 0 else (self.sample_cfg or self.family.guidance(0))
 
     def describe(self) -> str:
         """One line for the loader node: family, native size and prediction type (and how it was chosen)."""
@@ -274,7 +282,7 @@ class FTModel:
                        copy.deepcopy(self.tokenizer), dict(self.scheduler_config), self.device, self.dtype,
                        list(self.history), {k: list(v) for k, v in self.token_vectors.items()}, self.source,
                        self.offload, self.prediction_source, parts.get("text_encoder_2"),
-                       copy.deepcopy(self.tokenizer_2))
+                       copy.deepcopy(self.tokenizer_2), self.sample_cfg)
 
     def clone(self) -> "FTModel":
         """A copy with weights of its own (live adapters merged in): ~4 GB for SD1.5 in fp32. Prefer :meth:`share`."""

@@ -189,6 +189,7 @@ def zimage_from_states(dit, text_encoder, vae, name: str, tokenizer_dir: str | P
     if "turbo" in name.lower():  # Base and Turbo have the same keys and shapes: only the name tells them apart
         model.prediction_source = ("flow matching; Z-Image Turbo by its name: it draws in 8 steps at cfg 1, and "
                                    "LoRAs are trained on Base and applied to it")
+        model.sample_cfg = 1.0  # cfg 0 (auto) draws it unguided, as it was distilled to
     return model.to(dev, dt, offload=offload)
 
 
