@@ -15,7 +15,7 @@ import torch
 from ..families.registry import FAMILIES
 from ..families.zimage import CHECKPOINT
 from ..families.zimage_native import from_native
-from ..runs.reading import FileTensors
+from ..runs.reading import FileTensors, tensors_of
 from .loading import resolve_device, resolve_dtype
 from .model import FTModel
 
@@ -133,7 +133,7 @@ def _fill(module: torch.nn.Module, part, convert, what: str) -> None:
     """Copy a part's tensors (a dict, or a file's read a group at a time) into ``module``, each cast to the
     module's precision as it is copied, as strictly as load_state_dict: every weight once, nothing left over."""
     want, seen = set(module.state_dict()), set()
-    for group in (part.groups() if isinstance(part, FileTensors) else [part]):
+    for group in tensors_of(part).groups():
         group = convert(group)
         extra = sorted(set(group) - want)
         if extra:
@@ -168,21 +168,21 @@ def zimage_from_states(dit, text_encoder, vae, name: str, tokenizer_dir: str | P
     from diffusers import ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    names = lambda part: part.meta() if isinstance(part, FileTensors) else part  # noqa: E731 (shapes, nothing read)
+    dit, text_encoder, vae = tensors_of(dit), tensors_of(text_encoder), tensors_of(vae)
     fam = FAMILIES["zimage"]
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, fam)
     # each part is built in its precision and its file's tensors copied in a group at a time (cast on the way):
     # Z-Image's transformer built in fp32 first would hold 24.6 GB, the whole file beside it 12.3 GB more
     with torch.inference_mode(False), built_in(dt):
-        convert = _dit_names(names(dit), what)
-        dit_model = ZImageTransformer2DModel.from_config(transformer_config(convert(names(dit))))
+        convert = _dit_names(dit.meta(), what)  # names and shapes, nothing read from a file yet
+        dit_model = ZImageTransformer2DModel.from_config(transformer_config(convert(dit.meta())))
         _fill(dit_model, dit, convert, what)
-        convert = _te_names(names(text_encoder))
-        te = Qwen3Model(Qwen3Config(**text_encoder_config(convert(names(text_encoder)))))
+        convert = _te_names(text_encoder.meta())
+        te = Qwen3Model(Qwen3Config(**text_encoder_config(convert(text_encoder.meta()))))
         _fill(te, text_encoder, convert, "text encoder")
     with torch.inference_mode(False):
-        vae_model = _vae(vae.whole() if isinstance(vae, FileTensors) else vae, dt)
+        vae_model = _vae(vae.whole(), dt)
     sched = json.loads((CONFIG / "scheduler" / "scheduler_config.json").read_text())
     model = FTModel(fam, name, dit_model.eval(), vae_model.eval(), te.eval(), _tokenizer(tokenizer_dir), sched)
     model.prediction_source = "flow matching (Z-Image)"

@@ -145,6 +145,28 @@ class FileTensors:
         return read(self.path, self.what, keys=list(self.shapes))[0]
 
 
+class HeldTensors:
+    """Tensors already in memory (a whole checkpoint's part, or a ComfyUI graph's), read through
+    :class:`FileTensors`' three ways, so a reader takes either without asking which it has: one group, the whole."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def meta(self) -> dict[str, torch.Tensor]:
+        return self.tensors
+
+    def groups(self) -> Iterator[dict[str, torch.Tensor]]:
+        yield self.tensors
+
+    def whole(self) -> dict[str, torch.Tensor]:
+        return self.tensors
+
+
+def tensors_of(part) -> "FileTensors | HeldTensors":
+    """``part`` as something read a group at a time: a :class:`FileTensors` as it is, a dict held in memory."""
+    return part if isinstance(part, (FileTensors, HeldTensors)) else HeldTensors(part)
+
+
 def _itemsize(dtype: str) -> int:
     """Bytes per element of a safetensors dtype name ("F16", "BF16", "F8_E4M3", "I64", ...)."""
     digits = "".join(c for c in dtype.split("_")[0] if c.isdigit())
