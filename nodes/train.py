@@ -16,6 +16,12 @@ MODEL = LINK("FT_MODEL", "The base model to adapt (not changed: training shares 
 DATASET = LINK("FT_DATASET", "Captioned pictures of the concept.")
 SCORER = {"scorer": LINK("FT_CLIP_SCORER", "With keep_best: the CLIP model that scores each save point's validation "
                          "pictures (Load CLIP Scorer); the best-scoring checkpoint becomes the result.")}
+#: class pictures the base draws wrong teach prior preservation a wrong class, and it pulls the subject toward it:
+#: the toy never drew a cross, and its "a cross" pictures are squares and circles (0 of 32 crosses); crosses trained
+#: beside them reached 0.62-0.78, beside 100 given crosses 0.84-0.97 (benchmarks/bench_concepts.py, README)
+CLASS_DATASET_TIP = ("Your own class pictures (missing ones are generated from the base model). Give them when the "
+                     "base model does not draw the class well: prior preservation learns the class from these, and "
+                     "pulls the subject toward what they show.")
 _COMMON = ("Progress shows on the node; Cancel writes a checkpoint first, and resume_run continues it. Each run keeps "
            "its config, dataset, log, checkpoints and samples in output/finetune/<run>; "
            "`python -m comfyui_finetune train output/finetune/<run>/config.json` repeats it from the shell.")
@@ -259,7 +265,7 @@ class FT_DreamBoothSubject:
             },
             "optional": {
                 "previous": LINK("FT_SUBJECTS", "Subjects chained before this one."),
-                "class_dataset": LINK("FT_DATASET", "Your own class pictures (missing ones are generated)."),
+                "class_dataset": LINK("FT_DATASET", CLASS_DATASET_TIP),
             },
         }
 
@@ -288,7 +294,7 @@ class FT_TrainDreamBooth(Trainer):
                        "Embedding (ComfyUI and A1111 then load both).")
     LINKS = {"model": MODEL,
              "dataset": LINK("FT_DATASET", "The instance pictures (ignored when subjects is connected).")}
-    OPTIONAL_LINKS = {"class_dataset": LINK("FT_DATASET", "Your own class pictures (missing ones are generated)."),
+    OPTIONAL_LINKS = {"class_dataset": LINK("FT_DATASET", CLASS_DATASET_TIP),
                       "subjects": LINK("FT_SUBJECTS", "Several subjects from chained DreamBooth Subject nodes."),
                       **SCORER}
 
