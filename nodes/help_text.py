@@ -102,7 +102,7 @@ valid input of another training node (two stages).
 ## First settings
 
 - **On the toy** (the template *toy_dreambooth*): 8 purple stars, `instance_prompt` `a sks star`, `class_prompt`
-  `a star`, `mode` full, `steps` 200, `learning_rate` 0 (auto: 2e-4 in full mode on the toys), `batch_size` 4, `num_class_images` 32, once without and
+  `a star`, `mode` full, `steps` 200, `learning_rate` 0 (auto: 4e-4 in full mode on the toy), `batch_size` 4, `num_class_images` 32, once without and
   once with `prior_preservation`: without it 'a star' turns purple every time, with it never.
 - **The trade-off, measured on the toy** (purple circles 'a sks circle', 16 class pictures, 5 seeds): prior
   preservation keeps the class without costing the subject once it has enough steps. In lora mode at lr 1e-3, 200
@@ -124,7 +124,8 @@ valid input of another training node (two stages).
   knows it, `prior_preservation` on with the default 100 class pictures and `steps` auto (400 per subject on SD 1.x,
   2.x, SDXL, Z-Image and the other toys, 800 on the toy and the toy SDXL; several subjects get that many each);
   `learning_rate` auto picks 1e-4 in lora mode (times 4 for `lokr`) and 5e-6 in full mode on SD 1.x, 2.x and SDXL,
-  2e-3 on the toy and the toy SDXL (1e-3 on the other toys) and 2e-4 on the toys;
+  2e-3 on the toy and the toy SDXL (1e-3 on the other toys) and 4e-4 in full mode there (2e-4 on the
+  other toys);
   `target_modules` auto picks attention + feed-forward on SD, and adds the convolutions on the toys (where a new
   colour is drawn). Full mode copies and trains the whole UNet: it needs far more GPU memory than
   lora mode (`gradient_checkpointing` helps). Watch a `validation_prompt` with the identifier and one with the class

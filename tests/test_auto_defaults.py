@@ -47,8 +47,9 @@ def auto(family, recipe):
     ("toy_xl", DreamBoothRecipe(), 2e-3),
     ("toy_zimage", DreamBoothRecipe(), 1e-3),
     ("toy", DreamBoothRecipe(adapter="lokr"), 2e-3 * LR_SCALE["lokr"][0]),
-    ("toy", DreamBoothRecipe(mode="full"), 2e-4),
-    ("toy", DreamBoothRecipe(mode="full", adapter="lokr"), 2e-4),  # no adapter in full mode
+    ("toy", DreamBoothRecipe(mode="full"), 4e-4),
+    ("toy", DreamBoothRecipe(mode="full", adapter="lokr"), 4e-4),  # no adapter in full mode
+    ("toy_audio", DreamBoothRecipe(mode="full"), 2e-4),  # not measured: the toys' rate
     ("sd15", DreamBoothRecipe(mode="full"), 5e-6),
     ("sd2", DreamBoothRecipe(), 1e-4),
     ("toy", TextualInversionRecipe(), 2e-2),
