@@ -102,8 +102,8 @@ valid input of another training node (two stages).
 ## First settings
 
 - **On the toy** (the template *toy_dreambooth*): 8 purple stars, `instance_prompt` `a sks star`, `class_prompt`
-  `a star`, `mode` full, `steps` 200, `learning_rate` 0 (auto: 4e-4 in full mode on the toy), `batch_size` 4, `num_class_images` 32, once without and
-  once with `prior_preservation`: without it 'a star' turns purple every time, with it never.
+  `a star`, `mode` full, `steps` 200, `learning_rate` 0 (auto: 4e-4 in full mode on the toy), `batch_size` 4,
+  `num_class_images` 32, once without and once with `prior_preservation`: without it 'a star' turns purple every time, with it never.
 - **The trade-off, measured on the toy** (purple circles 'a sks circle', 16 class pictures, 5 seeds): prior
   preservation keeps the class without costing the subject once it has enough steps. In lora mode at lr 1e-3, 200
   steps left 'a circle' purple 0.16-0.22 of the time in 2 of 5 seeds, 400 steps in none, the subject 1.00 either

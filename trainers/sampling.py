@@ -56,8 +56,8 @@ def sample(
 ) -> torch.Tensor:
     """Generate ``len(seeds)`` images; returns a ComfyUI IMAGE tensor (B, H, W, 3), float 0..1, on the CPU.
 
-    ``cfg`` 0 (auto) is the model's own guidance (:meth:`.FTModel.guidance`: its family's, Z-Image Turbo's 1). ``controls`` are
-    :class:`~.control.Control` applications; their residuals are summed and added to the UNet's
+    ``cfg`` 0 (auto) is the model's own guidance (:meth:`.FTModel.guidance`: its family's, Z-Image Turbo's 1).
+    ``controls`` are :class:`~.control.Control` applications; their residuals are summed and added to the UNet's
     skip connections on both halves of classifier-free guidance. Strength 0 skips a ControlNet entirely.
 
     An offloaded model's parts visit its device a stage at a time and leave it after (:meth:`FTModel.placed`): the

@@ -260,9 +260,9 @@ class DreamBoothRecipe(TrainConfig):
                       "N subjects share it, each drawn in about steps / N.", min=0)
     learning_rate: float = like(TrainConfig, "learning_rate", help="Peak learning rate. 0 = auto: lora mode 1e-4 on "
                                 "SD 1.x, 2.x, SDXL and Z-Image, 2e-3 on the toy and the toy SDXL (1e-3 on the other "
-                                "toys); full mode 5e-6 on SD, 4e-4 on the toy and the toy SDXL (2e-4 on the other toys; the log "
-                                "and config.json say which). "
-                                "Type a number to set it yourself.", step=1e-6)
+                                "toys); full mode 5e-6 on SD, 4e-4 on the toy and the toy SDXL (2e-4 on the other "
+                                "toys; the log and config.json say which). Type a number to set it yourself.",
+                                step=1e-6)
     batch_size: int = like(TrainConfig, "batch_size", help="Instance pictures per step (as many class pictures are "
                            "added).")
     seed: int = like(TrainConfig, "seed", help="Seeds training and class-picture generation.")
