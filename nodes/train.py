@@ -14,8 +14,9 @@ CATEGORY = f"{ROOT_CATEGORY}/train"
 MODEL = LINK("FT_MODEL", "The base model to adapt (not changed: training shares its frozen weights and copies "
                          "only what trains).")
 DATASET = LINK("FT_DATASET", "Captioned pictures of the concept.")
-SCORER = {"scorer": LINK("FT_CLIP_SCORER", "With keep_best: the CLIP model that scores each save point's validation "
-                         "pictures (Load CLIP Scorer); the best-scoring checkpoint becomes the result.")}
+SCORER_TIP = ("With keep_best: the CLIP model that scores each save point's validation pictures (Load CLIP Scorer); "
+              "the best-scoring checkpoint becomes the result.")
+SCORER = {"scorer": LINK("FT_CLIP_SCORER", SCORER_TIP)}
 #: class pictures the base draws wrong teach prior preservation a wrong class, and it pulls the subject toward it:
 #: the toy never drew a cross, and its "a cross" pictures are squares and circles (0 of 32 crosses); crosses trained
 #: beside them reached 0.62-0.78, beside 100 given crosses 0.84-0.97 (benchmarks/bench_concepts.py, README)
@@ -296,7 +297,9 @@ class FT_TrainDreamBooth(Trainer):
              "dataset": LINK("FT_DATASET", "The instance pictures (ignored when subjects is connected).")}
     OPTIONAL_LINKS = {"class_dataset": LINK("FT_DATASET", CLASS_DATASET_TIP),
                       "subjects": LINK("FT_SUBJECTS", "Several subjects from chained DreamBooth Subject nodes."),
-                      **SCORER}
+                      "scorer": LINK("FT_CLIP_SCORER", SCORER_TIP + " With prior preservation it also checks, "
+                                     "before training, that the class pictures look like the class prompt at least "
+                                     "half as much as the subject's pictures do, and warns when they do not.")}
 
     @torch_call
     def execute(self, model, dataset, *args, class_dataset=None, subjects=None, **inputs):

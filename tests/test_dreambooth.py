@@ -153,6 +153,34 @@ def test_class_pictures_are_generated_once_then_reused(toy, folders, monkeypatch
     assert len(list(cache.glob("*/manifest.json"))) == 2
 
 
+def test_a_connected_scorer_warns_when_the_class_pictures_do_not_show_the_class(toy, folders, caplog):
+    """The toy never drew a cross: its "a cross" pictures are squares and circles, which prior preservation would
+    teach as the class. With a CLIP scorer connected, DreamBooth says so before it trains (and the run's config
+    keeps each subject's check); the stars it draws pass."""
+    import json
+    import logging
+
+    from comfyui_finetune.trainers.eval.metrics import load_clip_scorer
+    from comfyui_finetune.trainers.toy.loader import WEIGHTS
+
+    scorer = load_clip_scorer(WEIGHTS / "clip")
+    crosses = FT_ToyDataset().execute("purple", "cross", 8, "unused", 0, "narrow")[0]
+    kw = dict(prior_preservation=True, num_class_images=8, steps=1, batch_size=2, scorer=scorer)
+    checks = {}
+    for name, data, cls in (("crosses", crosses, "a cross"), ("stars", stars(), "a star")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            log = db(toy, data, instance_prompt=f"a sks {cls[2:]}", class_prompt=cls, run_name=name, **kw)[2]
+        config = json.loads((folders["output"] / "finetune" / log.run / "config.json").read_text())
+        (checks[name],) = config["class_check"]
+        warned = [r.getMessage() for r in caplog.records if "do not look like it" in r.getMessage()]
+        assert bool(warned) == (name == "crosses"), warned
+    assert not checks["crosses"]["ok"] and checks["stars"]["ok"], checks
+    assert checks["crosses"]["class_clip_t"] < 0.5 * checks["crosses"]["subject_clip_t"], checks
+    assert "class_check" not in json.loads((folders["output"] / "finetune" / db(
+        toy, stars(), **{**kw, "scorer": None}, run_name="none")[2].run / "config.json").read_text())
+
+
 def test_two_stages_chain_models_merged_or_stacked(toy, judge, folders):
     """Stage two trains on stage one's model (merged). Kept as two adapters instead, the two LoRAs stacked on the
     base model with Apply LoRA give the same model."""
