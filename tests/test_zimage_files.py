@@ -133,7 +133,9 @@ def test_a_lora_trained_on_z_image_names_its_modules_as_comfyui_reads_them(zimag
     host.set_folders(models=root / "models")
     monkeypatch.setattr(model_nodes, "qwen_tokenizer_dir", lambda: str(tok))
     (model,) = model_nodes.FT_LoadZImage().execute("z.safetensors", "qwen.safetensors", "ae.safetensors", "cpu", "fp32")
-    ds = FT_ToyDataset().execute("purple", "star", 2, "a sks star", 0, "narrow")[0]
+    # at 64 px: Z-Image's native 1024 px made each step encode two 1024 px pictures (126 s of CI), and the names
+    # do not depend on the size
+    ds = FT_ToyDataset().execute("purple", "star", 2, "a sks star", 0, "narrow")[0].with_options(resolution=64)
     with torch.inference_mode(False):
         _, lora, log = FT_TrainLoRA().execute(model, ds, steps=2, batch_size=2, rank=4, alpha=4.0, seed=0,
                                               run_name="zi")
