@@ -124,10 +124,11 @@ valid input of another training node (two stages).
   prompt (the toy CLIP gives the toy's "a cross" pictures 0, its crosses 39-81).
 - **On SD 1.5**: 3-20 pictures of the subject, an identifier that means nothing yet (`sks`), the class as the model
   knows it, `prior_preservation` on with the default 100 class pictures and `steps` auto (400 per subject on SD 1.x,
-  2.x, SDXL, Z-Image and the other toys, 800 on the toy and the toy SDXL; several subjects get that many each);
+  2.x, SDXL, Z-Image and the toy audio model, 800 on the toy, the toy SDXL and the toy Z-Image, whose full mode
+  takes 400; several subjects get that many each);
   `learning_rate` auto picks 1e-4 in lora mode (times 4 for `lokr`) and 5e-6 in full mode on SD 1.x, 2.x and SDXL,
-  2e-3 on the toy and the toy SDXL (1e-3 on the other toys) and 4e-4 in full mode there (2e-4 on the
-  other toys);
+  2e-3 on the toy, the toy SDXL and the toy Z-Image (1e-3 on the toy audio model) and 4e-4 in full mode on the
+  toy and the toy SDXL (2e-4 on the other toys);
   `target_modules` auto picks attention + feed-forward on SD, and adds the convolutions on the toys (where a new
   colour is drawn). Full mode copies and trains the whole UNet: it needs far more GPU memory than
   lora mode (`gradient_checkpointing` helps). Watch a `validation_prompt` with the identifier and one with the class

@@ -255,12 +255,13 @@ class DreamBoothRecipe(TrainConfig):
     train_text_encoder: bool = option(False, "Also train the text encoder (LoRA or full).")
     steps: int = like(TrainConfig, "steps", 0, "Optimizer steps of the whole run (counting steps done before a "
                       "resume). 0 = auto: the family's steps per subject times the subjects, so each trains as long "
-                      "as it would alone (400 each on SD 1.x, 2.x, SDXL, Z-Image and the other toys, 800 on the "
-                      "toy and the toy SDXL; the log and config.json say which). A typed number is the whole run's: "
+                      "as it would alone (400 each on SD 1.x, 2.x, SDXL, Z-Image and the toy audio model, 800 on the "
+                      "toy, the toy SDXL and the toy Z-Image, whose full mode takes 400; the log and config.json say "
+                      "which). A typed number is the whole run's: "
                       "N subjects share it, each drawn in about steps / N.", min=0)
     learning_rate: float = like(TrainConfig, "learning_rate", help="Peak learning rate. 0 = auto: lora mode 1e-4 on "
-                                "SD 1.x, 2.x, SDXL and Z-Image, 2e-3 on the toy and the toy SDXL (1e-3 on the other "
-                                "toys); full mode 5e-6 on SD, 4e-4 on the toy and the toy SDXL (2e-4 on the other "
+                                "SD 1.x, 2.x, SDXL and Z-Image, 2e-3 on the toy, the toy SDXL and the toy Z-Image "
+                                "(1e-3 on the toy audio model); full mode 5e-6 on SD, 4e-4 on the toy and the toy SDXL (2e-4 on the other "
                                 "toys; the log and config.json say which). Type a number to set it yourself.",
                                 step=1e-6)
     batch_size: int = like(TrainConfig, "batch_size", help="Instance pictures per step (as many class pictures are "
