@@ -81,10 +81,10 @@ TOY_CFG = 2.0
 TOY_TARGETS = (("lora", "attention+feedforward+conv"), ("dreambooth", "attention+feedforward+conv"))
 
 #: the toy Z-Image's DreamBooth in lora mode (benchmarks/bench_concepts.py --model toy_zimage --pp on --seeds 0, cfg
-#: 4): at 1e-3 and 400 steps "a sks square / star / yellow triangle" drew their subject in 0.06-0.22 of their pictures,
-#: as often as the class prompt did (the transformer had not yet told "sks" apart); at 2e-3 and 800 its eleven new
-#: subjects reach 0.47-0.97 (mean 0.69), the class drifting at most 0.16 on eight of them and 0.53-0.75 on the purple
-#: circle, the purple square and the yellow triangle. Full mode keeps the toys' 2e-4 and 400: not measured
+#: 4): at 1e-3 and 400 steps its eleven new subjects were drawn in 0.06-0.53 of their pictures (mean 0.16), most as
+#: often as the class prompt drew them (the transformer had not yet told "sks" apart); at 2e-3 and 800 they reach
+#: 0.47-0.97 (mean 0.69), the class drifting at most 0.16 on eight of them and 0.53-0.75 on the purple circle, the
+#: purple square and the yellow triangle. Full mode keeps the toys' 2e-4 and 400: not measured
 TOY_ZIMAGE_RATES = tuple((m, {"dreambooth": 2e-3}.get(m, r)) for m, r in TOY_RATES)
 TOY_ZIMAGE_STEPS = (("dreambooth", 800), ("dreambooth:full", 400))
 #: the layers the toy Z-Image's adapters train (its transformer has no convolutions)
