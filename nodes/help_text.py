@@ -128,7 +128,7 @@ valid input of another training node (two stages).
   takes 400; several subjects get that many each);
   `learning_rate` auto picks 1e-4 in lora mode (times 4 for `lokr`) and 5e-6 in full mode on SD 1.x, 2.x and SDXL,
   2e-3 on the toy, the toy SDXL and the toy Z-Image (1e-3 on the toy audio model) and 4e-4 in full mode on the
-  toy and the toy SDXL (2e-4 on the other toys);
+  toy and the toy SDXL (2e-4 on the other toys); `batch_size` auto picks 1 (4 on the toy Z-Image in lora mode);
   `target_modules` auto picks attention + feed-forward on SD, and adds the convolutions on the toys (where a new
   colour is drawn). Full mode copies and trains the whole UNet: it needs far more GPU memory than
   lora mode (`gradient_checkpointing` helps). Watch a `validation_prompt` with the identifier and one with the class

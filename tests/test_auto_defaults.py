@@ -183,6 +183,25 @@ def test_auto_steps_are_the_familys_per_subject(family, subjects, typed, want):
         assert (f"x {subjects} subjects" in why) == (subjects > 1)
 
 
+@pytest.mark.parametrize("family, recipe, want", [
+    ("toy_zimage", DreamBoothRecipe(), 4),
+    ("toy_zimage", DreamBoothRecipe(mode="full"), 1),
+    ("toy", DreamBoothRecipe(), 1),
+    ("zimage", DreamBoothRecipe(), 1),
+    ("toy_zimage", DreamBoothRecipe(batch_size=2), 2),  # a typed batch is kept
+])
+def test_dreambooths_auto_batch_is_the_familys(family, recipe, want):
+    """DreamBooth's batch_size 0 = auto: the family's (the toy Z-Image's 4 in lora mode: at a batch of 1 three of its
+    subjects were drawn as often as their class), said in config.json's 'chosen'; the tooltip names it."""
+    from comfyui_finetune.trainers.loop.session import resolve_auto
+
+    got, extra = resolve_auto(recipe, _Model(family), None)
+    assert got.batch_size == want
+    assert ("batch_size" in extra.get("chosen", {})) == (recipe.batch_size == 0)
+    assert DreamBoothRecipe().batch_size == 0
+    assert "0 = auto: 4 on the toy Z-Image" in DreamBoothRecipe.options()["batch_size"].metadata["help"]
+
+
 def test_the_steps_tooltip_says_what_auto_picks():
     from comfyui_finetune.trainers.loop.session import resolve_auto
 

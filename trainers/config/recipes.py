@@ -261,11 +261,13 @@ class DreamBoothRecipe(TrainConfig):
                       "N subjects share it, each drawn in about steps / N.", min=0)
     learning_rate: float = like(TrainConfig, "learning_rate", help="Peak learning rate. 0 = auto: lora mode 1e-4 on "
                                 "SD 1.x, 2.x, SDXL and Z-Image, 2e-3 on the toy, the toy SDXL and the toy Z-Image "
-                                "(1e-3 on the toy audio model); full mode 5e-6 on SD, 4e-4 on the toy and the toy SDXL (2e-4 on the other "
-                                "toys; the log and config.json say which). Type a number to set it yourself.",
+                                "(1e-3 on the toy audio model); full mode 5e-6 on SD, 4e-4 on the toy and the toy "
+                                "SDXL (2e-4 on the other toys; the log and config.json say which). Type a number to "
+                                "set it yourself.",
                                 step=1e-6)
-    batch_size: int = like(TrainConfig, "batch_size", help="Instance pictures per step (as many class pictures are "
-                           "added).")
+    batch_size: int = like(TrainConfig, "batch_size", 0, help="Instance pictures per step (as many class pictures "
+                           "are added). 0 = auto: 4 on the toy Z-Image in lora mode, 1 everywhere else (the log and "
+                           "config.json say which).", min=0)
     seed: int = like(TrainConfig, "seed", help="Seeds training and class-picture generation.")
     run_name: str = like(TrainConfig, "run_name", "dreambooth")
     rank: int = like(LoRARecipe, "rank", help="LoRA rank (lora mode).")

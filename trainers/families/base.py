@@ -88,6 +88,9 @@ class Family:
     #: it would be alone (kohya's repeats work the same way). Real SD's is the node's long-standing 400; a toy's is
     #: measured by benchmarks/bench_concepts.py
     train_steps: tuple[tuple[str, int], ...] = (("dreambooth", 400),)
+    #: the instance pictures per step when a DreamBooth run's batch_size is 0 (auto): (method, or "method:mode",
+    #: batch). 1, the field's for DreamBooth on a 24 GB GPU; a toy's is measured by benchmarks/bench_concepts.py
+    train_batch: tuple[tuple[str, int], ...] = (("dreambooth", 1),)
     #: the layers a LoRA-kind adapter trains on this family when target_modules is "auto": (method, preset of
     #: methods.lora.TARGETS). Real SD's are the field's (kohya's LoRA on attention; DreamBooth's LoRA with the
     #: feed-forward too); a toy's are measured by benchmarks/bench_concepts.py
@@ -163,6 +166,11 @@ class Family:
         by ``loop.session.resolve_auto`` where the recipe's steps is 0, auto)."""
         each, why = _per_method(self.train_steps, recipe, self.label)
         return each * subjects, f"{why}: {each} per subject" + (f" x {subjects} subjects" if subjects > 1 else "")
+
+    def batch_size(self, recipe) -> tuple[int, str]:
+        """The instance pictures per step of ``recipe``'s method on this family, and where they came from (asked by
+        ``loop.session.resolve_auto`` where the recipe's batch_size is 0, auto)."""
+        return _per_method(self.train_batch, recipe, self.label)
 
     def target_modules(self, recipe) -> tuple[str, str]:
         """The target preset of ``recipe``'s method on this family, and where it came from (asked by

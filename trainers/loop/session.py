@@ -63,7 +63,8 @@ def resolve_auto(recipe: TrainConfig, model: FTModel, extra_config: dict | None,
                  subjects: int = 1) -> tuple[TrainConfig, dict]:
     """The recipe with its auto values resolved, each said in the log and kept in the run's config.json
     (``"chosen"``: each value and why): steps 0 (DreamBooth) becomes the family's steps per subject times
-    ``subjects`` (:meth:`.Family.steps`); target_modules "auto" becomes the family's preset for the method
+    ``subjects`` (:meth:`.Family.steps`); batch_size 0 (DreamBooth) the family's (:meth:`.Family.batch_size`);
+    target_modules "auto" becomes the family's preset for the method
     (:meth:`.Family.target_modules`); learning_rate 0 becomes the family's rate for the method
     (:meth:`.Family.learning_rate`), scaled for the adapter kind (``adapters.kinds.LR_SCALE``: lokr) and the optimizer
     (``Spec.auto_lr``: prodigy, lion); validation_cfg 0 becomes the model's sampling guidance
@@ -80,6 +81,11 @@ def resolve_auto(recipe: TrainConfig, model: FTModel, extra_config: dict | None,
         log.info("steps %d (auto: %s)", steps, why)
         extra["chosen"] = {**extra.get("chosen", {}), "steps": f"auto: {why}"}
         recipe = replace(recipe, steps=steps)
+    if recipe.batch_size == 0:
+        batch, why = model.family.batch_size(recipe)
+        log.info("batch_size %d (auto: %s)", batch, why)
+        extra["chosen"] = {**extra.get("chosen", {}), "batch_size": f"auto: {why}"}
+        recipe = replace(recipe, batch_size=batch)
     if recipe.validation_cfg == 0:
         cfg, whose = model.guidance(0), (model.name if model.sample_cfg else model.family.label)
         log.info("validation_cfg %g (auto: %s's sampling guidance)", cfg, whose)
