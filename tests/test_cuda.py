@@ -241,7 +241,8 @@ def test_an_sdxl_dreambooth_with_prior_preservation_at_1024_px_in_10_gb(tmp_path
     from pathlib import Path
 
     from comfyui_finetune.trainers.data.dataset import Dataset, Example
-    from comfyui_finetune.trainers.methods.dreambooth import Subject, class_images, train_dreambooth
+    from comfyui_finetune.trainers.methods.class_pictures import class_images
+    from comfyui_finetune.trainers.methods.dreambooth import Subject, train_dreambooth
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import train_step

