@@ -89,7 +89,7 @@ class Family:
     #: measured by benchmarks/bench_concepts.py
     train_steps: tuple[tuple[str, int], ...] = (("dreambooth", 400),)
     #: the instance pictures per step when a DreamBooth run's batch_size is 0 (auto): (method, or "method:mode",
-    #: batch). 1, the field's for DreamBooth on a 24 GB GPU; a toy's is measured by benchmarks/bench_concepts.py
+    #: batch). 1, the node's default before auto; a toy's is measured by benchmarks/bench_concepts.py
     train_batch: tuple[tuple[str, int], ...] = (("dreambooth", 1),)
     #: the layers a LoRA-kind adapter trains on this family when target_modules is "auto": (method, preset of
     #: methods.lora.TARGETS). Real SD's are the field's (kohya's LoRA on attention; DreamBooth's LoRA with the
