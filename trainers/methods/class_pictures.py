@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 def model_fingerprint(model: FTModel) -> str:
     h = hashlib.sha256(f"{model.family.name}|{model.name}|{json.dumps(model.history, default=str)}".encode())
     with torch.no_grad():
