@@ -7,16 +7,14 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 
 from ..config.recipes import DreamBoothRecipe
 from ..model.model import FTModel
-
-if TYPE_CHECKING:
-    from .dreambooth import Subject
+from .subjects import Subject
 
 log = logging.getLogger(__name__)
 

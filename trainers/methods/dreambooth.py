@@ -8,7 +8,7 @@ base model and cached on disk (``class_pictures``).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -25,27 +25,12 @@ from ..model.model import FTModel
 from ..config.recipes import DreamBoothRecipe, TrainConfig
 from ..runs.run_dir import RunDir
 from .class_pictures import check_class_sets, gather_class_sets
+from .subjects import Subject
 
 #: DreamBooth's modes: a LoRA, or every UNet weight
 MODES = ("lora", "full")
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Subject:
-    """One subject of a DreamBooth run (``FT_SUBJECTS`` is a list of them)."""
-
-    dataset: Dataset
-    instance_prompt: str
-    class_prompt: str
-    class_dataset: Dataset | None = None
-
-    @property
-    def identifier(self) -> str:
-        """The words of the instance prompt that the class prompt lacks ("a sks star" vs "a star" -> "sks")."""
-        cls = set(self.class_prompt.lower().split())
-        return " ".join(w for w in self.instance_prompt.split() if w.lower() not in cls) or self.instance_prompt
 
 
 def check_subjects(subjects: list[Subject], prior_preservation: bool, prior_loss_weight: float) -> None:
